@@ -1,0 +1,133 @@
+//! Bridges between the blocking archive code and async transfers, and the hashing
+//! wrappers both directions use.
+
+use bytes::Bytes;
+use sha2::{Digest, Sha256};
+use std::io::{self, Read, Write};
+use tokio::sync::mpsc;
+
+/// A `Write` that hashes and counts everything written and sends it on in parts of
+/// `part_size` bytes over a bounded channel (backpressure: `blocking_send` waits
+/// while the uploader is behind). Call [`PartSink::finish`] to send the last part.
+pub struct PartSink {
+    part_size: usize,
+    buf: Vec<u8>,
+    tx: mpsc::Sender<Bytes>,
+    hasher: Sha256,
+    total: u64,
+}
+
+impl PartSink {
+    pub fn new(part_size: usize, tx: mpsc::Sender<Bytes>) -> PartSink {
+        PartSink {
+            part_size,
+            buf: Vec::with_capacity(part_size),
+            tx,
+            hasher: Sha256::new(),
+            total: 0,
+        }
+    }
+
+    fn send(&mut self, data: Vec<u8>) -> io::Result<()> {
+        self.tx.blocking_send(Bytes::from(data)).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the upload stopped receiving data",
+            )
+        })
+    }
+
+    /// Send what is left; returns (size, hex SHA-256) of the whole stream.
+    pub fn finish(mut self) -> io::Result<(u64, String)> {
+        if !self.buf.is_empty() {
+            let last = std::mem::take(&mut self.buf);
+            self.send(last)?;
+        }
+        Ok((self.total, super::hex_digest(self.hasher)))
+    }
+}
+
+impl Write for PartSink {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.hasher.update(data);
+        self.total += data.len() as u64;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let room = self.part_size - self.buf.len();
+            let take = room.min(rest.len());
+            self.buf.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if self.buf.len() == self.part_size {
+                let full = std::mem::replace(&mut self.buf, Vec::with_capacity(self.part_size));
+                self.send(full)?;
+            }
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blocking `Read` over chunks received from an async download task.
+pub struct ChannelReader {
+    rx: mpsc::Receiver<crate::Result<Bytes>>,
+    current: Bytes,
+}
+
+impl ChannelReader {
+    pub fn new(rx: mpsc::Receiver<crate::Result<Bytes>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            current: Bytes::new(),
+        }
+    }
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(chunk)) => self.current = chunk,
+                Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+                None => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
+/// A `Read` that hashes and counts what passes through.
+pub struct HashingReader<R> {
+    inner: R,
+    hasher: Sha256,
+    count: u64,
+}
+
+impl<R: Read> HashingReader<R> {
+    pub fn new(inner: R) -> Self {
+        HashingReader {
+            inner,
+            hasher: Sha256::new(),
+            count: 0,
+        }
+    }
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    pub fn finish(self) -> (u64, String, R) {
+        (self.count, super::hex_digest(self.hasher), self.inner)
+    }
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.hasher.update(&out[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,197 @@
+//! Write a node's keyspaces as tar inside gzip, streaming: no copy is staged and
+//! memory stays bounded whatever the data size. Output is deterministic for the same
+//! files (sorted walk, gzip header without a timestamp), so a re-run step after a
+//! crash produces the same object, and serial and parallel runs the same bytes.
+
+use super::io::HashingReader;
+use crate::manifest::FileInfo;
+use crate::{Error, Result};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// One entry found by [`scan`].
+#[derive(Debug, Clone)]
+pub struct ScanEntry {
+    pub abs: PathBuf,
+    /// `/`-separated path inside the data dir, starting with the keyspace.
+    pub rel: String,
+    pub kind: Kind,
+    pub mode: u32,
+    pub mtime: i64,
+    pub uid: u64,
+    pub gid: u64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Kind {
+    Dir,
+    File { size: u64 },
+    Symlink { target: PathBuf },
+}
+
+/// What will be archived for one node.
+#[derive(Debug, Clone, Default)]
+pub struct Scan {
+    pub entries: Vec<ScanEntry>,
+    pub total_bytes: u64,
+    pub file_count: u64,
+    /// Entries left out (sockets, FIFOs, devices), with a reason.
+    pub skipped: Vec<String>,
+}
+
+/// Walk `keyspaces` of `data_dir` in sorted order.
+pub fn scan(data_dir: &Path, keyspaces: &[String]) -> Result<Scan> {
+    let mut out = Scan::default();
+    for ks in keyspaces {
+        walk(&data_dir.join(ks), ks, &mut out)?;
+    }
+    Ok(out)
+}
+
+fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
+    let meta = std::fs::symlink_metadata(abs).map_err(|e| Error::io("stat", abs, e))?;
+    let ft = meta.file_type();
+    let kind = if ft.is_dir() {
+        Kind::Dir
+    } else if ft.is_file() {
+        out.total_bytes += meta.len();
+        out.file_count += 1;
+        Kind::File { size: meta.len() }
+    } else if ft.is_symlink() {
+        let target = std::fs::read_link(abs).map_err(|e| Error::io("read link", abs, e))?;
+        Kind::Symlink { target }
+    } else {
+        tracing::warn!(path = %abs.display(), "not a file, directory or symlink: left out");
+        out.skipped
+            .push(format!("{rel}: not a file, directory or symlink"));
+        return Ok(());
+    };
+    out.entries.push(ScanEntry {
+        abs: abs.to_path_buf(),
+        rel: rel.to_string(),
+        kind: kind.clone(),
+        mode: meta.mode() & 0o7777,
+        mtime: meta.mtime(),
+        uid: meta.uid() as u64,
+        gid: meta.gid() as u64,
+    });
+    if let Kind::Dir = kind {
+        let mut children = Vec::new();
+        for entry in std::fs::read_dir(abs).map_err(|e| Error::io("list", abs, e))? {
+            let entry = entry.map_err(|e| Error::io("list", abs, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                return Err(Error::Usage(format!(
+                    "{}: file name is not UTF-8; cairn refuses rather than lose it",
+                    entry.path().display()
+                )));
+            };
+            children.push(name.to_string());
+        }
+        children.sort();
+        for name in children {
+            walk(&abs.join(&name), &format!("{rel}/{name}"), out)?;
+        }
+    }
+    Ok(())
+}
+
+/// A reader that must yield exactly `size` bytes: a file that shrinks or grows while
+/// it is archived fails the step instead of producing a corrupt archive.
+struct Exact<R> {
+    inner: R,
+    left: u64,
+    path: PathBuf,
+}
+
+impl<R: Read> Read for Exact<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if self.left == 0 {
+            return Ok(0);
+        }
+        let want = out
+            .len()
+            .min(usize::try_from(self.left).unwrap_or(usize::MAX));
+        let n = self.inner.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("{} shrank while it was archived", self.path.display()),
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+fn header(e: &ScanEntry, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_size(size);
+    h.set_mode(e.mode);
+    h.set_mtime(u64::try_from(e.mtime).unwrap_or(0));
+    h.set_uid(e.uid);
+    h.set_gid(e.gid);
+    h
+}
+
+/// Archive the scanned entries into `out` (tar inside gzip). `progress` is called
+/// with the number of file bytes read so far. Returns the per-file listing and
+/// `out`, flushed and finished.
+pub fn pack<W: Write>(
+    scan: &Scan,
+    out: W,
+    mut progress: impl FnMut(u64),
+) -> Result<(Vec<FileInfo>, W)> {
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(out, flate2::Compression::new(super::GZIP_LEVEL));
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Complete);
+    let mut files = Vec::with_capacity(scan.file_count as usize);
+    let mut done = 0u64;
+    let wrap = |path: &Path, e: io::Error| Error::io("archive", path, e);
+    for e in &scan.entries {
+        match &e.kind {
+            Kind::Dir => {
+                let mut h = header(e, tar::EntryType::Directory, 0);
+                tar.append_data(&mut h, format!("{}/", e.rel), io::empty())
+                    .map_err(|err| wrap(&e.abs, err))?;
+            }
+            Kind::Symlink { target } => {
+                let mut h = header(e, tar::EntryType::Symlink, 0);
+                tar.append_link(&mut h, &e.rel, target)
+                    .map_err(|err| wrap(&e.abs, err))?;
+            }
+            Kind::File { size } => {
+                let file =
+                    std::fs::File::open(&e.abs).map_err(|err| Error::io("open", &e.abs, err))?;
+                let mut reader = HashingReader::new(Exact {
+                    inner: io::BufReader::with_capacity(256 << 10, file),
+                    left: *size,
+                    path: e.abs.clone(),
+                });
+                let mut h = header(e, tar::EntryType::Regular, *size);
+                tar.append_data(&mut h, &e.rel, &mut reader)
+                    .map_err(|err| wrap(&e.abs, err))?;
+                let (n, sha256, _) = reader.finish();
+                done += n;
+                progress(done);
+                files.push(FileInfo {
+                    path: e.rel.clone(),
+                    size: n,
+                    sha256,
+                });
+            }
+        }
+    }
+    let gz = tar
+        .into_inner()
+        .map_err(|e| Error::io("finish tar of", "node", e))?;
+    let out = gz
+        .finish()
+        .map_err(|e| Error::io("finish gzip of", "node", e))?;
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok((files, out))
+}

@@ -1,0 +1,316 @@
+//! Read a node archive safely.
+//!
+//! Every entry is checked before anything is written: the path must be relative,
+//! without `..`, inside a keyspace the manifest declares for this node, and seen only
+//! once; regular files must be declared by the manifest with exactly the size the
+//! header gives; symlinks must point inside the node and are never written through;
+//! hard links, devices, FIFOs and other types are refused. setuid/setgid/sticky bits
+//! are dropped. Every file's SHA-256 is checked, and so are the object's size and
+//! SHA-256, and at the end every declared file must have been seen.
+//!
+//! In [`Mode::Extract`] files go into a fresh directory the caller owns (a staging
+//! dir); on error the caller removes it, so nothing outside is ever written.
+
+use super::io::HashingReader;
+use crate::cluster::Selection;
+use crate::manifest::{FileInfo, NodeInfo};
+use crate::{Error, Result};
+use sha2::{Digest, Sha256};
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+pub enum Mode<'a> {
+    /// Write into this (fresh, empty) directory.
+    Extract(&'a Path),
+    /// Read and check everything, write nothing.
+    Verify,
+}
+
+/// What was read.
+#[derive(Debug, Clone, Default)]
+pub struct Unpacked {
+    pub object_size: u64,
+    pub object_sha256: String,
+    pub files: u64,
+    pub bytes: u64,
+}
+
+/// What the manifest says about the object being read.
+pub struct Expected<'a> {
+    /// The object's name, for messages.
+    pub object: &'a str,
+    pub node: &'a NodeInfo,
+    pub object_size: u64,
+    pub object_sha256: &'a str,
+}
+
+/// Unpack (or verify) a node archive read from `reader`. `select` limits which
+/// keyspaces are extracted; the others are still read so the object checksum covers
+/// the whole object.
+pub fn unpack<R: Read>(
+    reader: R,
+    expected: &Expected<'_>,
+    select: &Selection,
+    mode: Mode<'_>,
+    mut progress: impl FnMut(u64),
+) -> Result<Unpacked> {
+    let object = expected.object;
+    let bad = |m: String| Error::archive(object, m);
+    let corrupt = |e: io::Error| Error::archive(object, format!("corrupt or truncated: {e}"));
+    let declared: HashMap<&str, &FileInfo> = expected
+        .node
+        .files
+        .iter()
+        .map(|f| (f.path.as_str(), f))
+        .collect();
+    let keyspaces: HashSet<&str> = expected.node.keyspaces.iter().map(String::as_str).collect();
+    let root = match mode {
+        Mode::Extract(root) => Some(root),
+        Mode::Verify => None,
+    };
+
+    let hashing = HashingReader::new(reader);
+    let gz = flate2::read::MultiGzDecoder::new(hashing);
+    let mut archive = tar::Archive::new(gz);
+    let mut seen: HashSet<String> = HashSet::new();
+    let mut links: HashSet<String> = HashSet::new();
+    let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    let mut out = Unpacked::default();
+    let mut buf = vec![0u8; 256 << 10];
+
+    for entry in archive.entries().map_err(corrupt)? {
+        let mut entry = entry.map_err(corrupt)?;
+        let raw_path = entry.path().map_err(corrupt)?.into_owned();
+        let rel = clean_path(&raw_path).ok_or_else(|| {
+            bad(format!(
+                "unsafe entry path {raw_path:?} (absolute, `..`, empty or not UTF-8)"
+            ))
+        })?;
+        if !seen.insert(rel.clone()) {
+            return Err(bad(format!("duplicate entry {rel:?}")));
+        }
+        let keyspace = rel.split('/').next().unwrap_or("");
+        if !keyspaces.contains(keyspace) {
+            return Err(bad(format!(
+                "entry {rel:?} is outside the keyspaces the manifest declares"
+            )));
+        }
+        if let Some(link) = rel
+            .match_indices('/')
+            .map(|(i, _)| &rel[..i])
+            .find(|p| links.contains(*p))
+        {
+            return Err(bad(format!(
+                "entry {rel:?} would be written through the symlink {link:?}"
+            )));
+        }
+        let header = entry.header();
+        let kind = header.entry_type();
+        // Only permission bits: setuid, setgid and sticky are dropped.
+        let perm = header.mode().map_err(corrupt)? & 0o777;
+        let mtime = i64::try_from(header.mtime().map_err(corrupt)?).unwrap_or(0);
+        let size = header.size().map_err(corrupt)?;
+        let dest = match root {
+            Some(r) if select.includes_restored(keyspace) => Some(r.join(&rel)),
+            _ => None,
+        };
+        match kind {
+            tar::EntryType::Directory => {
+                if let Some(dest) = dest {
+                    create_dir(&dest)?;
+                    dirs.push((dest, perm, mtime));
+                }
+            }
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                let Some(info) = declared.get(rel.as_str()) else {
+                    return Err(bad(format!("file {rel:?} is not declared by the manifest")));
+                };
+                if size != info.size {
+                    return Err(bad(format!(
+                        "file {rel:?} is {size} bytes in the archive but {} in the manifest",
+                        info.size
+                    )));
+                }
+                let mut file = match &dest {
+                    Some(dest) => {
+                        if let Some(parent) = dest.parent() {
+                            create_dir(parent)?;
+                        }
+                        Some(
+                            std::fs::OpenOptions::new()
+                                .write(true)
+                                .create_new(true)
+                                .mode(0o600)
+                                .open(dest)
+                                .map_err(|e| Error::io("create", dest, e))?,
+                        )
+                    }
+                    None => None,
+                };
+                let mut hasher = Sha256::new();
+                let mut left = size;
+                while left > 0 {
+                    let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let n = entry.read(&mut buf[..want]).map_err(corrupt)?;
+                    if n == 0 {
+                        return Err(bad(format!("file {rel:?} is truncated")));
+                    }
+                    hasher.update(&buf[..n]);
+                    if let (Some(f), Some(d)) = (file.as_mut(), dest.as_ref()) {
+                        f.write_all(&buf[..n])
+                            .map_err(|e| Error::io("write", d, e))?;
+                    }
+                    left -= n as u64;
+                    out.bytes += n as u64;
+                    progress(out.bytes);
+                }
+                let sha = super::hex_digest(hasher);
+                if sha != info.sha256 {
+                    return Err(bad(format!(
+                        "file {rel:?} does not match its checksum (manifest {}, archive {sha})",
+                        info.sha256
+                    )));
+                }
+                if let (Some(f), Some(d)) = (file, dest.as_ref()) {
+                    f.set_permissions(std::fs::Permissions::from_mode(perm))
+                        .map_err(|e| Error::io("chmod", d, e))?;
+                    let t = filetime::FileTime::from_unix_time(mtime, 0);
+                    filetime::set_file_handle_times(&f, Some(t), Some(t))
+                        .map_err(|e| Error::io("set times of", d, e))?;
+                }
+                out.files += 1;
+            }
+            tar::EntryType::Symlink => {
+                let target = entry
+                    .link_name()
+                    .map_err(corrupt)?
+                    .ok_or_else(|| bad(format!("symlink {rel:?} has no target")))?
+                    .into_owned();
+                if !link_stays_inside(&rel, &target) {
+                    return Err(bad(format!(
+                        "symlink {rel:?} points outside the node ({target:?})"
+                    )));
+                }
+                links.insert(rel.clone());
+                if let Some(dest) = dest {
+                    if let Some(parent) = dest.parent() {
+                        create_dir(parent)?;
+                    }
+                    std::os::unix::fs::symlink(&target, &dest)
+                        .map_err(|e| Error::io("create symlink", &dest, e))?;
+                }
+            }
+            tar::EntryType::Link => {
+                return Err(bad(format!("hard link {rel:?} refused")));
+            }
+            tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
+                return Err(bad(format!("device or FIFO {rel:?} refused")));
+            }
+            other => {
+                return Err(bad(format!("entry {rel:?} of type {other:?} refused")));
+            }
+        }
+    }
+
+    // Read the rest (tar padding, gzip trailer with its CRC, anything after it) so
+    // the object checksum covers every byte.
+    let mut gz = archive.into_inner();
+    io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
+    let (size, sha, _) = gz.into_inner().finish();
+    out.object_size = size;
+    out.object_sha256 = sha;
+    if size != expected.object_size || out.object_sha256 != expected.object_sha256 {
+        return Err(bad(format!(
+            "object is {size} bytes with SHA-256 {}, the manifest says {} bytes with {}",
+            out.object_sha256, expected.object_size, expected.object_sha256
+        )));
+    }
+    let missing: Vec<&str> = expected
+        .node
+        .files
+        .iter()
+        .filter(|f| !seen.contains(&f.path))
+        .map(|f| f.path.as_str())
+        .take(5)
+        .collect();
+    if !missing.is_empty() {
+        return Err(bad(format!(
+            "files declared by the manifest are missing from the archive: {}",
+            missing.join(", ")
+        )));
+    }
+    // Directory modes and times last (deepest first), once their contents exist.
+    dirs.sort_by(|a, b| b.0.cmp(&a.0));
+    for (dir, perm, mtime) in dirs {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(perm | 0o700))
+            .map_err(|e| Error::io("chmod", &dir, e))?;
+        let t = filetime::FileTime::from_unix_time(mtime, 0);
+        filetime::set_file_times(&dir, t, t).map_err(|e| Error::io("set times of", &dir, e))?;
+        if perm & 0o700 != 0o700 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(perm))
+                .map_err(|e| Error::io("chmod", &dir, e))?;
+        }
+    }
+    Ok(out)
+}
+
+fn create_dir(path: &Path) -> Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(|e| Error::io("create dir", path, e))
+}
+
+/// A relative, `/`-joined, UTF-8 path with only normal components, or `None`.
+fn clean_path(p: &Path) -> Option<String> {
+    let mut parts = Vec::new();
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => parts.push(s.to_str()?),
+            Component::CurDir => {}
+            _ => return None,
+        }
+    }
+    if parts.is_empty() {
+        return None;
+    }
+    Some(parts.join("/"))
+}
+
+/// Whether a symlink at `rel` with `target` resolves (lexically) inside the node.
+fn link_stays_inside(rel: &str, target: &Path) -> bool {
+    let mut depth: i64 = rel.matches('/').count() as i64;
+    for c in target.components() {
+        match c {
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            Component::ParentDir => {
+                depth -= 1;
+                if depth < 0 {
+                    return false;
+                }
+            }
+            Component::RootDir | Component::Prefix(_) => return false,
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_links() {
+        assert_eq!(clean_path(Path::new("./a/b")), Some("a/b".into()));
+        assert_eq!(clean_path(Path::new("a/../b")), None);
+        assert_eq!(clean_path(Path::new("/etc/passwd")), None);
+        assert!(link_stays_inside("ks/t/l", Path::new("../other")));
+        assert!(link_stays_inside("ks/l", Path::new("..")));
+        assert!(!link_stays_inside("ks/l", Path::new("../..")));
+        assert!(!link_stays_inside("ks/l", Path::new("/etc")));
+    }
+}

@@ -1,0 +1,258 @@
+//! Pre-flight checks, run before anything is written or destroyed. Each check
+//! collects every problem it finds and reports them all in one
+//! [`Error::Checks`], one line each.
+
+use crate::cluster::{Cluster, Selection, keyspaces_on_disk};
+use crate::manifest::{self, MANIFEST, Manifest};
+use crate::store::{Store, get_bytes};
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::collections::BTreeSet;
+use std::path::Path;
+
+/// Free space of the file system holding a path; a trait so tests can fake a full disk.
+pub trait Disk: Send + Sync {
+    fn available(&self, path: &Path) -> std::io::Result<u64>;
+}
+
+/// The real file system.
+pub struct RealDisk;
+impl Disk for RealDisk {
+    fn available(&self, path: &Path) -> std::io::Result<u64> {
+        // The data dir may not exist yet: ask its nearest existing ancestor.
+        let mut p = path;
+        loop {
+            if p.exists() {
+                return fs4::available_space(p);
+            }
+            match p.parent() {
+                Some(parent) => p = parent,
+                None => return fs4::available_space(Path::new("/")),
+            }
+        }
+    }
+}
+
+/// Space a restore needs beyond the data: 10 % plus 16 MiB.
+pub fn with_margin(bytes: u64) -> u64 {
+    bytes + bytes / 10 + (16 << 20)
+}
+
+fn done(problems: Vec<String>) -> Result<()> {
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Checks(problems))
+    }
+}
+
+/// Backup pre-flight: data dirs exist, named keyspaces exist, the snapshot name is
+/// free, and the store is reachable and writable.
+pub async fn backup(
+    cluster: &Cluster,
+    selection: &Selection,
+    store: &dyn Store,
+    snapshot: &str,
+    probe_key: &str,
+) -> Result<()> {
+    let mut problems = Vec::new();
+    let mut found: BTreeSet<String> = BTreeSet::new();
+    for node in &cluster.nodes {
+        if !node.data_dir.is_dir() {
+            problems.push(format!(
+                "node {}: data dir {} does not exist or is not a directory",
+                node.index,
+                node.data_dir.display()
+            ));
+            continue;
+        }
+        match keyspaces_on_disk(&node.data_dir) {
+            Ok(ks) => found.extend(ks),
+            Err(e) => problems.push(format!("node {}: {e}", node.index)),
+        }
+    }
+    if let Some(named) = &selection.0 {
+        let absent: Vec<&str> = named
+            .iter()
+            .filter(|k| !found.contains(*k))
+            .map(String::as_str)
+            .collect();
+        if !absent.is_empty() {
+            problems.push(format!(
+                "keyspace(s) not found on any node: {}",
+                absent.join(", ")
+            ));
+        }
+    }
+    match store.head(&manifest::key(snapshot, MANIFEST)).await {
+        Ok(Some(_)) => problems.push(format!(
+            "snapshot {snapshot:?} already exists and is complete in {}; a complete snapshot is never overwritten: choose another SNAPSHOT_NAME or delete it first",
+            store.describe()
+        )),
+        Ok(None) => match store.put(probe_key, Bytes::from_static(b"cairn write probe")).await {
+            Ok(()) => {
+                if let Err(e) = store.delete(probe_key).await {
+                    problems.push(format!("store {} is not writable: {e}", store.describe()));
+                }
+            }
+            Err(e) => problems.push(format!("store {} is not writable: {e}", store.describe())),
+        },
+        Err(e) => problems.push(format!("store {} is not reachable: {e}", store.describe())),
+    }
+    done(problems)
+}
+
+/// Read and validate a snapshot's manifest.
+pub async fn read_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest> {
+    let key = manifest::key(snapshot, MANIFEST);
+    let data = match get_bytes(store, &key, manifest::MAX_MANIFEST_BYTES).await {
+        Ok(d) => d,
+        Err(Error::NotFound(_)) => {
+            return Err(Error::NotFound(format!(
+                "snapshot {snapshot:?} in {} has no manifest.json: it does not exist or is incomplete",
+                store.describe()
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    Manifest::from_bytes(snapshot, &data)
+}
+
+/// Every object the manifest names is present with its size.
+pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) -> Vec<String> {
+    let mut problems = Vec::new();
+    for o in &m.objects {
+        let key = manifest::key(snapshot, &o.key);
+        match store.head(&key).await {
+            Ok(Some(meta)) if meta.size == o.size => {}
+            Ok(Some(meta)) => problems.push(format!(
+                "object {key} is {} bytes, the manifest says {}",
+                meta.size, o.size
+            )),
+            Ok(None) => problems.push(format!("object {key} is missing")),
+            Err(e) => problems.push(format!("object {key}: {e}")),
+        }
+    }
+    problems
+}
+
+/// Restore pre-flight. Returns the manifest when every check passes.
+pub async fn restore(
+    cluster: &Cluster,
+    selection: &Selection,
+    store: &dyn Store,
+    snapshot: &str,
+    disk: &dyn Disk,
+) -> Result<Manifest> {
+    let m = match read_manifest(store, snapshot).await {
+        Ok(m) => m,
+        Err(e @ Error::NotFound(_)) => return Err(Error::Checks(vec![e.to_string()])),
+        Err(e) => return Err(Error::Checks(vec![e.to_string()])),
+    };
+    let mut problems = objects_present(store, snapshot, &m).await;
+    let want: BTreeSet<u32> = m.cluster.nodes.iter().map(|n| n.index).collect();
+    let have: BTreeSet<u32> = cluster.nodes.iter().map(|n| n.index).collect();
+    if want != have {
+        problems.push(format!(
+            "the snapshot has {} node(s) {:?} but the target cluster has {} node(s) {:?}",
+            want.len(),
+            want,
+            have.len(),
+            have
+        ));
+    }
+    if let Some(named) = &selection.0 {
+        let in_snapshot: BTreeSet<&str> = m
+            .cluster
+            .nodes
+            .iter()
+            .flat_map(|n| n.keyspaces.iter().map(String::as_str))
+            .collect();
+        let absent: Vec<&str> = named
+            .iter()
+            .map(String::as_str)
+            .filter(|k| !in_snapshot.contains(k))
+            .collect();
+        if !absent.is_empty() {
+            problems.push(format!(
+                "keyspace(s) not in snapshot {snapshot:?}: {}",
+                absent.join(", ")
+            ));
+        }
+    }
+    for node in &cluster.nodes {
+        let Some(info) = m.node(node.index) else {
+            continue;
+        };
+        let restoring: BTreeSet<&str> = info
+            .keyspaces
+            .iter()
+            .map(String::as_str)
+            .filter(|k| selection.includes_restored(k))
+            .collect();
+        match keyspaces_on_disk(&node.data_dir) {
+            Ok(existing) => {
+                let clash: Vec<&str> = existing
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|k| restoring.contains(k))
+                    .collect();
+                if !clash.is_empty() {
+                    problems.push(format!(
+                        "node {}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
+                        node.index,
+                        node.data_dir.display(),
+                        clash.join(", ")
+                    ));
+                }
+            }
+            Err(e) => problems.push(format!("node {}: {e}", node.index)),
+        }
+        let bytes: u64 = info
+            .files
+            .iter()
+            .filter(|f| {
+                f.path
+                    .split('/')
+                    .next()
+                    .is_some_and(|k| restoring.contains(k))
+            })
+            .map(|f| f.size)
+            .sum();
+        let need = with_margin(bytes);
+        match disk.available(&node.data_dir) {
+            Ok(free) if free >= need => {}
+            Ok(free) => problems.push(format!(
+                "node {}: {} has {} free, the restore needs {} ({} of data plus margin)",
+                node.index,
+                node.data_dir.display(),
+                human(free),
+                human(need),
+                human(bytes)
+            )),
+            Err(e) => problems.push(format!(
+                "node {}: cannot read free space of {}: {e}",
+                node.index,
+                node.data_dir.display()
+            )),
+        }
+    }
+    done(problems)?;
+    Ok(m)
+}
+
+/// Bytes in binary units, for messages.
+pub fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = bytes as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i + 1 < units.len() {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{v:.1} {}", units[i])
+    }
+}

@@ -1,0 +1,157 @@
+//! The command line. Flags are parsed by clap into the raw structs below, then each
+//! subcommand's `run` validates them and calls the library. Only [`run`]'s caller
+//! (main.rs) prints errors and picks the exit code.
+
+pub mod output;
+pub mod plan;
+pub mod snapshots;
+
+use crate::plan::params::CliParam;
+use crate::state::StateStore;
+use crate::{Error, Result};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cairn",
+    version,
+    about = "Backup/restore plan engine for stateful services"
+)]
+pub struct Cli {
+    /// Directory of the run-state store.
+    #[arg(long, global = true, env = "CAIRN_HOME")]
+    pub home: Option<PathBuf>,
+    /// Extra plans directory (its plans override the shipped ones of the same name).
+    #[arg(long, global = true, env = "CAIRN_PLANS")]
+    pub plans_dir: Option<PathBuf>,
+    /// Machine-readable output on stdout (one JSON document or line).
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// No progress output.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    /// More log output (-v info, -vv debug).
+    #[arg(long, short, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Plans and their runs.
+    #[command(subcommand)]
+    Plan(PlanCmd),
+    /// Snapshots in a store.
+    #[command(subcommand)]
+    Snapshots(SnapshotsCmd),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlanCmd {
+    /// List the available plans.
+    List,
+    /// Show a plan: parameters, phases, steps.
+    Show { plan: String },
+    /// Start a run of a plan.
+    Start {
+        plan: String,
+        /// A parameter: KEY=VALUE, or KEY=@FILE to read the value from a file.
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+        params: Vec<CliParam>,
+        /// The cluster description (TOML).
+        #[arg(long, env = "CAIRN_CLUSTER")]
+        cluster: Option<PathBuf>,
+    },
+    /// Status of a run (default: the latest).
+    Status { run: Option<i64> },
+    /// Past runs, newest first.
+    History {
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+    },
+    /// Ask a running run to stop; its state is kept for `resume`.
+    Stop { run: i64 },
+    /// Resume a failed, stopped or killed run; finished steps are not redone.
+    Resume {
+        run: i64,
+        /// Parameters to give again (secrets are never stored) or to override.
+        #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
+        params: Vec<CliParam>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotsCmd {
+    /// List snapshots (complete or not) in a store.
+    List {
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+    },
+    /// Download a snapshot and check every object and file checksum.
+    Verify {
+        name: String,
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+    },
+    /// Delete a snapshot (manifest first).
+    Delete {
+        name: String,
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+    },
+}
+
+/// Shared settings of one invocation.
+pub struct Globals {
+    pub home: PathBuf,
+    pub plans_dir: Option<PathBuf>,
+    pub json: bool,
+    pub quiet: bool,
+}
+
+impl Globals {
+    pub fn state(&self) -> Result<StateStore> {
+        StateStore::open(&self.home)
+    }
+}
+
+/// Run a parsed command line; returns the exit code of a successful command
+/// (non-zero when, e.g., `verify` found problems).
+pub async fn run(cli: Cli) -> Result<i32> {
+    let g = Globals {
+        home: cli.home.unwrap_or_else(StateStore::default_home),
+        plans_dir: cli.plans_dir,
+        json: cli.json,
+        quiet: cli.quiet,
+    };
+    match cli.command {
+        Command::Plan(cmd) => plan::run(&g, cmd).await,
+        Command::Snapshots(cmd) => snapshots::run(&g, cmd).await,
+    }
+}
+
+/// Cancel `token` on Ctrl-C or SIGTERM.
+pub fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        eprintln!("cairn: stopping; the run's state is saved and `cairn plan resume` continues it");
+        token.cancel();
+    });
+}
+
+pub(crate) fn usage(msg: impl Into<String>) -> Error {
+    Error::Usage(msg.into())
+}

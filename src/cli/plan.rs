@@ -1,0 +1,259 @@
+//! `cairn plan list | show | start | status | history | stop | resume`.
+
+use super::output::{print_json, progress};
+use super::{Globals, PlanCmd, cancel_on_signals, usage};
+use crate::cluster::Cluster;
+use crate::engine::{Engine, Outcome, process_alive};
+use crate::error::exit;
+use crate::plan::Plan;
+use crate::plan::params::{CliParam, ProcessEnv};
+use crate::redact::redact;
+use crate::state::{RunRecord, StateStore, Status};
+use crate::{Error, Result};
+use serde_json::json;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
+    match cmd {
+        PlanCmd::List => list(g),
+        PlanCmd::Show { plan } => show(g, &plan),
+        PlanCmd::Start {
+            plan,
+            params,
+            cluster,
+        } => start(g, &plan, &params, cluster).await,
+        PlanCmd::Status { run } => status(g, run),
+        PlanCmd::History { limit } => history(g, limit),
+        PlanCmd::Stop { run } => stop(g, run).await,
+        PlanCmd::Resume { run, params } => resume(g, run, &params).await,
+    }
+}
+
+fn list(g: &Globals) -> Result<i32> {
+    let plans = Plan::list(g.plans_dir.as_deref())?;
+    if g.json {
+        let v: Vec<_> = plans
+            .iter()
+            .map(|p| json!({"name": p.name, "description": p.description}))
+            .collect();
+        print_json(&json!(v));
+    } else {
+        for p in plans {
+            println!("{:16} {}", p.name, p.description);
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn show(g: &Globals, name: &str) -> Result<i32> {
+    let p = Plan::find(name, g.plans_dir.as_deref())?;
+    let params: Vec<_> = p
+        .params
+        .iter()
+        .map(|s| {
+            json!({
+                "name": s.name, "required": s.required, "default": s.default,
+                "pattern": s.pattern.as_ref().map(|r| r.as_str()), "secret": s.secret,
+                "description": s.description,
+            })
+        })
+        .collect();
+    let phases: Vec<_> = p
+        .phases
+        .iter()
+        .map(|ph| {
+            let (strategy, max) = ph.strategy_template();
+            json!({"name": ph.name, "strategy": strategy, "max_concurrency": max, "steps": ph.steps})
+        })
+        .collect();
+    if g.json {
+        print_json(
+            &json!({"name": p.name, "description": p.description, "parameters": params, "phases": phases, "on_failure": p.on_failure}),
+        );
+        return Ok(exit::OK);
+    }
+    println!("{} — {}\n\nparameters:", p.name, p.description);
+    for s in &p.params {
+        let mut flags = Vec::new();
+        if s.required {
+            flags.push("required".to_string());
+        }
+        if let Some(d) = &s.default {
+            flags.push(format!("default {d:?}"));
+        }
+        if s.secret {
+            flags.push("secret".to_string());
+        }
+        println!("  {:24} {} [{}]", s.name, s.description, flags.join(", "));
+    }
+    println!("\nphases:");
+    for ph in &p.phases {
+        let (strategy, max) = ph.strategy_template();
+        let steps: Vec<String> = ph
+            .steps
+            .iter()
+            .map(|s| format!("{} on {:?}", s.action.name(), s.on))
+            .collect();
+        match max {
+            Some(m) => println!(
+                "  {:12} {strategy} (max {m}): {}",
+                ph.name,
+                steps.join(", ")
+            ),
+            None => println!("  {:12} {strategy}: {}", ph.name, steps.join(", ")),
+        }
+    }
+    if !p.on_failure.is_empty() {
+        let steps: Vec<&str> = p.on_failure.iter().map(|s| s.action.name()).collect();
+        println!("  on failure: {}", steps.join(", "));
+    }
+    Ok(exit::OK)
+}
+
+fn engine(g: &Globals) -> Result<Engine> {
+    let engine = Engine::new(g.state()?, progress(g.quiet || g.json));
+    cancel_on_signals(engine.cancel.clone());
+    Ok(engine)
+}
+
+async fn start(
+    g: &Globals,
+    name: &str,
+    params: &[CliParam],
+    cluster: Option<PathBuf>,
+) -> Result<i32> {
+    let plan = Plan::find(name, g.plans_dir.as_deref())?;
+    let cluster_file = cluster
+        .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
+    let cluster = Cluster::load(&cluster_file)?;
+    let engine = engine(g)?;
+    let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
+    finish(g, &engine.state, outcome)
+}
+
+async fn resume(g: &Globals, run: i64, params: &[CliParam]) -> Result<i32> {
+    let engine = engine(g)?;
+    let outcome = engine.resume(run, params, &ProcessEnv).await?;
+    finish(g, &engine.state, outcome)
+}
+
+/// Print the summary of a finished run; the error (if any) goes back to main.
+fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
+    let rec = state.run(outcome.run_id)?;
+    if g.json {
+        print_json(&json!({
+            "run": rec.id, "plan": rec.plan, "snapshot": rec.snapshot, "store": rec.store,
+            "status": rec.status, "error": rec.error,
+            "exit_code": outcome.error.as_ref().map_or(exit::OK, Error::exit_code),
+        }));
+    } else if outcome.error.is_none() {
+        println!(
+            "run {} {}: {} snapshot {} in {}",
+            rec.id, rec.status, rec.plan, rec.snapshot, rec.store
+        );
+    } else if outcome.status != Status::Complete {
+        eprintln!(
+            "run {} {}; `cairn plan status {}` shows its steps, `cairn plan resume {}` continues it",
+            rec.id, rec.status, rec.id, rec.id
+        );
+    }
+    outcome.into_result().map(|_| exit::OK)
+}
+
+fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
+    let state = g.state()?;
+    let rec = match run {
+        Some(id) => state.run(id)?,
+        None => state
+            .latest_run()?
+            .ok_or_else(|| Error::NotFound("no runs yet".into()))?,
+    };
+    let steps = state.steps(rec.id)?;
+    if g.json {
+        print_json(&json!({"run": rec, "steps": steps}));
+        return Ok(exit::OK);
+    }
+    print_run(&rec);
+    println!();
+    for s in &steps {
+        let err = s
+            .error
+            .as_deref()
+            .map(|e| format!("  {}", redact(e)))
+            .unwrap_or_default();
+        println!(
+            "  {:34} {:10} attempts {}{}",
+            s.id, s.status, s.attempts, err
+        );
+    }
+    Ok(exit::OK)
+}
+
+fn print_run(r: &RunRecord) {
+    println!(
+        "run {}  {}  {}  snapshot {}  store {}",
+        r.id, r.plan, r.status, r.snapshot, r.store
+    );
+    println!(
+        "  created {}  updated {}{}",
+        r.created_at,
+        r.updated_at,
+        r.finished_at
+            .as_deref()
+            .map(|f| format!("  finished {f}"))
+            .unwrap_or_default()
+    );
+    let params: Vec<String> = r.params.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    println!("  params {}", params.join(" "));
+    if let Some(e) = &r.error {
+        println!("  error: {}", redact(e));
+    }
+}
+
+fn history(g: &Globals, limit: usize) -> Result<i32> {
+    let runs = g.state()?.runs(limit)?;
+    if g.json {
+        print_json(&json!(runs));
+        return Ok(exit::OK);
+    }
+    for r in runs {
+        println!(
+            "{:5} {:24} {:16} {:10} {}",
+            r.id, r.created_at, r.plan, r.status, r.snapshot
+        );
+    }
+    Ok(exit::OK)
+}
+
+async fn stop(g: &Globals, run: i64) -> Result<i32> {
+    let state = g.state()?;
+    let rec = state.run(run)?;
+    if !matches!(rec.status, Status::Running | Status::Pending) {
+        return Err(usage(format!("run {run} is not running ({})", rec.status)));
+    }
+    state.request_stop(run)?;
+    let alive = rec.pid.is_some_and(process_alive);
+    if !alive {
+        // Its process is gone (killed): record that, so resume can take over.
+        state.set_run_status(
+            run,
+            Status::Cancelled,
+            Some("stopped; its process had gone"),
+        )?;
+    } else {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if state.run(run)?.status != Status::Running {
+                break;
+            }
+        }
+    }
+    let rec = state.run(run)?;
+    if g.json {
+        print_json(&json!({"run": run, "status": rec.status}));
+    } else {
+        println!("run {run}: {}", rec.status);
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,230 @@
+//! The cluster being protected: its nodes (index, data dir, optional host and hooks).
+//!
+//! A cluster description is a TOML file given with `--cluster` or `CAIRN_CLUSTER`.
+//! Relative data dirs are resolved against the directory of that file, so a nightly
+//! job gives the same result whatever its working directory.
+
+pub mod hooks;
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Keyspaces left out unless asked for by name.
+pub const SYSTEM_KEYSPACES: &[&str] = &[
+    "system",
+    "system_schema",
+    "system_auth",
+    "system_distributed",
+    "system_traces",
+    "system_views",
+    "system_virtual_schema",
+];
+
+/// Names that cairn itself creates inside a data dir (staging); never keyspaces.
+pub const RESERVED_PREFIX: &str = ".cairn";
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    name: String,
+    #[serde(default)]
+    nodes: Vec<RawNode>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNode {
+    index: u32,
+    data_dir: PathBuf,
+    host: Option<String>,
+    #[serde(default)]
+    pre_hook: Vec<String>,
+    #[serde(default)]
+    post_hook: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Cluster {
+    pub name: String,
+    pub nodes: Vec<Node>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Node {
+    pub index: u32,
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub host: Option<String>,
+    /// argv run before the node's work (e.g. flush and snapshot); no shell.
+    #[serde(default)]
+    pub pre_hook: Vec<String>,
+    /// argv run after the node's work, also when it failed.
+    #[serde(default)]
+    pub post_hook: Vec<String>,
+}
+
+impl Cluster {
+    pub fn load(path: &Path) -> Result<Cluster> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io("read cluster description", path, e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        let base = std::path::absolute(base).map_err(|e| Error::io("resolve", base, e))?;
+        Self::parse(&path.display().to_string(), &text, &base)
+    }
+
+    pub fn parse(file: &str, text: &str, base: &Path) -> Result<Cluster> {
+        let err = |message: String| Error::Cluster {
+            file: file.to_string(),
+            message,
+        };
+        let raw: RawCluster = toml::from_str(text).map_err(|e| err(e.to_string()))?;
+        if raw.nodes.is_empty() {
+            return Err(err("no [[nodes]]: a cluster needs at least one node".into()));
+        }
+        let mut seen = BTreeSet::new();
+        let mut nodes = Vec::new();
+        for n in raw.nodes {
+            if !seen.insert(n.index) {
+                return Err(err(format!("node index {} appears twice", n.index)));
+            }
+            for (what, argv) in [("pre_hook", &n.pre_hook), ("post_hook", &n.post_hook)] {
+                if argv.first().is_some_and(|a| a.is_empty()) {
+                    return Err(err(format!(
+                        "node {}: {what} has an empty program",
+                        n.index
+                    )));
+                }
+            }
+            let data_dir = if n.data_dir.is_absolute() {
+                n.data_dir
+            } else {
+                base.join(n.data_dir)
+            };
+            nodes.push(Node {
+                index: n.index,
+                data_dir,
+                host: n.host,
+                pre_hook: n.pre_hook,
+                post_hook: n.post_hook,
+            });
+        }
+        nodes.sort_by_key(|n| n.index);
+        Ok(Cluster {
+            name: raw.name,
+            nodes,
+        })
+    }
+
+    pub fn node(&self, index: u32) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.index == index)
+    }
+}
+
+/// A keyspace selection: `None` means "all (non-system) keyspaces".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection(pub Option<BTreeSet<String>>);
+
+impl Selection {
+    /// Parse `a,b` or `"a b"` (the seed's form). Empty means all.
+    pub fn parse(text: &str) -> Selection {
+        let set: BTreeSet<String> = text
+            .split([',', ' '])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        if set.is_empty() {
+            Selection(None)
+        } else {
+            Selection(Some(set))
+        }
+    }
+
+    /// Whether a keyspace found on disk is included.
+    pub fn includes(&self, keyspace: &str) -> bool {
+        match &self.0 {
+            Some(set) => set.contains(keyspace),
+            None => !SYSTEM_KEYSPACES.contains(&keyspace),
+        }
+    }
+
+    /// Whether a keyspace in a snapshot is restored (the snapshot already excluded
+    /// system keyspaces unless they were asked for).
+    pub fn includes_restored(&self, keyspace: &str) -> bool {
+        match &self.0 {
+            Some(set) => set.contains(keyspace),
+            None => true,
+        }
+    }
+}
+
+/// All keyspaces of a data dir (top-level directories), sorted; cairn's own
+/// `.cairn*` entries are never keyspaces.
+pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(data_dir) {
+        Ok(rd) => rd,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::io("list keyspaces in", data_dir, e)),
+    };
+    for entry in rd {
+        let entry = entry.map_err(|e| Error::io("list keyspaces in", data_dir, e))?;
+        let ft = entry
+            .file_type()
+            .map_err(|e| Error::io("stat", entry.path(), e))?;
+        if !ft.is_dir() {
+            continue;
+        }
+        let Some(name) = entry.file_name().to_str().map(str::to_string) else {
+            return Err(Error::Usage(format!(
+                "{}: a keyspace directory name is not UTF-8",
+                entry.path().display()
+            )));
+        };
+        if name.starts_with(RESERVED_PREFIX) {
+            continue;
+        }
+        out.push(name);
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_dirs_resolve_against_the_file_and_duplicates_refused() {
+        let c = Cluster::parse(
+            "c.toml",
+            "name = \"x\"\n[[nodes]]\nindex = 1\ndata_dir = \"n1\"\n[[nodes]]\nindex = 0\ndata_dir = \"/abs\"\n",
+            Path::new("/base"),
+        )
+        .expect("parse");
+        assert_eq!(c.nodes[0].data_dir, PathBuf::from("/abs"));
+        assert_eq!(c.nodes[1].data_dir, PathBuf::from("/base/n1"));
+        let dup = Cluster::parse(
+            "c.toml",
+            "name = \"x\"\n[[nodes]]\nindex = 0\ndata_dir = \"a\"\n[[nodes]]\nindex = 0\ndata_dir = \"b\"\n",
+            Path::new("/base"),
+        );
+        assert!(dup.expect_err("dup").to_string().contains("appears twice"));
+    }
+
+    #[test]
+    fn selection_excludes_system_unless_named() {
+        let all = Selection::parse("");
+        assert!(all.includes("app") && !all.includes("system_auth"));
+        let some = Selection::parse("\"app system_auth\"".trim_matches('"'));
+        assert!(some.includes("system_auth") && !some.includes("other"));
+        assert_eq!(Selection::parse("a, b").0.map(|s| s.len()), Some(2));
+    }
+}

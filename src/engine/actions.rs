@@ -1,0 +1,425 @@
+//! What each plan action does. Every action is idempotent for a resume: running it
+//! again after a crash produces the same result.
+
+use super::{RunCtx, StepRef};
+use crate::archive::io::{ChannelReader, PartSink};
+use crate::archive::{pack, unpack};
+use crate::cluster::{Node, RESERVED_PREFIX, hooks, keyspaces_on_disk};
+use crate::manifest::{self, ClusterInfo, MANIFEST, Manifest, NodeInfo, ObjectInfo};
+use crate::plan::Action;
+use crate::progress::Event;
+use crate::state::Status;
+use crate::store::{part_size_for, upload_parts};
+use crate::{Error, Result, checks};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+
+/// What a backup-node step records for write-manifest.
+#[derive(Debug, Serialize, Deserialize)]
+struct NodeOutput {
+    node: NodeInfo,
+    object: ObjectInfo,
+}
+
+/// Run one step's action; returns the output to persist.
+pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
+    let node = || -> Result<&Node> {
+        step.node
+            .and_then(|i| ctx.cluster.node(i))
+            .ok_or_else(|| Error::State(format!("step {} has no node", step.id)))
+    };
+    match step.action {
+        Action::CheckBackup => {
+            let probe = format!(
+                "{RESERVED_PREFIX}-probe-{}-{}",
+                ctx.run_id,
+                std::process::id()
+            );
+            checks::backup(
+                &ctx.cluster,
+                &ctx.selection,
+                &*ctx.store,
+                &ctx.snapshot,
+                &probe,
+            )
+            .await?;
+            Ok(None)
+        }
+        Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
+        Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
+        Action::CheckRestore => {
+            checks::restore(
+                &ctx.cluster,
+                &ctx.selection,
+                &*ctx.store,
+                &ctx.snapshot,
+                &*ctx.disk,
+            )
+            .await?;
+            Ok(None)
+        }
+        Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),
+        Action::CommitRestore => commit_restore(ctx).await.map(|()| None),
+        Action::DiscardStaging => {
+            for n in &ctx.cluster.nodes {
+                remove_staging(&staging_dir(ctx, n)).await;
+            }
+            Ok(None)
+        }
+    }
+}
+
+async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
+    hooks::run(
+        hooks::Which::Pre,
+        node,
+        &step.phase,
+        &ctx.snapshot,
+        &ctx.params,
+        &ctx.cancel,
+    )
+    .await?;
+    let work = stream_node(ctx, step, node).await;
+    let post = hooks::run(
+        hooks::Which::Post,
+        node,
+        &step.phase,
+        &ctx.snapshot,
+        &ctx.params,
+        &ctx.cancel,
+    )
+    .await;
+    let out = work?;
+    post?;
+    Ok(out)
+}
+
+async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
+    let data_dir = node.data_dir.clone();
+    let selection = ctx.selection.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        let keyspaces: Vec<String> = keyspaces_on_disk(&data_dir)?
+            .into_iter()
+            .filter(|k| selection.includes(k))
+            .collect();
+        let scan = pack::scan(&data_dir, &keyspaces)?;
+        Ok::<_, Error>((keyspaces, scan))
+    })
+    .await
+    .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
+    let (keyspaces, scan) = scan?;
+    let object = manifest::node_object(node.index);
+    let key = manifest::key(&ctx.snapshot, &object);
+    let part_size = part_size_for(ctx.store.limits(), scan.total_bytes);
+    ctx.progress.event(Event::StepStarted {
+        step: &step.id,
+        total: Some(scan.total_bytes),
+    });
+    tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
+    // Two parts queued plus those in flight bound the memory of one node.
+    let (tx, rx) = mpsc::channel(2);
+    let progress = ctx.progress.clone();
+    let step_id = step.id.clone();
+    let file_count = scan.file_count;
+    let total_bytes = scan.total_bytes;
+    let producer = tokio::task::spawn_blocking(move || {
+        let sink = PartSink::new(part_size, tx);
+        let (files, sink) = pack::pack(&scan, sink, |done| {
+            progress.event(Event::Bytes {
+                step: &step_id,
+                done,
+            })
+        })?;
+        let (size, sha256) = sink
+            .finish()
+            .map_err(|e| Error::io("send archive of", "node", e))?;
+        Ok::<_, Error>((files, size, sha256))
+    });
+    let producer = async {
+        producer
+            .await
+            .map_err(|e| Error::State(format!("archive worker failed: {e}")))?
+    };
+    let (uploaded, (files, size, sha256)) =
+        upload_parts(&*ctx.store, &key, rx, producer, &ctx.cancel).await?;
+    if uploaded != size {
+        return Err(Error::store(
+            "upload",
+            &key,
+            format!("uploaded {uploaded} bytes of {size}"),
+        ));
+    }
+    let out = NodeOutput {
+        node: NodeInfo {
+            index: node.index,
+            object: object.clone(),
+            keyspaces,
+            file_count,
+            bytes: total_bytes,
+            compressed_bytes: size,
+            files,
+        },
+        object: ObjectInfo {
+            key: object,
+            size,
+            sha256,
+        },
+    };
+    serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))
+}
+
+async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
+    let run = ctx.run_id;
+    let steps = ctx.state.call(move |s| s.steps(run)).await?;
+    let mut nodes = Vec::new();
+    let mut objects = Vec::new();
+    for s in steps
+        .iter()
+        .filter(|s| s.action == Action::BackupNode.name())
+    {
+        let (Status::Complete, Some(out)) = (s.status, &s.output) else {
+            return Err(Error::State(format!("step {} has not completed", s.id)));
+        };
+        let out: NodeOutput = serde_json::from_str(out)
+            .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))?;
+        nodes.push(out.node);
+        objects.push(out.object);
+    }
+    nodes.sort_by_key(|n| n.index);
+    objects.sort_by(|a, b| a.key.cmp(&b.key));
+    let m = Manifest {
+        format_version: manifest::FORMAT_VERSION,
+        cairn_version: crate::VERSION.to_string(),
+        snapshot: ctx.snapshot.clone(),
+        plan: ctx.plan.name.clone(),
+        started_at: ctx.started_at.clone(),
+        finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        cluster: ClusterInfo {
+            name: ctx.cluster.name.clone(),
+            nodes,
+        },
+        objects,
+    };
+    // Every object must be there with its size before the snapshot is declared complete.
+    let missing = checks::objects_present(&*ctx.store, &ctx.snapshot, &m).await;
+    if !missing.is_empty() {
+        return Err(Error::store("verify", &ctx.snapshot, missing.join("; ")));
+    }
+    let key = manifest::key(&ctx.snapshot, MANIFEST);
+    if ctx.store.head(&key).await?.is_some() {
+        return Err(Error::Checks(vec![format!(
+            "snapshot {:?} became complete while this run was writing it; it is never overwritten",
+            ctx.snapshot
+        )]));
+    }
+    ctx.store.put(&key, m.to_bytes()?.into()).await
+}
+
+/// `<data_dir>/.cairn-staging-<run>`: on the target file system, so moving into place
+/// is a rename.
+fn staging_dir(ctx: &RunCtx, node: &Node) -> PathBuf {
+    node.data_dir
+        .join(format!("{RESERVED_PREFIX}-staging-{}", ctx.run_id))
+}
+
+async fn remove_staging(dir: &Path) {
+    let dir = dir.to_path_buf();
+    let _ = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "could not remove staging dir: {e}"),
+    })
+    .await;
+}
+
+async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
+    let m = ctx.manifest().await?;
+    let info = m
+        .node(node.index)
+        .ok_or_else(|| Error::Checks(vec![format!("the snapshot has no node {}", node.index)]))?
+        .clone();
+    let object = m
+        .object(&info.object)
+        .ok_or_else(|| Error::archive(&info.object, "not listed in the manifest"))?
+        .clone();
+    let staging = staging_dir(ctx, node);
+    // A staging dir left by a killed attempt is redone from scratch.
+    remove_staging(&staging).await;
+    std::fs::create_dir_all(&staging).map_err(|e| Error::io("create staging dir", &staging, e))?;
+    let result =
+        download_and_unpack(ctx, step, &info, &object, unpack::Mode::Extract(&staging)).await;
+    match result {
+        Ok(done) => Ok(serde_json::json!({"files": done.files, "bytes": done.bytes}).to_string()),
+        Err(e) => {
+            remove_staging(&staging).await;
+            Err(e)
+        }
+    }
+}
+
+/// Stream an object from the store through [`unpack::unpack`] on a blocking thread.
+pub async fn download_and_unpack(
+    ctx: &RunCtx,
+    step: &StepRef,
+    info: &NodeInfo,
+    object: &ObjectInfo,
+    mode: unpack::Mode<'_>,
+) -> Result<unpack::Unpacked> {
+    let restoring: u64 = info
+        .files
+        .iter()
+        .filter(|f| {
+            f.path
+                .split('/')
+                .next()
+                .is_some_and(|k| ctx.selection.includes_restored(k))
+        })
+        .map(|f| f.size)
+        .sum();
+    ctx.progress.event(Event::StepStarted {
+        step: &step.id,
+        total: Some(restoring),
+    });
+    let root = match mode {
+        unpack::Mode::Extract(p) => Some(p.to_path_buf()),
+        unpack::Mode::Verify => None,
+    };
+    read_object(
+        &*ctx.store,
+        &manifest::key(&ctx.snapshot, &object.key),
+        info.clone(),
+        object.clone(),
+        ctx.selection.clone(),
+        root,
+        ctx.progress.clone(),
+        step.id.clone(),
+        &ctx.cancel,
+    )
+    .await
+}
+
+/// Download `key` and unpack (into `root`) or verify it against the manifest.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_object(
+    store: &dyn crate::store::Store,
+    key: &str,
+    info: NodeInfo,
+    object: ObjectInfo,
+    selection: crate::cluster::Selection,
+    root: Option<PathBuf>,
+    progress: Arc<dyn crate::progress::Progress>,
+    step_id: String,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<unpack::Unpacked> {
+    let mut stream = store.get(key).await?;
+    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes>>(8);
+    let name = key.to_string();
+    let consumer = tokio::task::spawn_blocking(move || {
+        let expected = unpack::Expected {
+            object: &name,
+            node: &info,
+            object_size: object.size,
+            object_sha256: &object.sha256,
+        };
+        let mode = match &root {
+            Some(r) => unpack::Mode::Extract(r),
+            None => unpack::Mode::Verify,
+        };
+        unpack::unpack(
+            ChannelReader::new(rx),
+            &expected,
+            &selection,
+            mode,
+            |done| {
+                progress.event(Event::Bytes {
+                    step: &step_id,
+                    done,
+                })
+            },
+        )
+    });
+    let pump = async {
+        while let Some(chunk) = stream.next().await {
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+        drop(tx);
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    }
+    consumer
+        .await
+        .map_err(|e| Error::State(format!("unpack worker failed: {e}")))?
+}
+
+async fn commit_restore(ctx: &Arc<RunCtx>) -> Result<()> {
+    let plan: Vec<(PathBuf, PathBuf)> = ctx
+        .cluster
+        .nodes
+        .iter()
+        .map(|n| (staging_dir(ctx, n), n.data_dir.clone()))
+        .collect();
+    tokio::task::spawn_blocking(move || commit_blocking(&plan))
+        .await
+        .map_err(|e| Error::State(format!("commit worker failed: {e}")))?
+}
+
+/// Move every staged keyspace into its data dir; on any failure move back what was
+/// moved, so the target is as it was.
+fn commit_blocking(plan: &[(PathBuf, PathBuf)]) -> Result<()> {
+    let mut moves = Vec::new();
+    for (staging, data_dir) in plan {
+        let rd = match std::fs::read_dir(staging) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("list", staging, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("list", staging, e))?;
+            moves.push((entry.path(), data_dir.join(entry.file_name())));
+        }
+    }
+    moves.sort();
+    let mut done: Vec<&(PathBuf, PathBuf)> = Vec::new();
+    let mut failure = None;
+    for m in &moves {
+        if m.1.exists() {
+            failure = Some(Error::Checks(vec![format!(
+                "{} appeared while the restore ran; nothing was moved into place",
+                m.1.display()
+            )]));
+            break;
+        }
+        if let Err(e) = std::fs::rename(&m.0, &m.1) {
+            failure = Some(Error::io("move into place", &m.1, e));
+            break;
+        }
+        done.push(m);
+    }
+    if let Some(e) = failure {
+        for (from, to) in done.into_iter().rev() {
+            if let Err(err) = std::fs::rename(to, from) {
+                tracing::error!(path = %to.display(), "could not roll back: {err}");
+            }
+        }
+        return Err(e);
+    }
+    for (staging, data_dir) in plan {
+        match std::fs::remove_dir(staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io("remove staging dir", staging, e)),
+        }
+        if let Ok(d) = std::fs::File::open(data_dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,164 @@
+//! Error policy.
+//!
+//! Every library error is one [`Error`] variant carrying the context an operator needs
+//! (the path, the object key, the node, the parameter names). Three questions are
+//! answered for each error in one place:
+//!
+//! * what the user sees — the `Display` text, which never contains a secret value
+//!   (the CLI passes it through [`crate::redact`] before printing, as a second fence);
+//! * which exit code it maps to ([`Error::exit_code`], documented in README.md);
+//! * whether retrying the same step can help ([`Error::is_transient`]), which drives
+//!   the engine's backoff.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Exit codes, stable and documented in README.md.
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const FAILED: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const CHECK_REFUSED: i32 = 3;
+    pub const LOCKED: i32 = 4;
+    pub const NOT_FOUND: i32 = 5;
+    pub const CANCELLED: i32 = 130;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Bad command-line input that is not about plan parameters.
+    #[error("{0}")]
+    Usage(String),
+
+    /// A plan file that does not parse or validate.
+    #[error("plan {file}: {message}")]
+    Plan { file: String, message: String },
+
+    /// A cluster description that does not parse or validate.
+    #[error("cluster description {file}: {message}")]
+    Cluster { file: String, message: String },
+
+    /// Unknown, missing or malformed parameters; one line per problem.
+    #[error("invalid parameters:\n  - {}", .0.join("\n  - "))]
+    Params(Vec<String>),
+
+    /// Pre-flight checks refused the run; one line per problem.
+    #[error("pre-flight checks refused the run ({} problem(s)):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Checks(Vec<String>),
+
+    /// A store operation failed.
+    #[error("store {op} {key}: {message}")]
+    Store {
+        op: &'static str,
+        key: String,
+        message: String,
+        transient: bool,
+    },
+
+    /// An object that should exist does not.
+    #[error("not found: {0}")]
+    NotFound(String),
+
+    /// An archive that is corrupt, hostile or does not match its manifest.
+    #[error("archive {object}: {message}")]
+    Archive { object: String, message: String },
+
+    /// A local file-system operation failed.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A node hook exited non-zero or could not start.
+    #[error("{hook} hook of node {node}: {message}")]
+    Hook {
+        hook: &'static str,
+        node: u32,
+        message: String,
+    },
+
+    /// The embedded state store failed.
+    #[error("state store: {0}")]
+    State(String),
+
+    /// The run, or this step, was cancelled (Ctrl-C, SIGTERM, `plan stop`).
+    #[error("cancelled")]
+    Cancelled,
+
+    /// A step failed; carries the step id for context.
+    #[error("step {step} failed: {source}")]
+    Step {
+        step: String,
+        #[source]
+        source: Box<Error>,
+    },
+}
+
+impl Error {
+    pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
+    }
+
+    pub fn archive(object: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Archive {
+            object: object.into(),
+            message: message.into(),
+        }
+    }
+
+    pub fn store(op: &'static str, key: impl Into<String>, message: impl ToString) -> Self {
+        Error::Store {
+            op,
+            key: key.into(),
+            message: message.to_string(),
+            transient: false,
+        }
+    }
+
+    /// Whether retrying the same operation may succeed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Store { transient, .. } => *transient,
+            Error::Io { source, .. } => matches!(
+                source.kind(),
+                std::io::ErrorKind::Interrupted
+                    | std::io::ErrorKind::TimedOut
+                    | std::io::ErrorKind::WouldBlock
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+            ),
+            Error::Step { source, .. } => source.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The process exit code this error maps to (see README.md, "Exit codes").
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Error::Usage(_) | Error::Plan { .. } | Error::Cluster { .. } | Error::Params(_) => {
+                exit::USAGE
+            }
+            Error::Checks(_) => exit::CHECK_REFUSED,
+            Error::NotFound(_) => exit::NOT_FOUND,
+            Error::Cancelled => exit::CANCELLED,
+            Error::Step { source, .. } => source.exit_code(),
+            _ => exit::FAILED,
+        }
+    }
+
+    /// The innermost error, skipping step context.
+    pub fn root(&self) -> &Error {
+        match self {
+            Error::Step { source, .. } => source.root(),
+            e => e,
+        }
+    }
+}

@@ -1,0 +1,36 @@
+//! cairn — a backup/restore plan engine for stateful services.
+//!
+//! # Layout
+//!
+//! * [`error`]    — the one library error type, its exit code and whether a retry can help.
+//! * [`redact`]   — the process-wide list of secret values and the filter every output passes.
+//! * [`plan`]     — plan files: raw serde structs, the validated [`plan::Plan`], parameters.
+//! * [`cluster`]  — the cluster description (nodes, data dirs, hooks) and keyspace discovery.
+//! * [`store`]    — the object store trait, its backends (local, memory) and the part writer.
+//! * [`archive`]  — tar.gz streaming of a node (pack) and safe, verifying extraction (unpack).
+//! * [`manifest`] — the versioned `manifest.json` that marks a snapshot complete.
+//! * [`checks`]   — pre-flight checks run before anything is written or destroyed.
+//! * [`state`]    — the embedded run-state store (SQLite).
+//! * [`engine`]   — runs a plan: phases, strategies, step lifecycle, retries, actions.
+//! * [`progress`] — progress events; the terminal rendering lives in the CLI.
+//! * [`snapshots`] — list, verify and delete snapshots in a store.
+//! * [`cli`]      — the command line, one file per subcommand.
+
+pub mod archive;
+pub mod checks;
+pub mod cli;
+pub mod cluster;
+pub mod engine;
+pub mod error;
+pub mod manifest;
+pub mod plan;
+pub mod progress;
+pub mod redact;
+pub mod snapshots;
+pub mod state;
+pub mod store;
+
+pub use error::{Error, Result};
+
+/// The version recorded in manifests.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

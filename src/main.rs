@@ -1,0 +1,40 @@
+//! cairn's entry point: parse, set up logging, run, map errors to exit codes.
+
+use cairn::error::exit;
+use cairn::redact::{RedactingWriter, redact};
+use clap::Parser;
+
+fn main() {
+    let cli = cairn::cli::Cli::parse();
+    let default = match cli.verbose {
+        0 => "warn",
+        1 => "info",
+        _ => "debug",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(|| RedactingWriter(std::io::stderr()))
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cairn: cannot start the async runtime: {e}");
+            std::process::exit(exit::FAILED);
+        }
+    };
+    let code = match runtime.block_on(cairn::cli::run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("cairn: {}", redact(&e.to_string()));
+            e.exit_code()
+        }
+    };
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
+    std::process::exit(code);
+}

@@ -1,0 +1,137 @@
+//! The snapshot manifest, `<snapshot>/manifest.json`, written last: its presence
+//! means the snapshot is complete. Format version 1.
+
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+/// A manifest larger than this is refused (a hostile store cannot exhaust memory).
+pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub cairn_version: String,
+    pub snapshot: String,
+    pub plan: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub cluster: ClusterInfo,
+    /// Every object of the snapshot except the manifest itself.
+    pub objects: Vec<ObjectInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub nodes: Vec<NodeInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    pub index: u32,
+    /// Object key relative to the snapshot folder, e.g. `node-0.tar.gz`.
+    pub object: String,
+    pub keyspaces: Vec<String>,
+    pub file_count: u64,
+    /// Bytes of file data before compression.
+    pub bytes: u64,
+    /// Bytes of the compressed object.
+    pub compressed_bytes: u64,
+    /// Every regular file, sorted by path.
+    pub files: Vec<FileInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct FileInfo {
+    /// Path inside the node's data dir, `/`-separated, starting with the keyspace.
+    pub path: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectInfo {
+    /// Key relative to the snapshot folder.
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+}
+
+/// The key of an object of a snapshot.
+pub fn key(snapshot: &str, name: &str) -> String {
+    format!("{snapshot}/{name}")
+}
+
+pub fn node_object(index: u32) -> String {
+    format!("node-{index}.tar.gz")
+}
+
+impl Manifest {
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut v = serde_json::to_vec_pretty(self)
+            .map_err(|e| Error::State(format!("serialize manifest: {e}")))?;
+        v.push(b'\n');
+        Ok(v)
+    }
+
+    /// Parse and validate a manifest read from a store (untrusted input).
+    pub fn from_bytes(snapshot: &str, data: &[u8]) -> Result<Manifest> {
+        let bad = |m: String| Error::archive(key(snapshot, MANIFEST), m);
+        let m: Manifest =
+            serde_json::from_slice(data).map_err(|e| bad(format!("not a valid manifest: {e}")))?;
+        if m.format_version != FORMAT_VERSION {
+            return Err(bad(format!(
+                "format version {} is not supported by cairn {} (supports {FORMAT_VERSION})",
+                m.format_version,
+                crate::VERSION
+            )));
+        }
+        if m.snapshot != snapshot {
+            return Err(bad(format!("names snapshot {:?}", m.snapshot)));
+        }
+        for n in &m.cluster.nodes {
+            if n.object != node_object(n.index) || !m.objects.iter().any(|o| o.key == n.object) {
+                return Err(bad(format!(
+                    "node {} has an unexpected object {:?}",
+                    n.index, n.object
+                )));
+            }
+            for ks in &n.keyspaces {
+                if !valid_segment(ks) {
+                    return Err(bad(format!(
+                        "keyspace name {ks:?} is not a plain directory name"
+                    )));
+                }
+            }
+        }
+        for o in &m.objects {
+            crate::store::check_key(&o.key)
+                .map_err(|_| bad(format!("bad object key {:?}", o.key)))?;
+        }
+        Ok(m)
+    }
+
+    pub fn node(&self, index: u32) -> Option<&NodeInfo> {
+        self.cluster.nodes.iter().find(|n| n.index == index)
+    }
+
+    pub fn object(&self, key: &str) -> Option<&ObjectInfo> {
+        self.objects.iter().find(|o| o.key == key)
+    }
+
+    /// Uncompressed bytes of all nodes.
+    pub fn total_bytes(&self) -> u64 {
+        self.cluster.nodes.iter().map(|n| n.bytes).sum()
+    }
+}
+
+fn valid_segment(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains(['/', '\\', '\0'])
+}

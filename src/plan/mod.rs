@@ -1,0 +1,408 @@
+//! Plans: declarative files in `plans/` loaded in two stages — [`raw`] mirrors the
+//! file, [`Plan::from_raw`] validates it into the model the engine runs.
+//!
+//! Plans are TOML: the same format as `Cargo.toml` and the cluster description,
+//! comments allowed, and the `toml` crate reports the line and column of any error.
+
+pub mod params;
+pub mod raw;
+
+use crate::{Error, Result};
+use params::{ParamSpec, Params};
+use regex::Regex;
+use serde::Serialize;
+use std::path::Path;
+
+/// What a step does. Each action knows which targets it applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Action {
+    /// Pre-flight of a backup: data dirs, snapshot name, store access.
+    CheckBackup,
+    /// Stream one node's keyspaces to `<snapshot>/node-<i>.tar.gz`.
+    BackupNode,
+    /// Write `<snapshot>/manifest.json` (last; marks the snapshot complete).
+    WriteManifest,
+    /// Pre-flight of a restore: manifest, objects, node count, disk, keyspaces.
+    CheckRestore,
+    /// Download, extract into a staging dir and verify one node.
+    StageNode,
+    /// Move every node's staged keyspaces into place.
+    CommitRestore,
+    /// Remove staging dirs (used on failure).
+    DiscardStaging,
+}
+
+impl Action {
+    pub const ALL: [Action; 7] = [
+        Action::CheckBackup,
+        Action::BackupNode,
+        Action::WriteManifest,
+        Action::CheckRestore,
+        Action::StageNode,
+        Action::CommitRestore,
+        Action::DiscardStaging,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::CheckBackup => "check-backup",
+            Action::BackupNode => "backup-node",
+            Action::WriteManifest => "write-manifest",
+            Action::CheckRestore => "check-restore",
+            Action::StageNode => "stage-node",
+            Action::CommitRestore => "commit-restore",
+            Action::DiscardStaging => "discard-staging",
+        }
+    }
+
+    fn allowed_on(self) -> On {
+        match self {
+            Action::BackupNode | Action::StageNode => On::EachNode,
+            _ => On::Once,
+        }
+    }
+}
+
+/// What a step applies to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum On {
+    Once,
+    EachNode,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct StepSpec {
+    pub action: Action,
+    pub on: On,
+}
+
+/// A phase's strategy, resolved for one run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Strategy {
+    Serial,
+    Parallel { max_concurrency: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct Phase {
+    pub name: String,
+    strategy: String,
+    max_concurrency: Option<String>,
+    pub steps: Vec<StepSpec>,
+}
+
+impl Phase {
+    /// The strategy for a run with these parameters.
+    pub fn strategy(&self, params: &Params) -> Result<Strategy> {
+        let s = params.expand(&self.strategy);
+        let limit = match &self.max_concurrency {
+            None => None,
+            Some(t) => {
+                let v = params.expand(t);
+                if v.is_empty() {
+                    None
+                } else {
+                    Some(v.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        Error::Params(vec![format!(
+                            "phase {}: max_concurrency {:?} is not a positive integer",
+                            self.name, v
+                        )])
+                    })?)
+                }
+            }
+        };
+        match s.as_str() {
+            "serial" => Ok(Strategy::Serial),
+            "parallel" => Ok(Strategy::Parallel {
+                max_concurrency: limit.unwrap_or(usize::MAX),
+            }),
+            other => Err(Error::Params(vec![format!(
+                "phase {}: strategy {other:?} is neither serial nor parallel",
+                self.name
+            )])),
+        }
+    }
+
+    pub fn strategy_template(&self) -> (&str, Option<&str>) {
+        (&self.strategy, self.max_concurrency.as_deref())
+    }
+}
+
+/// Templates that say where and what a run reads or writes.
+#[derive(Debug, Clone)]
+pub struct TargetTemplate {
+    pub store: String,
+    pub snapshot: String,
+    pub keyspaces: String,
+    pub store_options: std::collections::BTreeMap<String, String>,
+}
+
+/// A validated plan: the only form the engine accepts.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub description: String,
+    pub params: Vec<ParamSpec>,
+    pub target: TargetTemplate,
+    pub phases: Vec<Phase>,
+    pub on_failure: Vec<StepSpec>,
+    /// The file text, kept so a resumed run uses the plan it started with.
+    pub source: String,
+}
+
+/// Plans compiled into the binary, so `cairn` works from any directory.
+pub const SHIPPED: &[(&str, &str)] = &[
+    (
+        "backup-local",
+        include_str!("../../plans/backup-local.toml"),
+    ),
+    (
+        "restore-local",
+        include_str!("../../plans/restore-local.toml"),
+    ),
+];
+
+impl Plan {
+    /// Parse and validate plan text; `file` names it in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Plan> {
+        let raw: raw::RawPlan = toml::from_str(text).map_err(|e| Error::Plan {
+            file: file.to_string(),
+            message: e.to_string(),
+        })?;
+        Self::from_raw(file, raw, text)
+    }
+
+    pub fn load(path: &Path) -> Result<Plan> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read plan", path, e))?;
+        Self::parse(&path.display().to_string(), &text)
+    }
+
+    /// Find a plan by name: `dir/<name>.toml` when a plans dir is given and holds it,
+    /// else the shipped plan of that name.
+    pub fn find(name: &str, dir: Option<&Path>) -> Result<Plan> {
+        if let Some(dir) = dir {
+            let path = dir.join(format!("{name}.toml"));
+            if path.exists() {
+                return Self::load(&path);
+            }
+        }
+        match SHIPPED.iter().find(|(n, _)| *n == name) {
+            Some((n, text)) => Self::parse(&format!("plans/{n}.toml"), text),
+            None => Err(Error::Usage(format!(
+                "no plan named {name:?}; `cairn plan list` shows the plans"
+            ))),
+        }
+    }
+
+    /// All plans: the shipped ones, overridden or extended by a plans dir.
+    pub fn list(dir: Option<&Path>) -> Result<Vec<Plan>> {
+        let mut plans: std::collections::BTreeMap<String, Plan> = Default::default();
+        for (n, text) in SHIPPED {
+            let p = Self::parse(&format!("plans/{n}.toml"), text)?;
+            plans.insert(p.name.clone(), p);
+        }
+        if let Some(dir) = dir {
+            let entries =
+                std::fs::read_dir(dir).map_err(|e| Error::io("read plans dir", dir, e))?;
+            for entry in entries {
+                let entry = entry.map_err(|e| Error::io("read plans dir", dir, e))?;
+                let path = entry.path();
+                if path.extension().is_some_and(|x| x == "toml") {
+                    let p = Self::load(&path)?;
+                    plans.insert(p.name.clone(), p);
+                }
+            }
+        }
+        Ok(plans.into_values().collect())
+    }
+
+    fn from_raw(file: &str, raw: raw::RawPlan, source: &str) -> Result<Plan> {
+        let mut problems = Vec::new();
+        let name_re = Regex::new("^[a-z0-9][a-z0-9-]*$").map_err(|e| Error::Plan {
+            file: file.into(),
+            message: e.to_string(),
+        })?;
+        if !name_re.is_match(&raw.name) {
+            problems.push(format!(
+                "name {:?} must be lower-case letters, digits and -",
+                raw.name
+            ));
+        }
+        let param_re = Regex::new("^[A-Z][A-Z0-9_]*$").map_err(|e| Error::Plan {
+            file: file.into(),
+            message: e.to_string(),
+        })?;
+        let mut params = Vec::new();
+        for (name, p) in raw.parameters {
+            if !param_re.is_match(&name) {
+                problems.push(format!("parameter {name:?} must be UPPER_SNAKE_CASE"));
+            }
+            if p.required && p.default.is_some() {
+                problems.push(format!(
+                    "parameter {name}: required and default are exclusive"
+                ));
+            }
+            let pattern = match p.pattern.as_deref().map(Regex::new) {
+                None => None,
+                Some(Ok(re)) => Some(re),
+                Some(Err(e)) => {
+                    problems.push(format!("parameter {name}: bad pattern: {e}"));
+                    None
+                }
+            };
+            if let (Some(re), Some(d)) = (&pattern, &p.default)
+                && !d.is_empty()
+                && !re.is_match(d)
+            {
+                problems.push(format!(
+                    "parameter {name}: default {d:?} does not match its pattern"
+                ));
+            }
+            params.push(ParamSpec {
+                name,
+                description: p.description,
+                required: p.required,
+                default: p.default,
+                pattern,
+                secret: p.secret,
+            });
+        }
+        let declared = |t: &str, what: &str, problems: &mut Vec<String>| {
+            for r in params::references(t) {
+                if !params.iter().any(|p| p.name == r) {
+                    problems.push(format!("{what} refers to undeclared parameter ${{{r}}}"));
+                }
+            }
+        };
+        declared(&raw.target.store, "target.store", &mut problems);
+        declared(&raw.target.snapshot, "target.snapshot", &mut problems);
+        declared(&raw.target.keyspaces, "target.keyspaces", &mut problems);
+        for (k, v) in &raw.target.store_options {
+            declared(v, &format!("target.store_options.{k}"), &mut problems);
+        }
+        let parse_steps = |steps: Vec<raw::RawStep>, ctx: &str, problems: &mut Vec<String>| {
+            let mut out = Vec::new();
+            for s in steps {
+                let Some(action) = Action::ALL.iter().copied().find(|a| a.name() == s.action)
+                else {
+                    let names: Vec<&str> = Action::ALL.iter().map(|a| a.name()).collect();
+                    problems.push(format!(
+                        "{ctx}: unknown action {:?} (known: {})",
+                        s.action,
+                        names.join(", ")
+                    ));
+                    continue;
+                };
+                let on = match s.on.as_str() {
+                    "once" => On::Once,
+                    "each-node" => On::EachNode,
+                    other => {
+                        problems.push(format!("{ctx}: unknown target {other:?} (once, each-node)"));
+                        continue;
+                    }
+                };
+                if on != action.allowed_on() {
+                    problems.push(format!(
+                        "{ctx}: action {} runs on {:?}, not {:?}",
+                        action.name(),
+                        action.allowed_on(),
+                        on
+                    ));
+                }
+                out.push(StepSpec { action, on });
+            }
+            out
+        };
+        let mut phases = Vec::new();
+        if raw.phases.is_empty() {
+            problems.push("a plan needs at least one phase".to_string());
+        }
+        for ph in raw.phases {
+            declared(
+                &ph.strategy,
+                &format!("phase {}: strategy", ph.name),
+                &mut problems,
+            );
+            if params::references(&ph.strategy).is_empty()
+                && !matches!(ph.strategy.as_str(), "serial" | "parallel")
+            {
+                problems.push(format!(
+                    "phase {}: strategy {:?} is neither serial nor parallel",
+                    ph.name, ph.strategy
+                ));
+            }
+            if let Some(m) = &ph.max_concurrency {
+                declared(
+                    m,
+                    &format!("phase {}: max_concurrency", ph.name),
+                    &mut problems,
+                );
+            }
+            if phases.iter().any(|p: &Phase| p.name == ph.name) {
+                problems.push(format!("phase {} is declared twice", ph.name));
+            }
+            let steps = parse_steps(ph.steps, &format!("phase {}", ph.name), &mut problems);
+            phases.push(Phase {
+                name: ph.name,
+                strategy: ph.strategy,
+                max_concurrency: ph.max_concurrency,
+                steps,
+            });
+        }
+        let on_failure = parse_steps(raw.on_failure, "on_failure", &mut problems);
+        if !problems.is_empty() {
+            return Err(Error::Plan {
+                file: file.into(),
+                message: problems.join("; "),
+            });
+        }
+        Ok(Plan {
+            name: raw.name,
+            description: raw.description,
+            params,
+            target: TargetTemplate {
+                store: raw.target.store,
+                snapshot: raw.target.snapshot,
+                keyspaces: raw.target.keyspaces,
+                store_options: raw.target.store_options,
+            },
+            phases,
+            on_failure,
+            source: source.to_string(),
+        })
+    }
+
+    /// Whether this plan writes a snapshot (true) or restores one (false).
+    pub fn is_backup(&self) -> bool {
+        self.phases
+            .iter()
+            .flat_map(|p| &p.steps)
+            .any(|s| s.action == Action::BackupNode)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unknown_field_is_refused_with_line() {
+        let text = "name = \"x\"\nbogus = 1\n[target]\nstore = \"file:///t\"\nsnapshot = \"s\"\n[[phases]]\nname = \"a\"\nsteps = []\n";
+        let err = Plan::parse("x.toml", text).expect_err("refuse");
+        let msg = err.to_string();
+        assert!(msg.contains("x.toml"), "{msg}");
+        assert!(msg.contains("bogus"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+    }
+
+    #[test]
+    fn undeclared_reference_and_bad_action_are_refused() {
+        let text = "name = \"x\"\n[target]\nstore = \"file://${NOPE}\"\nsnapshot = \"s\"\n[[phases]]\nname = \"a\"\nsteps = [{ action = \"frobnicate\" }]\n";
+        let msg = Plan::parse("x.toml", text).expect_err("refuse").to_string();
+        assert!(msg.contains("${NOPE}"), "{msg}");
+        assert!(msg.contains("frobnicate"), "{msg}");
+    }
+}

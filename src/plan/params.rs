@@ -1,0 +1,346 @@
+//! Parameters: declarations, resolution from `-p`, files and the environment,
+//! validation, `${NAME}` templates and redaction.
+
+use crate::redact;
+use crate::{Error, Result};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+/// One declared parameter.
+#[derive(Debug, Clone)]
+pub struct ParamSpec {
+    pub name: String,
+    pub description: String,
+    pub required: bool,
+    pub default: Option<String>,
+    pub pattern: Option<Regex>,
+    pub secret: bool,
+}
+
+/// A value given on the command line: `-p KEY=VALUE` or `-p KEY=@FILE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CliParam {
+    pub key: String,
+    pub value: String,
+}
+
+impl std::str::FromStr for CliParam {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok(CliParam {
+                key: k.to_string(),
+                value: v.to_string(),
+            }),
+            _ => Err("expected KEY=VALUE or KEY=@FILE".to_string()),
+        }
+    }
+}
+
+/// Resolved parameter values of one run. Holds secret values in memory only;
+/// [`Params::redacted`] is the form that may be printed or persisted.
+#[derive(Debug, Clone, Default)]
+pub struct Params {
+    values: BTreeMap<String, String>,
+    secret: BTreeSet<String>,
+}
+
+/// Where an unset parameter may come from besides `-p`.
+pub trait Env {
+    fn var(&self, key: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct ProcessEnv;
+impl Env for ProcessEnv {
+    fn var(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn var(&self, key: &str) -> Option<String> {
+        self.get(key).cloned()
+    }
+}
+
+fn read_value(key: &str, raw: &str) -> Result<String, String> {
+    if let Some(path) = raw.strip_prefix('@') {
+        let text = std::fs::read_to_string(Path::new(path))
+            .map_err(|e| format!("{key}: cannot read value from file {path}: {e}"))?;
+        // One trailing newline is an artefact of `echo > file`, not part of the value.
+        let text = text
+            .strip_suffix('\n')
+            .map(|t| t.strip_suffix('\r').unwrap_or(t))
+            .unwrap_or(&text);
+        Ok(text.to_string())
+    } else {
+        Ok(raw.to_string())
+    }
+}
+
+impl Params {
+    /// Resolve `cli` values against the declarations. Order of precedence: `-p`, then
+    /// the environment variable of the same name, then the declared default.
+    /// Unknown and missing names, and values that fail their pattern, are all reported
+    /// in one error. Secret values are registered with [`redact`].
+    pub fn resolve(specs: &[ParamSpec], cli: &[CliParam], env: &dyn Env) -> Result<Params> {
+        let mut problems = Vec::new();
+        let by_name: BTreeMap<&str, &ParamSpec> =
+            specs.iter().map(|s| (s.name.as_str(), s)).collect();
+        let mut given: BTreeMap<String, String> = BTreeMap::new();
+        let mut unknown = Vec::new();
+        for p in cli {
+            if !by_name.contains_key(p.key.as_str()) {
+                unknown.push(p.key.clone());
+                continue;
+            }
+            if given.contains_key(&p.key) {
+                problems.push(format!("{} given more than once", p.key));
+                continue;
+            }
+            match read_value(&p.key, &p.value) {
+                Ok(v) => {
+                    given.insert(p.key.clone(), v);
+                }
+                Err(e) => problems.push(e),
+            }
+        }
+        if !unknown.is_empty() {
+            let known: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+            problems.push(format!(
+                "unknown parameter(s): {} (this plan accepts: {})",
+                unknown.join(", "),
+                known.join(", ")
+            ));
+        }
+        let mut values = BTreeMap::new();
+        let mut secret = BTreeSet::new();
+        let mut missing = Vec::new();
+        for spec in specs {
+            let value = given
+                .remove(&spec.name)
+                .or_else(|| env.var(&spec.name).filter(|v| !v.is_empty()))
+                .or_else(|| spec.default.clone());
+            let Some(value) = value else {
+                if spec.required {
+                    missing.push(spec.name.clone());
+                } else {
+                    values.insert(spec.name.clone(), String::new());
+                }
+                continue;
+            };
+            if spec.secret {
+                redact::register(&value);
+                secret.insert(spec.name.clone());
+            }
+            if spec.required && value.is_empty() {
+                missing.push(spec.name.clone());
+                continue;
+            }
+            if let Some(re) = &spec.pattern
+                && !value.is_empty()
+                && !re.is_match(&value)
+            {
+                if spec.secret {
+                    problems.push(format!(
+                        "{}: value does not match the pattern {}",
+                        spec.name,
+                        re.as_str()
+                    ));
+                } else {
+                    problems.push(format!(
+                        "{}: value {:?} does not match the pattern {}",
+                        spec.name,
+                        value,
+                        re.as_str()
+                    ));
+                }
+                continue;
+            }
+            values.insert(spec.name.clone(), value);
+        }
+        if !missing.is_empty() {
+            problems.push(format!(
+                "missing required parameter(s): {}",
+                missing.join(", ")
+            ));
+        }
+        if problems.is_empty() {
+            Ok(Params { values, secret })
+        } else {
+            Err(Error::Params(problems))
+        }
+    }
+
+    pub fn get(&self, key: &str) -> &str {
+        self.values.get(key).map(String::as_str).unwrap_or("")
+    }
+
+    pub fn is_secret(&self, key: &str) -> bool {
+        self.secret.contains(key)
+    }
+
+    /// All values, secrets included: only for hook environments and store options.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &String)> {
+        self.values.iter()
+    }
+
+    /// The printable, persistable form: secret values replaced by the mask.
+    pub fn redacted(&self) -> RedactedParams {
+        RedactedParams(
+            self.values
+                .iter()
+                .map(|(k, v)| {
+                    let shown = if self.secret.contains(k) && !v.is_empty() {
+                        redact::MASK.to_string()
+                    } else {
+                        v.clone()
+                    };
+                    (k.clone(), shown)
+                })
+                .collect(),
+        )
+    }
+
+    /// Expand `${NAME}` references in `template`.
+    pub fn expand(&self, template: &str) -> String {
+        expand(template, |name| self.get(name).to_string())
+    }
+}
+
+/// Parameters as they may be shown or stored.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedactedParams(pub BTreeMap<String, String>);
+
+impl RedactedParams {
+    /// The values that were not secret, as `-p` values for a resume.
+    pub fn non_secret(&self) -> Vec<CliParam> {
+        self.0
+            .iter()
+            .filter(|(_, v)| v.as_str() != redact::MASK)
+            .map(|(k, v)| CliParam {
+                key: k.clone(),
+                value: v.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Names referenced as `${NAME}` in a template.
+pub fn references(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                out.push(after[..end].to_string());
+                rest = &after[end + 1..];
+            }
+            None => break,
+        }
+    }
+    out
+}
+
+fn expand(template: &str, lookup: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        match after.find('}') {
+            Some(end) => {
+                out.push_str(&lookup(&after[..end]));
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push_str(&rest[start..]);
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, required: bool, default: Option<&str>, secret: bool) -> ParamSpec {
+        ParamSpec {
+            name: name.into(),
+            description: String::new(),
+            required,
+            default: default.map(Into::into),
+            pattern: None,
+            secret,
+        }
+    }
+
+    fn p(k: &str, v: &str) -> CliParam {
+        CliParam {
+            key: k.into(),
+            value: v.into(),
+        }
+    }
+
+    #[test]
+    fn unknown_and_missing_are_named_together() {
+        let specs = vec![spec("A", true, None, false), spec("B", true, None, false)];
+        let err = Params::resolve(&specs, &[p("A", "x"), p("ZZZ", "1")], &BTreeMap::new())
+            .expect_err("must refuse");
+        let text = err.to_string();
+        assert!(text.contains("ZZZ"), "{text}");
+        assert!(text.contains("missing required parameter(s): B"), "{text}");
+    }
+
+    #[test]
+    fn precedence_cli_env_default_and_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("v");
+        std::fs::write(&f, "from-file\n").expect("write");
+        let specs = vec![
+            spec("A", true, None, false),
+            spec("B", false, Some("dflt"), false),
+            spec("C", false, Some("dflt"), false),
+            spec("D", true, None, true),
+        ];
+        let env: BTreeMap<String, String> = [("B".to_string(), "from-env".to_string())]
+            .into_iter()
+            .collect();
+        let params = Params::resolve(
+            &specs,
+            &[p("A", "cli"), p("D", &format!("@{}", f.display()))],
+            &env,
+        )
+        .expect("resolve");
+        assert_eq!(params.get("A"), "cli");
+        assert_eq!(params.get("B"), "from-env");
+        assert_eq!(params.get("C"), "dflt");
+        assert_eq!(params.get("D"), "from-file");
+        assert_eq!(params.redacted().0["D"], redact::MASK);
+    }
+
+    #[test]
+    fn secret_pattern_failure_does_not_echo_value() {
+        let mut s = spec("KEY", true, None, true);
+        s.pattern = Some(Regex::new("^[a-z]+$").expect("re"));
+        let err = Params::resolve(&[s], &[p("KEY", "NOT-lower-9f8e7d")], &BTreeMap::new())
+            .expect_err("refuse");
+        assert!(!err.to_string().contains("NOT-lower-9f8e7d"));
+    }
+
+    #[test]
+    fn templates_expand_and_list_references() {
+        assert_eq!(references("file://${A}/x/${B}"), vec!["A", "B"]);
+        let specs = vec![spec("A", true, None, false), spec("B", true, None, false)];
+        let params =
+            Params::resolve(&specs, &[p("A", "1"), p("B", "2")], &BTreeMap::new()).expect("ok");
+        assert_eq!(params.expand("file://${A}/x/${B}"), "file://1/x/2");
+    }
+}

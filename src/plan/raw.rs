@@ -1,0 +1,73 @@
+//! The plan file as written: serde structs that mirror the TOML and refuse unknown
+//! fields. Nothing here is trusted; [`super::Plan::from_raw`] validates it.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPlan {
+    pub name: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, RawParam>,
+    pub target: RawTarget,
+    pub phases: Vec<RawPhase>,
+    #[serde(default)]
+    pub on_failure: Vec<RawStep>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawParam {
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub required: bool,
+    pub default: Option<String>,
+    pub pattern: Option<String>,
+    #[serde(default)]
+    pub secret: bool,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTarget {
+    /// Store URL template, e.g. `file://${BACKUP_DIR}`.
+    pub store: String,
+    /// Snapshot name template, e.g. `${SNAPSHOT_NAME}`.
+    pub snapshot: String,
+    /// Keyspace selection template (comma or space separated; empty = all).
+    #[serde(default)]
+    pub keyspaces: String,
+    /// Backend options (endpoint, credentials…), each a template.
+    #[serde(default)]
+    pub store_options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPhase {
+    pub name: String,
+    #[serde(default = "default_strategy")]
+    pub strategy: String,
+    pub max_concurrency: Option<String>,
+    pub steps: Vec<RawStep>,
+}
+
+fn default_strategy() -> String {
+    "serial".to_string()
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStep {
+    pub action: String,
+    #[serde(default = "default_on")]
+    pub on: String,
+}
+
+fn default_on() -> String {
+    "once".to_string()
+}

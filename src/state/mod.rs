@@ -1,0 +1,396 @@
+//! The embedded run-state store: SQLite in WAL mode under `$CAIRN_HOME` (default
+//! `./.cairn/`), so `plan status` in one terminal reads what a run in another writes,
+//! and every transition is durable (synchronous=FULL) before the engine moves on.
+//!
+//! Nothing secret is stored: parameters are kept redacted, errors pass the redaction
+//! filter before they are written.
+
+use crate::plan::params::RedactedParams;
+use crate::redact::redact;
+use crate::{Error, Result};
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    Pending,
+    Running,
+    Complete,
+    Failed,
+    Skipped,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::Running => "RUNNING",
+            Status::Complete => "COMPLETE",
+            Status::Failed => "FAILED",
+            Status::Skipped => "SKIPPED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+    fn parse(s: &str) -> Result<Status> {
+        Ok(match s {
+            "PENDING" => Status::Pending,
+            "RUNNING" => Status::Running,
+            "COMPLETE" => Status::Complete,
+            "FAILED" => Status::Failed,
+            "SKIPPED" => Status::Skipped,
+            "CANCELLED" => Status::Cancelled,
+            other => return Err(Error::State(format!("unknown status {other:?}"))),
+        })
+    }
+    pub fn is_done(self) -> bool {
+        matches!(self, Status::Complete | Status::Skipped)
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One run as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunRecord {
+    pub id: i64,
+    pub plan: String,
+    pub status: Status,
+    pub params: RedactedParams,
+    pub store: String,
+    pub snapshot: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub finished_at: Option<String>,
+    pub error: Option<String>,
+    pub pid: Option<i64>,
+    pub stop_requested: bool,
+    #[serde(skip)]
+    pub plan_source: String,
+    #[serde(skip)]
+    pub cluster_json: String,
+}
+
+/// One step as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    pub seq: i64,
+    pub id: String,
+    pub phase: String,
+    pub action: String,
+    /// `node-<i>` or `once`.
+    pub target: String,
+    pub status: Status,
+    pub attempts: i64,
+    pub error: Option<String>,
+    pub started_at: Option<String>,
+    pub finished_at: Option<String>,
+    #[serde(skip)]
+    pub output: Option<String>,
+}
+
+/// What a new run is created with.
+pub struct NewRun<'a> {
+    pub plan: &'a str,
+    pub plan_source: &'a str,
+    pub params: &'a RedactedParams,
+    pub cluster_json: &'a str,
+    pub store: &'a str,
+    pub snapshot: &'a str,
+    /// (id, phase, action, target) in execution order.
+    pub steps: Vec<(String, String, String, String)>,
+}
+
+#[derive(Clone)]
+pub struct StateStore {
+    conn: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::State(e.to_string())
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    plan TEXT NOT NULL,
+    plan_source TEXT NOT NULL,
+    params TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    store TEXT NOT NULL,
+    snapshot TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL,
+    finished_at TEXT,
+    error TEXT,
+    pid INTEGER,
+    stop_requested INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS steps (
+    run_id INTEGER NOT NULL REFERENCES runs(id),
+    seq INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    action TEXT NOT NULL,
+    target TEXT NOT NULL,
+    status TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    started_at TEXT,
+    finished_at TEXT,
+    output TEXT,
+    PRIMARY KEY (run_id, id)
+);
+";
+
+impl StateStore {
+    /// Open (creating) the store in `home`.
+    pub fn open(home: &Path) -> Result<StateStore> {
+        std::fs::create_dir_all(home).map_err(|e| Error::io("create state dir", home, e))?;
+        let path = home.join("state.db");
+        let conn = Connection::open(&path).map_err(db_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        Ok(StateStore {
+            conn: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The default home: `$CAIRN_HOME`, else `./.cairn`.
+    pub fn default_home() -> PathBuf {
+        std::env::var_os("CAIRN_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(".cairn"))
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {
+        let mut guard = match self.conn.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        f(&mut guard).map_err(db_err)
+    }
+
+    /// Run a blocking state operation off the async threads.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&StateStore) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || f(&this))
+            .await
+            .map_err(|e| Error::State(format!("worker thread failed: {e}")))?
+    }
+
+    pub fn create_run(&self, new: &NewRun<'_>) -> Result<i64> {
+        let params_json =
+            serde_json::to_string(new.params).map_err(|e| Error::State(e.to_string()))?;
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let t = now();
+            tx.execute(
+                "INSERT INTO runs (plan, plan_source, params, cluster, store, snapshot, status, created_at, updated_at, pid)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', ?7, ?7, ?8)",
+                params![new.plan, new.plan_source, params_json, new.cluster_json, new.store, new.snapshot, t, std::process::id()],
+            )?;
+            let id = tx.last_insert_rowid();
+            for (seq, (sid, phase, action, target)) in new.steps.iter().enumerate() {
+                tx.execute(
+                    "INSERT INTO steps (run_id, seq, id, phase, action, target, status) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING')",
+                    params![id, seq as i64, sid, phase, action, target],
+                )?;
+            }
+            tx.commit()?;
+            Ok(id)
+        })
+    }
+
+    pub fn set_run_status(&self, id: i64, status: Status, error: Option<&str>) -> Result<()> {
+        let error = error.map(redact);
+        let finished = matches!(
+            status,
+            Status::Complete | Status::Failed | Status::Cancelled
+        );
+        self.with(|c| {
+            let t = now();
+            c.execute(
+                "UPDATE runs SET status = ?2, error = ?3, updated_at = ?4,
+                 finished_at = CASE WHEN ?5 THEN ?4 ELSE NULL END,
+                 stop_requested = CASE WHEN ?2 = 'RUNNING' THEN 0 ELSE stop_requested END,
+                 pid = CASE WHEN ?2 = 'RUNNING' THEN ?6 ELSE pid END
+                 WHERE id = ?1",
+                params![id, status.as_str(), error, t, finished, std::process::id()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn request_stop(&self, id: i64) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET stop_requested = 1, updated_at = ?2 WHERE id = ?1",
+                params![id, now()],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn stop_requested(&self, id: i64) -> Result<bool> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT stop_requested FROM runs WHERE id = ?1",
+                params![id],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|v| v != 0)
+        })
+    }
+
+    /// Record a step transition. `attempt` increments the attempt counter.
+    pub fn set_step(
+        &self,
+        run: i64,
+        step: &str,
+        status: Status,
+        error: Option<&str>,
+        output: Option<&str>,
+    ) -> Result<()> {
+        let error = error.map(redact);
+        self.with(|c| {
+            let t = now();
+            match status {
+                Status::Running => c.execute(
+                    "UPDATE steps SET status = 'RUNNING', attempts = attempts + 1, error = NULL, started_at = ?3, finished_at = NULL
+                     WHERE run_id = ?1 AND id = ?2",
+                    params![run, step, t],
+                )?,
+                Status::Pending => c.execute(
+                    "UPDATE steps SET status = 'PENDING' WHERE run_id = ?1 AND id = ?2",
+                    params![run, step],
+                )?,
+                _ => c.execute(
+                    "UPDATE steps SET status = ?3, error = ?4, output = COALESCE(?5, output), finished_at = ?6
+                     WHERE run_id = ?1 AND id = ?2",
+                    params![run, step, status.as_str(), error, output, t],
+                )?,
+            };
+            c.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run, t])?;
+            Ok(())
+        })
+    }
+
+    pub fn run(&self, id: i64) -> Result<RunRecord> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster FROM runs WHERE id = ?1",
+                params![id],
+                row_to_run,
+            )
+            .optional()
+        })?
+        .ok_or_else(|| Error::NotFound(format!("run {id}")))?
+    }
+
+    pub fn latest_run(&self) -> Result<Option<RunRecord>> {
+        let id: Option<i64> =
+            self.with(|c| c.query_row("SELECT MAX(id) FROM runs", [], |r| r.get(0)))?;
+        id.map(|id| self.run(id)).transpose()
+    }
+
+    pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
+        let rows = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster FROM runs ORDER BY id DESC LIMIT ?1",
+            )?;
+            let rows = st
+                .query_map(params![limit as i64], row_to_run)?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter().collect()
+    }
+
+    pub fn steps(&self, run: i64) -> Result<Vec<StepRecord>> {
+        let rows = self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT seq, id, phase, action, target, status, attempts, error, started_at, finished_at, output FROM steps WHERE run_id = ?1 ORDER BY seq",
+            )?;
+            let rows = st
+                .query_map(params![run], |r| {
+                    Ok((
+                        StepRecord {
+                            seq: r.get(0)?,
+                            id: r.get(1)?,
+                            phase: r.get(2)?,
+                            action: r.get(3)?,
+                            target: r.get(4)?,
+                            status: Status::Pending,
+                            attempts: r.get(6)?,
+                            error: r.get(7)?,
+                            started_at: r.get(8)?,
+                            finished_at: r.get(9)?,
+                            output: r.get(10)?,
+                        },
+                        r.get::<_, String>(5)?,
+                    ))
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
+        })?;
+        rows.into_iter()
+            .map(|(mut s, st)| {
+                s.status = Status::parse(&st)?;
+                Ok(s)
+            })
+            .collect()
+    }
+}
+
+type RunRow = Result<RunRecord>;
+
+fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
+    let status: String = r.get(2)?;
+    let params: String = r.get(3)?;
+    let rec = (|| -> Result<RunRecord> {
+        Ok(RunRecord {
+            id: r.get(0).map_err(db_err)?,
+            plan: r.get(1).map_err(db_err)?,
+            status: Status::parse(&status)?,
+            params: serde_json::from_str(&params).map_err(|e| Error::State(e.to_string()))?,
+            store: r.get(4).map_err(db_err)?,
+            snapshot: r.get(5).map_err(db_err)?,
+            created_at: r.get(6).map_err(db_err)?,
+            updated_at: r.get(7).map_err(db_err)?,
+            finished_at: r.get(8).map_err(db_err)?,
+            error: r.get(9).map_err(db_err)?,
+            pid: r.get(10).map_err(db_err)?,
+            stop_requested: r.get::<_, i64>(11).map_err(db_err)? != 0,
+            plan_source: r.get(12).map_err(db_err)?,
+            cluster_json: r.get(13).map_err(db_err)?,
+        })
+    })();
+    Ok(rec)
+}

@@ -1,0 +1,245 @@
+//! Object stores.
+//!
+//! One small async trait, [`Store`], with a multipart writer ([`MultipartUpload`]) so
+//! S3 parts and Azure blocks fit the same seam. A URL picks the backend
+//! ([`open`]); [`upload_parts`] is the one shared writer that takes a stream of parts
+//! from a producer, uploads a bounded number concurrently and aborts on failure.
+//! Keys are `/`-separated and relative to the store's root or prefix.
+
+pub mod local;
+pub mod memory;
+
+use crate::{Error, Result};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::{BoxStream, FuturesUnordered, StreamExt};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// A stored object as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+/// A byte stream read from a store.
+pub type ByteStream = BoxStream<'static, Result<Bytes>>;
+
+/// Limits a backend imposes on multipart uploads.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Smallest part size (except the last part).
+    pub min_part_size: usize,
+    /// Largest number of parts of one object.
+    pub max_parts: usize,
+    /// Parts uploaded concurrently per object.
+    pub concurrency: usize,
+}
+
+/// Where a part goes in the object.
+#[derive(Debug, Clone, Copy)]
+pub struct PartInfo {
+    /// 0-based part number.
+    pub index: usize,
+    /// Byte offset of the part in the object.
+    pub offset: u64,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// A printable description (URL without secrets).
+    fn describe(&self) -> String;
+    fn limits(&self) -> Limits;
+    /// Write a small object whole; visible only when complete.
+    async fn put(&self, key: &str, data: Bytes) -> Result<()>;
+    /// Start a multipart upload; the object is visible only after `complete`.
+    async fn start_multipart(&self, key: &str) -> Result<Box<dyn MultipartUpload>>;
+    /// Read an object as a stream. [`Error::NotFound`] when absent.
+    async fn get(&self, key: &str) -> Result<ByteStream>;
+    /// Size of an object, or `None` when absent.
+    async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+    /// All objects whose key starts with `prefix`, sorted by key.
+    async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// Delete an object; deleting an absent object is not an error.
+    async fn delete(&self, key: &str) -> Result<()>;
+}
+
+#[async_trait]
+pub trait MultipartUpload: Send + Sync {
+    /// Upload one part; several may be in flight at once.
+    async fn put_part(&self, part: PartInfo, data: Bytes) -> Result<()>;
+    /// Make the object visible from `parts` parts totalling `size` bytes.
+    async fn complete(self: Box<Self>, parts: usize, size: u64) -> Result<()>;
+    /// Drop everything uploaded so far.
+    async fn abort(self: Box<Self>) -> Result<()>;
+}
+
+/// Parse a store URL: `file:///abs/dir`, `file://relative/dir`, a plain path, or
+/// `memory://name`. `options` carries backend settings (endpoints, credentials).
+pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Store>> {
+    let _ = options;
+    if let Some(rest) = url.strip_prefix("file://") {
+        if rest.is_empty() {
+            return Err(Error::Usage("store URL file:// needs a directory".into()));
+        }
+        return Ok(Arc::new(local::LocalStore::new(rest)?));
+    }
+    if let Some(name) = url.strip_prefix("memory://") {
+        return Ok(memory::MemoryStore::named(name));
+    }
+    if let Some((scheme, _)) = url.split_once("://") {
+        return Err(Error::Usage(format!(
+            "store scheme {scheme}:// is not supported by this build (supported: file://, memory://)"
+        )));
+    }
+    if url.is_empty() {
+        return Err(Error::Usage("empty store URL".into()));
+    }
+    Ok(Arc::new(local::LocalStore::new(url)?))
+}
+
+/// Validate a key: relative, `/`-separated, no empty, `.` or `..` segments.
+pub fn check_key(key: &str) -> Result<()> {
+    if key.is_empty()
+        || key.starts_with('/')
+        || key.contains('\\')
+        || key.contains('\0')
+        || key
+            .split('/')
+            .any(|s| s.is_empty() || s == "." || s == "..")
+    {
+        return Err(Error::store("use key", key, "invalid object key"));
+    }
+    Ok(())
+}
+
+/// Choose a part size for an object expected to be about `expected` bytes so that it
+/// never needs more than the backend's part limit (with headroom for growth and
+/// for incompressible data, which a compressed stream can slightly exceed).
+pub fn part_size_for(limits: Limits, expected: u64) -> usize {
+    let budget = (limits.max_parts as u64 / 10).saturating_mul(9).max(1);
+    let needed = expected.saturating_add(expected / 8).div_ceil(budget);
+    let needed = usize::try_from(needed).unwrap_or(usize::MAX);
+    // Round up to a whole MiB.
+    let mib = 1 << 20;
+    needed.max(limits.min_part_size).div_ceil(mib) * mib
+}
+
+/// Upload the parts received on `parts` as one object at `key`: at most
+/// `limits.concurrency` parts in flight, the channel bound giving backpressure to the
+/// producer. `producer` is the (already running) task that sends the parts; the
+/// object is completed only when the input ended *and* the producer succeeded, so a
+/// producer that fails midway never leaves a truncated object. On any error or
+/// cancellation the upload is aborted and nothing becomes visible.
+/// Returns the object size and the producer's result.
+pub async fn upload_parts<P>(
+    store: &dyn Store,
+    key: &str,
+    mut parts: mpsc::Receiver<Bytes>,
+    producer: impl std::future::Future<Output = Result<P>>,
+    cancel: &CancellationToken,
+) -> Result<(u64, P)> {
+    let upload = store.start_multipart(key).await?;
+    let concurrency = store.limits().concurrency.max(1);
+    let sent = async {
+        let mut in_flight = FuturesUnordered::new();
+        let mut index = 0usize;
+        let mut offset = 0u64;
+        let mut input_done = false;
+        loop {
+            while !input_done && in_flight.len() < concurrency {
+                let next = tokio::select! {
+                    p = parts.recv() => p,
+                    _ = cancel.cancelled() => return Err(Error::Cancelled),
+                };
+                match next {
+                    Some(data) => {
+                        let info = PartInfo { index, offset };
+                        index += 1;
+                        offset += data.len() as u64;
+                        in_flight.push(upload.put_part(info, data));
+                    }
+                    None => input_done = true,
+                }
+            }
+            if in_flight.is_empty() {
+                break;
+            }
+            tokio::select! {
+                r = in_flight.next() => { if let Some(r) = r { r? } }
+                _ = cancel.cancelled() => return Err(Error::Cancelled),
+            }
+        }
+        Ok((index, offset))
+    }
+    .await;
+    // Stop the producer if it is still sending (it sees a closed channel).
+    drop(parts);
+    let produced = producer.await;
+    match (sent, produced) {
+        (Ok((count, size)), Ok(p)) => {
+            upload.complete(count, size).await?;
+            Ok((size, p))
+        }
+        (sent, produced) => {
+            if let Err(abort_err) = upload.abort().await {
+                tracing::warn!(key, "aborting the upload failed too: {abort_err}");
+            }
+            // The upload's own error explains a producer's broken pipe, not the reverse.
+            match (sent, produced) {
+                (Err(e), _) | (Ok(_), Err(e)) => Err(e),
+                (Ok(_), Ok(_)) => Err(Error::store("upload", key, "unreachable")),
+            }
+        }
+    }
+}
+
+/// Read a whole (small) object into memory, refusing more than `max` bytes.
+pub async fn get_bytes(store: &dyn Store, key: &str, max: u64) -> Result<Bytes> {
+    let mut stream = store.get(key).await?;
+    let mut buf = bytes::BytesMut::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        if (buf.len() + chunk.len()) as u64 > max {
+            return Err(Error::store(
+                "get",
+                key,
+                format!("object larger than {max} bytes"),
+            ));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf.freeze())
+}
+
+pub mod conformance;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_size_respects_part_limit() {
+        let limits = Limits {
+            min_part_size: 8 << 20,
+            max_parts: 10_000,
+            concurrency: 4,
+        };
+        assert_eq!(part_size_for(limits, 1 << 20), 8 << 20);
+        let five_tb: u64 = 5 << 40;
+        let ps = part_size_for(limits, five_tb) as u64;
+        assert!(five_tb.div_ceil(ps) <= 10_000, "part size {ps}");
+        assert_eq!(ps % (1 << 20), 0);
+    }
+
+    #[test]
+    fn keys_are_validated() {
+        for bad in ["", "/a", "a//b", "a/../b", "./a", "a\\b"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        check_key("snap/node-0.tar.gz").expect("valid");
+    }
+}
