@@ -1,0 +1,214 @@
+//! Command-line behaviour: parameters, secrets, plans, exit codes.
+
+use super::helpers::*;
+
+#[test]
+fn every_plan_file_parses_and_is_shipped() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plans");
+    let mut names = Vec::new();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let plan = cairn::plan::Plan::load(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        assert_eq!(p.file_stem().unwrap().to_str().unwrap(), plan.name);
+        names.push(plan.name);
+    }
+    names.sort();
+    let mut shipped: Vec<String> = cairn::plan::SHIPPED
+        .iter()
+        .map(|(n, _)| n.to_string())
+        .collect();
+    shipped.sort();
+    assert_eq!(names, shipped, "plans/ and the shipped list differ");
+}
+
+#[test]
+fn unknown_and_missing_parameters_are_refused_before_anything_runs() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10);
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        src.to_str().unwrap(),
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        "SNAPSHOTNAME=typo",
+        "-p",
+        "BOGUS=1",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("SNAPSHOTNAME") && err.contains("BOGUS"),
+        "{err}"
+    );
+    assert!(
+        err.contains("missing required parameter(s): SNAPSHOT_NAME"),
+        "{err}"
+    );
+    // No run was recorded, the store was not created.
+    let hist = sb.ok(&["plan", "history", "--json"]);
+    assert_eq!(text(&hist).0.trim(), "[]");
+    assert!(!sb.path("store").exists());
+    // A value that fails its pattern is named too.
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        src.to_str().unwrap(),
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        "SNAPSHOT_NAME=../escape",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out).1.contains("SNAPSHOT_NAME"));
+    assert!(!sb.path("store").exists());
+}
+
+const SECRET: &str = "tOpS3cr3t-Zq8Yw1";
+
+fn secret_plan(sb: &Sandbox) {
+    let base = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("plans/backup-local.toml"),
+    )
+    .unwrap();
+    let plan = base
+        .replace("name = \"backup-local\"", "name = \"backup-secret\"")
+        .replace(
+            "[parameters.BACKUP_DIR]",
+            "[parameters.API_TOKEN]\nrequired = true\nsecret = true\n\n[parameters.BACKUP_DIR]",
+        );
+    std::fs::create_dir_all(sb.path("plans")).unwrap();
+    std::fs::write(sb.path("plans/backup-secret.toml"), plan).unwrap();
+}
+
+#[test]
+fn a_secret_never_appears_in_output_state_or_json() {
+    let sb = Sandbox::new();
+    secret_plan(&sb);
+    for i in 0..2 {
+        fill_node(&sb.path(&format!("n{i}")), i, 10);
+    }
+    // Node 0's hook prints the secret; node 1's hook fails with it in its message.
+    let mut cluster = String::from("name = \"s\"\n");
+    cluster.push_str("[[nodes]]\nindex = 0\ndata_dir = \"n0\"\npre_hook = [\"sh\", \"-c\", \"echo token=$API_TOKEN; echo err-token=$API_TOKEN >&2\"]\n");
+    cluster.push_str("[[nodes]]\nindex = 1\ndata_dir = \"n1\"\npre_hook = [\"sh\", \"-c\", \"echo failing with $API_TOKEN >&2; exit 3\"]\n");
+    std::fs::write(sb.path("c.toml"), cluster).unwrap();
+    std::fs::write(sb.path("token"), format!("{SECRET}\n")).unwrap();
+
+    let mut outputs = Vec::new();
+    // Secret from a file, verbose logs, JSON summary.
+    let out = sb.run(&[
+        "--plans-dir",
+        "plans",
+        "-v",
+        "--json",
+        "plan",
+        "start",
+        "backup-secret",
+        "--cluster",
+        "c.toml",
+        "-p",
+        "SNAPSHOT_NAME=s1",
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        "API_TOKEN=@token",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let (stdout, stderr) = text(&out);
+    assert!(
+        stderr.contains("token=********"),
+        "the hook ran and its output was redacted: {stderr}"
+    );
+    assert!(stderr.contains("failing with ********"), "{stderr}");
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.trim().lines().last().unwrap()).unwrap();
+    assert_eq!(summary["status"], "FAILED");
+    outputs.push(stdout);
+    outputs.push(stderr);
+    // Secret from the command line and from the environment.
+    let out = sb.run(&[
+        "--plans-dir",
+        "plans",
+        "-v",
+        "plan",
+        "start",
+        "backup-secret",
+        "--cluster",
+        "c.toml",
+        "-p",
+        "SNAPSHOT_NAME=s2",
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        &format!("API_TOKEN={SECRET}"),
+    ]);
+    outputs.extend([text(&out).0, text(&out).1]);
+    let out = sb
+        .command(&[
+            "--plans-dir",
+            "plans",
+            "-v",
+            "plan",
+            "start",
+            "backup-secret",
+            "--cluster",
+            "c.toml",
+            "-p",
+            "SNAPSHOT_NAME=s3",
+            "-p",
+            "BACKUP_DIR=store",
+        ])
+        .env("API_TOKEN", SECRET)
+        .output()
+        .unwrap();
+    outputs.extend([text(&out).0, text(&out).1]);
+    // Every way of reading state back.
+    for args in [
+        vec!["plan", "status", "1"],
+        vec!["plan", "status", "--json", "2"],
+        vec!["plan", "history", "--json"],
+        vec!["plan", "history"],
+    ] {
+        let out = sb.ok(&args);
+        outputs.extend([text(&out).0, text(&out).1]);
+    }
+    let status = sb.ok(&["plan", "status", "--json", "3"]);
+    assert!(
+        text(&status).0.contains("\"API_TOKEN\":\"********\""),
+        "{}",
+        text(&status).0
+    );
+    for o in &outputs {
+        assert!(!o.contains(SECRET), "secret leaked in: {o}");
+    }
+    // The state store files, byte for byte (the WAL included).
+    let mut files = 0;
+    for e in std::fs::read_dir(sb.path("home")).unwrap() {
+        let bytes = std::fs::read(e.unwrap().path()).unwrap();
+        files += 1;
+        assert!(
+            !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+            "secret stored in the state store"
+        );
+    }
+    assert!(files >= 1);
+}
+
+#[test]
+fn plan_list_and_show() {
+    let sb = Sandbox::new();
+    let out = sb.ok(&["plan", "list"]);
+    let (stdout, _) = text(&out);
+    assert!(stdout.contains("backup-local") && stdout.contains("restore-local"));
+    let out = sb.ok(&["plan", "show", "restore-local", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["on_failure"][0]["action"], "discard-staging");
+    let out = sb.run(&["plan", "show", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,8 @@
+#![allow(clippy::unwrap_used)]
+
+pub mod helpers;
+
+mod archive;
+mod cli;
+mod resume;
+mod roundtrip;
