@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""End-to-end comparison, one run, same data: cairn backup-local / restore-local
+versus `tar czf` (and `tar xzf`) on a generated node.
+
+    python3 benches/compare.py [--mib 256] [--reps 3] [--out bench-out]
+
+Data: one node, half incompressible (random) and half text. Reports the median
+MiB/s (of the uncompressed data) of each tool, the ratio cairn/tar, the compressed
+sizes, and the peak RSS of each process tree's largest process."""
+import argparse, json, os, random, resource, shutil, statistics, subprocess, sys, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(cmd, **kw):
+    """Run a command in a fresh wrapper process so its peak RSS is its own."""
+    wrapper = (
+        "import resource,subprocess,sys,time,json;"
+        "t=time.perf_counter();r=subprocess.run(sys.argv[1:],stdout=subprocess.DEVNULL);"
+        "d=time.perf_counter()-t;"
+        "print(json.dumps({'rc':r.returncode,'secs':d,'rss_kib':resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))"
+    )
+    out = subprocess.run([sys.executable, "-c", wrapper] + cmd, capture_output=True, text=True, **kw)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        sys.exit(f"command failed: {cmd}\n{out.stderr}")
+    return res
+
+
+def generate(node, mib):
+    half = mib * (1 << 20) // 2
+    rnd = random.Random(42)
+    words = [w.encode() for w in "id name email city order amount sensor reading temperature status ok failed".split()]
+    os.makedirs(f"{node}/app/blobs", exist_ok=True)
+    os.makedirs(f"{node}/app/logs", exist_ok=True)
+    chunk = 16 << 20
+    for i in range(max(1, half // chunk)):
+        with open(f"{node}/app/blobs/nb-{i}-Data.db", "wb") as f:
+            f.write(os.urandom(chunk))
+    for i in range(max(1, half // chunk)):
+        with open(f"{node}/app/logs/nb-{i}-Data.db", "wb") as f:
+            lines = []
+            size = 0
+            while size < chunk:
+                line = b" ".join(rnd.choice(words) for _ in range(10)) + b" %d\n" % rnd.randrange(10**9)
+                lines.append(line)
+                size += len(line)
+            f.write(b"".join(lines)[:chunk])
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out"))
+    a = ap.parse_args()
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=ROOT, check=True)
+    cairn = os.path.join(ROOT, "target/release/cairn")
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.makedirs(a.out)
+    node = os.path.join(a.out, "src/node-0")
+    generate(node, a.mib)
+    data_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(node) for f in fs)
+    with open(os.path.join(a.out, "src.toml"), "w") as f:
+        f.write(f'name = "bench"\n[[nodes]]\nindex = 0\ndata_dir = "{node}"\n')
+    env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"))
+    mib = data_bytes / (1 << 20)
+    results = {}
+
+    def record(name, r):
+        results.setdefault(name, []).append(r)
+
+    for rep in range(a.reps):
+        store = os.path.join(a.out, "store")
+        r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
+                 "-p", f"SNAPSHOT_NAME=b{rep}", "-p", f"BACKUP_DIR={store}"], env=env)
+        r["size"] = os.path.getsize(f"{store}/b{rep}/node-0.tar.gz")
+        record("cairn backup", r)
+        tgt = os.path.join(a.out, f"tgt{rep}")
+        with open(os.path.join(a.out, f"tgt{rep}.toml"), "w") as f:
+            f.write(f'name = "t"\n[[nodes]]\nindex = 0\ndata_dir = "{tgt}/node-0"\n')
+        r = run([cairn, "-q", "plan", "start", "restore-local", "--cluster", os.path.join(a.out, f"tgt{rep}.toml"),
+                 "-p", f"SNAPSHOT_NAME=b{rep}", "-p", f"BACKUP_DIR={store}"], env=env)
+        record("cairn restore", r)
+        shutil.rmtree(tgt)
+        shutil.rmtree(f"{store}/b{rep}")
+        tgz = os.path.join(a.out, "tar.tgz")
+        r = run(["tar", "czf", tgz, "-C", node, "app"])
+        r["size"] = os.path.getsize(tgz)
+        record("tar czf", r)
+        x = os.path.join(a.out, "x")
+        os.makedirs(x)
+        r = run(["tar", "xzf", tgz, "-C", x])
+        record("tar xzf", r)
+        shutil.rmtree(x)
+        os.remove(tgz)
+
+    print(f"data: {mib:.0f} MiB in one node (half random, half text); {a.reps} runs each, medians\n")
+    print(f"{'tool':16} {'MiB/s':>8} {'peak RSS':>10} {'output':>12}")
+    summary = {}
+    for name, rs in results.items():
+        secs = statistics.median(r["secs"] for r in rs)
+        rss = max(r["rss_kib"] for r in rs) / 1024
+        size = rs[0].get("size")
+        summary[name] = {"mib_s": mib / secs, "peak_rss_mib": rss, "size": size}
+        sz = f"{size / (1 << 20):.1f} MiB" if size else "-"
+        print(f"{name:16} {mib / secs:8.1f} {rss:8.1f} MiB {sz:>12}")
+    b, t = summary["cairn backup"], summary["tar czf"]
+    r, x = summary["cairn restore"], summary["tar xzf"]
+    print(f"\nbackup  cairn/tar czf throughput ratio: {b['mib_s'] / t['mib_s']:.2f}")
+    print(f"restore cairn/tar xzf throughput ratio: {r['mib_s'] / x['mib_s']:.2f} (cairn also verifies every SHA-256 and stages)")
+    print(f"compressed size cairn/gzip -6: {b['size'] / t['size']:.3f}")
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
