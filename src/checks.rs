@@ -84,6 +84,10 @@ pub async fn backup(
             ));
         }
     }
+    if let Err(e) = store.check().await {
+        problems.push(e.to_string());
+        return done(problems);
+    }
     match store.head(&manifest::key(snapshot, MANIFEST)).await {
         Ok(Some(_)) => problems.push(format!(
             "snapshot {snapshot:?} already exists and is complete in {}; a complete snapshot is never overwritten: choose another SNAPSHOT_NAME or delete it first",
@@ -144,6 +148,10 @@ pub async fn restore(
     snapshot: &str,
     disk: &dyn Disk,
 ) -> Result<Manifest> {
+    store
+        .check()
+        .await
+        .map_err(|e| Error::Checks(vec![e.to_string()]))?;
     let m = match read_manifest(store, snapshot).await {
         Ok(m) => m,
         Err(e @ Error::NotFound(_)) => return Err(Error::Checks(vec![e.to_string()])),

@@ -136,6 +136,37 @@ fn header(e: &ScanEntry, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
+/// The compressor every node archive goes through. One gzip member at level
+/// [`super::GZIP_LEVEL`], without a timestamp so output is deterministic. This is the
+/// seam for a parallel compressor: independent deflate blocks concatenated are still
+/// one valid gzip stream, so a multi-threaded `Write` can replace this one.
+pub fn compressor<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
+    flate2::GzBuilder::new()
+        .mtime(0)
+        .write(out, flate2::Compression::new(super::GZIP_LEVEL))
+}
+
+/// Reports progress every few MiB while a (possibly huge) file is read.
+struct Progressing<'a, R> {
+    inner: R,
+    base: u64,
+    read: u64,
+    last: u64,
+    report: &'a mut dyn FnMut(u64),
+}
+
+impl<R: Read> Read for Progressing<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        self.read += n as u64;
+        if self.read - self.last >= 4 << 20 {
+            self.last = self.read;
+            (self.report)(self.base + self.read);
+        }
+        Ok(n)
+    }
+}
+
 /// Archive the scanned entries into `out` (tar inside gzip). `progress` is called
 /// with the number of file bytes read so far. Returns the per-file listing and
 /// `out`, flushed and finished.
@@ -144,11 +175,7 @@ pub fn pack<W: Write>(
     out: W,
     mut progress: impl FnMut(u64),
 ) -> Result<(Vec<FileInfo>, W)> {
-    let gz = flate2::GzBuilder::new()
-        .mtime(0)
-        .write(out, flate2::Compression::new(super::GZIP_LEVEL));
-    let mut tar = tar::Builder::new(gz);
-    tar.mode(tar::HeaderMode::Complete);
+    let mut tar = tar::Builder::new(compressor(out));
     let mut files = Vec::with_capacity(scan.file_count as usize);
     let mut done = 0u64;
     let wrap = |path: &Path, e: io::Error| Error::io("archive", path, e);
@@ -167,10 +194,16 @@ pub fn pack<W: Write>(
             Kind::File { size } => {
                 let file =
                     std::fs::File::open(&e.abs).map_err(|err| Error::io("open", &e.abs, err))?;
-                let mut reader = HashingReader::new(Exact {
-                    inner: io::BufReader::with_capacity(256 << 10, file),
-                    left: *size,
-                    path: e.abs.clone(),
+                let mut reader = HashingReader::new(Progressing {
+                    inner: Exact {
+                        inner: io::BufReader::with_capacity(256 << 10, file),
+                        left: *size,
+                        path: e.abs.clone(),
+                    },
+                    base: done,
+                    read: 0,
+                    last: 0,
+                    report: &mut progress,
                 });
                 let mut h = header(e, tar::EntryType::Regular, *size);
                 tar.append_data(&mut h, &e.rel, &mut reader)

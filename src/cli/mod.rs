@@ -152,6 +152,28 @@ pub fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
     });
 }
 
+/// Store options for commands that take a `--store URL` (no plan parameters): the
+/// region and endpoint from the environment; credentials come from each cloud's
+/// standard chain (for S3: AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, profile, role).
+pub fn store_options_from_env() -> std::collections::BTreeMap<String, String> {
+    let mut o = std::collections::BTreeMap::new();
+    for (opt, vars) in [
+        ("region", &["AWS_REGION", "AWS_DEFAULT_REGION"][..]),
+        (
+            "endpoint",
+            &["S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"][..],
+        ),
+    ] {
+        if let Some(v) = vars
+            .iter()
+            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
+        {
+            o.insert(opt.to_string(), v);
+        }
+    }
+    o
+}
+
 pub(crate) fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
     match cmd {
         SnapshotsCmd::List { store: url } => {
-            let store = store::open(&url, &Default::default())?;
+            let store = store::open(&url, &super::store_options_from_env()).await?;
             let list = snapshots::list(&*store).await?;
             if g.json {
                 print_json(&json!(list));
@@ -37,7 +37,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             Ok(exit::OK)
         }
         SnapshotsCmd::Verify { name, store: url } => {
-            let store = store::open(&url, &Default::default())?;
+            let store = store::open(&url, &super::store_options_from_env()).await?;
             let cancel = tokio_util::sync::CancellationToken::new();
             cancel_on_signals(cancel.clone());
             let report =
@@ -61,7 +61,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             Ok(if ok { exit::OK } else { exit::FAILED })
         }
         SnapshotsCmd::Delete { name, store: url } => {
-            let store = store::open(&url, &Default::default())?;
+            let store = store::open(&url, &super::store_options_from_env()).await?;
             let n = snapshots::delete(&*store, &name).await?;
             if g.json {
                 print_json(&json!({"deleted": name, "objects": n}));

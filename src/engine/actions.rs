@@ -97,6 +97,23 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     Ok(out)
 }
 
+/// Abort the multipart upload an earlier, killed attempt of this step left open.
+async fn abort_leftover_upload(ctx: &RunCtx, step: &StepRef, key: &str) -> Result<()> {
+    let (run, sid) = (ctx.run_id, step.id.clone());
+    let rec = ctx.state.call(move |s| s.step(run, &sid)).await?;
+    let Some(note) = rec.scratch else {
+        return Ok(());
+    };
+    if let Some(id) = serde_json::from_str::<serde_json::Value>(&note)
+        .ok()
+        .and_then(|v| v["upload_id"].as_str().map(str::to_string))
+    {
+        tracing::info!(key, "aborting the upload a killed attempt left open");
+        ctx.store.abort_multipart(key, &id).await?;
+    }
+    ctx.state.set_scratch(ctx.run_id, &step.id, None)
+}
+
 async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
     let data_dir = node.data_dir.clone();
     let selection = ctx.selection.clone();
@@ -113,6 +130,7 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     let (keyspaces, scan) = scan?;
     let object = manifest::node_object(node.index);
     let key = manifest::key(&ctx.snapshot, &object);
+    abort_leftover_upload(ctx, step, &key).await?;
     let part_size = part_size_for(ctx.store.limits(), scan.total_bytes);
     ctx.progress.event(Event::StepStarted {
         step: &step.id,
@@ -143,8 +161,19 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
             .await
             .map_err(|e| Error::State(format!("archive worker failed: {e}")))?
     };
+    let state = ctx.state.clone();
+    let (run, sid) = (ctx.run_id, step.id.clone());
     let (uploaded, (files, size, sha256)) =
-        upload_parts(&*ctx.store, &key, rx, producer, &ctx.cancel).await?;
+        upload_parts(&*ctx.store, &key, rx, producer, &ctx.cancel, |id| {
+            // Recorded before any part is sent, so a killed run's upload can be
+            // aborted when the step is redone.
+            let note = serde_json::json!({"upload_id": id}).to_string();
+            if let Err(e) = state.set_scratch(run, &sid, Some(&note)) {
+                tracing::warn!("could not record the upload id: {e}");
+            }
+        })
+        .await?;
+    ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     if uploaded != size {
         return Err(Error::store(
             "upload",

@@ -199,7 +199,12 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), params.expand(v)))
             .collect();
-        let store = store::open(&params.expand(&plan.target.store), &options)?;
+        let mut store = store::open(&params.expand(&plan.target.store), &options).await?;
+        let bandwidth = params.expand(&plan.target.bandwidth);
+        if !bandwidth.trim().is_empty() {
+            let rate = store::throttle::parse_rate(&bandwidth)?;
+            store = Arc::new(store::throttle::Throttled::new(store, rate));
+        }
         let (run_id, started_at) = match existing {
             Some(x) => x,
             None => {

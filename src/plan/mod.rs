@@ -137,6 +137,7 @@ pub struct TargetTemplate {
     pub store: String,
     pub snapshot: String,
     pub keyspaces: String,
+    pub bandwidth: String,
     pub store_options: std::collections::BTreeMap<String, String>,
 }
 
@@ -163,6 +164,8 @@ pub const SHIPPED: &[(&str, &str)] = &[
         "restore-local",
         include_str!("../../plans/restore-local.toml"),
     ),
+    ("backup-s3", include_str!("../../plans/backup-s3.toml")),
+    ("restore-s3", include_str!("../../plans/restore-s3.toml")),
 ];
 
 impl Plan {
@@ -280,6 +283,7 @@ impl Plan {
         declared(&raw.target.store, "target.store", &mut problems);
         declared(&raw.target.snapshot, "target.snapshot", &mut problems);
         declared(&raw.target.keyspaces, "target.keyspaces", &mut problems);
+        declared(&raw.target.bandwidth, "target.bandwidth", &mut problems);
         for (k, v) in &raw.target.store_options {
             declared(v, &format!("target.store_options.{k}"), &mut problems);
         }
@@ -367,6 +371,7 @@ impl Plan {
                 store: raw.target.store,
                 snapshot: raw.target.snapshot,
                 keyspaces: raw.target.keyspaces,
+                bandwidth: raw.target.bandwidth,
                 store_options: raw.target.store_options,
             },
             phases,

@@ -41,6 +41,9 @@ pub struct RawTarget {
     /// Keyspace selection template (comma or space separated; empty = all).
     #[serde(default)]
     pub keyspaces: String,
+    /// Bandwidth cap for the whole run, e.g. `${MAX_BANDWIDTH}` (empty: none).
+    #[serde(default)]
+    pub bandwidth: String,
     /// Backend options (endpoint, credentials…), each a template.
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

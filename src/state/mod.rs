@@ -94,6 +94,9 @@ pub struct StepRecord {
     pub finished_at: Option<String>,
     #[serde(skip)]
     pub output: Option<String>,
+    /// What a step needs to clean up after a crash (e.g. a multipart upload id).
+    #[serde(skip)]
+    pub scratch: Option<String>,
 }
 
 /// What a new run is created with.
@@ -152,6 +155,7 @@ CREATE TABLE IF NOT EXISTS steps (
     started_at TEXT,
     finished_at TEXT,
     output TEXT,
+    scratch TEXT,
     PRIMARY KEY (run_id, id)
 );
 ";
@@ -302,6 +306,24 @@ impl StateStore {
         })
     }
 
+    /// Record (or clear) a step's cleanup note, durably, before the work it covers.
+    pub fn set_scratch(&self, run: i64, step: &str, scratch: Option<&str>) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE steps SET scratch = ?3 WHERE run_id = ?1 AND id = ?2",
+                params![run, step, scratch],
+            )?;
+            Ok(())
+        })
+    }
+
+    pub fn step(&self, run: i64, step: &str) -> Result<StepRecord> {
+        self.steps(run)?
+            .into_iter()
+            .find(|s| s.id == step)
+            .ok_or_else(|| Error::NotFound(format!("step {step} of run {run}")))
+    }
+
     pub fn run(&self, id: i64) -> Result<RunRecord> {
         self.with(|c| {
             c.query_row(
@@ -336,7 +358,7 @@ impl StateStore {
     pub fn steps(&self, run: i64) -> Result<Vec<StepRecord>> {
         let rows = self.with(|c| {
             let mut st = c.prepare(
-                "SELECT seq, id, phase, action, target, status, attempts, error, started_at, finished_at, output FROM steps WHERE run_id = ?1 ORDER BY seq",
+                "SELECT seq, id, phase, action, target, status, attempts, error, started_at, finished_at, output, scratch FROM steps WHERE run_id = ?1 ORDER BY seq",
             )?;
             let rows = st
                 .query_map(params![run], |r| {
@@ -353,6 +375,7 @@ impl StateStore {
                             started_at: r.get(8)?,
                             finished_at: r.get(9)?,
                             output: r.get(10)?,
+                            scratch: r.get(11)?,
                         },
                         r.get::<_, String>(5)?,
                     ))

@@ -9,6 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 pub async fn run(store: &dyn Store) {
     let cancel = CancellationToken::new();
+    store.check().await.expect("check");
     // put / head / get
     store
         .put("c/a.txt", Bytes::from_static(b"hello"))
@@ -26,10 +27,19 @@ pub async fn run(store: &dyn Store) {
         Some(crate::Error::NotFound(_))
     ));
 
-    // multipart: parts of different sizes reassemble in order
+    // multipart: full parts of the backend's minimum size and a short last one
+    // reassemble in order (large enough to take a ranged download path)
+    let part = store.limits().min_part_size;
     let (tx, rx) = mpsc::channel(2);
-    let parts: Vec<Bytes> = (0..5u8)
-        .map(|i| Bytes::from(vec![i; 1000 + i as usize]))
+    let parts: Vec<Bytes> = (0..4u8)
+        .map(|i| {
+            let len = if i == 3 { 1000 } else { part };
+            Bytes::from(
+                (0..len)
+                    .map(|j| (j as u8).wrapping_mul(31).wrapping_add(i))
+                    .collect::<Vec<u8>>(),
+            )
+        })
         .collect();
     let expected: Vec<u8> = parts.iter().flat_map(|p| p.to_vec()).collect();
     let producer = async move {
@@ -44,24 +54,40 @@ pub async fn run(store: &dyn Store) {
             .await
             .map_err(|e| crate::Error::State(e.to_string()))?
     };
-    let (size, ()) = upload_parts(store, "c/big.bin", rx, joined, &cancel)
-        .await
-        .expect("multipart");
+    let mut started = None;
+    let (size, ()) = upload_parts(store, "c/big.bin", rx, joined, &cancel, |id| {
+        started = Some(id.to_string())
+    })
+    .await
+    .expect("multipart");
+    let _ = started;
     assert_eq!(size, expected.len() as u64);
     assert_eq!(
-        get_bytes(store, "c/big.bin", 1 << 20)
+        store
+            .head("c/big.bin")
             .await
-            .expect("get")
-            .to_vec(),
-        expected
+            .expect("head")
+            .expect("present")
+            .size,
+        size
     );
+    let got = get_bytes(store, "c/big.bin", 1 << 30).await.expect("get");
+    assert!(got.to_vec() == expected, "multipart object differs");
 
     // a cancelled upload leaves nothing visible
     let (tx, rx) = mpsc::channel(2);
     let cancelled = CancellationToken::new();
     tx.send(Bytes::from_static(b"partial")).await.expect("send");
     cancelled.cancel();
-    let r = upload_parts(store, "c/aborted.bin", rx, async { Ok(()) }, &cancelled).await;
+    let r = upload_parts(
+        store,
+        "c/aborted.bin",
+        rx,
+        async { Ok(()) },
+        &cancelled,
+        |_| {},
+    )
+    .await;
     assert!(r.is_err());
     assert!(store.head("c/aborted.bin").await.expect("head").is_none());
     drop(tx);
@@ -73,7 +99,7 @@ pub async fn run(store: &dyn Store) {
         .expect("send");
     drop(tx);
     let failing = async { Err::<(), _>(crate::Error::archive("x", "producer failed")) };
-    let r = upload_parts(store, "c/truncated.bin", rx, failing, &cancel).await;
+    let r = upload_parts(store, "c/truncated.bin", rx, failing, &cancel, |_| {}).await;
     assert!(matches!(r, Err(crate::Error::Archive { .. })));
     assert!(store.head("c/truncated.bin").await.expect("head").is_none());
 

@@ -8,6 +8,9 @@
 
 pub mod local;
 pub mod memory;
+pub mod retry;
+pub mod s3;
+pub mod throttle;
 
 use crate::{Error, Result};
 use async_trait::async_trait;
@@ -53,6 +56,17 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     /// A printable description (URL without secrets).
     fn describe(&self) -> String;
     fn limits(&self) -> Limits;
+    /// Pre-flight: the store exists and the credentials work. One clear message per
+    /// cause (missing bucket, wrong key, wrong region).
+    async fn check(&self) -> Result<()> {
+        Ok(())
+    }
+    /// Abort a multipart upload started by an earlier, killed process (its id was
+    /// recorded in the run state). Absent uploads are not an error.
+    async fn abort_multipart(&self, key: &str, id: &str) -> Result<()> {
+        let _ = (key, id);
+        Ok(())
+    }
     /// Write a small object whole; visible only when complete.
     async fn put(&self, key: &str, data: Bytes) -> Result<()>;
     /// Start a multipart upload; the object is visible only after `complete`.
@@ -69,6 +83,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
 
 #[async_trait]
 pub trait MultipartUpload: Send + Sync {
+    /// The backend's id of this upload, if it has one worth recording for cleanup.
+    fn id(&self) -> Option<String> {
+        None
+    }
     /// Upload one part; several may be in flight at once.
     async fn put_part(&self, part: PartInfo, data: Bytes) -> Result<()>;
     /// Make the object visible from `parts` parts totalling `size` bytes.
@@ -77,10 +95,13 @@ pub trait MultipartUpload: Send + Sync {
     async fn abort(self: Box<Self>) -> Result<()>;
 }
 
-/// Parse a store URL: `file:///abs/dir`, `file://relative/dir`, a plain path, or
-/// `memory://name`. `options` carries backend settings (endpoints, credentials).
-pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Store>> {
-    let _ = options;
+/// Parse a store URL: `s3://bucket/prefix`, `file:///abs/dir`, `file://relative/dir`,
+/// a plain path, or `memory://name`. `options` carries backend settings (endpoint,
+/// region, credentials); empty values count as absent.
+pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Store>> {
+    if let Some(rest) = url.strip_prefix("s3://") {
+        return Ok(Arc::new(s3::S3Store::new(rest, options).await?));
+    }
     if let Some(rest) = url.strip_prefix("file://") {
         if rest.is_empty() {
             return Err(Error::Usage("store URL file:// needs a directory".into()));
@@ -92,7 +113,7 @@ pub fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Sto
     }
     if let Some((scheme, _)) = url.split_once("://") {
         return Err(Error::Usage(format!(
-            "store scheme {scheme}:// is not supported by this build (supported: file://, memory://)"
+            "store scheme {scheme}:// is not supported (supported: s3://, file://, memory://)"
         )));
     }
     if url.is_empty() {
@@ -141,8 +162,12 @@ pub async fn upload_parts<P>(
     mut parts: mpsc::Receiver<Bytes>,
     producer: impl std::future::Future<Output = Result<P>>,
     cancel: &CancellationToken,
+    on_started: impl FnOnce(&str),
 ) -> Result<(u64, P)> {
     let upload = store.start_multipart(key).await?;
+    if let Some(id) = upload.id() {
+        on_started(&id);
+    }
     let concurrency = store.limits().concurrency.max(1);
     let sent = async {
         let mut in_flight = FuturesUnordered::new();

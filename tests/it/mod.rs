@@ -6,3 +6,5 @@ mod archive;
 mod cli;
 mod resume;
 mod roundtrip;
+mod s3;
+pub mod servers;
