@@ -9,6 +9,7 @@
 
 pub mod io;
 pub mod pack;
+pub mod pargz;
 pub mod unpack;
 
 /// gzip level: the same trade-off as `gzip -6`, the default users compare with.

@@ -136,14 +136,11 @@ fn header(e: &ScanEntry, kind: tar::EntryType, size: u64) -> tar::Header {
     h
 }
 
-/// The compressor every node archive goes through. One gzip member at level
-/// [`super::GZIP_LEVEL`], without a timestamp so output is deterministic. This is the
-/// seam for a parallel compressor: independent deflate blocks concatenated are still
-/// one valid gzip stream, so a multi-threaded `Write` can replace this one.
-pub fn compressor<W: Write>(out: W) -> flate2::write::GzEncoder<W> {
-    flate2::GzBuilder::new()
-        .mtime(0)
-        .write(out, flate2::Compression::new(super::GZIP_LEVEL))
+/// The compressor every node archive goes through: parallel gzip at level
+/// [`super::GZIP_LEVEL`] on as many threads as the machine has cores.
+pub fn compressor<W: Write>(out: W) -> super::pargz::ParGzEncoder<W> {
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    super::pargz::ParGzEncoder::new(out, super::GZIP_LEVEL, threads)
 }
 
 /// Reports progress every few MiB while a (possibly huge) file is read.
