@@ -283,7 +283,7 @@ mod tests {
         let mut x: u64 = 0x1234_5678;
         (0..len)
             .map(|i| {
-                if (i / BLOCK) % 2 == 0 {
+                if (i / BLOCK).is_multiple_of(2) {
                     b"the quick brown fox jumps over the lazy dog "[i % 44]
                 } else {
                     x ^= x << 13;

@@ -98,6 +98,8 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
 }
 
 /// Abort the multipart upload an earlier, killed attempt of this step left open.
+/// Best effort: the upload may have completed just before the kill, and a failed
+/// clean-up must not stop the backup (it is logged).
 async fn abort_leftover_upload(ctx: &RunCtx, step: &StepRef, key: &str) -> Result<()> {
     let (run, sid) = (ctx.run_id, step.id.clone());
     let rec = ctx.state.call(move |s| s.step(run, &sid)).await?;
@@ -109,7 +111,12 @@ async fn abort_leftover_upload(ctx: &RunCtx, step: &StepRef, key: &str) -> Resul
         .and_then(|v| v["upload_id"].as_str().map(str::to_string))
     {
         tracing::info!(key, "aborting the upload a killed attempt left open");
-        ctx.store.abort_multipart(key, &id).await?;
+        if let Err(e) = ctx.store.abort_multipart(key, &id).await {
+            tracing::warn!(
+                key,
+                "could not abort the upload a killed attempt left open: {e}"
+            );
+        }
     }
     ctx.state.set_scratch(ctx.run_id, &step.id, None)
 }

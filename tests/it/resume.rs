@@ -111,6 +111,7 @@ fn sigkilled_between_nodes_resumes_without_redoing_finished_steps() {
 fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 2, 24 << 20);
+    // The bandwidth cap makes each node take seconds, so the kill lands mid-stream.
     let mut child = sb
         .command(&[
             "plan",
@@ -122,6 +123,8 @@ fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
             "SNAPSHOT_NAME=snap",
             "-p",
             "BACKUP_DIR=store",
+            "-p",
+            "MAX_BANDWIDTH=6MiB/s",
             "-q",
         ])
         .spawn()
@@ -141,7 +144,7 @@ fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(150));
+    std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!sb.path("store/snap/manifest.json").exists());
@@ -149,8 +152,14 @@ fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
     assert_eq!(v[0]["complete"], false);
 
-    sb.ok(&["plan", "resume", "1", "-q"]);
-    assert_eq!(step_status(&sb, 1)["run"]["status"], "COMPLETE");
+    let v = step_status(&sb, 1);
+    assert_eq!(step(&v, "backup/backup-node/node-0")["status"], "COMPLETE");
+    assert_eq!(step(&v, "backup/backup-node/node-1")["status"], "RUNNING");
+    // Resume without the cap (an override of a stored parameter).
+    sb.ok(&["plan", "resume", "1", "-q", "-p", "MAX_BANDWIDTH="]);
+    let v = step_status(&sb, 1);
+    assert_eq!(v["run"]["status"], "COMPLETE");
+    assert_eq!(step(&v, "backup/backup-node/node-0")["attempts"], 1);
     sb.ok(&["snapshots", "verify", "snap", "--store", "store", "-q"]);
     restore_and_compare(&sb, "snap", 2);
 }

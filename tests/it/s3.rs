@@ -299,6 +299,9 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
         "--cluster".into(),
         src.to_str().unwrap().into(),
         "-q".into(),
+        // The cap makes node 0 take seconds, so the kill lands mid-upload.
+        "-p".into(),
+        "MAX_BANDWIDTH=4MiB/s".into(),
     ];
     args.extend(params.iter().cloned());
     let child = sb
@@ -322,7 +325,7 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    std::thread::sleep(Duration::from_millis(300));
+    std::thread::sleep(Duration::from_millis(1000));
     server.kill();
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
@@ -365,7 +368,7 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
         "the killed upload's parts are on the server before the resume"
     );
     let _server = servers::s3s_fs(data.path(), server.port).unwrap();
-    let mut resume = vec!["plan", "resume", "1", "-q"];
+    let mut resume = vec!["plan", "resume", "1", "-q", "-p", "MAX_BANDWIDTH="];
     let secret = format!("AWS_SECRET_ACCESS_KEY={SK}");
     resume.extend(["-p", &secret]);
     let out = sb.run(&resume);
