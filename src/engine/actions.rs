@@ -144,8 +144,9 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         total: Some(scan.total_bytes),
     });
     tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
-    // Two parts queued plus those in flight bound the memory of one node.
-    let (tx, rx) = mpsc::channel(2);
+    // One part queued, one being filled, and the process-wide upload budget bound
+    // the memory of a node.
+    let (tx, rx) = mpsc::channel(1);
     let progress = ctx.progress.clone();
     let step_id = step.id.clone();
     let file_count = scan.file_count;
@@ -170,16 +171,23 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     };
     let state = ctx.state.clone();
     let (run, sid) = (ctx.run_id, step.id.clone());
-    let (uploaded, (files, size, sha256)) =
-        upload_parts(&*ctx.store, &key, rx, producer, &ctx.cancel, |id| {
+    let (uploaded, (files, size, sha256)) = upload_parts(
+        &*ctx.store,
+        &key,
+        rx,
+        part_size,
+        producer,
+        &ctx.cancel,
+        |id| {
             // Recorded before any part is sent, so a killed run's upload can be
             // aborted when the step is redone.
             let note = serde_json::json!({"upload_id": id}).to_string();
             if let Err(e) = state.set_scratch(run, &sid, Some(&note)) {
                 tracing::warn!("could not record the upload id: {e}");
             }
-        })
-        .await?;
+        },
+    )
+    .await?;
     ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     if uploaded != size {
         return Err(Error::store(
@@ -351,7 +359,8 @@ pub async fn read_object(
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<unpack::Unpacked> {
     let mut stream = store.get(key).await?;
-    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes>>(8);
+    // Chunks may be whole ranges (8 MiB): keep the queue short.
+    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes>>(2);
     let name = key.to_string();
     let consumer = tokio::task::spawn_blocking(move || {
         let expected = unpack::Expected {

@@ -55,7 +55,7 @@ pub async fn run(store: &dyn Store) {
             .map_err(|e| crate::Error::State(e.to_string()))?
     };
     let mut started = None;
-    let (size, ()) = upload_parts(store, "c/big.bin", rx, joined, &cancel, |id| {
+    let (size, ()) = upload_parts(store, "c/big.bin", rx, part, joined, &cancel, |id| {
         started = Some(id.to_string())
     })
     .await
@@ -83,6 +83,7 @@ pub async fn run(store: &dyn Store) {
         store,
         "c/aborted.bin",
         rx,
+        part,
         async { Ok(()) },
         &cancelled,
         |_| {},
@@ -99,7 +100,7 @@ pub async fn run(store: &dyn Store) {
         .expect("send");
     drop(tx);
     let failing = async { Err::<(), _>(crate::Error::archive("x", "producer failed")) };
-    let r = upload_parts(store, "c/truncated.bin", rx, failing, &cancel, |_| {}).await;
+    let r = upload_parts(store, "c/truncated.bin", rx, part, failing, &cancel, |_| {}).await;
     assert!(matches!(r, Err(crate::Error::Archive { .. })));
     assert!(store.head("c/truncated.bin").await.expect("head").is_none());
 

@@ -149,9 +149,25 @@ pub fn part_size_for(limits: Limits, expected: u64) -> usize {
     needed.max(limits.min_part_size).div_ceil(mib) * mib
 }
 
-/// Upload the parts received on `parts` as one object at `key`: at most
-/// `limits.concurrency` parts in flight, the channel bound giving backpressure to the
-/// producer. `producer` is the (already running) task that sends the parts; the
+/// MiB of part data in flight across every upload of the process, whatever the
+/// number of nodes running in parallel: memory stays bounded.
+pub const UPLOAD_BUDGET_MIB: u32 = 64;
+
+static UPLOAD_BUDGET: std::sync::LazyLock<Arc<tokio::sync::Semaphore>> =
+    std::sync::LazyLock::new(|| Arc::new(tokio::sync::Semaphore::new(UPLOAD_BUDGET_MIB as usize)));
+
+/// Budget permits (MiB, rounded up) a part holds while it is uploaded; a part larger
+/// than the whole budget takes all of it.
+fn part_permits(len: usize) -> u32 {
+    u32::try_from(len.div_ceil(1 << 20))
+        .unwrap_or(u32::MAX)
+        .clamp(1, UPLOAD_BUDGET_MIB)
+}
+
+/// Upload the parts received on `parts` (each `part_size` bytes but the last) as one
+/// object at `key`: at most `limits.concurrency` parts in flight per object and
+/// [`UPLOAD_BUDGET_MIB`] for the whole process, the channel bound giving
+/// backpressure to the producer. `producer` is the (already running) task that sends the parts; the
 /// object is completed only when the input ended *and* the producer succeeded, so a
 /// producer that fails midway never leaves a truncated object. On any error or
 /// cancellation the upload is aborted and nothing becomes visible.
@@ -160,6 +176,7 @@ pub async fn upload_parts<P>(
     store: &dyn Store,
     key: &str,
     mut parts: mpsc::Receiver<Bytes>,
+    part_size: usize,
     producer: impl std::future::Future<Output = Result<P>>,
     cancel: &CancellationToken,
     on_started: impl FnOnce(&str),
@@ -169,33 +186,47 @@ pub async fn upload_parts<P>(
         on_started(&id);
     }
     let concurrency = store.limits().concurrency.max(1);
+    let permits = part_permits(part_size);
     let sent = async {
         let mut in_flight = FuturesUnordered::new();
         let mut index = 0usize;
         let mut offset = 0u64;
         let mut input_done = false;
         loop {
-            while !input_done && in_flight.len() < concurrency {
-                let next = tokio::select! {
-                    p = parts.recv() => p,
-                    _ = cancel.cancelled() => return Err(Error::Cancelled),
-                };
-                match next {
-                    Some(data) => {
-                        let info = PartInfo { index, offset };
-                        index += 1;
-                        offset += data.len() as u64;
-                        in_flight.push(upload.put_part(info, data));
-                    }
-                    None => input_done = true,
-                }
-            }
-            if in_flight.is_empty() {
+            if input_done && in_flight.is_empty() {
                 break;
             }
+            let want_more = !input_done && in_flight.len() < concurrency;
+            // The budget is taken before the next part is received, and this
+            // upload's parts in flight keep being driven meanwhile: no upload ever
+            // waits for budget held by its own stalled parts.
             tokio::select! {
-                r = in_flight.next() => { if let Some(r) = r { r? } }
                 _ = cancel.cancelled() => return Err(Error::Cancelled),
+                r = in_flight.next(), if !in_flight.is_empty() => {
+                    if let Some(r) = r { r? }
+                }
+                budget = UPLOAD_BUDGET.clone().acquire_many_owned(permits), if want_more => {
+                    let budget = budget
+                        .map_err(|_| Error::store("upload", key, "upload budget closed"))?;
+                    let next = tokio::select! {
+                        p = parts.recv() => p,
+                        _ = cancel.cancelled() => return Err(Error::Cancelled),
+                    };
+                    match next {
+                        Some(data) => {
+                            let info = PartInfo { index, offset };
+                            index += 1;
+                            offset += data.len() as u64;
+                            let upload = &upload;
+                            in_flight.push(async move {
+                                let r = upload.put_part(info, data).await;
+                                drop(budget);
+                                r
+                            });
+                        }
+                        None => input_done = true,
+                    }
+                }
             }
         }
         Ok((index, offset))
@@ -258,6 +289,41 @@ mod tests {
         let ps = part_size_for(limits, five_tb) as u64;
         assert!(five_tb.div_ceil(ps) <= 10_000, "part size {ps}");
         assert_eq!(ps % (1 << 20), 0);
+    }
+
+    #[tokio::test]
+    async fn many_concurrent_uploads_share_the_budget_without_deadlock() {
+        let store = memory::MemoryStore::new();
+        let cancel = CancellationToken::new();
+        let part = 8 << 20;
+        let uploads = (0..12).map(|n| {
+            let store = store.clone();
+            let cancel = cancel.clone();
+            async move {
+                let (tx, rx) = mpsc::channel(1);
+                let producer = tokio::spawn(async move {
+                    for _ in 0..5 {
+                        tx.send(Bytes::from(vec![n as u8; part]))
+                            .await
+                            .map_err(|_| Error::Cancelled)?;
+                    }
+                    Ok::<_, Error>(())
+                });
+                let joined = async { producer.await.map_err(|e| Error::State(e.to_string()))? };
+                upload_parts(&*store, &format!("k{n}"), rx, part, joined, &cancel, |_| {}).await
+            }
+        });
+        let all = futures::future::join_all(uploads);
+        let results = tokio::time::timeout(std::time::Duration::from_secs(60), all)
+            .await
+            .expect("no deadlock");
+        for r in results {
+            assert_eq!(r.expect("upload").0, 5 * part as u64);
+        }
+        assert_eq!(
+            UPLOAD_BUDGET.available_permits(),
+            UPLOAD_BUDGET_MIB as usize
+        );
     }
 
     #[test]

@@ -259,11 +259,16 @@ fn a_failed_upload_is_aborted_on_the_server() {
         let failing = async { Err::<(), _>(cairn::Error::archive("x", "a file vanished")) };
         let mut id = None;
         let cancel = tokio_util::sync::CancellationToken::new();
-        let r =
-            cairn::store::upload_parts(&store, "snap/node-0.tar.gz", rx, failing, &cancel, |u| {
-                id = Some(u.to_string())
-            })
-            .await;
+        let r = cairn::store::upload_parts(
+            &store,
+            "snap/node-0.tar.gz",
+            rx,
+            8 << 20,
+            failing,
+            &cancel,
+            |u| id = Some(u.to_string()),
+        )
+        .await;
         assert!(r.is_err());
         assert!(id.is_some(), "the upload had started");
         let uploads = servers::s3_client(&server.endpoint)

@@ -1,0 +1,126 @@
+#!/usr/bin/env python3
+"""End-to-end S3 comparison in one run on the same data, against s3s-fs on loopback:
+
+  cairn backup-s3 (serial and parallel), cairn restore-s3 (serial and parallel)
+  tar czf - DIR | aws s3 cp - s3://...            per node, one after the other
+  tar cf - DIR | pigz | aws s3 cp - s3://...       per node
+  aws s3 cp FILE s3://...                          plain upload of cairn's own objects
+                                                   (the same bytes: the server's ceiling)
+
+    eval "$(scripts/install-test-servers)"; python3 benches/s3_compare.py [--nodes 3] [--mib 256] [--reps 1]
+
+Data: N nodes x MIB MiB, half incompressible, half text. Throughput is MiB of
+uncompressed node data per second; peak RSS is the largest process of each command."""
+import argparse, os, shutil, statistics, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import ROOT, generate, run  # noqa: E402
+
+AK, SK = "bench-access", "bench-secret-key"
+
+
+def start_s3s(data):
+    exe = os.environ.get("CAIRN_TEST_S3S_FS") or os.path.join(ROOT, ".tools/bin/s3s-fs")
+    os.makedirs(data, exist_ok=True)
+    p = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", "0", "--access-key", AK, "--secret-key", SK, data],
+                         env=dict(os.environ, RUST_LOG="info"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if "server is running at" in line:
+            url = line[line.index("http://"):].split()[0].rstrip("/")
+            return p, url
+    p.kill()
+    sys.exit("s3s-fs did not start")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--nodes", type=int, default=3)
+    ap.add_argument("--mib", type=int, default=256)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench-out-s3"))
+    a = ap.parse_args()
+    aws = os.environ.get("CAIRN_TEST_AWS_CLI") or os.path.join(ROOT, ".tools/venv/bin/aws")
+    if not shutil.which("pigz"):
+        subprocess.run(["apt-get", "install", "-y", "-q", "pigz"], check=False, capture_output=True)
+    pigz = shutil.which("pigz")
+    subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=ROOT, check=True)
+    cairn = os.path.join(ROOT, "target/release/cairn")
+    shutil.rmtree(a.out, ignore_errors=True)
+    os.makedirs(a.out)
+    nodes = []
+    for i in range(a.nodes):
+        d = os.path.join(a.out, f"src/node-{i}")
+        generate(d, a.mib)
+        nodes.append(d)
+    data = sum(os.path.getsize(os.path.join(d, f)) for n in nodes for d, _, fs in os.walk(n) for f in fs)
+    mib = data / (1 << 20)
+    with open(os.path.join(a.out, "src.toml"), "w") as f:
+        f.write('name = "bench"\n' + "".join(f'[[nodes]]\nindex = {i}\ndata_dir = "{d}"\n' for i, d in enumerate(nodes)))
+    server, url = start_s3s(os.path.join(a.out, "s3data"))
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1",
+               AWS_DEFAULT_REGION="us-east-1", CAIRN_HOME=os.path.join(a.out, "home"))
+    s3 = [aws, "--endpoint-url", url, "s3"]
+    subprocess.run([aws, "--endpoint-url", url, "s3api", "create-bucket", "--bucket", "bench"], env=env, check=True, capture_output=True)
+    common = ["-p", "AWS_REGION=us-east-1", "-p", "S3_BUCKET_NAME=bench", "-p", f"S3_ENDPOINT_URL={url}"]
+    results = {}
+    sizes = {}
+
+    def rec(name, r):
+        results.setdefault(name, []).append(r)
+
+    try:
+        for rep in range(a.reps):
+            for strategy in ["serial", "parallel"]:
+                snap = f"{strategy}-{rep}"
+                r = run([cairn, "-q", "plan", "start", "backup-s3", "--cluster", os.path.join(a.out, "src.toml"),
+                         "-p", f"SNAPSHOT_NAME={snap}", "-p", f"STRATEGY={strategy}", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
+                rec(f"cairn backup-s3 {strategy}", r)
+                tgt = os.path.join(a.out, "tgt")
+                with open(os.path.join(a.out, "tgt.toml"), "w") as f:
+                    f.write('name = "t"\n' + "".join(f'[[nodes]]\nindex = {i}\ndata_dir = "{tgt}/node-{i}"\n' for i in range(a.nodes)))
+                r = run([cairn, "-q", "plan", "start", "restore-s3", "--cluster", os.path.join(a.out, "tgt.toml"),
+                         "-p", f"SNAPSHOT_NAME={snap}", "-p", f"STRATEGY={strategy}", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
+                rec(f"cairn restore-s3 {strategy}", r)
+                shutil.rmtree(tgt)
+            # cairn's objects, for sizes and the plain-upload baseline
+            objs = os.path.join(a.out, "objs")
+            shutil.rmtree(objs, ignore_errors=True)
+            subprocess.run(s3 + ["cp", "--recursive", "--quiet", f"s3://bench/serial-{rep}/", objs], env=env, check=True)
+            sizes["cairn"] = sum(os.path.getsize(os.path.join(objs, f"node-{i}.tar.gz")) for i in range(a.nodes))
+            plain = " && ".join(f"{' '.join(s3)} cp --quiet {objs}/node-{i}.tar.gz s3://bench/plain-{rep}/node-{i}.tar.gz" for i in range(a.nodes))
+            rec("aws s3 cp (cairn's objects)", run(["sh", "-c", plain], env=env))
+            pipe = " && ".join(f"tar czf - -C {n} app | {' '.join(s3)} cp --quiet - s3://bench/tgz-{rep}/node-{i}.tar.gz" for i, n in enumerate(nodes))
+            rec("tar czf | aws s3 cp", run(["sh", "-c", pipe], env=env))
+            tmp = os.path.join(a.out, "x.tgz")
+            subprocess.run(["sh", "-c", f"tar czf - -C {nodes[0]} app > {tmp}"], check=True)
+            sizes["gzip -6"] = os.path.getsize(tmp) * a.nodes
+            os.remove(tmp)
+            if pigz:
+                pipe = " && ".join(f"tar cf - -C {n} app | pigz | {' '.join(s3)} cp --quiet - s3://bench/pigz-{rep}/node-{i}.tar.gz" for i, n in enumerate(nodes))
+                rec("tar | pigz | aws s3 cp", run(["sh", "-c", pipe], env=env))
+    finally:
+        server.kill()
+        server.wait()
+
+    print(f"data: {a.nodes} nodes x {a.mib} MiB = {mib:.0f} MiB (half random, half text); s3s-fs on loopback; "
+          f"{a.reps} run(s) each, medians\n")
+    print(f"{'command':32} {'MiB/s':>8} {'peak RSS':>10}")
+    summary = {}
+    for name, rs in results.items():
+        secs = statistics.median(r["secs"] for r in rs)
+        rss = max(r["rss_kib"] for r in rs) / 1024
+        summary[name] = mib / secs
+        print(f"{name:32} {mib / secs:8.1f} {rss:8.1f} MiB")
+    print()
+    for c in ["cairn backup-s3 serial", "cairn backup-s3 parallel"]:
+        for other in ["tar czf | aws s3 cp", "tar | pigz | aws s3 cp", "aws s3 cp (cairn's objects)"]:
+            if other in summary:
+                print(f"{c} / {other}: {summary[c] / summary[other]:.2f}")
+    print(f"\ncompressed: cairn {sizes['cairn'] / (1 << 20):.1f} MiB, gzip -6 {sizes['gzip -6'] / (1 << 20):.1f} MiB, "
+          f"ratio {sizes['cairn'] / sizes['gzip -6']:.3f}")
+
+
+if __name__ == "__main__":
+    main()
