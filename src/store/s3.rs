@@ -153,7 +153,13 @@ impl S3Store {
             .map(|r| r.to_string())
             .ok_or_else(|| Error::Params(vec!["no AWS region: set AWS_REGION".into()]))?;
         let mut conf = aws_sdk_s3::config::Builder::from(&shared)
-            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled());
+            .retry_config(aws_sdk_s3::config::retry::RetryConfig::disabled())
+            // Parts are checked end to end by SHA-256 in the manifest; the optional
+            // CRC32 trailer would re-frame every part (aws-chunked) and double its
+            // memory while in flight.
+            .request_checksum_calculation(
+                aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+            );
         let endpoint = opt(options, "endpoint").map(str::to_string);
         if let Some(ep) = &endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);
