@@ -166,6 +166,14 @@ pub const SHIPPED: &[(&str, &str)] = &[
     ),
     ("backup-s3", include_str!("../../plans/backup-s3.toml")),
     ("restore-s3", include_str!("../../plans/restore-s3.toml")),
+    (
+        "backup-azure",
+        include_str!("../../plans/backup-azure.toml"),
+    ),
+    (
+        "restore-azure",
+        include_str!("../../plans/restore-azure.toml"),
+    ),
 ];
 
 impl Plan {

@@ -6,6 +6,7 @@
 //! from a producer, uploads a bounded number concurrently and aborts on failure.
 //! Keys are `/`-separated and relative to the store's root or prefix.
 
+pub mod azure;
 pub mod local;
 pub mod memory;
 pub mod retry;
@@ -95,10 +96,13 @@ pub trait MultipartUpload: Send + Sync {
     async fn abort(self: Box<Self>) -> Result<()>;
 }
 
-/// Parse a store URL: `s3://bucket/prefix`, `file:///abs/dir`, `file://relative/dir`,
+/// Parse a store URL: `s3://bucket/prefix`, `az://container/prefix`, `file:///abs/dir`, `file://relative/dir`,
 /// a plain path, or `memory://name`. `options` carries backend settings (endpoint,
 /// region, credentials); empty values count as absent.
 pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Store>> {
+    if let Some(rest) = url.strip_prefix("az://") {
+        return Ok(Arc::new(azure::AzureStore::new(rest, options)?));
+    }
     if let Some(rest) = url.strip_prefix("s3://") {
         return Ok(Arc::new(s3::S3Store::new(rest, options).await?));
     }
@@ -113,7 +117,7 @@ pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<d
     }
     if let Some((scheme, _)) = url.split_once("://") {
         return Err(Error::Usage(format!(
-            "store scheme {scheme}:// is not supported (supported: s3://, file://, memory://)"
+            "store scheme {scheme}:// is not supported (supported: s3://, az://, file://, memory://)"
         )));
     }
     if url.is_empty() {

@@ -3,6 +3,7 @@
 pub mod helpers;
 
 mod archive;
+mod azure;
 mod cli;
 mod resume;
 mod roundtrip;

@@ -159,3 +159,46 @@ pub async fn fresh_bucket(endpoint: &str) -> String {
         .expect("create bucket");
     name
 }
+
+/// Azurite's well-known development account and key.
+pub const AZ_ACCOUNT: &str = "devstoreaccount1";
+pub const AZ_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+/// Azurite's blob service on disk in `data`, on `port` (0: any). The endpoint
+/// includes the account path.
+pub fn azurite(data: &Path, port: u16) -> Option<Server> {
+    let bin = tool("CAIRN_TEST_AZURITE")?;
+    std::fs::create_dir_all(data).expect("data dir");
+    let mut cmd = Command::new(bin);
+    cmd.args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+        .arg("--location")
+        .arg(data)
+        .args(["--silent", "--disableTelemetry", "--skipApiVersionCheck"]);
+    let mut s = start(cmd, "successfully listens on");
+    s.endpoint = format!("{}/{AZ_ACCOUNT}", s.endpoint);
+    Some(s)
+}
+
+/// Create a fresh container through cairn's own client stack (account key).
+pub async fn fresh_container(endpoint: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let name = format!(
+        "cairn-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let creds = azure_storage::StorageCredentials::access_key(AZ_ACCOUNT, AZ_KEY.to_string());
+    azure_storage_blobs::prelude::ClientBuilder::with_location(
+        azure_storage::CloudLocation::Custom {
+            account: AZ_ACCOUNT.to_string(),
+            uri: endpoint.to_string(),
+        },
+        creds,
+    )
+    .container_client(&name)
+    .create()
+    .await
+    .expect("create container");
+    name
+}
