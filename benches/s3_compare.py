@@ -1,17 +1,19 @@
 #!/usr/bin/env python3
-"""End-to-end S3 comparison in one run on the same data, against s3s-fs on loopback:
+"""End-to-end comparison in one run on the same data, against s3s-fs and Azurite on loopback:
 
   cairn backup-s3 (serial and parallel), cairn restore-s3 (serial and parallel)
   tar czf - DIR | aws s3 cp - s3://...            per node, one after the other
   tar cf - DIR | pigz | aws s3 cp - s3://...       per node
   aws s3 cp FILE s3://...                          plain upload of cairn's own objects
                                                    (the same bytes: the server's ceiling)
+  cairn backup-azure / restore-azure, and a plain block upload of cairn's objects by
+  the same client (benches/put_object.rs), against Azurite on disk
 
     eval "$(scripts/install-test-servers)"; python3 benches/s3_compare.py [--nodes 3] [--mib 256] [--reps 1]
 
 Data: N nodes x MIB MiB, half incompressible, half text. Throughput is MiB of
 uncompressed node data per second; peak RSS is the largest process of each command."""
-import argparse, os, shutil, statistics, subprocess, sys, time
+import argparse, json, os, shutil, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, generate, run  # noqa: E402
@@ -34,12 +36,30 @@ def start_s3s(data):
     sys.exit("s3s-fs did not start")
 
 
+def start_azurite(data):
+    exe = os.environ.get("CAIRN_TEST_AZURITE") or os.path.join(ROOT, ".tools/azurite/node_modules/.bin/azurite-blob")
+    os.makedirs(data, exist_ok=True)
+    p = subprocess.Popen([exe, "--blobHost", "127.0.0.1", "--blobPort", "0", "--location", data, "--silent",
+                          "--disableTelemetry", "--skipApiVersionCheck"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if "successfully listens on" in line:
+            return p, line[line.index("http://"):].split()[0].rstrip("/") + "/devstoreaccount1"
+    p.kill()
+    sys.exit("azurite did not start")
+
+
+AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=3)
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out-s3"))
+    ap.add_argument("--skip-s3", action="store_true", help="only the Azure part")
     a = ap.parse_args()
     aws = os.environ.get("CAIRN_TEST_AWS_CLI") or os.path.join(ROOT, ".tools/venv/bin/aws")
     if not shutil.which("pigz"):
@@ -58,6 +78,9 @@ def main():
     mib = data / (1 << 20)
     with open(os.path.join(a.out, "src.toml"), "w") as f:
         f.write('name = "bench"\n' + "".join(f'[[nodes]]\nindex = {i}\ndata_dir = "{d}"\n' for i, d in enumerate(nodes)))
+    tgt = os.path.join(a.out, "tgt")
+    with open(os.path.join(a.out, "tgt.toml"), "w") as f:
+        f.write('name = "t"\n' + "".join(f'[[nodes]]\nindex = {i}\ndata_dir = "{tgt}/node-{i}"\n' for i in range(a.nodes)))
     server, url = start_s3s(os.path.join(a.out, "s3data"))
     env = dict(os.environ, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1",
                AWS_DEFAULT_REGION="us-east-1", CAIRN_HOME=os.path.join(a.out, "home"))
@@ -71,7 +94,7 @@ def main():
         results.setdefault(name, []).append(r)
 
     try:
-        for rep in range(a.reps):
+        for rep in range(0 if a.skip_s3 else a.reps):
             for strategy in ["serial", "parallel"]:
                 snap = f"{strategy}-{rep}"
                 r = run([cairn, "-q", "plan", "start", "backup-s3", "--cluster", os.path.join(a.out, "src.toml"),
@@ -104,6 +127,42 @@ def main():
         server.kill()
         server.wait()
 
+    # Azure Blob storage (Azurite, on disk): cairn, and a plain block upload of cairn's
+    # own objects by the same client (benches/put_object.rs).
+    built = subprocess.run(["cargo", "bench", "--locked", "--bench", "put_object", "--no-run", "--message-format=json"],
+                           cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    exe = [m["executable"] for m in map(json.loads, built.splitlines())
+           if m.get("executable") and m.get("target", {}).get("name") == "put_object"][-1]
+    put = [exe]
+    az, az_url = start_azurite(os.path.join(a.out, "azdata"))
+    azenv = dict(env, AZURE_STORAGE_ACCOUNT="devstoreaccount1", AZURE_STORAGE_KEY=AZ_KEY, AZURE_ENDPOINT_URL=az_url)
+    try:
+        subprocess.run(put + ["create-container", "bench"], cwd=ROOT, env=azenv, check=True)
+        azp = ["-p", "AZURE_STORAGE_ACCOUNT=devstoreaccount1", "-p", "CONTAINER_NAME=bench", "-p", f"AZURE_ENDPOINT_URL={az_url}"]
+        for rep in range(a.reps):
+            for strategy in ["serial", "parallel"]:
+                snap = f"az-{strategy}-{rep}"
+                r = run([cairn, "-q", "plan", "start", "backup-azure", "--cluster", os.path.join(a.out, "src.toml"),
+                         "-p", f"SNAPSHOT_NAME={snap}", "-p", f"STRATEGY={strategy}", "-p", f"MAX_CONCURRENCY={a.nodes}"] + azp, env=azenv)
+                rec(f"cairn backup-azure {strategy}", r)
+                tgt = os.path.join(a.out, "tgt")
+                r = run([cairn, "-q", "plan", "start", "restore-azure", "--cluster", os.path.join(a.out, "tgt.toml"),
+                         "-p", f"SNAPSHOT_NAME={snap}", "-p", f"STRATEGY={strategy}", "-p", f"MAX_CONCURRENCY={a.nodes}"] + azp, env=azenv)
+                rec(f"cairn restore-azure {strategy}", r)
+                shutil.rmtree(tgt)
+            objs = os.path.join(a.out, "objs")
+            if not os.path.exists(objs):
+                # cairn's objects are deterministic: a local backup gives the same bytes.
+                subprocess.run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
+                                "-p", f"SNAPSHOT_NAME=objs-{rep}", "-p", f"BACKUP_DIR={a.out}/local"], env=env, check=True)
+                shutil.copytree(f"{a.out}/local/objs-{rep}", objs)
+            plain = " && ".join(f"{' '.join(put)} az://bench plain-{rep}/node-{i}.tar.gz {objs}/node-{i}.tar.gz"
+                                for i in range(a.nodes))
+            rec("plain block upload (cairn's objects)", run(["sh", "-c", plain], env=azenv))
+    finally:
+        az.kill()
+        az.wait()
+
     print(f"data: {a.nodes} nodes x {a.mib} MiB = {mib:.0f} MiB (half random, half text); s3s-fs on loopback; "
           f"{a.reps} run(s) each, medians\n")
     print(f"{'command':32} {'MiB/s':>8} {'peak RSS':>10}")
@@ -118,7 +177,12 @@ def main():
         for other in ["tar czf | aws s3 cp", "tar | pigz | aws s3 cp", "aws s3 cp (cairn's objects)"]:
             if other in summary:
                 print(f"{c} / {other}: {summary[c] / summary[other]:.2f}")
-    print(f"\ncompressed: cairn {sizes['cairn'] / (1 << 20):.1f} MiB, gzip -6 {sizes['gzip -6'] / (1 << 20):.1f} MiB, "
+    for c in ["cairn backup-azure serial", "cairn backup-azure parallel"]:
+        other = "plain block upload (cairn's objects)"
+        if c in summary and other in summary:
+            print(f"{c} / {other}: {summary[c] / summary[other]:.2f}")
+    if "cairn" in sizes:
+        print(f"\ncompressed: cairn {sizes['cairn'] / (1 << 20):.1f} MiB, gzip -6 {sizes['gzip -6'] / (1 << 20):.1f} MiB, "
           f"ratio {sizes['cairn'] / sizes['gzip -6']:.3f}")
 
 
