@@ -12,7 +12,10 @@
 //!   [`super::retry::with_retries`] once (503 ServerBusy, 500, timeouts).
 
 use super::retry::{RetryConfig, with_retries};
-use super::{ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, Store, check_key};
+use super::{
+    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, Store, check_key, option,
+    ranged_stream,
+};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use azure_storage::{CloudLocation, StorageCredentials};
@@ -22,9 +25,6 @@ use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-
-const RANGE: u64 = 8 << 20;
-const RANGE_CONCURRENCY: usize = 4;
 
 #[derive(Clone)]
 pub struct AzureStore {
@@ -40,13 +40,6 @@ impl std::fmt::Debug for AzureStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
     }
-}
-
-fn opt<'a>(options: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
-    options
-        .get(key)
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
 }
 
 fn status_of(e: &azure_core::Error) -> Option<(u16, Option<String>)> {
@@ -100,21 +93,21 @@ impl AzureStore {
         } else {
             format!("{prefix}/")
         };
-        let account = opt(options, "account")
+        let account = option(options, "account")
             .ok_or_else(|| Error::Params(vec!["AZURE_STORAGE_ACCOUNT is needed".into()]))?
             .to_string();
         let credentials = match (
-            opt(options, "key"),
-            opt(options, "client_id"),
-            opt(options, "tenant_id"),
-            opt(options, "client_secret"),
+            option(options, "key"),
+            option(options, "client_id"),
+            option(options, "tenant_id"),
+            option(options, "client_secret"),
         ) {
             (Some(key), _, _, _) => {
                 StorageCredentials::access_key(account.clone(), key.to_string())
             }
             (None, Some(client), Some(tenant), Some(secret)) => {
-                let host =
-                    opt(options, "authority_host").unwrap_or("https://login.microsoftonline.com");
+                let host = option(options, "authority_host")
+                    .unwrap_or("https://login.microsoftonline.com");
                 let host = azure_core::Url::parse(host).map_err(|e| {
                     Error::Params(vec![format!("AZURE_AUTHORITY_HOST {host:?}: {e}")])
                 })?;
@@ -133,7 +126,7 @@ impl AzureStore {
                 ]));
             }
         };
-        let endpoint = opt(options, "endpoint").map(|e| e.trim_end_matches('/').to_string());
+        let endpoint = option(options, "endpoint").map(|e| e.trim_end_matches('/').to_string());
         let location = match &endpoint {
             Some(uri) => CloudLocation::Custom {
                 account: account.clone(),
@@ -321,18 +314,10 @@ impl Store for AzureStore {
         }
         let this = self.clone();
         let key = key.to_string();
-        let ranges: Vec<(u64, u64)> = (0..size.div_ceil(RANGE))
-            .map(|i| (i * RANGE, ((i + 1) * RANGE).min(size)))
-            .collect();
-        let stream = futures::stream::iter(ranges)
-            .map(move |(start, end)| {
-                let this = this.clone();
-                let key = key.clone();
-                let blob = blob.clone();
-                async move { this.get_range(&key, &blob, start, end).await }
-            })
-            .buffered(RANGE_CONCURRENCY);
-        Ok(Box::pin(stream))
+        Ok(ranged_stream(size, move |start, end| {
+            let (this, key, blob) = (this.clone(), key.clone(), blob.clone());
+            async move { this.get_range(&key, &blob, start, end).await }
+        }))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {

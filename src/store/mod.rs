@@ -126,6 +126,37 @@ pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<d
     Ok(Arc::new(local::LocalStore::new(url)?))
 }
 
+/// A non-empty backend option (`store_options` of a plan; empty means absent).
+pub fn option<'a>(options: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
+    options
+        .get(key)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
+/// Size of one ranged read of the remote backends.
+pub const RANGE: u64 = 8 << 20;
+/// Ranged reads in flight per object.
+pub const RANGE_CONCURRENCY: usize = 4;
+
+/// An object of `size` bytes read as [`RANGE`]-sized ranges, [`RANGE_CONCURRENCY`]
+/// in flight, yielded in order. `fetch(start, end)` reads one range (retrying as it
+/// sees fit); the remote backends share this instead of each splitting ranges.
+pub fn ranged_stream<F, Fut>(size: u64, fetch: F) -> ByteStream
+where
+    F: Fn(u64, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Bytes>> + Send + 'static,
+{
+    let ranges: Vec<(u64, u64)> = (0..size.div_ceil(RANGE))
+        .map(|i| (i * RANGE, ((i + 1) * RANGE).min(size)))
+        .collect();
+    Box::pin(
+        futures::stream::iter(ranges)
+            .map(move |(start, end)| fetch(start, end))
+            .buffered(RANGE_CONCURRENCY),
+    )
+}
+
 /// Validate a key: relative, `/`-separated, no empty, `.` or `..` segments.
 pub fn check_key(key: &str) -> Result<()> {
     if key.is_empty()

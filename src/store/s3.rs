@@ -13,7 +13,10 @@
 //!   order — one huge node restores faster than one connection allows.
 
 use super::retry::{RetryConfig, with_retries};
-use super::{ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, Store, check_key};
+use super::{
+    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, RANGE, Store, check_key, option,
+    ranged_stream,
+};
 use crate::{Error, Result};
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -22,14 +25,8 @@ use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream as AwsStream;
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use bytes::Bytes;
-use futures::StreamExt;
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-
-/// Size of one ranged GET.
-const RANGE: u64 = 8 << 20;
-/// Ranged GETs in flight per object.
-const RANGE_CONCURRENCY: usize = 4;
 
 #[derive(Clone)]
 pub struct S3Store {
@@ -46,13 +43,6 @@ impl std::fmt::Debug for S3Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.describe())
     }
-}
-
-fn opt<'a>(options: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
-    options
-        .get(key)
-        .map(String::as_str)
-        .filter(|v| !v.is_empty())
 }
 
 /// Classify an SDK error: what the user sees, and whether a retry may help.
@@ -123,15 +113,15 @@ impl S3Store {
             format!("{prefix}/")
         };
         let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest());
-        if let Some(region) = opt(options, "region") {
+        if let Some(region) = option(options, "region") {
             loader = loader.region(Region::new(region.to_string()));
         }
         match (
-            opt(options, "access_key_id"),
-            opt(options, "secret_access_key"),
+            option(options, "access_key_id"),
+            option(options, "secret_access_key"),
         ) {
             (Some(ak), Some(sk)) => {
-                let token = opt(options, "session_token").map(str::to_string);
+                let token = option(options, "session_token").map(str::to_string);
                 loader = loader.credentials_provider(Credentials::new(
                     ak,
                     sk,
@@ -160,7 +150,7 @@ impl S3Store {
             .request_checksum_calculation(
                 aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
             );
-        let endpoint = opt(options, "endpoint").map(str::to_string);
+        let endpoint = option(options, "endpoint").map(str::to_string);
         if let Some(ep) = &endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);
         }
@@ -425,18 +415,10 @@ impl Store for S3Store {
         if size > 2 * RANGE {
             let this = self.clone();
             let key = key.to_string();
-            let ranges: Vec<(u64, u64)> = (0..size.div_ceil(RANGE))
-                .map(|i| (i * RANGE, ((i + 1) * RANGE).min(size)))
-                .collect();
-            let stream = futures::stream::iter(ranges)
-                .map(move |(start, end)| {
-                    let this = this.clone();
-                    let key = key.clone();
-                    let full = full.clone();
-                    async move { this.get_range(&key, &full, start, end).await }
-                })
-                .buffered(RANGE_CONCURRENCY);
-            return Ok(Box::pin(stream));
+            return Ok(ranged_stream(size, move |start, end| {
+                let (this, key, full) = (this.clone(), key.clone(), full.clone());
+                async move { this.get_range(&key, &full, start, end).await }
+            }));
         }
         let out = with_retries(self.retry, "s3 get", || async {
             self.client

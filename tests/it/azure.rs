@@ -6,7 +6,7 @@ use super::servers::{self, AZ_ACCOUNT, AZ_KEY};
 use cairn::store::Store;
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
@@ -250,20 +250,7 @@ fn azurite_killed_mid_upload_fails_cleanly_and_resume_completes() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "upload never started");
-        if sb.path("home/state.db").exists() {
-            let out = sb.run(&["plan", "status", "--json", "1"]);
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if v["steps"][1]["status"] == "RUNNING" {
-                    break;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_running(&sb, 1, "backup/backup-node/node-0");
     std::thread::sleep(Duration::from_millis(1000));
     server.kill();
     let out = child.wait_with_output().unwrap();

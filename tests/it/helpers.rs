@@ -226,3 +226,29 @@ pub fn text(out: &Output) -> (String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Wait (up to two minutes) until step `step` of run `run` is RUNNING, reading the
+/// state through `cairn plan status --json` as an operator would.
+pub fn wait_until_running(sb: &Sandbox, run: u32, step: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "step {step} never started"
+        );
+        if sb.path("home/state.db").exists() {
+            let out = sb.run(&["plan", "status", "--json", &run.to_string()]);
+            if out.status.success() {
+                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+                let running = v["steps"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .any(|s| s["id"] == step && s["status"] == "RUNNING")
+                });
+                if running {
+                    return;
+                }
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

@@ -130,20 +130,7 @@ fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
         .spawn()
         .unwrap();
     // Wait until node 1 is streaming, then kill -9.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "node 1 never started");
-        if sb.path("home/state.db").exists() {
-            let out = sb.run(&["plan", "status", "--json", "1"]);
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if step(&v, "backup/backup-node/node-1")["status"] == "RUNNING" {
-                    break;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_running(&sb, 1, "backup/backup-node/node-1");
     std::thread::sleep(Duration::from_millis(500));
     child.kill().unwrap();
     child.wait().unwrap();

@@ -5,7 +5,7 @@ use super::helpers::*;
 use super::servers::{self, AK, SK, Server};
 use cairn::store::Store;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Runtime::new().unwrap()
@@ -316,20 +316,7 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
         .spawn()
         .unwrap();
     // Kill the server once node 0's upload has started.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        assert!(Instant::now() < deadline, "upload never started");
-        if sb.path("home/state.db").exists() {
-            let out = sb.run(&["plan", "status", "--json", "1"]);
-            if out.status.success() {
-                let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-                if v["steps"][1]["status"] == "RUNNING" {
-                    break;
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_running(&sb, 1, "backup/backup-node/node-0");
     std::thread::sleep(Duration::from_millis(1000));
     server.kill();
     let out = child.wait_with_output().unwrap();
