@@ -220,3 +220,49 @@ fn incomplete_snapshot_is_listed_and_never_restored_and_complete_never_overwritt
     sb.ok(&["snapshots", "delete", "s", "--store", "store"]);
     assert!(!sb.path("store/s").exists());
 }
+
+/// A full disk is refused by the pre-flight check (through a fake `Disk`), before
+/// anything is staged.
+#[test]
+fn restore_onto_a_full_disk_is_refused_before_anything_is_written() {
+    struct Full;
+    impl cairn::checks::Disk for Full {
+        fn available(&self, _: &std::path::Path) -> std::io::Result<u64> {
+            Ok(1 << 20)
+        }
+    }
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 4 << 20);
+    backup(&sb, src.to_str().unwrap(), "s", &[]);
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(async {
+        let state = cairn::state::StateStore::open(&sb.path("home2")).unwrap();
+        let mut engine =
+            cairn::engine::Engine::new(state, std::sync::Arc::new(cairn::progress::Silent));
+        engine.disk = std::sync::Arc::new(Full);
+        let plan = cairn::plan::Plan::find("restore-local", None).unwrap();
+        let cluster = cairn::cluster::Cluster::load(&tgt).unwrap();
+        let params: Vec<cairn::plan::params::CliParam> = [
+            "SNAPSHOT_NAME=s",
+            &format!("BACKUP_DIR={}", sb.path("store").display()),
+        ]
+        .iter()
+        .map(|p| p.parse().unwrap())
+        .collect();
+        let env: std::collections::BTreeMap<String, String> = Default::default();
+        engine
+            .start(plan, &params, &env, cluster)
+            .await
+            .unwrap()
+            .into_result()
+            .expect_err("refused")
+    });
+    assert_eq!(err.exit_code(), 3, "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("node 0") && msg.contains("1.0 MiB free"),
+        "{msg}"
+    );
+    assert!(!sb.path("tgt/node-0").exists(), "nothing was created");
+}
