@@ -51,7 +51,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
         Action::CheckRestore => {
-            checks::restore(
+            let m = checks::restore(
                 &ctx.cluster,
                 &ctx.selection,
                 &*ctx.store,
@@ -59,6 +59,8 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 &*ctx.disk,
             )
             .await?;
+            // The stage steps use the manifest the checks validated: read once.
+            let _ = ctx.manifest.set(m);
             Ok(None)
         }
         Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),

@@ -13,8 +13,8 @@
 
 use super::retry::{RetryConfig, with_retries};
 use super::{
-    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, Store, check_key, option,
-    ranged_stream,
+    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, Store, check_key, check_range,
+    option, ranged_stream,
 };
 use crate::{Error, Result};
 use async_trait::async_trait;
@@ -175,14 +175,7 @@ impl AzureStore {
                 .collect()
                 .await
                 .map_err(|e| az_err("get", key, e))?;
-            if data.len() as u64 != end - start {
-                return Err(Error::Store {
-                    op: "get",
-                    key: key.to_string(),
-                    message: format!("range {start}-{end} returned {} bytes", data.len()),
-                    transient: true,
-                });
-            }
+            check_range(key, start, end, &data)?;
             Ok(data)
         })
         .await

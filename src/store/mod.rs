@@ -157,6 +157,20 @@ where
     )
 }
 
+/// A ranged read must return exactly the bytes asked for; a short one is retried.
+pub fn check_range(key: &str, start: u64, end: u64, data: &Bytes) -> Result<()> {
+    if data.len() as u64 == end - start {
+        Ok(())
+    } else {
+        Err(Error::Store {
+            op: "get",
+            key: key.to_string(),
+            message: format!("range {start}-{end} returned {} bytes", data.len()),
+            transient: true,
+        })
+    }
+}
+
 /// Validate a key: relative, `/`-separated, no empty, `.` or `..` segments.
 pub fn check_key(key: &str) -> Result<()> {
     if key.is_empty()

@@ -14,8 +14,8 @@
 
 use super::retry::{RetryConfig, with_retries};
 use super::{
-    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, RANGE, Store, check_key, option,
-    ranged_stream,
+    ByteStream, Limits, MultipartUpload, ObjectMeta, PartInfo, RANGE, Store, check_key,
+    check_range, option, ranged_stream,
 };
 use crate::{Error, Result};
 use async_trait::async_trait;
@@ -187,14 +187,7 @@ impl S3Store {
                 transient: true,
             })?;
             let data = data.into_bytes();
-            if data.len() as u64 != end - start {
-                return Err(Error::Store {
-                    op: "get",
-                    key: key.to_string(),
-                    message: format!("range {start}-{end} returned {} bytes", data.len()),
-                    transient: true,
-                });
-            }
+            check_range(key, start, end, &data)?;
             Ok(data)
         })
         .await

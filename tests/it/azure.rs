@@ -111,10 +111,7 @@ fn backup_and_restore_round_trip_on_azurite() {
         &params,
     );
     assert!(out.status.success(), "{:?}", text(&out));
-    for i in 0..3 {
-        let source = without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]);
-        assert_eq!(source, tree(&sb.path(&format!("tgt/node-{i}"))), "node {i}");
-    }
+    assert_restored(&sb, "tgt", 3);
     let keys: Vec<String> = rt().block_on(async {
         let store =
             cairn::store::azure::AzureStore::new(&container, &options(&server.endpoint)).unwrap();
@@ -314,10 +311,7 @@ fn azurite_killed_mid_upload_fails_cleanly_and_resume_completes() {
         &params,
     );
     assert!(out.status.success(), "{:?}", text(&out));
-    for i in 0..2 {
-        let source = without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]);
-        assert_eq!(source, tree(&sb.path(&format!("tgt/node-{i}"))), "node {i}");
-    }
+    assert_restored(&sb, "tgt", 2);
 }
 
 /// The service principal path up to what can be tested here: the token request the

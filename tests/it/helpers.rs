@@ -252,3 +252,14 @@ pub fn wait_until_running(sb: &Sandbox, run: u32, step: &str) {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+/// Every restored node `<target>/node-<i>` equals its source `src/node-<i>` (system
+/// keyspaces, which backups leave out, excepted): content, modes, mtimes, links.
+pub fn assert_restored(sb: &Sandbox, target: &str, nodes: u32) {
+    for i in 0..nodes {
+        let source = without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]);
+        let restored = tree(&sb.path(&format!("{target}/node-{i}")));
+        assert!(!restored.is_empty(), "node {i} restored nothing");
+        assert_eq!(source, restored, "node {i} differs");
+    }
+}

@@ -108,10 +108,7 @@ fn round_trip(server: &Server, strategy: &str) {
         &params,
     );
     assert!(out.status.success(), "{:?}", text(&out));
-    for i in 0..3 {
-        let source = without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]);
-        assert_eq!(source, tree(&sb.path(&format!("tgt/node-{i}"))), "node {i}");
-    }
+    assert_restored(&sb, "tgt", 3);
     // Layout in the bucket, listing and verify through the store URL.
     let keys: Vec<String> = rt().block_on(async {
         let store = cairn::store::s3::S3Store::new(&bucket, &options(&server.endpoint))
@@ -395,8 +392,5 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
         &params,
     );
     assert!(out.status.success(), "{:?}", text(&out));
-    for i in 0..2 {
-        let source = without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]);
-        assert_eq!(source, tree(&sb.path(&format!("tgt/node-{i}"))), "node {i}");
-    }
+    assert_restored(&sb, "tgt", 2);
 }
