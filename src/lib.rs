@@ -9,11 +9,13 @@
 //! * [`store`]    — the object store trait, its backends (local, memory) and the part writer.
 //! * [`archive`]  — tar.gz streaming of a node (pack) and safe, verifying extraction (unpack).
 //! * [`manifest`] — the versioned `manifest.json` that marks a snapshot complete.
+//! * [`manager`]  — manager snapshots (`manager.zip`): create, verify, migrate, restore, catalog.
 //! * [`checks`]   — pre-flight checks run before anything is written or destroyed.
 //! * [`state`]    — the embedded run-state store (SQLite).
 //! * [`engine`]   — runs a plan: phases, strategies, step lifecycle, retries, actions.
 //! * [`progress`] — progress events; the terminal rendering lives in the CLI.
 //! * [`snapshots`] — list, verify and delete snapshots in a store.
+//! * [`recover`]  — choose the snapshot `cairn recover` rebuilds a manager from.
 //! * [`cli`]      — the command line, one file per subcommand.
 
 pub mod archive;
@@ -22,9 +24,11 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod manager;
 pub mod manifest;
 pub mod plan;
 pub mod progress;
+pub mod recover;
 pub mod redact;
 pub mod snapshots;
 pub mod state;

@@ -6,6 +6,7 @@ use serde::{Deserialize, Serialize};
 
 pub const FORMAT_VERSION: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
+pub const MANAGER_OBJECT: &str = "manager.zip";
 /// A manifest larger than this is refused (a hostile store cannot exhaust memory).
 pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
 
@@ -21,6 +22,19 @@ pub struct Manifest {
     pub cluster: ClusterInfo,
     /// Every object of the snapshot except the manifest itself.
     pub objects: Vec<ObjectInfo>,
+    /// The manager snapshot (`manager.zip`) of this snapshot, if it holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager: Option<ManagerInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ManagerInfo {
+    /// Its snapshot format (see `manager::format`).
+    pub format: u32,
+    pub manager_version: String,
+    pub include_credentials: bool,
+    pub created_at: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -110,6 +124,11 @@ impl Manifest {
                     )));
                 }
             }
+        }
+        if m.manager.is_some() && m.object(MANAGER_OBJECT).is_none() {
+            return Err(bad(format!(
+                "names a manager snapshot but lists no {MANAGER_OBJECT}"
+            )));
         }
         for o in &m.objects {
             crate::store::check_key(&o.key)

@@ -2,6 +2,7 @@
 //! subcommand's `run` validates them and calls the library. Only [`run`]'s caller
 //! (main.rs) prints errors and picks the exit code.
 
+pub mod manager;
 pub mod output;
 pub mod plan;
 pub mod snapshots;
@@ -46,6 +47,104 @@ pub enum Command {
     /// Snapshots in a store.
     #[command(subcommand)]
     Snapshots(SnapshotsCmd),
+    /// Manager snapshots: the control plane's state as one manager.zip.
+    #[command(subcommand, name = "manager-snapshot")]
+    ManagerSnapshot(ManagerCmd),
+    /// Rebuild a fallen manager (and with --nodes the nodes) from the newest
+    /// complete snapshot; prints what it will do and needs --force to do it.
+    Recover(RecoverArgs),
+}
+
+/// Where a manager-snapshot command works.
+#[derive(Debug, clap::Args)]
+pub struct At {
+    /// The store: file:///path, s3://bucket/prefix, az://container/prefix.
+    #[arg(long, env = "CAIRN_STORE")]
+    pub store: Option<String>,
+    /// The cluster description; without one (or without its [manager]) the manager
+    /// is cairn's own state in --home.
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ManagerCmd {
+    /// Snapshot the manager into the store (credentials left out unless asked).
+    Create {
+        /// Snapshot id (default: manager-<UTC time>).
+        id: Option<String>,
+        /// Include the files under the manager's credentials sub-path.
+        #[arg(long)]
+        include_credentials: bool,
+        #[command(flatten)]
+        at: At,
+    },
+    /// List manager snapshots: id, created, version, size, credentials, status.
+    List {
+        #[arg(long, env = "CAIRN_STORE")]
+        store: Option<String>,
+    },
+    /// Save a manager snapshot to a local file (checksum verified).
+    Download {
+        id: String,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+        #[arg(long, env = "CAIRN_STORE")]
+        store: Option<String>,
+    },
+    /// Check a local manager.zip entry by entry, then upload it.
+    Upload {
+        file: PathBuf,
+        /// Id in the store (default: the id in its metadata).
+        #[arg(long)]
+        id: Option<String>,
+        #[arg(long, env = "CAIRN_STORE")]
+        store: Option<String>,
+    },
+    /// Restore a manager snapshot: only onto a clean manager unless --force.
+    Restore {
+        id: String,
+        /// Restore over a manager that is not clean; its state is kept as a
+        /// pre-restore copy that `rollback` swaps back.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        at: At,
+    },
+    /// Swap the newest pre-restore copy back in.
+    Rollback {
+        #[arg(long, env = "CAIRN_CLUSTER")]
+        cluster: Option<PathBuf>,
+    },
+    /// Delete a manager snapshot from the store.
+    Delete {
+        id: String,
+        #[arg(long, env = "CAIRN_STORE")]
+        store: Option<String>,
+    },
+    /// The manager: where its state is, its version, whether it is clean.
+    Status {
+        #[arg(long, env = "CAIRN_CLUSTER")]
+        cluster: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RecoverArgs {
+    /// Do it (without: print what would be done and exit 2).
+    #[arg(long, short)]
+    pub force: bool,
+    /// A snapshot name, or `latest` (default): the newest complete snapshot whose
+    /// objects are all present.
+    #[arg(long)]
+    pub snapshot: Option<String>,
+    #[arg(long, env = "CAIRN_STORE")]
+    pub store: Option<String>,
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// Also restore every data node of the cluster description.
+    #[arg(long)]
+    pub nodes: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +228,8 @@ pub async fn run(cli: Cli) -> Result<i32> {
     match cli.command {
         Command::Plan(cmd) => plan::run(&g, cmd).await,
         Command::Snapshots(cmd) => snapshots::run(&g, cmd).await,
+        Command::ManagerSnapshot(cmd) => manager::run(&g, cmd).await,
+        Command::Recover(args) => manager::recover(&g, args).await,
     }
 }
 

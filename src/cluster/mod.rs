@@ -31,6 +31,16 @@ struct RawCluster {
     name: String,
     #[serde(default)]
     nodes: Vec<RawNode>,
+    manager: Option<RawManager>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManager {
+    state_dir: PathBuf,
+    version: Option<String>,
+    version_file: Option<PathBuf>,
+    credentials: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -49,6 +59,30 @@ struct RawNode {
 pub struct Cluster {
     pub name: String,
     pub nodes: Vec<Node>,
+    /// The control plane, when the description has a `[manager]` section.
+    #[serde(default)]
+    pub manager: Option<ManagerConfig>,
+    /// The file it was loaded from.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+}
+
+/// `[manager]`: where the manager keeps its state and which version it runs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ManagerConfig {
+    pub state_dir: PathBuf,
+    pub version: ManagerVersion,
+    /// Sub-path of `state_dir` holding credentials (default `credentials`).
+    pub credentials: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagerVersion {
+    /// `version = "2.3.0"`
+    Fixed(String),
+    /// `version_file = "…"`: read when needed (an upgrade changes it).
+    File(PathBuf),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -76,7 +110,9 @@ impl Cluster {
             base
         };
         let base = std::path::absolute(base).map_err(|e| Error::io("resolve", base, e))?;
-        Self::parse(&path.display().to_string(), &text, &base)
+        let mut c = Self::parse(&path.display().to_string(), &text, &base)?;
+        c.source = Some(std::path::absolute(path).map_err(|e| Error::io("resolve", path, e))?);
+        Ok(c)
     }
 
     pub fn parse(file: &str, text: &str, base: &Path) -> Result<Cluster> {
@@ -116,9 +152,37 @@ impl Cluster {
             });
         }
         nodes.sort_by_key(|n| n.index);
+        let resolve = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+        let manager = match raw.manager {
+            None => None,
+            Some(m) => {
+                let version = match (m.version, m.version_file) {
+                    (Some(v), None) => ManagerVersion::Fixed(v),
+                    (None, Some(f)) => ManagerVersion::File(resolve(f)),
+                    _ => {
+                        return Err(err(
+                            "[manager] needs exactly one of version or version_file".into(),
+                        ));
+                    }
+                };
+                let credentials = m.credentials.unwrap_or_else(|| "credentials".into());
+                if crate::store::check_key(&credentials).is_err() {
+                    return Err(err(format!(
+                        "[manager] credentials {credentials:?} is not a relative path inside state_dir"
+                    )));
+                }
+                Some(ManagerConfig {
+                    state_dir: resolve(m.state_dir),
+                    version,
+                    credentials,
+                })
+            }
+        };
         Ok(Cluster {
             name: raw.name,
             nodes,
+            manager,
+            source: None,
         })
     }
 

@@ -5,7 +5,10 @@ use super::{RunCtx, StepRef};
 use crate::archive::io::{ChannelReader, PartSink};
 use crate::archive::{pack, unpack};
 use crate::cluster::{Node, RESERVED_PREFIX, hooks, keyspaces_on_disk};
-use crate::manifest::{self, ClusterInfo, MANIFEST, Manifest, NodeInfo, ObjectInfo};
+use crate::manager::Manager;
+use crate::manifest::{
+    self, ClusterInfo, MANAGER_OBJECT, MANIFEST, ManagerInfo, Manifest, NodeInfo, ObjectInfo,
+};
 use crate::plan::Action;
 use crate::progress::Event;
 use crate::state::Status;
@@ -59,12 +62,18 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 &*ctx.disk,
             )
             .await?;
+            if let Some(force) = restore_manager_mode(ctx)? {
+                let m_ = manager_of(ctx)?;
+                check_manager_restore(&m, &m_, force)?;
+            }
             // The stage steps use the manifest the checks validated: read once.
             let _ = ctx.manifest.set(m);
             Ok(None)
         }
         Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),
         Action::CommitRestore => commit_restore(ctx).await.map(|()| None),
+        Action::BackupManager => backup_manager(ctx).await.map(Some),
+        Action::RestoreManager => restore_manager(ctx).await,
         Action::DiscardStaging => {
             for n in &ctx.cluster.nodes {
                 remove_staging(&staging_dir(ctx, n)).await;
@@ -72,6 +81,122 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             Ok(None)
         }
     }
+}
+
+/// The manager of the run's cluster (cairn's own state when it declares none).
+fn manager_of(ctx: &RunCtx) -> Result<Manager> {
+    let home = ctx
+        .state
+        .path()
+        .parent()
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    Manager::resolve(Some(&ctx.cluster), ctx.cluster.source.as_deref(), &home)
+}
+
+/// `RESTORE_MANAGER`: `None` (false, the default), `Some(false)` (true: only onto a
+/// clean manager) or `Some(true)` (force).
+fn restore_manager_mode(ctx: &RunCtx) -> Result<Option<bool>> {
+    match ctx.params.get("RESTORE_MANAGER") {
+        "" | "false" => Ok(None),
+        "true" => Ok(Some(false)),
+        "force" => Ok(Some(true)),
+        other => Err(Error::Params(vec![format!(
+            "RESTORE_MANAGER {other:?} is none of true, false, force"
+        )])),
+    }
+}
+
+/// Everything that would refuse a manager restore, checked before any node is touched.
+fn check_manager_restore(m: &Manifest, target: &Manager, force: bool) -> Result<()> {
+    let Some(info) = &m.manager else {
+        return Err(Error::Checks(vec![format!(
+            "RESTORE_MANAGER is set but snapshot {:?} holds no manager snapshot",
+            m.snapshot
+        )]));
+    };
+    if target.kind == crate::manager::Kind::Own {
+        return Err(Error::Checks(vec![
+            "the cluster description has no [manager]: cairn's own state is in use by this run; restore it with `cairn manager-snapshot restore` or `cairn recover`".into(),
+        ]));
+    }
+    crate::manager::restore::check_clean(target, force)?;
+    crate::manager::restore::check_version(target, &info.manager_version)
+}
+
+/// What a backup-manager step records for write-manifest.
+#[derive(Debug, Serialize, Deserialize)]
+struct ManagerOutput {
+    manager: ManagerInfo,
+    object: ObjectInfo,
+}
+
+async fn backup_manager(ctx: &Arc<RunCtx>) -> Result<String> {
+    let m = manager_of(ctx)?;
+    let include_credentials = ctx.params.get("MANAGER_CREDENTIALS") == "true";
+    let key = manifest::key(&ctx.snapshot, MANAGER_OBJECT);
+    tracing::info!(state_dir = %m.state_dir.display(), key = %key, "snapshotting the manager");
+    let (meta, size, sha256) = crate::manager::catalog::write_object(
+        &*ctx.store,
+        &key,
+        &m,
+        &ctx.snapshot,
+        include_credentials,
+        &ctx.cancel,
+    )
+    .await?;
+    let out = ManagerOutput {
+        manager: ManagerInfo {
+            format: meta.format,
+            manager_version: meta.manager_version,
+            include_credentials: meta.include_credentials,
+            created_at: meta.created_at,
+        },
+        object: ObjectInfo {
+            key: MANAGER_OBJECT.to_string(),
+            size,
+            sha256,
+        },
+    };
+    serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))
+}
+
+async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
+    let Some(force) = restore_manager_mode(ctx)? else {
+        return Ok(None);
+    };
+    let m = ctx.manifest().await?;
+    let target = manager_of(ctx)?;
+    check_manager_restore(m, &target, force)?;
+    let (Some(info), Some(obj)) = (&m.manager, m.object(MANAGER_OBJECT)) else {
+        return Err(Error::State(
+            "manager snapshot vanished from the manifest".into(),
+        ));
+    };
+    let status = crate::manager::catalog::Status {
+        id: ctx.snapshot.clone(),
+        status: "created".into(),
+        created_at: Some(info.created_at.clone()),
+        manager_version: Some(info.manager_version.clone()),
+        credentials: Some(info.include_credentials),
+        size: Some(obj.size),
+        sha256: Some(obj.sha256.clone()),
+        format: Some(info.format),
+        error: None,
+        snapshot: Some(ctx.snapshot.clone()),
+    };
+    let report = crate::manager::catalog::restore_key(
+        &*ctx.store,
+        &manifest::key(&ctx.snapshot, MANAGER_OBJECT),
+        &status,
+        &target,
+        force,
+        ctx.disk.clone(),
+    )
+    .await?;
+    serde_json::to_string(&report)
+        .map(Some)
+        .map_err(|e| Error::State(e.to_string()))
 }
 
 async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
@@ -234,6 +359,19 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         nodes.push(out.node);
         objects.push(out.object);
     }
+    let mut manager = None;
+    for s in steps
+        .iter()
+        .filter(|s| s.action == Action::BackupManager.name())
+    {
+        let (Status::Complete, Some(out)) = (s.status, &s.output) else {
+            return Err(Error::State(format!("step {} has not completed", s.id)));
+        };
+        let out: ManagerOutput = serde_json::from_str(out)
+            .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))?;
+        objects.push(out.object);
+        manager = Some(out.manager);
+    }
     nodes.sort_by_key(|n| n.index);
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     let m = Manifest {
@@ -248,6 +386,7 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
             nodes,
         },
         objects,
+        manager,
     };
     // Every object must be there with its size before the snapshot is declared complete.
     let missing = checks::objects_present(&*ctx.store, &ctx.snapshot, &m).await;

@@ -31,10 +31,14 @@ pub enum Action {
     CommitRestore,
     /// Remove staging dirs (used on failure).
     DiscardStaging,
+    /// Stream the manager's state to `<snapshot>/manager.zip`.
+    BackupManager,
+    /// With `RESTORE_MANAGER=true|force`: verify and swap in `<snapshot>/manager.zip`.
+    RestoreManager,
 }
 
 impl Action {
-    pub const ALL: [Action; 7] = [
+    pub const ALL: [Action; 9] = [
         Action::CheckBackup,
         Action::BackupNode,
         Action::WriteManifest,
@@ -42,6 +46,8 @@ impl Action {
         Action::StageNode,
         Action::CommitRestore,
         Action::DiscardStaging,
+        Action::BackupManager,
+        Action::RestoreManager,
     ];
 
     pub fn name(self) -> &'static str {
@@ -53,6 +59,8 @@ impl Action {
             Action::StageNode => "stage-node",
             Action::CommitRestore => "commit-restore",
             Action::DiscardStaging => "discard-staging",
+            Action::BackupManager => "backup-manager",
+            Action::RestoreManager => "restore-manager",
         }
     }
 
@@ -173,6 +181,10 @@ pub const SHIPPED: &[(&str, &str)] = &[
     (
         "restore-azure",
         include_str!("../../plans/restore-azure.toml"),
+    ),
+    (
+        "recover-nodes",
+        include_str!("../../plans/recover-nodes.toml"),
     ),
 ];
 

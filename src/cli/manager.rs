@@ -1,0 +1,316 @@
+//! `cairn manager-snapshot …` and `cairn recover`.
+
+use super::output::{print_json, progress};
+use super::{Globals, ManagerCmd, RecoverArgs, cancel_on_signals, usage};
+use crate::checks::{RealDisk, human};
+use crate::cluster::{Cluster, Selection};
+use crate::engine::Engine;
+use crate::error::exit;
+use crate::manager::{Manager, catalog};
+use crate::plan::Plan;
+use crate::plan::params::{CliParam, ProcessEnv};
+use crate::store::{self, Store};
+use crate::{Error, Result};
+use serde_json::json;
+use std::path::Path;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+fn manager(g: &Globals, cluster: Option<&Path>) -> Result<Manager> {
+    let c = cluster.map(Cluster::load).transpose()?;
+    Manager::resolve(c.as_ref(), cluster, &g.home)
+}
+
+async fn open(url: Option<String>) -> Result<Arc<dyn Store>> {
+    let url = url.ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
+    store::open(&url, &super::store_options_from_env()).await
+}
+
+fn yes_no(b: Option<bool>) -> &'static str {
+    match b {
+        Some(true) => "yes",
+        Some(false) => "no",
+        None => "-",
+    }
+}
+
+pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
+    match cmd {
+        ManagerCmd::Create {
+            id,
+            include_credentials,
+            at,
+        } => {
+            let m = manager(g, at.cluster.as_deref())?;
+            let store = open(at.store).await?;
+            let id = id.unwrap_or_else(catalog::default_id);
+            let s = catalog::create(&*store, &m, &id, include_credentials, &cancel).await?;
+            if g.json {
+                print_json(&json!(s));
+            } else {
+                println!(
+                    "manager snapshot {} created in {}: {}, manager version {}, credentials {}",
+                    s.id,
+                    store.describe(),
+                    human(s.size.unwrap_or(0)),
+                    s.manager_version.as_deref().unwrap_or("-"),
+                    yes_no(s.credentials)
+                );
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::List { store } => {
+            let store = open(store).await?;
+            let list = catalog::list(&*store).await?;
+            if g.json {
+                print_json(&json!(list));
+                return Ok(exit::OK);
+            }
+            if list.is_empty() {
+                println!("no manager snapshots in {}", store.describe());
+                return Ok(exit::OK);
+            }
+            println!(
+                "{:32} {:26} {:10} {:>10} {:11} {:9} FORMAT",
+                "ID", "CREATED", "VERSION", "SIZE", "CREDENTIALS", "STATUS"
+            );
+            for s in list {
+                println!(
+                    "{:32} {:26} {:10} {:>10} {:11} {:9} {}{}{}",
+                    s.id,
+                    s.created_at.as_deref().unwrap_or("-"),
+                    s.manager_version.as_deref().unwrap_or("-"),
+                    s.size.map_or("-".into(), human),
+                    yes_no(s.credentials),
+                    s.status,
+                    s.format.map_or("-".into(), |f| format!("v{f}")),
+                    s.snapshot
+                        .as_ref()
+                        .map(|n| format!("  (in snapshot {n})"))
+                        .unwrap_or_default(),
+                    s.error.map(|e| format!("  ({e})")).unwrap_or_default()
+                );
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Download { id, output, store } => {
+            let store = open(store).await?;
+            let s = catalog::download(&*store, &id, &output).await?;
+            if g.json {
+                print_json(&json!({"id": id, "file": output, "size": s.size}));
+            } else {
+                println!(
+                    "manager snapshot {id} saved to {} ({}, checksum verified)",
+                    output.display(),
+                    human(s.size.unwrap_or(0))
+                );
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Upload { file, id, store } => {
+            let store = open(store).await?;
+            let s = catalog::upload(&*store, &file, id.as_deref(), &cancel).await?;
+            if g.json {
+                print_json(&json!(s));
+            } else {
+                println!(
+                    "uploaded {} as manager snapshot {} to {} (every entry verified)",
+                    file.display(),
+                    s.id,
+                    store.describe()
+                );
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Restore { id, force, at } => {
+            let m = manager(g, at.cluster.as_deref())?;
+            let store = open(at.store).await?;
+            let r = catalog::restore(&*store, &id, &m, force, Arc::new(RealDisk)).await?;
+            if g.json {
+                print_json(&json!(r));
+            } else {
+                println!(
+                    "manager snapshot {id} restored into {}: {} files, {} (format v{}{}, manager version {}, credentials {})",
+                    r.state_dir.display(),
+                    r.files,
+                    human(r.bytes),
+                    r.written_format,
+                    if r.written_format == crate::manager::format::CURRENT {
+                        String::new()
+                    } else {
+                        format!(" migrated to v{}", crate::manager::format::CURRENT)
+                    },
+                    r.manager_version,
+                    if r.credentials { "restored" } else { "kept" }
+                );
+                if let Some(p) = &r.pre_restore {
+                    println!(
+                        "the previous state is kept at {}; `cairn manager-snapshot rollback` swaps it back",
+                        p.display()
+                    );
+                }
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Rollback { cluster } => {
+            let m = manager(g, cluster.as_deref())?;
+            let (from, replaced) = crate::manager::restore::rollback(&m)?;
+            if g.json {
+                print_json(&json!({"restored": from, "replaced_kept_at": replaced}));
+            } else {
+                println!(
+                    "{} is back from {}{}",
+                    m.state_dir.display(),
+                    from.display(),
+                    replaced
+                        .map(|p| format!("; the replaced state is kept at {}", p.display()))
+                        .unwrap_or_default()
+                );
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Delete { id, store } => {
+            let store = open(store).await?;
+            catalog::delete(&*store, &id).await?;
+            if g.json {
+                print_json(&json!({"deleted": id}));
+            } else {
+                println!("deleted manager snapshot {id}");
+            }
+            Ok(exit::OK)
+        }
+        ManagerCmd::Status { cluster } => {
+            let m = manager(g, cluster.as_deref())?;
+            let s = catalog::status(&m)?;
+            if g.json {
+                print_json(&json!(s));
+            } else {
+                println!(
+                    "manager: {} ({})",
+                    s.state_dir.display(),
+                    match s.kind {
+                        crate::manager::Kind::Declared => "[manager] of the cluster description",
+                        crate::manager::Kind::Own => "cairn's own state",
+                    }
+                );
+                println!("version: {}", s.version);
+                println!("credentials: {}/", s.credentials);
+                if s.clean {
+                    println!("clean: yes (a snapshot can be restored without --force)");
+                } else {
+                    println!("clean: no");
+                    for r in &s.not_clean {
+                        println!("  - {r}");
+                    }
+                }
+                for p in &s.pre_restore_copies {
+                    println!("pre-restore copy: {}", p.display());
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
+    let url = a
+        .store
+        .ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
+    let store = store::open(&url, &super::store_options_from_env()).await?;
+    let cluster = a.cluster.as_deref().map(Cluster::load).transpose()?;
+    if a.nodes && cluster.is_none() {
+        return Err(usage(
+            "--nodes needs the cluster description: pass --cluster FILE or set CAIRN_CLUSTER",
+        ));
+    }
+    let m = Manager::resolve(cluster.as_ref(), a.cluster.as_deref(), &g.home)?;
+    let choice = crate::recover::choose(&*store, a.snapshot.as_deref(), a.nodes).await?;
+    let out = |line: String| {
+        if g.json {
+            eprintln!("{line}");
+        } else {
+            println!("{line}");
+        }
+    };
+    out(format!(
+        "recover from snapshot {} (finished {}, manager version {}) in {}",
+        choice.snapshot,
+        choice.finished_at,
+        choice.manager_version,
+        store.describe()
+    ));
+    for (name, why) in &choice.skipped {
+        out(format!("  passed over newer snapshot {name}: {why}"));
+    }
+    out(format!(
+        "  manager: replace {} with the snapshot's state (manager version here: {}); the current state, if any, is kept as a pre-restore copy",
+        m.state_dir.display(),
+        m.version
+    ));
+    if let Some(c) = cluster.as_ref().filter(|_| a.nodes) {
+        for n in &c.nodes {
+            out(format!(
+                "  node {}: restore into {}",
+                n.index,
+                n.data_dir.display()
+            ));
+        }
+    }
+    if !a.force {
+        return Err(usage(
+            "recover replaces state, so it needs --force; nothing was changed",
+        ));
+    }
+    if let Some(c) = cluster.as_ref().filter(|_| a.nodes) {
+        // Every node check passes before the manager is touched.
+        crate::checks::restore(
+            c,
+            &Selection::default(),
+            &*store,
+            &choice.snapshot,
+            &RealDisk,
+        )
+        .await?;
+    }
+    let loc = catalog::locate(&*store, &choice.snapshot).await?;
+    crate::manager::restore::check_version(&m, &choice.manager_version)?;
+    let report =
+        catalog::restore_key(&*store, &loc.key, &loc.status, &m, true, Arc::new(RealDisk)).await?;
+    out(format!(
+        "manager restored into {} ({} files)",
+        report.state_dir.display(),
+        report.files
+    ));
+    let mut run = None;
+    if let Some(c) = cluster.filter(|_| a.nodes) {
+        let plan = Plan::find("recover-nodes", None)?;
+        let engine = Engine::new(g.state()?, progress(g.quiet || g.json));
+        cancel_on_signals(engine.cancel.clone());
+        let params = vec![
+            CliParam {
+                key: "STORE".into(),
+                value: url.clone(),
+            },
+            CliParam {
+                key: "SNAPSHOT_NAME".into(),
+                value: choice.snapshot.clone(),
+            },
+        ];
+        let outcome = engine.start(plan, &params, &ProcessEnv, c).await?;
+        let id = outcome.run_id;
+        if let Some(e) = outcome.error {
+            return Err(Error::Step {
+                step: format!("run {id} (recover-nodes)"),
+                source: Box::new(e),
+            });
+        }
+        out(format!("nodes restored (run {id})"));
+        run = Some(id);
+    }
+    if g.json {
+        print_json(&json!({"snapshot": choice.snapshot, "manager": report, "nodes_run": run}));
+    }
+    Ok(exit::OK)
+}

@@ -1,0 +1,516 @@
+//! Manager snapshots in a store.
+//!
+//! A snapshot made on its own (`cairn manager-snapshot create`, `upload`) lives at
+//! `.cairn-manager/<id>/manager.zip` with `.cairn-manager/<id>/status.json` beside it
+//! (creating → created | failed; uploaded). A backup plan's `<snapshot>/manager.zip`
+//! is listed too, under the snapshot's name, once its manifest says it is complete.
+
+use super::format::Metadata;
+use super::restore::{self, Report};
+use super::zipfile::{self, Header};
+use super::{Kind, Manager};
+use crate::archive::io::PartSink;
+use crate::checks::Disk;
+use crate::manifest::{self, MANIFEST, ManagerInfo};
+use crate::store::{Store, get_bytes, part_size_for, upload_parts};
+use crate::{Error, Result};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub const PREFIX: &str = ".cairn-manager";
+pub const OBJECT: &str = manifest::MANAGER_OBJECT;
+const STATUS: &str = "status.json";
+const MAX_STATUS_BYTES: u64 = 1 << 20;
+
+pub fn object_key(id: &str) -> String {
+    format!("{PREFIX}/{id}/{OBJECT}")
+}
+fn status_key(id: &str) -> String {
+    format!("{PREFIX}/{id}/{STATUS}")
+}
+
+/// `creating`, `created`, `failed` or `uploaded`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub id: String,
+    pub status: String,
+    pub created_at: Option<String>,
+    pub manager_version: Option<String>,
+    pub credentials: Option<bool>,
+    pub size: Option<u64>,
+    pub sha256: Option<String>,
+    pub format: Option<u32>,
+    #[serde(default)]
+    pub error: Option<String>,
+    /// Set when the manager snapshot is part of a (node) snapshot of that name.
+    #[serde(default)]
+    pub snapshot: Option<String>,
+}
+
+impl Status {
+    fn new(id: &str, status: &str) -> Status {
+        Status {
+            id: id.to_string(),
+            status: status.to_string(),
+            created_at: None,
+            manager_version: None,
+            credentials: None,
+            size: None,
+            sha256: None,
+            format: None,
+            error: None,
+            snapshot: None,
+        }
+    }
+
+    fn with_meta(mut self, meta: &Metadata, size: u64, sha256: String) -> Status {
+        self.created_at = Some(meta.created_at.clone());
+        self.manager_version = Some(meta.manager_version.clone());
+        self.credentials = Some(meta.include_credentials);
+        self.format = Some(meta.format);
+        self.size = Some(size);
+        self.sha256 = Some(sha256);
+        self
+    }
+
+    /// Whether it can be restored.
+    pub fn usable(&self) -> bool {
+        matches!(self.status.as_str(), "created" | "uploaded")
+    }
+}
+
+/// A default id: `manager-<UTC time>`.
+pub fn default_id() -> String {
+    format!("manager-{}", chrono::Utc::now().format("%Y%m%dT%H%M%SZ"))
+}
+
+pub fn check_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Usage(format!(
+            "{id:?} is not a snapshot id (letters, digits, '.', '_', '-'; at most 128)"
+        )))
+    }
+}
+
+async fn put_status(store: &dyn Store, s: &Status) -> Result<()> {
+    let data = serde_json::to_vec_pretty(s).map_err(|e| Error::State(e.to_string()))?;
+    store.put(&status_key(&s.id), data.into()).await
+}
+
+/// Stream a snapshot of `m` to `key` (blocking work on a worker thread); returns
+/// the metadata written, the object's size and SHA-256.
+pub async fn write_object(
+    store: &dyn Store,
+    key: &str,
+    m: &Manager,
+    id: &str,
+    include_credentials: bool,
+    cancel: &CancellationToken,
+) -> Result<(Metadata, u64, String)> {
+    let m2 = m.clone();
+    let prepared = tokio::task::spawn_blocking(move || zipfile::prepare(&m2, include_credentials))
+        .await
+        .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))??;
+    let expected: u64 = prepared.sources.iter().map(|s| s.size).sum();
+    let part_size = part_size_for(store.limits(), expected);
+    let (tx, rx) = mpsc::channel(1);
+    let header = Header {
+        id: id.to_string(),
+        manager_version: m.version.clone(),
+        include_credentials,
+    };
+    let producer = tokio::task::spawn_blocking(move || {
+        let sink = PartSink::new(part_size, tx);
+        let (meta, sink) = zipfile::write(&prepared, &header, sink, |_| {})?;
+        let (size, sha) = sink
+            .finish()
+            .map_err(|e| Error::io("send", "manager.zip", e))?;
+        Ok::<_, Error>((meta, size, sha))
+    });
+    let producer = async {
+        producer
+            .await
+            .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))?
+    };
+    let (uploaded, (meta, size, sha)) =
+        upload_parts(store, key, rx, part_size, producer, cancel, |_| {}).await?;
+    if uploaded != size {
+        return Err(Error::store(
+            "upload",
+            key,
+            format!("uploaded {uploaded} bytes of {size}"),
+        ));
+    }
+    Ok((meta, size, sha))
+}
+
+async fn exists(store: &dyn Store, id: &str) -> Result<bool> {
+    Ok(
+        store.head(&status_key(id)).await?.is_some()
+            || store.head(&object_key(id)).await?.is_some(),
+    )
+}
+
+/// `cairn manager-snapshot create`.
+pub async fn create(
+    store: &dyn Store,
+    m: &Manager,
+    id: &str,
+    include_credentials: bool,
+    cancel: &CancellationToken,
+) -> Result<Status> {
+    check_id(id)?;
+    if exists(store, id).await? {
+        return Err(Error::Checks(vec![format!(
+            "a manager snapshot {id:?} already exists in {}; snapshots are never overwritten",
+            store.describe()
+        )]));
+    }
+    put_status(store, &Status::new(id, "creating")).await?;
+    match write_object(store, &object_key(id), m, id, include_credentials, cancel).await {
+        Ok((meta, size, sha)) => {
+            let s = Status::new(id, "created").with_meta(&meta, size, sha);
+            put_status(store, &s).await?;
+            Ok(s)
+        }
+        Err(e) => {
+            let mut s = Status::new(id, "failed");
+            s.error = Some(crate::redact::redact(&e.to_string()));
+            if let Err(e2) = put_status(store, &s).await {
+                tracing::warn!("could not record the failure: {e2}");
+            }
+            Err(e)
+        }
+    }
+}
+
+/// Every manager snapshot of a store: standalone ones, then those inside complete
+/// snapshots; sorted by creation time.
+pub async fn list(store: &dyn Store) -> Result<Vec<Status>> {
+    let objects = store.list("").await?;
+    let size_of = |key: &str| objects.iter().find(|o| o.key == key).map(|o| o.size);
+    let mut out = Vec::new();
+    for o in &objects {
+        if let Some(rest) = o.key.strip_prefix(&format!("{PREFIX}/"))
+            && let Some(id) = rest.strip_suffix(&format!("/{STATUS}"))
+        {
+            let mut s = match get_bytes(store, &o.key, MAX_STATUS_BYTES)
+                .await
+                .and_then(|b| {
+                    serde_json::from_slice::<Status>(&b)
+                        .map_err(|e| Error::archive(&o.key, e.to_string()))
+                }) {
+                Ok(s) if s.id == id => s,
+                Ok(_) | Err(_) => {
+                    let mut s = Status::new(id, "failed");
+                    s.error = Some("status.json is unreadable".into());
+                    s
+                }
+            };
+            if s.usable() && size_of(&object_key(id)) != s.size {
+                s.status = "failed".into();
+                s.error = Some("manager.zip is missing or has the wrong size".into());
+            }
+            out.push(s);
+        } else if let Some(name) = o.key.strip_suffix(&format!("/{MANIFEST}"))
+            && !name.contains('/')
+            && size_of(&manifest::key(name, OBJECT)).is_some()
+        {
+            let Ok(m) = crate::checks::read_manifest(store, name).await else {
+                continue;
+            };
+            if let (Some(info), Some(obj)) = (&m.manager, m.object(OBJECT)) {
+                out.push(from_manifest(name, info, obj));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+    Ok(out)
+}
+
+fn from_manifest(name: &str, info: &ManagerInfo, obj: &manifest::ObjectInfo) -> Status {
+    Status {
+        id: name.to_string(),
+        status: "created".into(),
+        created_at: Some(info.created_at.clone()),
+        manager_version: Some(info.manager_version.clone()),
+        credentials: Some(info.include_credentials),
+        size: Some(obj.size),
+        sha256: Some(obj.sha256.clone()),
+        format: Some(info.format),
+        error: None,
+        snapshot: Some(name.to_string()),
+    }
+}
+
+/// Where a snapshot id's zip is, with its expected size and checksum.
+pub struct Located {
+    pub key: String,
+    pub status: Status,
+}
+
+/// Find `id`: a standalone snapshot, else the manager of a complete snapshot.
+pub async fn locate(store: &dyn Store, id: &str) -> Result<Located> {
+    check_id(id)?;
+    if store.head(&status_key(id)).await?.is_some() {
+        let b = get_bytes(store, &status_key(id), MAX_STATUS_BYTES).await?;
+        let s: Status = serde_json::from_slice(&b)
+            .map_err(|e| Error::archive(status_key(id), e.to_string()))?;
+        if !s.usable() {
+            return Err(Error::Checks(vec![format!(
+                "manager snapshot {id:?} is {}{}; it cannot be used",
+                s.status,
+                s.error
+                    .as_deref()
+                    .map(|e| format!(" ({e})"))
+                    .unwrap_or_default()
+            )]));
+        }
+        return Ok(Located {
+            key: object_key(id),
+            status: s,
+        });
+    }
+    if store.head(&manifest::key(id, MANIFEST)).await?.is_some() {
+        let m = crate::checks::read_manifest(store, id).await?;
+        if let (Some(info), Some(obj)) = (&m.manager, m.object(OBJECT)) {
+            return Ok(Located {
+                key: manifest::key(id, OBJECT),
+                status: from_manifest(id, info, obj),
+            });
+        }
+        return Err(Error::NotFound(format!(
+            "snapshot {id:?} in {} holds no manager snapshot",
+            store.describe()
+        )));
+    }
+    Err(Error::NotFound(format!(
+        "manager snapshot {id:?} in {}",
+        store.describe()
+    )))
+}
+
+/// Download `key` into `out`, checking size and SHA-256 when known.
+pub async fn download_into(
+    store: &dyn Store,
+    key: &str,
+    size: Option<u64>,
+    sha256: Option<&str>,
+    out: &Path,
+) -> Result<()> {
+    use sha2::Digest;
+    let mut stream = store.get(key).await?;
+    let mut f = tokio::fs::File::create(out)
+        .await
+        .map_err(|e| Error::io("create", out, e))?;
+    let mut h = sha2::Sha256::new();
+    let mut n = 0u64;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk?;
+        n += chunk.len() as u64;
+        if size.is_some_and(|s| n > s) {
+            return Err(Error::archive(key, "larger than recorded"));
+        }
+        h.update(&chunk);
+        f.write_all(&chunk)
+            .await
+            .map_err(|e| Error::io("write", out, e))?;
+    }
+    f.sync_all().await.map_err(|e| Error::io("sync", out, e))?;
+    if size.is_some_and(|s| s != n) {
+        return Err(Error::archive(key, format!("{n} bytes, {size:?} recorded")));
+    }
+    let got = crate::archive::hex_digest(h);
+    if sha256.is_some_and(|s| s != got) {
+        return Err(Error::archive(
+            key,
+            "does not match its recorded checksum (corrupt)",
+        ));
+    }
+    Ok(())
+}
+
+/// `cairn manager-snapshot download ID -o FILE`: never overwrites `out`.
+pub async fn download(store: &dyn Store, id: &str, out: &Path) -> Result<Status> {
+    let loc = locate(store, id).await?;
+    if out.exists() {
+        return Err(Error::Usage(format!(
+            "{} exists; choose another file",
+            out.display()
+        )));
+    }
+    let dir = out
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let tmp = tempfile::Builder::new()
+        .prefix(".cairn-download-")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("create a file in", dir, e))?;
+    download_into(
+        store,
+        &loc.key,
+        loc.status.size,
+        loc.status.sha256.as_deref(),
+        tmp.path(),
+    )
+    .await?;
+    tmp.persist_noclobber(out)
+        .map_err(|e| Error::io("save", out, e.error))?;
+    Ok(loc.status)
+}
+
+/// `cairn manager-snapshot upload FILE [--id ID]`: the file is checked entry by
+/// entry first; a file that fails is never uploaded.
+pub async fn upload(
+    store: &dyn Store,
+    file: &Path,
+    id: Option<&str>,
+    cancel: &CancellationToken,
+) -> Result<Status> {
+    let f = file.to_path_buf();
+    let checked = tokio::task::spawn_blocking(move || zipfile::read(&f, None))
+        .await
+        .map_err(|e| Error::State(format!("check worker failed: {e}")))??;
+    let id = id.map_or_else(|| checked.metadata.id.clone(), str::to_string);
+    check_id(&id)?;
+    if exists(store, &id).await? {
+        return Err(Error::Checks(vec![format!(
+            "a manager snapshot {id:?} already exists in {}",
+            store.describe()
+        )]));
+    }
+    let len = std::fs::metadata(file)
+        .map_err(|e| Error::io("stat", file, e))?
+        .len();
+    let part_size = part_size_for(store.limits(), len);
+    let (tx, rx) = mpsc::channel(1);
+    let f = file.to_path_buf();
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut sink = PartSink::new(part_size, tx);
+        let mut src = std::fs::File::open(&f).map_err(|e| Error::io("open", &f, e))?;
+        std::io::copy(&mut src, &mut sink).map_err(|e| Error::io("read", &f, e))?;
+        sink.finish().map_err(|e| Error::io("send", &f, e))
+    });
+    let producer = async {
+        producer
+            .await
+            .map_err(|e| Error::State(format!("upload worker failed: {e}")))?
+    };
+    let (_, (size, sha)) = upload_parts(
+        store,
+        &object_key(&id),
+        rx,
+        part_size,
+        producer,
+        cancel,
+        |_| {},
+    )
+    .await?;
+    let mut s = Status::new(&id, "uploaded").with_meta(&checked.metadata, size, sha);
+    s.format = Some(checked.written_format);
+    put_status(store, &s).await?;
+    Ok(s)
+}
+
+/// `cairn manager-snapshot delete ID`: the zip, then its status.
+pub async fn delete(store: &dyn Store, id: &str) -> Result<()> {
+    check_id(id)?;
+    if store.head(&status_key(id)).await?.is_none() && store.head(&object_key(id)).await?.is_none()
+    {
+        if store.head(&manifest::key(id, OBJECT)).await?.is_some() {
+            return Err(Error::Usage(format!(
+                "{id:?} is the manager snapshot of snapshot {id:?}; delete the whole snapshot with `cairn snapshots delete {id}`"
+            )));
+        }
+        return Err(Error::NotFound(format!(
+            "manager snapshot {id:?} in {}",
+            store.describe()
+        )));
+    }
+    store.delete(&object_key(id)).await?;
+    store.delete(&status_key(id)).await
+}
+
+/// Download the snapshot `id` beside the state dir and restore it into `m`.
+pub async fn restore(
+    store: &dyn Store,
+    id: &str,
+    m: &Manager,
+    force: bool,
+    disk: Arc<dyn Disk>,
+) -> Result<Report> {
+    // Refuse a dirty manager before downloading anything.
+    restore::check_clean(m, force)?;
+    let loc = locate(store, id).await?;
+    if let Some(v) = &loc.status.manager_version {
+        restore::check_version(m, v)?;
+    }
+    restore_key(store, &loc.key, &loc.status, m, force, disk).await
+}
+
+/// Restore the zip at `key` (expected size and checksum from `status`).
+pub async fn restore_key(
+    store: &dyn Store,
+    key: &str,
+    status: &Status,
+    m: &Manager,
+    force: bool,
+    disk: Arc<dyn Disk>,
+) -> Result<Report> {
+    let tmp = restore::download_file(m)?;
+    download_into(
+        store,
+        key,
+        status.size,
+        status.sha256.as_deref(),
+        tmp.path(),
+    )
+    .await?;
+    let m = m.clone();
+    tokio::task::spawn_blocking(move || {
+        let r = restore::restore_file(&m, tmp.path(), force, &*disk);
+        drop(tmp);
+        r
+    })
+    .await
+    .map_err(|e| Error::State(format!("restore worker failed: {e}")))?
+}
+
+/// What `status` shows about a manager.
+#[derive(Debug, Serialize)]
+pub struct ManagerStatus {
+    pub kind: Kind,
+    pub state_dir: PathBuf,
+    pub version: String,
+    pub credentials: String,
+    pub clean: bool,
+    pub not_clean: Vec<String>,
+    pub pre_restore_copies: Vec<PathBuf>,
+}
+
+pub fn status(m: &Manager) -> Result<ManagerStatus> {
+    let not_clean = m.not_clean()?;
+    Ok(ManagerStatus {
+        kind: m.kind,
+        state_dir: m.state_dir.clone(),
+        version: m.version.clone(),
+        credentials: m.credentials.clone(),
+        clean: not_clean.is_empty(),
+        not_clean,
+        pre_restore_copies: restore::pre_restore_copies(m)?,
+    })
+}
