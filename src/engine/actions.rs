@@ -147,9 +147,9 @@ async fn backup_manager(ctx: &Arc<RunCtx>) -> Result<String> {
     .await?;
     let out = ManagerOutput {
         manager: ManagerInfo {
-            format: meta.format,
+            format: meta.format_version,
             manager_version: meta.manager_version,
-            include_credentials: meta.include_credentials,
+            include_credentials: meta.credentials_included,
             created_at: meta.created_at,
         },
         object: ObjectInfo {

@@ -71,8 +71,8 @@ impl Status {
     fn with_meta(mut self, meta: &Metadata, size: u64, sha256: String) -> Status {
         self.created_at = Some(meta.created_at.clone());
         self.manager_version = Some(meta.manager_version.clone());
-        self.credentials = Some(meta.include_credentials);
-        self.format = Some(meta.format);
+        self.credentials = Some(meta.credentials_included);
+        self.format = Some(meta.format_version);
         self.size = Some(size);
         self.sha256 = Some(sha256);
         self
@@ -385,7 +385,7 @@ pub async fn upload(
     let checked = tokio::task::spawn_blocking(move || zipfile::read(&f, None))
         .await
         .map_err(|e| Error::State(format!("check worker failed: {e}")))??;
-    let id = id.map_or_else(|| checked.metadata.id.clone(), str::to_string);
+    let id = id.map_or_else(|| checked.metadata.snapshot_id.clone(), str::to_string);
     check_id(&id)?;
     if exists(store, &id).await? {
         return Err(Error::Checks(vec![format!(

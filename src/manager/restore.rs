@@ -127,21 +127,21 @@ pub fn restore_file(m: &Manager, zip: &Path, force: bool, disk: &dyn Disk) -> Re
     })?;
     let meta = checked.metadata;
     Ok(Report {
-        id: meta.id.clone(),
+        id: meta.snapshot_id.clone(),
         manager_version: meta.manager_version.clone(),
         written_format: checked.written_format,
         files: meta.entries.len(),
         bytes: meta.total_bytes(),
-        credentials: meta.include_credentials,
+        credentials: meta.credentials_included,
         state_dir: m.state_dir.clone(),
         pre_restore,
     })
 }
 
 fn stage(m: &Manager, zip: &Path, staging: &Path) -> Result<zipfile::Checked> {
-    let checked = zipfile::read(zip, Some(staging))?;
+    let checked = zipfile::read(zip, Some((staging, &m.credentials)))?;
     // A snapshot without credentials keeps the target's own.
-    if m.kind == Kind::Declared && !checked.metadata.include_credentials {
+    if m.kind == Kind::Declared && !checked.metadata.credentials_included {
         let current = m.state_dir.join(&m.credentials);
         if current.is_dir() {
             for f in super::walk(&current)? {

@@ -33,7 +33,8 @@ pub struct Source {
     pub file: PathBuf,
     pub size: u64,
     pub mode: u32,
-    pub credentials: bool,
+    /// For a credential: its path relative to the credentials dir.
+    pub credentials: Option<String>,
 }
 
 /// The files of a snapshot, and the temporary copies some of them are read from.
@@ -61,8 +62,8 @@ pub fn prepare(m: &Manager, include_credentials: bool) -> Result<Prepared> {
                 if Some(&f.path) == m.version_entry.as_ref() {
                     continue;
                 }
-                let credentials = f.path.starts_with(&cred_prefix);
-                if credentials && !include_credentials {
+                let credentials = f.path.strip_prefix(&cred_prefix).map(str::to_string);
+                if credentials.is_some() && !include_credentials {
                     continue;
                 }
                 sources.push(Source {
@@ -121,7 +122,7 @@ fn source_of(path: &str, file: PathBuf) -> Result<Source> {
         size: meta.len(),
         mode: meta.permissions().mode() & 0o777,
         file,
-        credentials: false,
+        credentials: None,
     })
 }
 
@@ -148,14 +149,20 @@ pub fn write<W: Write>(
     let mut entries = Vec::new();
     let mut done = 0u64;
     for s in &prepared.sources {
+        let (kind, path) = match &s.credentials {
+            Some(rel) => (format::EntryKind::Credentials, rel.clone()),
+            None => (format::EntryKind::State, s.path.clone()),
+        };
         let entry = format::Entry {
-            path: s.path.clone(),
+            name: format::Entry::name_for(kind, &path),
+            kind,
+            path,
             size: 0,
             sha256: String::new(),
             mode: s.mode,
         };
         zw.start_file(
-            entry.zip_name(),
+            entry.name.clone(),
             base.unix_permissions(s.mode)
                 .large_file(s.size >= LARGE_ENTRY),
         )
@@ -190,12 +197,13 @@ pub fn write<W: Write>(
         });
     }
     let meta = Metadata {
-        format: format::CURRENT,
-        id: header.id.clone(),
+        format_version: format::CURRENT,
+        snapshot_id: header.id.clone(),
         manager_version: header.manager_version.clone(),
         cairn_version: crate::VERSION.to_string(),
         created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-        include_credentials: header.include_credentials,
+        credentials_included: header.include_credentials,
+        total_bytes: entries.iter().map(|e| e.size).sum(),
         entries,
     };
     zw.start_file(format::METADATA, base.unix_permissions(0o600))
@@ -221,14 +229,15 @@ pub fn read_metadata(path: &Path) -> Result<Checked> {
 }
 
 /// Check every entry of the zip at `path` against its metadata; with `dest`, write
-/// the files into that (new, empty) directory, credentials under `credentials_dir`.
-pub fn read(path: &Path, dest: Option<&Path>) -> Result<Checked> {
+/// the files into that (new, empty) directory, credentials under its
+/// `credentials_dir`.
+pub fn read(path: &Path, dest: Option<(&Path, &str)>) -> Result<Checked> {
     let mut archive = open(path)?;
     let checked = metadata_of(&mut archive)?;
     let meta = &checked.metadata;
     let bad = |m: String| Error::archive("manager.zip", m);
     let declared: BTreeMap<String, &format::Entry> =
-        meta.entries.iter().map(|e| (e.zip_name(), e)).collect();
+        meta.entries.iter().map(|e| (e.name.clone(), e)).collect();
     let total = meta.total_bytes();
     let mut seen = std::collections::BTreeSet::new();
     let mut read_total = 0u64;
@@ -269,8 +278,8 @@ pub fn read(path: &Path, dest: Option<&Path>) -> Result<Checked> {
             )));
         }
         let mut out = match dest {
-            Some(d) => {
-                let target = d.join(&entry.path);
+            Some((d, credentials_dir)) => {
+                let target = d.join(entry.destination(credentials_dir));
                 if let Some(parent) = target.parent() {
                     std::fs::create_dir_all(parent)
                         .map_err(|e| Error::io("create dir", parent, e))?;

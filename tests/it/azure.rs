@@ -126,6 +126,7 @@ fn backup_and_restore_round_trip_on_azurite() {
     assert_eq!(
         keys,
         vec![
+            "team/backups/snap/manager.zip",
             "team/backups/snap/manifest.json",
             "team/backups/snap/node-0.tar.gz",
             "team/backups/snap/node-1.tar.gz",

@@ -125,6 +125,7 @@ fn round_trip(server: &Server, strategy: &str) {
     assert_eq!(
         keys,
         vec![
+            "team/backups/snap/manager.zip",
             "team/backups/snap/manifest.json",
             "team/backups/snap/node-0.tar.gz",
             "team/backups/snap/node-1.tar.gz",
