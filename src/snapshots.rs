@@ -128,7 +128,37 @@ pub async fn verify(
             Err(e) => report.problems.push(e.to_string()),
         }
     }
+    if let Some(object) = m.object(manifest::MANAGER_OBJECT) {
+        match verify_manager(store, name, object).await {
+            Ok(()) => {}
+            Err(Error::Cancelled) => return Err(Error::Cancelled),
+            Err(e) => report
+                .problems
+                .push(format!("{}: {e}", manifest::MANAGER_OBJECT)),
+        }
+    }
     Ok(report)
+}
+
+/// Download `manager.zip` to a temporary file and check every entry.
+async fn verify_manager(
+    store: &dyn Store,
+    name: &str,
+    object: &manifest::ObjectInfo,
+) -> Result<()> {
+    let tmp = tempfile::NamedTempFile::new()
+        .map_err(|e| Error::io("create a temporary file in", std::env::temp_dir(), e))?;
+    crate::manager::catalog::download_into(
+        store,
+        &manifest::key(name, &object.key),
+        Some(object.size),
+        Some(&object.sha256),
+        tmp.path(),
+    )
+    .await?;
+    tokio::task::spawn_blocking(move || crate::manager::zipfile::read(tmp.path(), None).map(|_| ()))
+        .await
+        .map_err(|e| Error::State(format!("verify worker failed: {e}")))?
 }
 
 /// Delete a snapshot: the manifest first, so it is marked incomplete at once and

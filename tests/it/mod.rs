@@ -5,6 +5,7 @@ pub mod helpers;
 mod archive;
 mod azure;
 mod cli;
+mod manager;
 mod resume;
 mod roundtrip;
 mod s3;

@@ -1,0 +1,931 @@
+//! Manager snapshots: round trips, credentials, clean and version rules, rollback,
+//! kept format fixtures, hostile and corrupt zips, restore plans and `recover`.
+
+use crate::it::helpers::{Sandbox, assert_restored, noise, source_cluster, text};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+const SECRET_KEY: &[u8] = b"-----BEGIN KEY-----\nagent-key-7f3a9c-do-not-leak\n-----END KEY-----\n";
+
+/// Regular files under `dir`: relative path → (mode, SHA-256).
+fn files(dir: &Path) -> BTreeMap<String, (u32, String)> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, (u32, String)>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd {
+            let p = e.unwrap().path();
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            if m.is_dir() {
+                walk(root, &p, out);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
+                let sha = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
+                out.insert(rel, (m.permissions().mode() & 0o777, sha));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn without_prefix(
+    mut t: BTreeMap<String, (u32, String)>,
+    prefix: &str,
+) -> BTreeMap<String, (u32, String)> {
+    t.retain(|k, _| !k.starts_with(prefix));
+    t
+}
+
+fn write(path: &Path, data: &[u8], mode: u32) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// A manager state dir with a database, blueprints, a binary plugin and credentials.
+fn fill_manager(dir: &Path) {
+    write(
+        &dir.join("db/deployments.json"),
+        br#"{"deployments":["web"]}"#,
+        0o640,
+    );
+    write(
+        &dir.join("blueprints/web/blueprint.yaml"),
+        b"node_templates: {}\n",
+        0o644,
+    );
+    write(
+        &dir.join("plugins/openstack.wgn"),
+        &noise(5, 300_000),
+        0o644,
+    );
+    write(&dir.join("manager.conf"), b"broker_ip = 10.0.0.5\n", 0o600);
+    write(&dir.join("credentials/agents/vm1.pem"), SECRET_KEY, 0o600);
+}
+
+/// A cluster description with `[manager]` (and `nodes`); returns its path.
+fn manager_cluster(
+    sb: &Sandbox,
+    name: &str,
+    state_dir: &Path,
+    version: &str,
+    extra: &str,
+    nodes: &[(u32, PathBuf)],
+) -> PathBuf {
+    let mut t = format!("name = {name:?}\n");
+    for (i, d) in nodes {
+        t.push_str(&format!("[[nodes]]\nindex = {i}\ndata_dir = {d:?}\n"));
+    }
+    if nodes.is_empty() {
+        t.push_str(&format!(
+            "[[nodes]]\nindex = 0\ndata_dir = {:?}\n",
+            sb.path(&format!("{name}-node-0"))
+        ));
+    }
+    t.push_str(&format!(
+        "[manager]\nstate_dir = {state_dir:?}\nversion = {version:?}\n{extra}\n"
+    ));
+    let path = sb.path(&format!("{name}.toml"));
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn store_url(sb: &Sandbox) -> String {
+    format!("file://{}", sb.path("store").display())
+}
+
+/// Entry names inside a zip file.
+fn zip_names(path: &Path) -> Vec<String> {
+    let a = zip::ZipArchive::new(std::fs::File::open(path).unwrap()).unwrap();
+    a.file_names().map(|n| n.unwrap().to_string()).collect()
+}
+
+#[test]
+fn create_and_restore_round_trip_with_and_without_credentials() {
+    let sb = Sandbox::new();
+    let src = sb.path("mgr/state");
+    fill_manager(&src);
+    let c = manager_cluster(&sb, "src", &src, "2.3.0", "", &[]);
+    let store = store_url(&sb);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "plain",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "full",
+        "--include-credentials",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    // The listing says which snapshots hold credentials.
+    let out = sb.ok(&["manager-snapshot", "list", "--store", &store, "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let creds: BTreeMap<String, (bool, String)> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["id"].as_str().unwrap().to_string(),
+                (
+                    s["credentials"].as_bool().unwrap(),
+                    s["status"].as_str().unwrap().to_string(),
+                ),
+            )
+        })
+        .collect();
+    assert_eq!(creds["plain"], (false, "created".into()));
+    assert_eq!(creds["full"], (true, "created".into()));
+    // Without --include-credentials the key is nowhere in the zip.
+    sb.ok(&[
+        "manager-snapshot",
+        "download",
+        "plain",
+        "-o",
+        "plain.zip",
+        "--store",
+        &store,
+    ]);
+    assert!(
+        zip_names(&sb.path("plain.zip"))
+            .iter()
+            .all(|n| !n.contains("credentials/"))
+    );
+    let mut a = zip::ZipArchive::new(std::fs::File::open(sb.path("plain.zip")).unwrap()).unwrap();
+    for i in 0..a.len() {
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut a.by_index(i).unwrap(), &mut data).unwrap();
+        assert!(!data.windows(SECRET_KEY.len()).any(|w| w == SECRET_KEY));
+    }
+    // download never overwrites.
+    let again = sb.run(&[
+        "manager-snapshot",
+        "download",
+        "plain",
+        "-o",
+        "plain.zip",
+        "--store",
+        &store,
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+
+    // Onto clean managers at new locations running a newer version.
+    let t1 = sb.path("new1/state");
+    let c1 = manager_cluster(&sb, "new1", &t1, "2.4.0", "", &[]);
+    sb.ok(&[
+        "manager-snapshot",
+        "restore",
+        "plain",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c1),
+    ]);
+    assert_eq!(files(&t1), without_prefix(files(&src), "credentials/"));
+    let t2 = sb.path("new2/state");
+    let c2 = manager_cluster(&sb, "new2", &t2, "2.4.0", "", &[]);
+    sb.ok(&[
+        "manager-snapshot",
+        "restore",
+        "full",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c2),
+    ]);
+    assert_eq!(files(&t2), files(&src));
+    // A target whose credentials live elsewhere gets them there.
+    let t3 = sb.path("new3/state");
+    let c3 = manager_cluster(
+        &sb,
+        "new3",
+        &t3,
+        "2.3.0",
+        "credentials = \"secrets/tls\"",
+        &[],
+    );
+    sb.ok(&[
+        "manager-snapshot",
+        "restore",
+        "full",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c3),
+    ]);
+    assert_eq!(
+        std::fs::read(t3.join("secrets/tls/agents/vm1.pem")).unwrap(),
+        SECRET_KEY
+    );
+    assert!(!t3.join("credentials").exists());
+
+    // delete removes it from the listing; a second delete is "not found".
+    sb.ok(&["manager-snapshot", "delete", "plain", "--store", &store]);
+    let gone = sb.run(&["manager-snapshot", "delete", "plain", "--store", &store]);
+    assert_eq!(gone.status.code(), Some(5));
+}
+
+#[test]
+fn a_manager_that_is_not_clean_is_refused_unless_forced_and_rollback_works() {
+    let sb = Sandbox::new();
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let c = manager_cluster(&sb, "m", &state, "2.3.0", "", &[]);
+    let store = store_url(&sb);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "snap",
+        "--include-credentials",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    let snapshotted = files(&state);
+    // The manager moves on: a new deployment, a changed file.
+    write(
+        &state.join("db/deployments.json"),
+        br#"{"deployments":["web","db"]}"#,
+        0o640,
+    );
+    write(
+        &state.join("blueprints/db/blueprint.yaml"),
+        b"x: 1\n",
+        0o644,
+    );
+    let current = files(&state);
+
+    let out = sb.run(&[
+        "manager-snapshot",
+        "restore",
+        "snap",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("not clean"), "{:?}", text(&out));
+    assert_eq!(
+        files(&state),
+        current,
+        "a refused restore changed the state"
+    );
+    let st = sb.ok(&["manager-snapshot", "status", "--cluster", s(&c), "--json"]);
+    let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
+    assert_eq!(st["clean"], false);
+
+    sb.ok(&[
+        "manager-snapshot",
+        "restore",
+        "snap",
+        "--force",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    assert_eq!(files(&state), snapshotted);
+    let copies: Vec<PathBuf> = std::fs::read_dir(sb.path("mgr"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_str()
+                .unwrap()
+                .starts_with(".state.pre-restore-")
+        })
+        .collect();
+    assert_eq!(copies.len(), 1);
+    assert_eq!(
+        files(&copies[0]),
+        current,
+        "the pre-restore copy is the replaced state"
+    );
+
+    sb.ok(&["manager-snapshot", "rollback", "--cluster", s(&c)]);
+    assert_eq!(
+        files(&state),
+        current,
+        "rollback brings the replaced state back"
+    );
+}
+
+#[test]
+fn a_snapshot_from_a_newer_manager_is_refused() {
+    let sb = Sandbox::new();
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let c = manager_cluster(&sb, "m", &state, "3.1.0", "", &[]);
+    let store = store_url(&sb);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "new",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    let old = sb.path("old/state");
+    // The old manager reads its version from a file inside its state dir.
+    write(&old.join("VERSION"), b"3.0.2\n", 0o644);
+    let c_old = manager_cluster(&sb, "old", &old, "", "", &[]);
+    let text_old = std::fs::read_to_string(&c_old).unwrap().replace(
+        "version = \"\"",
+        &format!("version_file = {:?}", old.join("VERSION")),
+    );
+    std::fs::write(&c_old, text_old).unwrap();
+    let before = files(&old);
+    let out = sb.run(&[
+        "manager-snapshot",
+        "restore",
+        "new",
+        "--force",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c_old),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("newer than this manager's 3.0.2"),
+        "{:?}",
+        text(&out)
+    );
+    assert_eq!(files(&old), before);
+    assert_eq!(
+        std::fs::read_dir(sb.path("old")).unwrap().count(),
+        1,
+        "nothing beside the state dir"
+    );
+}
+
+/// The manager the fixtures were made from.
+fn fixture_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/manager-snapshots")
+}
+
+#[test]
+fn every_kept_format_fixture_restores_with_the_current_code() {
+    let root = fixture_root();
+    let source = files(&root.join("source/state"));
+    let mut versions = Vec::new();
+    for e in std::fs::read_dir(&root).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_str().unwrap().to_string();
+        if let Some(v) = name.strip_prefix('v') {
+            versions.push((v.parse::<u32>().unwrap(), p.join("manager.zip")));
+        }
+    }
+    versions.sort();
+    assert!(versions.len() >= 2, "fixtures for v1 and v2 are kept");
+    assert_eq!(
+        versions.iter().map(|v| v.0).collect::<Vec<_>>(),
+        (1..=versions.len() as u32).collect::<Vec<_>>()
+    );
+    for (v, zip) in versions {
+        let sb = Sandbox::new();
+        let store = store_url(&sb);
+        sb.ok(&[
+            "manager-snapshot",
+            "upload",
+            s(&zip),
+            "--id",
+            "fixture",
+            "--store",
+            &store,
+        ]);
+        let out = sb.ok(&["manager-snapshot", "list", "--store", &store, "--json"]);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(list[0]["format"], v, "the listing shows the format");
+        // Onto a newer manager that keeps credentials under another sub-path.
+        let state = sb.path("mgr/state");
+        let c = manager_cluster(&sb, "m", &state, "2.4.0", "credentials = \"keys\"", &[]);
+        let out = sb.ok(&[
+            "manager-snapshot",
+            "restore",
+            "fixture",
+            "--store",
+            &store,
+            "--cluster",
+            s(&c),
+        ]);
+        assert!(
+            text(&out).0.contains(&format!("format v{v}")),
+            "{:?}",
+            text(&out)
+        );
+        let restored = files(&state);
+        let expected: BTreeMap<String, (u32, String)> = source
+            .iter()
+            .map(|(k, v)| (k.replacen("credentials/", "keys/", 1), v.clone()))
+            .collect();
+        assert_eq!(restored, expected, "fixture v{v}");
+    }
+}
+
+/// A zip with `metadata` and `entries` (name, data); `symlinks` are link entries.
+fn make_zip(
+    path: &Path,
+    metadata: &serde_json::Value,
+    entries: &[(&str, &[u8])],
+    symlinks: &[(&str, &str)],
+) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut z = zip::ZipWriter::new(f);
+    let o = zip::write::SimpleFileOptions::default();
+    for (name, data) in entries {
+        z.start_file(*name, o).unwrap();
+        z.write_all(data).unwrap();
+    }
+    for (name, target) in symlinks {
+        z.add_symlink(*name, *target, o).unwrap();
+    }
+    z.start_file("metadata.json", o).unwrap();
+    z.write_all(&serde_json::to_vec(metadata).unwrap()).unwrap();
+    z.finish().unwrap();
+}
+
+fn entry(name: &str, path: &str, data: &[u8]) -> serde_json::Value {
+    serde_json::json!({
+        "name": name, "kind": "state", "path": path, "size": data.len(),
+        "sha256": hex::encode(Sha256::digest(data)), "mode": 0o644
+    })
+}
+
+fn metadata(entries: Vec<serde_json::Value>, total: u64) -> serde_json::Value {
+    serde_json::json!({
+        "format_version": 2, "snapshot_id": "evil", "manager_version": "1.0.0",
+        "cairn_version": "0.1.0", "created_at": "2026-01-01T00:00:00Z",
+        "credentials_included": false, "total_bytes": total, "entries": entries
+    })
+}
+
+/// Put a zip straight into the store (as a compromised store would), bypassing
+/// `upload`'s checks.
+fn plant(sb: &Sandbox, id: &str, zip: &Path) {
+    let dir = sb.path(&format!("store/.cairn-manager/{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(zip, dir.join("manager.zip")).unwrap();
+    std::fs::write(
+        dir.join("status.json"),
+        serde_json::to_vec(&serde_json::json!({
+            "id": id, "status": "uploaded", "created_at": null, "manager_version": null,
+            "credentials": null, "size": null, "sha256": null, "format": null
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn hostile_zips_are_refused_and_nothing_is_written_outside_the_target() {
+    let sb = Sandbox::new();
+    let ok = b"fine".as_slice();
+    let bomb = vec![0u8; 64 << 20];
+    let dup_zip = sb.path("dup.zip");
+    {
+        // Two entries, then the second's name rewritten to the first's.
+        make_zip(
+            &dup_zip,
+            &metadata(
+                vec![
+                    entry("state/aaaa", "aaaa", ok),
+                    entry("state/aaab", "aaab", ok),
+                ],
+                8,
+            ),
+            &[("state/aaaa", ok), ("state/aaab", ok)],
+            &[],
+        );
+        let bytes = std::fs::read(&dup_zip).unwrap();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < bytes.len() {
+            if bytes[i..].starts_with(b"state/aaab") {
+                out.extend_from_slice(b"state/aaaa");
+                i += 10;
+            } else {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+        std::fs::write(&dup_zip, out).unwrap();
+    }
+    let cases: Vec<(&str, PathBuf)> = vec![
+        ("slip", {
+            let p = sb.path("slip.zip");
+            make_zip(
+                &p,
+                &metadata(vec![entry("state/../../evil", "../../evil", ok)], 4),
+                &[("state/../../evil", ok)],
+                &[],
+            );
+            p
+        }),
+        ("undeclared-slip", {
+            let p = sb.path("undeclared.zip");
+            make_zip(
+                &p,
+                &metadata(vec![entry("state/a", "a", ok)], 4),
+                &[("state/a", ok), ("../../evil", ok)],
+                &[],
+            );
+            p
+        }),
+        ("absolute", {
+            let p = sb.path("abs.zip");
+            let target = sb.path("evil-abs");
+            let name = target.to_str().unwrap().to_string();
+            make_zip(
+                &p,
+                &metadata(vec![entry(&name, &name, ok)], 4),
+                &[(&name, ok)],
+                &[],
+            );
+            p
+        }),
+        ("symlink", {
+            let p = sb.path("link.zip");
+            make_zip(
+                &p,
+                &metadata(vec![entry("state/link", "link", b"/etc/passwd")], 11),
+                &[],
+                &[("state/link", "/etc/passwd")],
+            );
+            p
+        }),
+        ("duplicate", dup_zip.clone()),
+        ("deflate bomb", {
+            let p = sb.path("bomb.zip");
+            // Declares 4 bytes; inflates to 64 MiB.
+            let mut e = entry("state/db", "db", ok);
+            e["sha256"] = serde_json::json!(hex::encode(Sha256::digest(ok)));
+            make_zip(&p, &metadata(vec![e], 4), &[("state/db", &bomb)], &[]);
+            p
+        }),
+        ("total beyond declared", {
+            let p = sb.path("total.zip");
+            make_zip(
+                &p,
+                &metadata(vec![entry("state/a", "a", ok)], 1),
+                &[("state/a", ok)],
+                &[],
+            );
+            p
+        }),
+    ];
+    let store = store_url(&sb);
+    let state = sb.path("mgr/state");
+    let c = manager_cluster(&sb, "m", &state, "2.0.0", "", &[]);
+    for (what, zip) in &cases {
+        // upload checks the file first and stores nothing.
+        let out = sb.run(&[
+            "manager-snapshot",
+            "upload",
+            s(zip),
+            "--id",
+            "up",
+            "--store",
+            &store,
+        ]);
+        assert!(!out.status.success(), "{what}: upload accepted");
+        assert!(
+            !sb.path("store/.cairn-manager/up").exists(),
+            "{what}: upload stored something"
+        );
+        // A planted zip is refused by restore.
+        let id = what.replace(' ', "-");
+        plant(&sb, &id, zip);
+        let out = sb.run(&[
+            "manager-snapshot",
+            "restore",
+            &id,
+            "--store",
+            &store,
+            "--cluster",
+            s(&c),
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{what}: {:?}", text(&out));
+        let why = match *what {
+            "slip" | "absolute" => "escapes the target",
+            "undeclared-slip" => "is not declared",
+            "symlink" => "is a link",
+            "duplicate" => "same name",
+            "deflate bomb" => "but 4 in the metadata",
+            _ => "declares a total of 1 bytes",
+        };
+        assert!(text(&out).1.contains(why), "{what}: {:?}", text(&out));
+        assert!(!state.exists(), "{what}: the state dir was created");
+        let beside: Vec<String> = std::fs::read_dir(sb.path("mgr"))
+            .map(|rd| {
+                rd.map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(beside.is_empty(), "{what}: left {beside:?}");
+    }
+    for evil in ["evil", "evil-abs", "../evil"] {
+        assert!(!sb.path(evil).exists(), "{evil} was written");
+    }
+}
+
+#[test]
+fn a_corrupt_entry_is_refused_before_the_state_dir_is_touched() {
+    let sb = Sandbox::new();
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let c = manager_cluster(&sb, "m", &state, "2.3.0", "", &[]);
+    let store = store_url(&sb);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "snap",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    // Flip one byte in the middle of the plugin's compressed data; keep the recorded
+    // checksum of the whole object in line, as a store that rots under it would not.
+    let zip = sb.path("store/.cairn-manager/snap/manager.zip");
+    let mut bytes = std::fs::read(&zip).unwrap();
+    let at = bytes
+        .windows(b"plugins/openstack.wgn".len())
+        .position(|w| w == b"plugins/openstack.wgn")
+        .unwrap()
+        + 1000;
+    bytes[at] ^= 0x40;
+    std::fs::write(&zip, &bytes).unwrap();
+    let status = sb.path("store/.cairn-manager/snap/status.json");
+    let mut st: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&status).unwrap()).unwrap();
+    st["sha256"] = serde_json::json!(hex::encode(Sha256::digest(&bytes)));
+    std::fs::write(&status, serde_json::to_vec(&st).unwrap()).unwrap();
+    write(&state.join("db/deployments.json"), b"{}", 0o640);
+    let before = files(&state);
+    let out = sb.run(&[
+        "manager-snapshot",
+        "restore",
+        "snap",
+        "--force",
+        "--store",
+        &store,
+        "--cluster",
+        s(&c),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert_eq!(files(&state), before);
+    let beside: Vec<_> = std::fs::read_dir(sb.path("mgr")).unwrap().collect();
+    assert_eq!(beside.len(), 1, "no staging dir, no pre-restore copy left");
+}
+
+#[test]
+fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 10_000);
+    // Give the source cluster a manager.
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let mut t = std::fs::read_to_string(&src).unwrap();
+    t.push_str(&format!(
+        "[manager]\nstate_dir = {state:?}\nversion = \"2.3.0\"\n"
+    ));
+    std::fs::write(&src, t).unwrap();
+    let dir = sb.path("backups");
+    let p = |k: &str, v: &str| format!("{k}={v}");
+    sb.ok(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        s(&src),
+        "-p",
+        &p("SNAPSHOT_NAME", "s1"),
+        "-p",
+        &p("BACKUP_DIR", s(&dir)),
+    ]);
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("s1/manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["manager"]["manager_version"], "2.3.0");
+    assert!(
+        manifest["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["key"] == "manager.zip")
+    );
+
+    // Target: a manager that is not clean; RESTORE_MANAGER=true is refused before
+    // any node is touched.
+    let tstate = sb.path("tmgr/state");
+    write(&tstate.join("db/other.json"), b"{}", 0o644);
+    let nodes: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| (i, sb.path(&format!("tgt/node-{i}"))))
+        .collect();
+    let tc = manager_cluster(&sb, "tgt", &tstate, "2.4.0", "", &nodes);
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "restore-local",
+        "--cluster",
+        s(&tc),
+        "-p",
+        &p("SNAPSHOT_NAME", "s1"),
+        "-p",
+        &p("BACKUP_DIR", s(&dir)),
+        "-p",
+        "RESTORE_MANAGER=true",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        !sb.path("tgt/node-0").exists()
+            || std::fs::read_dir(sb.path("tgt/node-0")).unwrap().count() == 0
+    );
+    // Forced: nodes and manager restored, the old manager state kept aside.
+    sb.ok(&[
+        "plan",
+        "start",
+        "restore-local",
+        "--cluster",
+        s(&tc),
+        "-p",
+        &p("SNAPSHOT_NAME", "s1"),
+        "-p",
+        &p("BACKUP_DIR", s(&dir)),
+        "-p",
+        "RESTORE_MANAGER=force",
+    ]);
+    assert_restored(&sb, "tgt", 2);
+    assert_eq!(
+        files(&tstate),
+        without_prefix(files(&state), "credentials/")
+    );
+    // `snapshots verify` checks the manager snapshot too.
+    let store = format!("file://{}", dir.display());
+    sb.ok(&["snapshots", "verify", "s1", "--store", &store]);
+    let zip = dir.join("s1/manager.zip");
+    let mut bytes = std::fs::read(&zip).unwrap();
+    let n = bytes.len();
+    bytes[n / 2] ^= 1;
+    std::fs::write(&zip, bytes).unwrap();
+    let out = sb.run(&["snapshots", "verify", "s1", "--store", &store]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(text(&out).0.contains("manager.zip"), "{:?}", text(&out));
+}
+
+#[test]
+fn recover_needs_force_and_rebuilds_manager_and_nodes_at_new_locations() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 10_000);
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let mut t = std::fs::read_to_string(&src).unwrap();
+    t.push_str(&format!(
+        "[manager]\nstate_dir = {state:?}\nversion = \"2.3.0\"\n"
+    ));
+    std::fs::write(&src, t).unwrap();
+    let dir = sb.path("backups");
+    let store = format!("file://{}", dir.display());
+    for snap in ["older", "newer"] {
+        sb.ok(&[
+            "plan",
+            "start",
+            "backup-local",
+            "--cluster",
+            s(&src),
+            "-p",
+            &format!("SNAPSHOT_NAME={snap}"),
+            "-p",
+            &format!("BACKUP_DIR={}", dir.display()),
+        ]);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    // The newest snapshot lost an object: recover passes over it.
+    std::fs::remove_file(dir.join("newer/node-1.tar.gz")).unwrap();
+
+    // The manager's machine is gone; a new description names new places.
+    let new_state = sb.path("rebuilt/mgr");
+    let nodes: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| (i, sb.path(&format!("tgt/node-{i}"))))
+        .collect();
+    let nc = manager_cluster(&sb, "tgt", &new_state, "2.3.0", "", &nodes);
+    let out = sb.run(&["recover", "--store", &store, "--cluster", s(&nc), "--nodes"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    let (stdout, stderr) = text(&out);
+    assert!(stdout.contains("recover from snapshot older"), "{stdout}");
+    assert!(
+        stdout.contains("passed over newer snapshot newer"),
+        "{stdout}"
+    );
+    assert!(stderr.contains("--force"), "{stderr}");
+    assert!(
+        !new_state.exists() && !sb.path("tgt").exists(),
+        "nothing changed without --force"
+    );
+
+    sb.ok(&[
+        "recover",
+        "--force",
+        "--store",
+        &store,
+        "--cluster",
+        s(&nc),
+        "--nodes",
+    ]);
+    assert_eq!(
+        files(&new_state),
+        without_prefix(files(&state), "credentials/")
+    );
+    assert_restored(&sb, "tgt", 2);
+}
+
+#[test]
+fn cairns_own_state_is_the_manager_without_a_manager_section() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1_000);
+    let dir = sb.path("backups");
+    sb.ok(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        s(&src),
+        "-p",
+        "SNAPSHOT_NAME=a",
+        "-p",
+        &format!("BACKUP_DIR={}", dir.display()),
+    ]);
+    let store = store_url(&sb);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "own",
+        "--store",
+        &store,
+        "--cluster",
+        s(&src),
+    ]);
+    // A fresh home (a new machine) gets the run history back.
+    let fresh = sb.path("home2");
+    let out = sb
+        .command(&[
+            "manager-snapshot",
+            "restore",
+            "own",
+            "--store",
+            &store,
+            "--cluster",
+            s(&src),
+        ])
+        .env("CAIRN_HOME", &fresh)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        std::fs::read(fresh.join("cluster.toml")).unwrap(),
+        std::fs::read(&src).unwrap()
+    );
+    let hist = sb
+        .command(&["plan", "history", "--json"])
+        .env("CAIRN_HOME", &fresh)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&hist.stdout).contains("backup-local"),
+        "{:?}",
+        text(&hist)
+    );
+    // The home that made it is not clean: restoring over it needs --force.
+    let out = sb.run(&[
+        "manager-snapshot",
+        "restore",
+        "own",
+        "--store",
+        &store,
+        "--cluster",
+        s(&src),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+}
