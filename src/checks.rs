@@ -71,7 +71,7 @@ pub async fn backup(
             Err(e) => problems.push(format!("node {}: {e}", node.index)),
         }
     }
-    if let Some(named) = &selection.0 {
+    if let Some(named) = &selection.keyspaces {
         let absent: Vec<&str> = named
             .iter()
             .filter(|k| !found.contains(*k))
@@ -160,7 +160,15 @@ pub async fn restore(
     let mut problems = objects_present(store, snapshot, &m).await;
     let want: BTreeSet<u32> = m.cluster.nodes.iter().map(|n| n.index).collect();
     let have: BTreeSet<u32> = cluster.nodes.iter().map(|n| n.index).collect();
-    if want != have {
+    if cluster.partial {
+        let absent: Vec<String> = have.difference(&want).map(u32::to_string).collect();
+        if !absent.is_empty() {
+            problems.push(format!(
+                "node(s) {} are not in snapshot {snapshot:?}",
+                absent.join(", ")
+            ));
+        }
+    } else if want != have {
         problems.push(format!(
             "the snapshot has {} node(s) {:?} but the target cluster has {} node(s) {:?}",
             want.len(),
@@ -169,7 +177,21 @@ pub async fn restore(
             have
         ));
     }
-    if let Some(named) = &selection.0 {
+    for p in &selection.paths {
+        let found = m.cluster.nodes.iter().any(|n| {
+            have.contains(&n.index)
+                && n.files.iter().any(|f| {
+                    f.path == *p
+                        || f.path
+                            .strip_prefix(p.as_str())
+                            .is_some_and(|r| r.starts_with('/'))
+                })
+        });
+        if !found {
+            problems.push(format!("path {p:?} is in no file of snapshot {snapshot:?}"));
+        }
+    }
+    if let Some(named) = &selection.keyspaces {
         let in_snapshot: BTreeSet<&str> = m
             .cluster
             .nodes
@@ -198,33 +220,51 @@ pub async fn restore(
             .map(String::as_str)
             .filter(|k| selection.includes_restored(k))
             .collect();
-        match keyspaces_on_disk(&node.data_dir) {
-            Ok(existing) => {
-                let clash: Vec<&str> = existing
-                    .iter()
-                    .map(String::as_str)
-                    .filter(|k| restoring.contains(k))
-                    .collect();
-                if !clash.is_empty() {
-                    problems.push(format!(
+        if !selection.paths.is_empty() {
+            // A partial restore never overwrites: each restored path must be absent.
+            let clash: Vec<&str> = selection
+                .paths
+                .iter()
+                .map(String::as_str)
+                .filter(|p| {
+                    info.files
+                        .iter()
+                        .any(|f| f.path == **p || f.path.starts_with(&format!("{p}/")))
+                })
+                .filter(|p| std::fs::symlink_metadata(node.data_dir.join(p)).is_ok())
+                .collect();
+            if !clash.is_empty() {
+                problems.push(format!(
+                    "node {}: already present in {}: {} (restore never overwrites; move them away or restore into another directory with RESTORE_DIR)",
+                    node.index,
+                    node.data_dir.display(),
+                    clash.join(", ")
+                ));
+            }
+        } else {
+            match keyspaces_on_disk(&node.data_dir) {
+                Ok(existing) => {
+                    let clash: Vec<&str> = existing
+                        .iter()
+                        .map(String::as_str)
+                        .filter(|k| restoring.contains(k))
+                        .collect();
+                    if !clash.is_empty() {
+                        problems.push(format!(
                         "node {}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
                         node.index,
                         node.data_dir.display(),
                         clash.join(", ")
                     ));
+                    }
                 }
+                Err(e) => problems.push(format!("node {}: {e}", node.index)),
             }
-            Err(e) => problems.push(format!("node {}: {e}", node.index)),
         }
         let bytes: u64 = info
             .files
             .iter()
-            .filter(|f| {
-                f.path
-                    .split('/')
-                    .next()
-                    .is_some_and(|k| restoring.contains(k))
-            })
+            .filter(|f| selection.restores_file(&f.path))
             .map(|f| f.size)
             .sum();
         let need = with_margin(bytes);

@@ -22,6 +22,8 @@ pub mod exit {
     pub const CHECK_REFUSED: i32 = 3;
     pub const LOCKED: i32 = 4;
     pub const NOT_FOUND: i32 = 5;
+    /// `snapshots last --max-age`: the newest complete snapshot is too old.
+    pub const STALE: i32 = 6;
     pub const CANCELLED: i32 = 130;
 }
 
@@ -55,6 +57,11 @@ pub enum Error {
         message: String,
         transient: bool,
     },
+
+    /// A lock in the store is held by another run or command (or is stale and was
+    /// not broken).
+    #[error("{0}")]
+    Locked(String),
 
     /// An object that should exist does not.
     #[error("not found: {0}")]
@@ -148,6 +155,7 @@ impl Error {
             }
             Error::Checks(_) => exit::CHECK_REFUSED,
             Error::NotFound(_) => exit::NOT_FOUND,
+            Error::Locked(_) => exit::LOCKED,
             Error::Cancelled => exit::CANCELLED,
             Error::Step { source, .. } => source.exit_code(),
             _ => exit::FAILED,

@@ -9,6 +9,7 @@
 //! * [`store`]    — the object store trait, its backends (local, memory) and the part writer.
 //! * [`archive`]  — tar.gz streaming of a node (pack) and safe, verifying extraction (unpack).
 //! * [`manifest`] — the versioned `manifest.json` that marks a snapshot complete.
+//! * [`lock`]     — locks in the store (owner, host, heartbeat) so runs and prunes never collide.
 //! * [`manager`]  — manager snapshots (`manager.zip`): create, verify, migrate, restore, catalog.
 //! * [`checks`]   — pre-flight checks run before anything is written or destroyed.
 //! * [`state`]    — the embedded run-state store (SQLite).
@@ -16,6 +17,7 @@
 //! * [`progress`] — progress events; the terminal rendering lives in the CLI.
 //! * [`snapshots`] — list, verify and delete snapshots in a store.
 //! * [`recover`]  — choose the snapshot `cairn recover` rebuilds a manager from.
+//! * [`retention`] — tiered retention decisions and the prune that applies them.
 //! * [`cli`]      — the command line, one file per subcommand.
 
 pub mod archive;
@@ -24,12 +26,14 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod lock;
 pub mod manager;
 pub mod manifest;
 pub mod plan;
 pub mod progress;
 pub mod recover;
 pub mod redact;
+pub mod retention;
 pub mod snapshots;
 pub mod state;
 pub mod store;

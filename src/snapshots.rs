@@ -27,15 +27,58 @@ pub struct SnapshotSummary {
     pub objects: usize,
     /// Why a snapshot with a manifest could not be read, if so.
     pub problem: Option<String>,
+    /// Newest modification of its objects (Unix seconds), where the store says.
+    pub modified: Option<i64>,
+    /// The last verification recorded in the store.
+    pub verified: Option<VerifyRecord>,
+    /// A lock on it (a run writing or reading it, or a stale one).
+    pub lock: Option<crate::lock::LockInfo>,
+}
+
+/// Where the last verification of each snapshot is recorded.
+pub const VERIFY_PREFIX: &str = ".cairn-verify";
+
+fn verify_key(name: &str) -> String {
+    format!("{VERIFY_PREFIX}/{name}.json")
+}
+
+/// The last verification of a snapshot, kept in the store.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
+pub struct VerifyRecord {
+    pub at: String,
+    /// `metadata`, `read-data` or `sample`.
+    pub mode: String,
+    pub sample_percent: Option<f64>,
+    pub ok: bool,
+    pub problems: usize,
+}
+
+impl VerifyRecord {
+    /// Whether data was read back and found good.
+    pub fn data_ok(&self) -> bool {
+        self.ok && self.mode != "metadata"
+    }
 }
 
 /// All snapshots (top-level folders) of a store, sorted by name.
 pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
-    let mut folders: BTreeMap<String, (u64, usize, bool)> = BTreeMap::new();
+    let mut folders: BTreeMap<String, (u64, usize, bool, Option<i64>)> = BTreeMap::new();
+    let mut records = Vec::new();
+    let mut locked = BTreeMap::new();
     for o in store.list("").await? {
         let Some((name, rest)) = o.key.split_once('/') else {
             continue;
         };
+        if name == VERIFY_PREFIX {
+            records.push(o.key.clone());
+            continue;
+        }
+        if name == crate::lock::PREFIX {
+            if let Some((snap, _)) = rest.split_once('/') {
+                locked.entry(snap.to_string()).or_insert(o.key.clone());
+            }
+            continue;
+        }
         if name.starts_with(crate::cluster::RESERVED_PREFIX) {
             continue;
         }
@@ -43,9 +86,23 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
         e.0 += o.size;
         e.1 += 1;
         e.2 |= rest == MANIFEST;
+        e.3 = e.3.max(o.modified);
     }
     let mut out = Vec::new();
-    for (name, (stored_bytes, objects, has_manifest)) in folders {
+    for (name, (stored_bytes, objects, has_manifest, modified)) in folders {
+        let verified = if records.contains(&verify_key(&name)) {
+            crate::store::get_bytes(store, &verify_key(&name), 1 << 20)
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok())
+        } else {
+            None
+        };
+        let lock = if locked.contains_key(&name) {
+            crate::lock::is_locked(store, &name).await?
+        } else {
+            None
+        };
         let mut s = SnapshotSummary {
             name: name.clone(),
             complete: false,
@@ -56,6 +113,9 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             stored_bytes,
             objects,
             problem: None,
+            modified,
+            verified,
+            lock,
         };
         if has_manifest {
             match checks::read_manifest(store, &name).await {
@@ -77,29 +137,59 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     pub snapshot: String,
+    /// `metadata`, `read-data` or `sample`.
+    pub mode: String,
     pub objects: usize,
+    /// Node objects read back (all of them with `--read-data`, some with `--sample`).
+    pub objects_read: usize,
     pub files: u64,
     pub bytes: u64,
     pub problems: Vec<String>,
 }
 
-/// Download every object of a snapshot and check its size and SHA-256, and every
-/// file inside against the manifest. Writes nothing.
+/// How much `verify` checks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum VerifyMode {
+    /// The manifest is valid; every object exists with its recorded size.
+    Metadata,
+    /// Also download every object and check every checksum.
+    ReadData,
+    /// Download a random `percent` of the node objects (at least one) and check
+    /// everything in them, and the manager snapshot. A node archive is one gzip
+    /// stream, so the sample is drawn by object: reading one file means reading
+    /// what precedes it.
+    Sample(f64),
+}
+
+/// Verify a snapshot and record the result in the store (`.cairn-verify/`).
 pub async fn verify(
     store: &dyn Store,
     name: &str,
+    mode: VerifyMode,
     progress: Arc<dyn Progress>,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport> {
     let m: Manifest = checks::read_manifest(store, name).await?;
     let mut report = VerifyReport {
         snapshot: name.to_string(),
+        mode: match mode {
+            VerifyMode::Metadata => "metadata",
+            VerifyMode::ReadData => "read-data",
+            VerifyMode::Sample(_) => "sample",
+        }
+        .into(),
         objects: m.objects.len(),
+        objects_read: 0,
         files: 0,
         bytes: 0,
         problems: checks::objects_present(store, name, &m).await,
     };
-    for node in &m.cluster.nodes {
+    let chosen: Vec<&manifest::NodeInfo> = match mode {
+        VerifyMode::Metadata => Vec::new(),
+        VerifyMode::ReadData => m.cluster.nodes.iter().collect(),
+        VerifyMode::Sample(p) => sample(&m.cluster.nodes, p),
+    };
+    for node in chosen {
         let Some(object) = m.object(&node.object) else {
             report
                 .problems
@@ -107,6 +197,7 @@ pub async fn verify(
             continue;
         };
         let key = manifest::key(name, &object.key);
+        report.objects_read += 1;
         match read_object(
             store,
             &key,
@@ -128,7 +219,10 @@ pub async fn verify(
             Err(e) => report.problems.push(e.to_string()),
         }
     }
-    if let Some(object) = m.object(manifest::MANAGER_OBJECT) {
+    if mode != VerifyMode::Metadata
+        && let Some(object) = m.object(manifest::MANAGER_OBJECT)
+    {
+        report.objects_read += 1;
         match verify_manager(store, name, object).await {
             Ok(()) => {}
             Err(Error::Cancelled) => return Err(Error::Cancelled),
@@ -137,7 +231,45 @@ pub async fn verify(
                 .push(format!("{}: {e}", manifest::MANAGER_OBJECT)),
         }
     }
+    let record = VerifyRecord {
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        mode: report.mode.clone(),
+        sample_percent: match mode {
+            VerifyMode::Sample(p) => Some(p),
+            _ => None,
+        },
+        ok: report.problems.is_empty(),
+        problems: report.problems.len(),
+    };
+    match serde_json::to_vec_pretty(&record) {
+        Ok(b) => {
+            if let Err(e) = store.put(&verify_key(name), b.into()).await {
+                tracing::warn!("could not record the verification: {e}");
+            }
+        }
+        Err(e) => tracing::warn!("could not record the verification: {e}"),
+    }
     Ok(report)
+}
+
+/// A random `percent` of the nodes (at least one), in index order.
+fn sample(nodes: &[manifest::NodeInfo], percent: f64) -> Vec<&manifest::NodeInfo> {
+    if nodes.is_empty() {
+        return Vec::new();
+    }
+    let want = ((nodes.len() as f64 * percent / 100.0).ceil() as usize).clamp(1, nodes.len());
+    // xorshift seeded from the clock: a different sample on every run.
+    let mut x = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(1) as u64 | 1;
+    let mut idx: Vec<usize> = (0..nodes.len()).collect();
+    for i in (1..idx.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        idx.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    let mut chosen: Vec<usize> = idx.into_iter().take(want).collect();
+    chosen.sort_unstable();
+    chosen.into_iter().map(|i| &nodes[i]).collect()
 }
 
 /// Download `manager.zip` to a temporary file and check every entry.
@@ -175,6 +307,9 @@ pub async fn delete(store: &dyn Store, name: &str) -> Result<usize> {
     }
     let manifest_key = manifest::key(name, MANIFEST);
     store.delete(&manifest_key).await?;
+    if let Err(e) = store.delete(&verify_key(name)).await {
+        tracing::warn!("could not remove the verification record: {e}");
+    }
     let mut n = 1;
     for o in objects.iter().filter(|o| o.key != manifest_key) {
         store.delete(&o.key).await?;

@@ -112,8 +112,13 @@ pub fn unpack<R: Read>(
         let perm = header.mode().map_err(corrupt)? & 0o777;
         let mtime = i64::try_from(header.mtime().map_err(corrupt)?).unwrap_or(0);
         let size = header.size().map_err(corrupt)?;
+        let wanted = if kind == tar::EntryType::Directory {
+            select.restores_dir(&rel)
+        } else {
+            select.restores_file(&rel)
+        };
         let dest = match root {
-            Some(r) if select.includes_restored(keyspace) => Some(r.join(&rel)),
+            Some(r) if wanted => Some(r.join(&rel)),
             _ => None,
         };
         match kind {

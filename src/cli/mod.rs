@@ -156,6 +156,9 @@ pub enum PlanCmd {
     /// Start a run of a plan.
     Start {
         plan: String,
+        /// Remove a stale lock on the snapshot (left by a run that died) first.
+        #[arg(long)]
+        break_lock: bool,
         /// A parameter: KEY=VALUE, or KEY=@FILE to read the value from a file.
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<CliParam>,
@@ -178,6 +181,9 @@ pub enum PlanCmd {
         /// Parameters to give again (secrets are never stored) or to override.
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<CliParam>,
+        /// Remove a stale lock on the snapshot (left by the run that died) first.
+        #[arg(long)]
+        break_lock: bool,
     },
 }
 
@@ -188,17 +194,66 @@ pub enum SnapshotsCmd {
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
     },
-    /// Download a snapshot and check every object and file checksum.
+    /// Check a snapshot: the manifest and every object's presence and size;
+    /// with --read-data (or --sample) download and check every checksum. The result
+    /// is recorded in the store (`snapshots list` shows it).
     Verify {
         name: String,
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
+        /// Download every object and check every file's SHA-256.
+        #[arg(long)]
+        read_data: bool,
+        /// Download a random PERCENT of the node objects (at least one).
+        #[arg(long, value_name = "PERCENT", conflicts_with = "read_data")]
+        sample: Option<f64>,
+        /// Remove a stale lock on the snapshot first.
+        #[arg(long)]
+        break_lock: bool,
     },
     /// Delete a snapshot (manifest first).
     Delete {
         name: String,
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
+        /// Remove a stale lock on the snapshot first.
+        #[arg(long)]
+        break_lock: bool,
+    },
+    /// Apply a retention policy: keep what it names, delete the rest.
+    Prune {
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+        /// WITHIN[,EVERY:UNTIL]…: keep all younger than WITHIN, then one per EVERY
+        /// up to UNTIL per tier, drop older (`default` = 24h,12h:7d,24h:15d).
+        #[arg(long, default_value = "default")]
+        policy: String,
+        /// Always keep the N newest complete snapshots.
+        #[arg(long, default_value_t = 1)]
+        keep_last: usize,
+        /// Delete incomplete snapshots only once untouched this long.
+        #[arg(long, default_value = "24h")]
+        grace: String,
+        /// Print what would be deleted and why; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Remove stale locks of snapshots being deleted.
+        #[arg(long)]
+        break_lock: bool,
+        /// The time to judge ages against (RFC 3339; for tests and what-ifs).
+        #[arg(long, hide = true)]
+        now: Option<String>,
+    },
+    /// The newest complete snapshot and its age; with --max-age, exit 6 when it is
+    /// older (monitoring of the recovery point).
+    Last {
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+        /// e.g. 26h.
+        #[arg(long)]
+        max_age: Option<String>,
+        #[arg(long, hide = true)]
+        now: Option<String>,
     },
 }
 

@@ -22,11 +22,24 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             plan,
             params,
             cluster,
-        } => start(g, &plan, &params, cluster).await,
+            break_lock,
+        } => not_started_line(
+            g,
+            &plan,
+            start(g, &plan, &params, cluster, break_lock).await,
+        ),
         PlanCmd::Status { run } => status(g, run),
         PlanCmd::History { limit } => history(g, limit),
         PlanCmd::Stop { run } => stop(g, run).await,
-        PlanCmd::Resume { run, params } => resume(g, run, &params).await,
+        PlanCmd::Resume {
+            run,
+            params,
+            break_lock,
+        } => not_started_line(
+            g,
+            &format!("run {run}"),
+            resume(g, run, &params, break_lock).await,
+        ),
     }
 }
 
@@ -111,29 +124,64 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn engine(g: &Globals) -> Result<Engine> {
-    let engine = Engine::new(g.state()?, progress(g.quiet || g.json));
+fn engine(g: &Globals, break_lock: bool) -> Result<Engine> {
+    let mut engine = Engine::new(g.state()?, progress(g.quiet || g.json));
+    engine.break_lock = break_lock;
     cancel_on_signals(engine.cancel.clone());
     Ok(engine)
 }
+
+/// The word a machine reads first: what happened.
+fn outcome_word(error: Option<&Error>) -> &'static str {
+    match error.map(|e| e.root()) {
+        None => "success",
+        Some(Error::Checks(_)) => "refused",
+        Some(Error::Locked(_)) => "locked",
+        Some(Error::Cancelled) => "cancelled",
+        Some(Error::Usage(_) | Error::Params(_) | Error::Plan { .. } | Error::Cluster { .. }) => {
+            "invalid"
+        }
+        Some(_) => "failed",
+    }
+}
+
+/// With --json, a run that could not even start (bad parameters, lock held…) still
+/// ends with one summary line.
+fn not_started_line(g: &Globals, what: &str, r: Result<i32>) -> Result<i32> {
+    if g.json
+        && let Err(e) = &r
+        && !matches!(e, Error::Step { .. })
+        && !STARTED.load(std::sync::atomic::Ordering::SeqCst)
+    {
+        print_json(&json!({
+            "run": null, "plan": what, "outcome": outcome_word(Some(e)), "status": "NOT_STARTED",
+            "error": redact(&e.to_string()), "exit_code": e.exit_code(),
+        }));
+    }
+    r
+}
+
+/// Set once a run's summary line has been printed.
+static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 async fn start(
     g: &Globals,
     name: &str,
     params: &[CliParam],
     cluster: Option<PathBuf>,
+    break_lock: bool,
 ) -> Result<i32> {
     let plan = Plan::find(name, g.plans_dir.as_deref())?;
     let cluster_file = cluster
         .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
     let cluster = Cluster::load(&cluster_file)?;
-    let engine = engine(g)?;
+    let engine = engine(g, break_lock)?;
     let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
     finish(g, &engine.state, outcome)
 }
 
-async fn resume(g: &Globals, run: i64, params: &[CliParam]) -> Result<i32> {
-    let engine = engine(g)?;
+async fn resume(g: &Globals, run: i64, params: &[CliParam], break_lock: bool) -> Result<i32> {
+    let engine = engine(g, break_lock)?;
     let outcome = engine.resume(run, params, &ProcessEnv).await?;
     finish(g, &engine.state, outcome)
 }
@@ -142,9 +190,12 @@ async fn resume(g: &Globals, run: i64, params: &[CliParam]) -> Result<i32> {
 fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
     let rec = state.run(outcome.run_id)?;
     if g.json {
+        STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
         print_json(&json!({
             "run": rec.id, "plan": rec.plan, "snapshot": rec.snapshot, "store": rec.store,
+            "outcome": outcome_word(outcome.error.as_ref()),
             "status": rec.status, "error": rec.error,
+            "started_at": rec.created_at, "finished_at": rec.finished_at,
             "exit_code": outcome.error.as_ref().map_or(exit::OK, Error::exit_code),
         }));
     } else if outcome.error.is_none() {

@@ -1,18 +1,66 @@
-//! `cairn snapshots list | verify | delete` against a store URL.
+//! `cairn snapshots list | verify | delete | prune | last` against a store URL.
 
 use super::output::{print_json, progress};
-use super::{Globals, SnapshotsCmd, cancel_on_signals};
-use crate::Result;
+use super::{Globals, SnapshotsCmd, cancel_on_signals, usage};
 use crate::checks::human;
 use crate::error::exit;
-use crate::snapshots;
-use crate::store;
+use crate::lock::{self, Mode, Request, Settings};
+use crate::retention::{self, Policy};
+use crate::snapshots::{self, VerifyMode};
+use crate::store::{self, Store};
+use crate::{Error, Result};
+use chrono::{DateTime, Utc};
 use serde_json::json;
+use std::sync::Arc;
+
+async fn open(url: &str) -> Result<Arc<dyn Store>> {
+    store::open(url, &super::store_options_from_env()).await
+}
+
+fn now_or(given: Option<String>) -> Result<DateTime<Utc>> {
+    match given {
+        None => Ok(Utc::now()),
+        Some(t) => DateTime::parse_from_rfc3339(&t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| usage(format!("--now {t:?}: {e}"))),
+    }
+}
+
+fn age(d: chrono::TimeDelta) -> String {
+    humantime::format_duration(std::time::Duration::from_secs(
+        u64::try_from(d.num_seconds()).unwrap_or(0),
+    ))
+    .to_string()
+}
+
+/// Hold `mode` on `name` for the length of `work`.
+async fn locked<T>(
+    store: &Arc<dyn Store>,
+    name: &str,
+    mode: Mode,
+    purpose: &str,
+    break_lock: bool,
+    work: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    let owner = format!("snapshots {purpose}");
+    let req = Request {
+        snapshot: name,
+        mode,
+        purpose,
+        owner: &owner,
+        break_stale: break_lock,
+        run: None,
+    };
+    let held = lock::acquire(store.clone(), &req, Settings::from_env()).await?;
+    let r = work.await;
+    held.release().await;
+    r
+}
 
 pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
     match cmd {
         SnapshotsCmd::List { store: url } => {
-            let store = store::open(&url, &super::store_options_from_env()).await?;
+            let store = open(&url).await?;
             let list = snapshots::list(&*store).await?;
             if g.json {
                 print_json(&json!(list));
@@ -23,32 +71,64 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             }
             for s in list {
                 let state = if s.complete { "complete" } else { "INCOMPLETE" };
+                let verified = match &s.verified {
+                    None => "never verified".to_string(),
+                    Some(v) => {
+                        format!("{} {} {}", v.mode, if v.ok { "ok" } else { "FAILED" }, v.at)
+                    }
+                };
                 println!(
-                    "{:32} {:10} {:24} nodes {:>3} data {:>10} stored {:>10}{}",
+                    "{:32} {:10} {:24} nodes {:>3} data {:>10} stored {:>10}  {verified}{}{}",
                     s.name,
                     state,
                     s.finished_at.as_deref().unwrap_or("-"),
                     s.nodes.map_or("-".to_string(), |n| n.to_string()),
                     s.bytes.map_or("-".to_string(), human),
                     human(s.stored_bytes),
+                    s.lock
+                        .map(|l| format!("  (locked by {} on {})", l.owner, l.host))
+                        .unwrap_or_default(),
                     s.problem.map(|p| format!("  ({p})")).unwrap_or_default()
                 );
             }
             Ok(exit::OK)
         }
-        SnapshotsCmd::Verify { name, store: url } => {
-            let store = store::open(&url, &super::store_options_from_env()).await?;
+        SnapshotsCmd::Verify {
+            name,
+            store: url,
+            read_data,
+            sample,
+            break_lock,
+        } => {
+            let mode = match (read_data, sample) {
+                (_, Some(p)) if !(p > 0.0 && p <= 100.0) => {
+                    return Err(usage("--sample takes a percentage in (0, 100]"));
+                }
+                (_, Some(p)) => VerifyMode::Sample(p),
+                (true, None) => VerifyMode::ReadData,
+                (false, None) => VerifyMode::Metadata,
+            };
+            let store = open(&url).await?;
             let cancel = tokio_util::sync::CancellationToken::new();
             cancel_on_signals(cancel.clone());
-            let report =
-                snapshots::verify(&*store, &name, progress(g.quiet || g.json), &cancel).await?;
+            let report = locked(
+                &store,
+                &name,
+                Mode::Shared,
+                "verify",
+                break_lock,
+                snapshots::verify(&*store, &name, mode, progress(g.quiet || g.json), &cancel),
+            )
+            .await?;
             let ok = report.problems.is_empty();
             if g.json {
                 print_json(&json!({"ok": ok, "report": report}));
             } else if ok {
                 println!(
-                    "snapshot {name}: OK ({} objects, {} files, {} checked)",
+                    "snapshot {name}: OK ({}: {} objects present, {} read back, {} files, {} checked)",
+                    report.mode,
                     report.objects,
+                    report.objects_read,
                     report.files,
                     human(report.bytes)
                 );
@@ -60,15 +140,122 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             }
             Ok(if ok { exit::OK } else { exit::FAILED })
         }
-        SnapshotsCmd::Delete { name, store: url } => {
-            let store = store::open(&url, &super::store_options_from_env()).await?;
-            let n = snapshots::delete(&*store, &name).await?;
+        SnapshotsCmd::Delete {
+            name,
+            store: url,
+            break_lock,
+        } => {
+            let store = open(&url).await?;
+            let n = locked(
+                &store,
+                &name,
+                Mode::Exclusive,
+                "delete",
+                break_lock,
+                snapshots::delete(&*store, &name),
+            )
+            .await?;
             if g.json {
                 print_json(&json!({"deleted": name, "objects": n}));
             } else {
                 println!("deleted snapshot {name} ({n} objects)");
             }
             Ok(exit::OK)
+        }
+        SnapshotsCmd::Prune {
+            store: url,
+            policy,
+            keep_last,
+            grace,
+            dry_run,
+            break_lock,
+            now,
+        } => {
+            let policy = Policy::parse(&policy, keep_last, &grace)?;
+            let now = now_or(now)?;
+            let store = open(&url).await?;
+            let report = retention::prune(store.clone(), &policy, now, dry_run, break_lock).await?;
+            if g.json {
+                print_json(&json!(report));
+            } else {
+                for d in &report.decisions {
+                    let verb = match (d.keep, dry_run) {
+                        (true, _) => "keep  ",
+                        (false, true) => "would delete",
+                        (false, false) if report.deleted.contains(&d.snapshot) => "delete",
+                        (false, false) => "LEFT  ",
+                    };
+                    println!("{verb} {:32} {}", d.snapshot, d.reason);
+                }
+                for (name, why) in &report.skipped {
+                    println!("not deleted: {name}: {why}");
+                }
+                let gone = report.decisions.iter().filter(|d| !d.keep).count();
+                println!(
+                    "{}: {} kept, {} {}{}",
+                    store.describe(),
+                    report.decisions.len() - gone,
+                    if dry_run { gone } else { report.deleted.len() },
+                    if dry_run {
+                        "would be deleted (dry run: nothing deleted)"
+                    } else {
+                        "deleted"
+                    },
+                    if report.skipped.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} left in place", report.skipped.len())
+                    }
+                );
+            }
+            Ok(if report.skipped.is_empty() {
+                exit::OK
+            } else {
+                exit::FAILED
+            })
+        }
+        SnapshotsCmd::Last {
+            store: url,
+            max_age,
+            now,
+        } => {
+            let max_age = max_age
+                .map(|m| {
+                    humantime::parse_duration(&m)
+                        .map_err(|e| usage(format!("--max-age {m:?}: {e}")))
+                })
+                .transpose()?;
+            let now = now_or(now)?;
+            let store = open(&url).await?;
+            let list = snapshots::list(&*store).await?;
+            let Some((s, t)) = retention::newest_complete(&list) else {
+                return Err(Error::NotFound(format!(
+                    "a complete snapshot in {}",
+                    store.describe()
+                )));
+            };
+            let old = now - t;
+            let stale = max_age.is_some_and(|m| old.to_std().is_ok_and(|o| o > m));
+            if g.json {
+                print_json(&json!({
+                    "snapshot": s.name, "finished_at": s.finished_at, "age_secs": old.num_seconds(),
+                    "max_age_secs": max_age.map(|m| m.as_secs()), "stale": stale,
+                    "verified": s.verified,
+                }));
+            } else {
+                println!(
+                    "{} finished {} ({} ago){}",
+                    s.name,
+                    s.finished_at.as_deref().unwrap_or("-"),
+                    age(old),
+                    if stale {
+                        "  STALE: older than --max-age"
+                    } else {
+                        ""
+                    }
+                );
+            }
+            Ok(if stale { exit::STALE } else { exit::OK })
         }
     }
 }

@@ -65,6 +65,9 @@ pub struct Cluster {
     /// The file it was loaded from.
     #[serde(default)]
     pub source: Option<PathBuf>,
+    /// Only some of the nodes take part (a restore's `NODES`).
+    #[serde(default)]
+    pub partial: bool,
 }
 
 /// `[manager]`: where the manager keeps its state and which version it runs.
@@ -183,6 +186,7 @@ impl Cluster {
             nodes,
             manager,
             source: None,
+            partial: false,
         })
     }
 
@@ -191,42 +195,91 @@ impl Cluster {
     }
 }
 
-/// A keyspace selection: `None` means "all (non-system) keyspaces".
+/// What a run covers: keyspaces (`None`: all non-system keyspaces) and, for a
+/// partial restore, paths inside a node (`keyspace`, `keyspace/table`, a file).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Selection(pub Option<BTreeSet<String>>);
+pub struct Selection {
+    pub keyspaces: Option<BTreeSet<String>>,
+    /// Empty: whole keyspaces.
+    pub paths: Vec<String>,
+}
 
 impl Selection {
     /// Parse `a,b` or `"a b"` (the seed's form). Empty means all.
     pub fn parse(text: &str) -> Selection {
-        let set: BTreeSet<String> = text
-            .split([',', ' '])
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .map(str::to_string)
-            .collect();
-        if set.is_empty() {
-            Selection(None)
-        } else {
-            Selection(Some(set))
+        let set: BTreeSet<String> = split_list(text).map(str::to_string).collect();
+        Selection {
+            keyspaces: if set.is_empty() { None } else { Some(set) },
+            paths: Vec::new(),
         }
+    }
+
+    /// Add the paths of a partial restore (`PATHS`): plain relative paths.
+    pub fn with_paths(mut self, text: &str) -> Result<Selection> {
+        for p in split_list(text) {
+            let p = p.trim_end_matches('/');
+            if crate::store::check_key(p).is_err() {
+                return Err(Error::Params(vec![format!(
+                    "PATHS: {p:?} is not a plain relative path inside a node (keyspace, keyspace/table or a file)"
+                )]));
+            }
+            if !self.paths.iter().any(|q| q == p) {
+                self.paths.push(p.to_string());
+            }
+        }
+        Ok(self)
     }
 
     /// Whether a keyspace found on disk is included.
     pub fn includes(&self, keyspace: &str) -> bool {
-        match &self.0 {
+        match &self.keyspaces {
             Some(set) => set.contains(keyspace),
             None => !SYSTEM_KEYSPACES.contains(&keyspace),
         }
     }
 
-    /// Whether a keyspace in a snapshot is restored (the snapshot already excluded
-    /// system keyspaces unless they were asked for).
+    /// Whether anything of a keyspace in a snapshot is restored (the snapshot already
+    /// excluded system keyspaces unless they were asked for).
     pub fn includes_restored(&self, keyspace: &str) -> bool {
-        match &self.0 {
+        let named = match &self.keyspaces {
             Some(set) => set.contains(keyspace),
             None => true,
-        }
+        };
+        named
+            && (self.paths.is_empty()
+                || self
+                    .paths
+                    .iter()
+                    .any(|p| p.split('/').next() == Some(keyspace)))
     }
+
+    /// Whether the file (or link) at `rel` in a snapshot is restored.
+    pub fn restores_file(&self, rel: &str) -> bool {
+        let keyspace = rel.split('/').next().unwrap_or("");
+        self.includes_restored(keyspace)
+            && (self.paths.is_empty() || self.paths.iter().any(|p| under(rel, p)))
+    }
+
+    /// Whether the directory at `rel` is restored or leads to something restored.
+    pub fn restores_dir(&self, rel: &str) -> bool {
+        let keyspace = rel.split('/').next().unwrap_or("");
+        self.includes_restored(keyspace)
+            && (self.paths.is_empty() || self.paths.iter().any(|p| under(rel, p) || under(p, rel)))
+    }
+}
+
+/// `path` is `root` or inside it.
+fn under(path: &str, root: &str) -> bool {
+    path == root
+        || path
+            .strip_prefix(root)
+            .is_some_and(|rest| rest.starts_with('/'))
+}
+
+fn split_list(text: &str) -> impl Iterator<Item = &str> {
+    text.split([',', ' '])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
 }
 
 /// All keyspaces of a data dir (top-level directories), sorted; cairn's own
@@ -289,6 +342,11 @@ mod tests {
         assert!(all.includes("app") && !all.includes("system_auth"));
         let some = Selection::parse("\"app system_auth\"".trim_matches('"'));
         assert!(some.includes("system_auth") && !some.includes("other"));
-        assert_eq!(Selection::parse("a, b").0.map(|s| s.len()), Some(2));
+        assert_eq!(Selection::parse("a, b").keyspaces.map(|s| s.len()), Some(2));
+        let table = Selection::parse("").with_paths("app/users").expect("paths");
+        assert!(table.restores_file("app/users/nb-1-Data.db"));
+        assert!(!table.restores_file("app/users2/x") && !table.restores_file("metrics/a"));
+        assert!(table.restores_dir("app") && !table.restores_dir("app/orders"));
+        assert!(Selection::parse("").with_paths("../etc").is_err());
     }
 }

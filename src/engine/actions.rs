@@ -456,12 +456,7 @@ pub async fn download_and_unpack(
     let restoring: u64 = info
         .files
         .iter()
-        .filter(|f| {
-            f.path
-                .split('/')
-                .next()
-                .is_some_and(|k| ctx.selection.includes_restored(k))
-        })
+        .filter(|f| ctx.selection.restores_file(&f.path))
         .map(|f| f.size)
         .sum();
     ctx.progress.event(Event::StepStarted {
@@ -552,16 +547,27 @@ async fn commit_restore(ctx: &Arc<RunCtx>) -> Result<()> {
         .iter()
         .map(|n| (staging_dir(ctx, n), n.data_dir.clone()))
         .collect();
-    tokio::task::spawn_blocking(move || commit_blocking(&plan))
+    let paths = ctx.selection.paths.clone();
+    tokio::task::spawn_blocking(move || commit_blocking(&plan, &paths))
         .await
         .map_err(|e| Error::State(format!("commit worker failed: {e}")))?
 }
 
-/// Move every staged keyspace into its data dir; on any failure move back what was
-/// moved, so the target is as it was.
-fn commit_blocking(plan: &[(PathBuf, PathBuf)]) -> Result<()> {
+/// Move every staged keyspace (or, for a partial restore, every staged path) into
+/// its data dir; on any failure move back what was moved, so the target is as it
+/// was.
+fn commit_blocking(plan: &[(PathBuf, PathBuf)], paths: &[String]) -> Result<()> {
     let mut moves = Vec::new();
     for (staging, data_dir) in plan {
+        if !paths.is_empty() {
+            for p in paths {
+                let from = staging.join(p);
+                if std::fs::symlink_metadata(&from).is_ok() {
+                    moves.push((from, data_dir.join(p)));
+                }
+            }
+            continue;
+        }
         let rd = match std::fs::read_dir(staging) {
             Ok(rd) => rd,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -583,6 +589,12 @@ fn commit_blocking(plan: &[(PathBuf, PathBuf)]) -> Result<()> {
             )]));
             break;
         }
+        if let Some(parent) = m.1.parent()
+            && let Err(e) = std::fs::create_dir_all(parent)
+        {
+            failure = Some(Error::io("create", parent, e));
+            break;
+        }
         if let Err(e) = std::fs::rename(&m.0, &m.1) {
             failure = Some(Error::io("move into place", &m.1, e));
             break;
@@ -598,7 +610,14 @@ fn commit_blocking(plan: &[(PathBuf, PathBuf)]) -> Result<()> {
         return Err(e);
     }
     for (staging, data_dir) in plan {
-        match std::fs::remove_dir(staging) {
+        // What is left of a partial restore's staging dir are the empty parents of
+        // the paths moved out.
+        let removed = if paths.is_empty() {
+            std::fs::remove_dir(staging)
+        } else {
+            std::fs::remove_dir_all(staging)
+        };
+        match removed {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io("remove staging dir", staging, e)),

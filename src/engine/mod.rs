@@ -63,6 +63,8 @@ pub struct RunCtx {
     pub cancel: CancellationToken,
     pub started_at: String,
     manifest: tokio::sync::OnceCell<Manifest>,
+    /// The store lock on the snapshot, released when the run ends.
+    lock: std::sync::Mutex<Option<crate::lock::Held>>,
 }
 
 impl RunCtx {
@@ -97,6 +99,8 @@ pub struct Engine {
     pub disk: Arc<dyn Disk>,
     pub cancel: CancellationToken,
     pub retry: RetryPolicy,
+    /// Remove a stale lock on the snapshot (`--break-lock`).
+    pub break_lock: bool,
 }
 
 impl Engine {
@@ -107,6 +111,7 @@ impl Engine {
             disk: Arc::new(RealDisk),
             cancel: CancellationToken::new(),
             retry: RetryPolicy::default(),
+            break_lock: false,
         }
     }
 
@@ -192,7 +197,8 @@ impl Engine {
                 "snapshot name {snapshot:?} is not a valid folder name"
             )])
         })?;
-        let selection = Selection::parse(&params.expand(&plan.target.keyspaces));
+        let selection = Selection::parse(&params.expand(&plan.target.keyspaces))
+            .with_paths(params.get("PATHS"))?;
         let options = plan
             .target
             .store_options
@@ -205,8 +211,12 @@ impl Engine {
             let rate = store::throttle::parse_rate(&bandwidth)?;
             store = Arc::new(store::throttle::Throttled::new(store, rate));
         }
-        let (run_id, started_at) = match existing {
-            Some(x) => x,
+        let cluster = restrict_cluster(cluster, &params)?;
+        let lock = self
+            .lock(&plan, &store, &snapshot, existing.as_ref().map(|e| e.0))
+            .await?;
+        let created = match existing {
+            Some(x) => Ok(x),
             None => {
                 let steps = expand_steps(&plan, &cluster)
                     .into_iter()
@@ -218,16 +228,30 @@ impl Engine {
                 let cluster_json =
                     serde_json::to_string(&cluster).map_err(|e| Error::State(e.to_string()))?;
                 let redacted = params.redacted();
-                let id = self.state.create_run(&NewRun {
-                    plan: &plan.name,
-                    plan_source: &plan.source,
-                    params: &redacted,
-                    cluster_json: &cluster_json,
-                    store: &store.describe(),
-                    snapshot: &snapshot,
-                    steps,
-                })?;
-                (id, self.state.run(id)?.created_at)
+                self.state
+                    .create_run(&NewRun {
+                        plan: &plan.name,
+                        plan_source: &plan.source,
+                        params: &redacted,
+                        cluster_json: &cluster_json,
+                        store: &store.describe(),
+                        snapshot: &snapshot,
+                        steps,
+                    })
+                    .and_then(|id| Ok((id, self.state.run(id)?.created_at)))
+            }
+        };
+        let created = match (created, &lock) {
+            (Ok((id, at)), Some(l)) => l.set_run(&self.run_ref(id)).await.map(|()| (id, at)),
+            (c, _) => c,
+        };
+        let (run_id, started_at) = match created {
+            Ok(x) => x,
+            Err(e) => {
+                if let Some(l) = lock {
+                    l.release().await;
+                }
+                return Err(e);
             }
         };
         Ok(RunCtx {
@@ -244,7 +268,63 @@ impl Engine {
             cancel: self.cancel.child_token(),
             started_at,
             manifest: Default::default(),
+            lock: std::sync::Mutex::new(lock),
         })
+    }
+
+    /// Backups lock their snapshot exclusively, restores share it.
+    /// How a lock names a run: unique across hosts and state homes.
+    fn run_ref(&self, run: i64) -> String {
+        format!(
+            "{}:{}#{run}",
+            crate::lock::hostname(),
+            self.state.path().display()
+        )
+    }
+
+    async fn lock(
+        &self,
+        plan: &Plan,
+        store: &Arc<dyn Store>,
+        snapshot: &str,
+        resuming: Option<i64>,
+    ) -> Result<Option<crate::lock::Held>> {
+        use crate::lock::{Mode, Request, Settings, acquire};
+        let has = |a: Action| {
+            plan.phases
+                .iter()
+                .any(|p| p.steps.iter().any(|s| s.action == a))
+        };
+        let (mode, purpose) = if has(Action::BackupNode) {
+            (Mode::Exclusive, "backup")
+        } else if has(Action::StageNode) {
+            (Mode::Shared, "restore")
+        } else {
+            return Ok(None);
+        };
+        // An unreachable store or wrong credentials are refused like any other
+        // pre-flight problem, before anything is written.
+        store
+            .check()
+            .await
+            .map_err(|e| Error::Checks(vec![e.to_string()]))?;
+        let owner = format!("plan {}", plan.name);
+        let run = resuming.map(|r| self.run_ref(r));
+        let req = Request {
+            snapshot,
+            mode,
+            purpose,
+            owner: &owner,
+            break_stale: self.break_lock,
+            run: run.as_deref(),
+        };
+        match acquire(store.clone(), &req, Settings::from_env()).await {
+            Ok(h) => Ok(Some(h)),
+            Err(e @ Error::Locked(_)) => Err(e),
+            Err(e) => Err(Error::Checks(vec![format!(
+                "cannot take the lock on snapshot {snapshot:?}: {e}"
+            )])),
+        }
     }
 
     async fn execute(&self, ctx: RunCtx) -> Result<Outcome> {
@@ -299,6 +379,13 @@ impl Engine {
             (f, _) => f,
         };
         let msg = error.as_ref().map(|e| e.to_string());
+        let held = match ctx.lock.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(l) = held {
+            l.release().await;
+        }
         self.state.set_run_status(run_id, status, msg.as_deref())?;
         tracing::info!(run = run_id, status = %status, "run finished");
         Ok(Outcome {
@@ -500,4 +587,36 @@ fn spawn_stop_watcher(ctx: Arc<RunCtx>) -> tokio::task::JoinHandle<()> {
 /// Whether a process with this pid exists (Linux: /proc).
 pub fn process_alive(pid: i64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Apply a restore's `NODES` (only these node indexes) and `RESTORE_DIR` (restore
+/// node `i` into `<RESTORE_DIR>/node-<i>` instead of its data dir) parameters.
+fn restrict_cluster(mut cluster: Cluster, params: &Params) -> Result<Cluster> {
+    let nodes = params.get("NODES").trim();
+    if !nodes.is_empty() {
+        let mut wanted = std::collections::BTreeSet::new();
+        for n in nodes.split([',', ' ']).filter(|s| !s.is_empty()) {
+            let i: u32 = n
+                .parse()
+                .map_err(|_| Error::Params(vec![format!("NODES: {n:?} is not a node index")]))?;
+            if cluster.node(i).is_none() {
+                return Err(Error::Params(vec![format!(
+                    "NODES: the cluster description has no node {i}"
+                )]));
+            }
+            wanted.insert(i);
+        }
+        cluster.nodes.retain(|n| wanted.contains(&n.index));
+        cluster.partial = true;
+    }
+    let dir = params.get("RESTORE_DIR").trim();
+    if !dir.is_empty() {
+        let dir = std::path::absolute(dir).map_err(|e| Error::io("resolve", dir, e))?;
+        for n in &mut cluster.nodes {
+            n.data_dir = dir.join(format!("node-{}", n.index));
+            n.pre_hook.clear();
+            n.post_hook.clear();
+        }
+    }
+    Ok(cluster)
 }

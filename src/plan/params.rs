@@ -140,6 +140,17 @@ impl Params {
                 missing.push(spec.name.clone());
                 continue;
             }
+            let value = if spec.name == "SNAPSHOT_NAME" {
+                match expand_name_template(&value, chrono::Utc::now()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        problems.push(e);
+                        continue;
+                    }
+                }
+            } else {
+                value
+            };
             if let Some(re) = &spec.pattern
                 && !value.is_empty()
                 && !re.is_match(&value)
@@ -227,6 +238,36 @@ impl RedactedParams {
             })
             .collect()
     }
+}
+
+/// Expand a snapshot-name template at the start of a run (UTC):
+/// `{date}` → `2026-11-21`, `{datetime}` → `20261121T023000Z`,
+/// `{timestamp}` → Unix seconds. Other `{…}` are refused.
+pub fn expand_name_template(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let Some(close) = rest[open..].find('}') else {
+            return Err(format!("SNAPSHOT_NAME {value:?}: an unclosed '{{'"));
+        };
+        match &rest[open + 1..open + close] {
+            "date" => out.push_str(&now.format("%Y-%m-%d").to_string()),
+            "datetime" => out.push_str(&now.format("%Y%m%dT%H%M%SZ").to_string()),
+            "timestamp" => out.push_str(&now.timestamp().to_string()),
+            other => {
+                return Err(format!(
+                    "SNAPSHOT_NAME {value:?}: unknown template {{{other}}} (use {{date}}, {{datetime}} or {{timestamp}})"
+                ));
+            }
+        }
+        rest = &rest[open + close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 /// Names referenced as `${NAME}` in a template.

@@ -320,6 +320,7 @@ impl Store for AzureStore {
                 Ok(p) => Ok(Some(ObjectMeta {
                     key: key.to_string(),
                     size: p.blob.properties.content_length,
+                    modified: Some(p.blob.properties.last_modified.unix_timestamp()),
                 })),
                 Err(e) if matches!(status_of(&e), Some((404, _))) => Ok(None),
                 Err(e) => Err(az_err("head", key, e)),
@@ -341,6 +342,7 @@ impl Store for AzureStore {
                 out.push(ObjectMeta {
                     key: rel.to_string(),
                     size: b.properties.content_length,
+                    modified: Some(b.properties.last_modified.unix_timestamp()),
                 });
             }
         }

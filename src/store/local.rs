@@ -195,6 +195,7 @@ impl Store for LocalStore {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.to_string(),
                 size: m.len(),
+                modified: unix_secs(&m),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -265,12 +266,19 @@ fn walk(root: &Path, dir: &Path, prefix: &str, out: &mut Vec<ObjectMeta>) -> Res
                 walk(root, &path, prefix, out)?;
             }
         } else if ft.is_file() && key.starts_with(prefix) {
-            let size = entry
-                .metadata()
-                .map_err(|e| Error::io("stat", &path, e))?
-                .len();
-            out.push(ObjectMeta { key, size });
+            let meta = entry.metadata().map_err(|e| Error::io("stat", &path, e))?;
+            out.push(ObjectMeta {
+                key,
+                size: meta.len(),
+                modified: unix_secs(&meta),
+            });
         }
     }
     Ok(())
+}
+
+fn unix_secs(m: &std::fs::Metadata) -> Option<i64> {
+    let t = m.modified().ok()?;
+    let d = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+    i64::try_from(d.as_secs()).ok()
 }

@@ -124,6 +124,7 @@ impl Store for MemoryStore {
         Ok(lock(&self.objects).get(key).map(|d| ObjectMeta {
             key: key.to_string(),
             size: d.len() as u64,
+            modified: None,
         }))
     }
     async fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
@@ -133,6 +134,7 @@ impl Store for MemoryStore {
             .map(|(k, d)| ObjectMeta {
                 key: k.clone(),
                 size: d.len() as u64,
+                modified: None,
             })
             .collect())
     }

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// Last modification (Unix seconds), where the listing gives it.
+    pub modified: Option<i64>,
 }
 
 /// A byte stream read from a store.
@@ -369,10 +371,18 @@ mod tests {
         for r in results {
             assert_eq!(r.expect("upload").0, 5 * part as u64);
         }
-        assert_eq!(
-            UPLOAD_BUDGET.available_permits(),
-            UPLOAD_BUDGET_MIB as usize
-        );
+        // Every permit comes back (other tests of this process may hold some for a
+        // moment: wait for them rather than race them).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while UPLOAD_BUDGET.available_permits() != UPLOAD_BUDGET_MIB as usize {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "upload budget permits leaked: {} of {}",
+                UPLOAD_BUDGET.available_permits(),
+                UPLOAD_BUDGET_MIB
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
     }
 
     #[test]

@@ -466,6 +466,7 @@ impl Store for S3Store {
         Ok(r.map(|size| ObjectMeta {
             key: key.to_string(),
             size: u64::try_from(size).unwrap_or(0),
+            modified: None,
         }))
     }
 
@@ -493,6 +494,7 @@ impl Store for S3Store {
                 out.push(ObjectMeta {
                     key: rel.to_string(),
                     size: u64::try_from(o.size().unwrap_or(0)).unwrap_or(0),
+                    modified: o.last_modified().map(|t| t.secs()),
                 });
             }
             match page.next_continuation_token() {

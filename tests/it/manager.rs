@@ -784,13 +784,27 @@ fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
     );
     // `snapshots verify` checks the manager snapshot too.
     let store = format!("file://{}", dir.display());
-    sb.ok(&["snapshots", "verify", "s1", "--store", &store]);
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "s1",
+        "--store",
+        &store,
+        "--read-data",
+    ]);
     let zip = dir.join("s1/manager.zip");
     let mut bytes = std::fs::read(&zip).unwrap();
     let n = bytes.len();
     bytes[n / 2] ^= 1;
     std::fs::write(&zip, bytes).unwrap();
-    let out = sb.run(&["snapshots", "verify", "s1", "--store", &store]);
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "s1",
+        "--store",
+        &store,
+        "--read-data",
+    ]);
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     assert!(text(&out).0.contains("manager.zip"), "{:?}", text(&out));
 }

@@ -6,6 +6,7 @@ mod archive;
 mod azure;
 mod cli;
 mod manager;
+mod nightly;
 mod resume;
 mod roundtrip;
 mod s3;

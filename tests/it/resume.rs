@@ -140,7 +140,15 @@ fn sigkilled_mid_stream_resumes_to_a_complete_identical_snapshot() {
     let v = step_status(&sb, 1);
     assert_eq!(v["run"]["status"], "COMPLETE");
     assert_eq!(step(&v, "backup/backup-node/node-0")["attempts"], 1);
-    sb.ok(&["snapshots", "verify", "snap", "--store", "store", "-q"]);
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "snap",
+        "--store",
+        "store",
+        "-q",
+        "--read-data",
+    ]);
     restore_and_compare(&sb, "snap", 2);
 }
 

@@ -57,7 +57,14 @@ fn round_trip_is_byte_identical_with_modes_and_empty_dirs() {
     let manifest = std::fs::read_to_string(sb.path("store/snap-1/manifest.json")).unwrap();
     assert!(!manifest.contains("\"system\""));
     // Verify reads everything back.
-    sb.ok(&["snapshots", "verify", "snap-1", "--store", "store"]);
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "snap-1",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
 }
 
 #[test]
@@ -149,7 +156,14 @@ fn corrupted_object_is_refused_by_restore_and_verify() {
     data[mid] ^= 0x01;
     std::fs::write(&obj, &data).unwrap();
 
-    let out = sb.run(&["snapshots", "verify", "s", "--store", "store"]);
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
     assert_eq!(out.status.code(), Some(1));
     assert!(text(&out).0.contains("node-1.tar.gz"), "{:?}", text(&out));
 
