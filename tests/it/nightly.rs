@@ -76,6 +76,19 @@ fn prune_keeps_exactly_what_the_tiered_policy_names() {
         let t = filetime::FileTime::from_unix_time(now.timestamp() - age_secs, 0);
         filetime::set_file_mtime(&f, t).unwrap();
     }
+    // A prune killed midway through deleting an old snapshot: its manifest is gone,
+    // one object is left, and so is the dead prune's (stale) lock.
+    let half = store.join("half-deleted");
+    std::fs::create_dir_all(&half).unwrap();
+    std::fs::write(half.join("node-1.tar.gz"), b"rest").unwrap();
+    let t = filetime::FileTime::from_unix_time(now.timestamp() - 30 * 86_400, 0);
+    filetime::set_file_mtime(half.join("node-1.tar.gz"), t).unwrap();
+    lock_file(
+        &store,
+        "half-deleted",
+        "prune",
+        Utc::now().timestamp() - 3600,
+    );
 
     // Worked out by hand for now = 2026-11-20T00:30Z and policy 24h,12h:7d,24h:15d:
     let mut expected = BTreeSet::new();
@@ -141,6 +154,11 @@ fn prune_keeps_exactly_what_the_tiered_policy_names() {
     let out = run(args(&[]));
     assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(names_in(&store), expected);
+    assert!(
+        !store
+            .join(".cairn-locks/half-deleted/other-host-1.json")
+            .exists()
+    );
     // Run again (as after a prune killed midway): nothing more to do.
     let out = run(args(&[]));
     assert!(out.status.success(), "{:?}", text(&out));
