@@ -173,18 +173,7 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
             "manager snapshot vanished from the manifest".into(),
         ));
     };
-    let status = crate::manager::catalog::Status {
-        id: ctx.snapshot.clone(),
-        status: "created".into(),
-        created_at: Some(info.created_at.clone()),
-        manager_version: Some(info.manager_version.clone()),
-        credentials: Some(info.include_credentials),
-        size: Some(obj.size),
-        sha256: Some(obj.sha256.clone()),
-        format: Some(info.format),
-        error: None,
-        snapshot: Some(ctx.snapshot.clone()),
-    };
+    let status = crate::manager::catalog::from_manifest(&ctx.snapshot, info, obj);
     let report = crate::manager::catalog::restore_key(
         &*ctx.store,
         &manifest::key(&ctx.snapshot, MANAGER_OBJECT),

@@ -241,7 +241,8 @@ pub async fn list(store: &dyn Store) -> Result<Vec<Status>> {
     Ok(out)
 }
 
-fn from_manifest(name: &str, info: &ManagerInfo, obj: &manifest::ObjectInfo) -> Status {
+/// The status of the manager snapshot inside complete snapshot `name`.
+pub fn from_manifest(name: &str, info: &ManagerInfo, obj: &manifest::ObjectInfo) -> Status {
     Status {
         id: name.to_string(),
         status: "created".into(),

@@ -68,6 +68,20 @@ fn fill_manager(dir: &Path) {
     write(&dir.join("credentials/agents/vm1.pem"), SECRET_KEY, 0o600);
 }
 
+/// A source cluster of two nodes whose description has a filled `[manager]`
+/// (version 2.3.0); returns the description and the manager's state dir.
+fn cluster_with_manager(sb: &Sandbox) -> (PathBuf, PathBuf) {
+    let src = source_cluster(sb.dir.path(), 2, 10_000);
+    let state = sb.path("mgr/state");
+    fill_manager(&state);
+    let mut t = std::fs::read_to_string(&src).unwrap();
+    t.push_str(&format!(
+        "[manager]\nstate_dir = {state:?}\nversion = \"2.3.0\"\n"
+    ));
+    std::fs::write(&src, t).unwrap();
+    (src, state)
+}
+
 /// A cluster description with `[manager]` (and `nodes`); returns its path.
 fn manager_cluster(
     sb: &Sandbox,
@@ -704,15 +718,7 @@ fn a_corrupt_entry_is_refused_before_the_state_dir_is_touched() {
 #[test]
 fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 2, 10_000);
-    // Give the source cluster a manager.
-    let state = sb.path("mgr/state");
-    fill_manager(&state);
-    let mut t = std::fs::read_to_string(&src).unwrap();
-    t.push_str(&format!(
-        "[manager]\nstate_dir = {state:?}\nversion = \"2.3.0\"\n"
-    ));
-    std::fs::write(&src, t).unwrap();
+    let (src, state) = cluster_with_manager(&sb);
     let dir = sb.path("backups");
     let p = |k: &str, v: &str| format!("{k}={v}");
     sb.ok(&[
@@ -812,14 +818,7 @@ fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
 #[test]
 fn recover_needs_force_and_rebuilds_manager_and_nodes_at_new_locations() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 2, 10_000);
-    let state = sb.path("mgr/state");
-    fill_manager(&state);
-    let mut t = std::fs::read_to_string(&src).unwrap();
-    t.push_str(&format!(
-        "[manager]\nstate_dir = {state:?}\nversion = \"2.3.0\"\n"
-    ));
-    std::fs::write(&src, t).unwrap();
+    let (src, state) = cluster_with_manager(&sb);
     let dir = sb.path("backups");
     let store = format!("file://{}", dir.display());
     for snap in ["older", "newer"] {
