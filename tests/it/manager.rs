@@ -505,6 +505,71 @@ fn metadata(entries: Vec<serde_json::Value>, total: u64) -> serde_json::Value {
     })
 }
 
+fn deflate(data: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+/// A zip written by hand, so its headers can lie: entries of (name, deflated data,
+/// CRC-32 and uncompressed size to declare).
+fn raw_zip(path: &Path, entries: &[(&str, Vec<u8>, u32, u32)]) {
+    let mut out: Vec<u8> = Vec::new();
+    let mut central: Vec<u8> = Vec::new();
+    let u16le = |v: u16| v.to_le_bytes();
+    let u32le = |v: u32| v.to_le_bytes();
+    for (name, data, crc, size) in entries {
+        let offset = out.len() as u32;
+        let common = [
+            &u16le(20)[..],
+            &u16le(0),
+            &u16le(8),
+            &u16le(0),
+            &u16le(0x21),
+            &u32le(*crc),
+            &u32le(data.len() as u32),
+            &u32le(*size),
+            &u16le(name.len() as u16),
+            &u16le(0),
+        ]
+        .concat();
+        out.extend_from_slice(&u32le(0x0403_4b50));
+        out.extend_from_slice(&common);
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(data);
+        central.extend_from_slice(&u32le(0x0201_4b50));
+        central.extend_from_slice(&u16le(3 << 8 | 20));
+        central.extend_from_slice(&common);
+        central.extend_from_slice(
+            &[
+                &u16le(0)[..],
+                &u16le(0),
+                &u16le(0),
+                &u32le(0o100644 << 16),
+                &u32le(offset),
+            ]
+            .concat(),
+        );
+        central.extend_from_slice(name.as_bytes());
+    }
+    let cd_offset = out.len() as u32;
+    out.extend_from_slice(&central);
+    out.extend_from_slice(&u32le(0x0605_4b50));
+    out.extend_from_slice(
+        &[
+            &u16le(0)[..],
+            &u16le(0),
+            &u16le(entries.len() as u16),
+            &u16le(entries.len() as u16),
+            &u32le(central.len() as u32),
+            &u32le(cd_offset),
+            &u16le(0),
+        ]
+        .concat(),
+    );
+    std::fs::write(path, out).unwrap();
+}
+
 /// Put a zip straight into the store (as a compromised store would), bypassing
 /// `upload`'s checks.
 fn plant(sb: &Sandbox, id: &str, zip: &Path) {
@@ -608,6 +673,25 @@ fn hostile_zips_are_refused_and_nothing_is_written_outside_the_target() {
             make_zip(&p, &metadata(vec![e], 4), &[("state/db", &bomb)], &[]);
             p
         }),
+        ("lying deflate bomb", {
+            // Zip headers and metadata both say 4 bytes; the deflate stream holds
+            // 64 MiB. Only reading stops it.
+            let p = sb.path("lying-bomb.zip");
+            let meta = metadata(vec![entry("state/db", "db", ok)], 4).to_string();
+            raw_zip(
+                &p,
+                &[
+                    ("state/db", deflate(&bomb), crc32fast::hash(ok), 4),
+                    (
+                        "metadata.json",
+                        deflate(meta.as_bytes()),
+                        crc32fast::hash(meta.as_bytes()),
+                        meta.len() as u32,
+                    ),
+                ],
+            );
+            p
+        }),
         ("total beyond declared", {
             let p = sb.path("total.zip");
             make_zip(
@@ -657,6 +741,7 @@ fn hostile_zips_are_refused_and_nothing_is_written_outside_the_target() {
             "symlink" => "is a link",
             "duplicate" => "same name",
             "deflate bomb" => "but 4 in the metadata",
+            "lying deflate bomb" => "larger than its declared",
             _ => "declares a total of 1 bytes",
         };
         assert!(text(&out).1.contains(why), "{what}: {:?}", text(&out));
