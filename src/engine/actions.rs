@@ -537,9 +537,52 @@ async fn commit_restore(ctx: &Arc<RunCtx>) -> Result<()> {
         .map(|n| (staging_dir(ctx, n), n.data_dir.clone()))
         .collect();
     let paths = ctx.selection.paths.clone();
-    tokio::task::spawn_blocking(move || commit_blocking(&plan, &paths))
+    let result = tokio::task::spawn_blocking(move || commit_blocking(&plan, &paths))
         .await
-        .map_err(|e| Error::State(format!("commit worker failed: {e}")))?
+        .map_err(|e| Error::State(format!("commit worker failed: {e}")))?;
+    if result.is_err() {
+        undo_manager_restore(ctx).await;
+    }
+    result
+}
+
+/// The nodes could not be committed: put back the manager state this run swapped
+/// in, and mark its step to be redone, so a failed restore leaves manager and
+/// nodes as they were and `plan resume` does both again.
+async fn undo_manager_restore(ctx: &Arc<RunCtx>) {
+    let run = ctx.run_id;
+    let Ok(steps) = ctx.state.call(move |s| s.steps(run)).await else {
+        return;
+    };
+    let Some(step) = steps
+        .iter()
+        .find(|s| s.action == Action::RestoreManager.name() && s.status == Status::Complete)
+    else {
+        return;
+    };
+    let Some(report) = step
+        .output
+        .as_deref()
+        .and_then(|o| serde_json::from_str::<serde_json::Value>(o).ok())
+    else {
+        return;
+    };
+    let pre = report["pre_restore"].as_str().map(PathBuf::from);
+    let undone = manager_of(ctx).and_then(|m| crate::manager::restore::undo(&m, pre.as_deref()));
+    match undone {
+        Ok(_) => {
+            tracing::warn!("the node commit failed: the manager's previous state is back");
+            if let Err(e) = ctx
+                .state
+                .set_step(run, &step.id, Status::Pending, None, None)
+            {
+                tracing::error!("could not mark {} to be redone: {e}", step.id);
+            }
+        }
+        Err(e) => tracing::error!(
+            "the node commit failed and the manager state could not be put back: {e}; `cairn manager-snapshot rollback` does it"
+        ),
+    }
 }
 
 /// Move every staged keyspace (or, for a partial restore, every staged path) into

@@ -287,3 +287,92 @@ pub fn rollback(m: &Manager) -> Result<(PathBuf, Option<PathBuf>)> {
     }
     Ok((copy, replaced))
 }
+
+/// Undo a restore that just happened (a later step of the same run failed): put
+/// `pre_restore` back in place, or, when there was no state before, move the
+/// restored state aside. The restored state is kept as `.<name>.rolled-back-<time>`.
+pub fn undo(m: &Manager, pre_restore: Option<&Path>) -> Result<Option<PathBuf>> {
+    let (parent, name) = split(&m.state_dir)?;
+    let displaced = parent.join(format!(".{name}.rolled-back-{}", stamp()));
+    let kept = match pre_restore {
+        Some(copy) if exists(&m.state_dir) => Some(exchange(copy, &m.state_dir, &displaced)?),
+        Some(copy) => {
+            std::fs::rename(copy, &m.state_dir)
+                .map_err(|e| Error::io("move into place", &m.state_dir, e))?;
+            None
+        }
+        None if exists(&m.state_dir) => {
+            std::fs::rename(&m.state_dir, &displaced)
+                .map_err(|e| Error::io("move aside", &m.state_dir, e))?;
+            Some(displaced)
+        }
+        None => None,
+    };
+    if let Ok(d) = std::fs::File::open(&parent) {
+        let _ = d.sync_all();
+    }
+    Ok(kept)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checks::RealDisk;
+    use crate::cluster::{ManagerConfig, ManagerVersion};
+
+    fn manager(dir: &Path) -> Manager {
+        let cluster = crate::cluster::Cluster {
+            name: "t".into(),
+            nodes: Vec::new(),
+            manager: Some(ManagerConfig {
+                state_dir: dir.to_path_buf(),
+                version: ManagerVersion::Fixed("1.0.0".into()),
+                credentials: "credentials".into(),
+            }),
+            source: None,
+            partial: false,
+        };
+        Manager::resolve(Some(&cluster), None, dir).expect("manager")
+    }
+
+    fn snapshot_of(m: &Manager, zip: &Path) {
+        let prepared = zipfile::prepare(m, true).expect("prepare");
+        let header = zipfile::Header {
+            id: "t".into(),
+            manager_version: "1.0.0".into(),
+            include_credentials: true,
+        };
+        let f = std::fs::File::create(zip).expect("create");
+        zipfile::write(&prepared, &header, f, |_| {}).expect("write");
+    }
+
+    #[test]
+    fn a_restore_is_undone_to_the_state_it_replaced_or_to_nothing() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let state = tmp.path().join("mgr/state");
+        std::fs::create_dir_all(state.join("db")).expect("mkdir");
+        std::fs::write(state.join("db/a.json"), b"snapshotted").expect("write");
+        let m = manager(&state);
+        let zip = tmp.path().join("s.zip");
+        snapshot_of(&m, &zip);
+        // The manager moves on, then the snapshot is restored over it and undone.
+        std::fs::write(state.join("db/a.json"), b"current").expect("write");
+        let r = restore_file(&m, &zip, true, &RealDisk).expect("restore");
+        assert_eq!(
+            std::fs::read(state.join("db/a.json")).expect("read"),
+            b"snapshotted"
+        );
+        undo(&m, r.pre_restore.as_deref()).expect("undo");
+        assert_eq!(
+            std::fs::read(state.join("db/a.json")).expect("read"),
+            b"current"
+        );
+        // Onto a place with no state: undone means no state again.
+        let fresh = tmp.path().join("new/state");
+        let m2 = manager(&fresh);
+        let r = restore_file(&m2, &zip, false, &RealDisk).expect("restore");
+        assert!(r.pre_restore.is_none() && fresh.join("db/a.json").exists());
+        undo(&m2, None).expect("undo");
+        assert!(!fresh.exists());
+    }
+}

@@ -68,10 +68,10 @@ fn fill_manager(dir: &Path) {
     write(&dir.join("credentials/agents/vm1.pem"), SECRET_KEY, 0o600);
 }
 
-/// A source cluster of two nodes whose description has a filled `[manager]`
+/// A source cluster of two nodes (`extra` bytes of noise each) whose description has a filled `[manager]`
 /// (version 2.3.0); returns the description and the manager's state dir.
-fn cluster_with_manager(sb: &Sandbox) -> (PathBuf, PathBuf) {
-    let src = source_cluster(sb.dir.path(), 2, 10_000);
+fn cluster_with_manager(sb: &Sandbox, extra: usize) -> (PathBuf, PathBuf) {
+    let src = source_cluster(sb.dir.path(), 2, extra);
     let state = sb.path("mgr/state");
     fill_manager(&state);
     let mut t = std::fs::read_to_string(&src).unwrap();
@@ -812,7 +812,7 @@ fn a_corrupt_entry_is_refused_before_the_state_dir_is_touched() {
 #[test]
 fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
     let sb = Sandbox::new();
-    let (src, state) = cluster_with_manager(&sb);
+    let (src, state) = cluster_with_manager(&sb, 10_000);
     let dir = sb.path("backups");
     let p = |k: &str, v: &str| format!("{k}={v}");
     sb.ok(&[
@@ -912,7 +912,7 @@ fn restore_plan_restores_the_manager_only_when_asked_and_checks_it_first() {
 #[test]
 fn recover_needs_force_and_rebuilds_manager_and_nodes_at_new_locations() {
     let sb = Sandbox::new();
-    let (src, state) = cluster_with_manager(&sb);
+    let (src, state) = cluster_with_manager(&sb, 10_000);
     let dir = sb.path("backups");
     let store = format!("file://{}", dir.display());
     for snap in ["older", "newer"] {
@@ -1035,4 +1035,76 @@ fn cairns_own_state_is_the_manager_without_a_manager_section() {
         s(&src),
     ]);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+}
+
+#[test]
+fn a_failed_node_commit_puts_the_restored_manager_back() {
+    let sb = Sandbox::new();
+    let (src, _) = cluster_with_manager(&sb, 3 << 20);
+    let dir = sb.path("backups");
+    let backup = [
+        "plan".to_string(),
+        "start".into(),
+        "backup-local".into(),
+        "--cluster".into(),
+        s(&src).into(),
+        "-p".into(),
+        "SNAPSHOT_NAME=s1".into(),
+        "-p".into(),
+        format!("BACKUP_DIR={}", dir.display()),
+    ];
+    sb.ok(&backup.iter().map(String::as_str).collect::<Vec<_>>());
+    // A target whose manager holds state of its own (restored over with force).
+    let tstate = sb.path("tmgr/state");
+    write(&tstate.join("db/mine.json"), b"target's own", 0o644);
+    let before = files(&tstate);
+    let nodes: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| (i, sb.path(&format!("tgt/node-{i}"))))
+        .collect();
+    let tc = manager_cluster(&sb, "tgt", &tstate, "2.4.0", "", &nodes);
+    let restore = [
+        "plan".to_string(),
+        "start".into(),
+        "restore-local".into(),
+        "--cluster".into(),
+        s(&tc).into(),
+        "-p".into(),
+        "SNAPSHOT_NAME=s1".into(),
+        "-p".into(),
+        format!("BACKUP_DIR={}", dir.display()),
+        "-p".into(),
+        "RESTORE_MANAGER=force".into(),
+        "-p".into(),
+        "MAX_BANDWIDTH=2MiB/s".into(),
+        "-q".into(),
+    ];
+    let mut child = sb
+        .command(&restore.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn()
+        .unwrap();
+    crate::it::helpers::wait_until_running(&sb, 2, "stage/stage-node/node-0");
+    // While the nodes stage, someone creates a keyspace the restore brings: the
+    // commit must refuse, after the manager was already swapped in.
+    std::fs::create_dir_all(sb.path("tgt/node-1/app")).unwrap();
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+    assert_eq!(files(&tstate), before, "the manager's own state is back");
+    let out = sb.ok(&["plan", "status", "2", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let step = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "commit/restore-manager")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        step["status"], "PENDING",
+        "a resume restores the manager again"
+    );
+    assert_eq!(
+        std::fs::read_dir(sb.path("tgt/node-1")).unwrap().count(),
+        1,
+        "only the intruder"
+    );
 }
