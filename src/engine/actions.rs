@@ -49,6 +49,16 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 &probe,
             )
             .await?;
+            // The manager snapshot is taken at the end: find out now if it cannot be.
+            if ctx.plan.has_action(Action::BackupManager) {
+                let m = manager_of(ctx).map_err(|e| Error::Checks(vec![e.to_string()]))?;
+                if m.kind == crate::manager::Kind::Declared && !m.state_dir.is_dir() {
+                    return Err(Error::Checks(vec![format!(
+                        "the manager state dir {} does not exist",
+                        m.state_dir.display()
+                    )]));
+                }
+            }
             Ok(None)
         }
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),

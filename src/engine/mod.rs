@@ -290,14 +290,9 @@ impl Engine {
         resuming: Option<i64>,
     ) -> Result<Option<crate::lock::Held>> {
         use crate::lock::{Mode, Request, Settings, acquire};
-        let has = |a: Action| {
-            plan.phases
-                .iter()
-                .any(|p| p.steps.iter().any(|s| s.action == a))
-        };
-        let (mode, purpose) = if has(Action::BackupNode) {
+        let (mode, purpose) = if plan.has_action(Action::BackupNode) {
             (Mode::Exclusive, "backup")
-        } else if has(Action::StageNode) {
+        } else if plan.has_action(Action::StageNode) {
             (Mode::Shared, "restore")
         } else {
             return Ok(None);

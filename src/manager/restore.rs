@@ -56,6 +56,32 @@ pub fn check_version(m: &Manager, snapshot_version: &str) -> Result<()> {
     Ok(())
 }
 
+/// cairn's own home only ever receives cairn's own state: a declared manager's
+/// snapshot restored there (a forgotten `--cluster`) would replace the run history
+/// with somebody else's files.
+fn check_kind(m: &Manager, meta: &super::format::Metadata) -> Result<()> {
+    if m.kind != Kind::Own {
+        return Ok(());
+    }
+    let foreign: Vec<&str> = meta
+        .entries
+        .iter()
+        .filter(|e| {
+            e.kind != super::format::EntryKind::State
+                || (e.path != STATE_DB && e.path != super::CLUSTER_ENTRY)
+        })
+        .map(|e| e.path.as_str())
+        .take(5)
+        .collect();
+    if foreign.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Checks(vec![format!(
+        "this snapshot holds a declared manager's state ({}…), not cairn's own; name that manager's cluster description with --cluster",
+        foreign.join(", ")
+    )]))
+}
+
 /// `(parent, name)` of the state dir.
 fn split(state_dir: &Path) -> Result<(PathBuf, String)> {
     let parent = state_dir
@@ -97,6 +123,7 @@ pub fn restore_file(m: &Manager, zip: &Path, force: bool, disk: &dyn Disk) -> Re
     check_clean(m, force)?;
     let head = zipfile::read_metadata(zip)?;
     check_version(m, &head.metadata.manager_version)?;
+    check_kind(m, &head.metadata)?;
     let (parent, name) = split(&m.state_dir)?;
     std::fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
     let need = with_margin(head.metadata.total_bytes());

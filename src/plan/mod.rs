@@ -189,6 +189,13 @@ pub const SHIPPED: &[(&str, &str)] = &[
 ];
 
 impl Plan {
+    /// Whether any phase has a step with this action.
+    pub fn has_action(&self, a: Action) -> bool {
+        self.phases
+            .iter()
+            .any(|p| p.steps.iter().any(|s| s.action == a))
+    }
+
     /// Parse and validate plan text; `file` names it in errors.
     pub fn parse(file: &str, text: &str) -> Result<Plan> {
         let raw: raw::RawPlan = toml::from_str(text).map_err(|e| Error::Plan {

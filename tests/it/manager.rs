@@ -1035,6 +1035,65 @@ fn cairns_own_state_is_the_manager_without_a_manager_section() {
         s(&src),
     ]);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    // A declared manager's snapshot never lands in cairn's home (a forgotten
+    // --cluster), even forced.
+    let mstate = sb.path("mgr/state");
+    fill_manager(&mstate);
+    let mc = manager_cluster(&sb, "m", &mstate, "0.0.1", "", &[]);
+    sb.ok(&[
+        "manager-snapshot",
+        "create",
+        "declared",
+        "--store",
+        &store,
+        "--cluster",
+        s(&mc),
+    ]);
+    let other = sb.path("home3");
+    let out = sb
+        .command(&[
+            "manager-snapshot",
+            "restore",
+            "declared",
+            "--force",
+            "--store",
+            &store,
+        ])
+        .env("CAIRN_HOME", &other)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("--cluster"), "{:?}", text(&out));
+    assert!(!other.exists());
+}
+
+#[test]
+fn a_backup_refuses_up_front_when_the_manager_state_dir_is_missing() {
+    let sb = Sandbox::new();
+    let (src, state) = cluster_with_manager(&sb, 1000);
+    std::fs::remove_dir_all(&state).unwrap();
+    let dir = sb.path("backups");
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        s(&src),
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        &format!("BACKUP_DIR={}", dir.display()),
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("manager state dir"),
+        "{:?}",
+        text(&out)
+    );
+    assert!(
+        !dir.join("s").exists(),
+        "a node was backed up before the refusal"
+    );
 }
 
 #[test]
