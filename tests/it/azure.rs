@@ -405,3 +405,23 @@ fn service_principal_requests_a_token_from_the_authority() {
     assert!(!o.contains(secret) && !e.contains(secret));
     assert!(!state_has(&sb, secret));
 }
+
+#[test]
+fn nightly_operations_and_manager_snapshots_on_azurite() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some(server) = servers::azurite(dir.path(), 0) else {
+        return;
+    };
+    let container = rt().block_on(servers::fresh_container(&server.endpoint));
+    super::remote::nightly_operations(
+        "backup-azure",
+        |snap| az_args(&server.endpoint, &container, snap),
+        &format!("az://{container}/team/backups"),
+        &[
+            ("AZURE_STORAGE_ACCOUNT", AZ_ACCOUNT),
+            ("AZURE_STORAGE_KEY", AZ_KEY),
+            ("AZURE_ENDPOINT_URL", &server.endpoint),
+        ],
+        AZ_KEY,
+    );
+}

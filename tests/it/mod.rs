@@ -7,6 +7,7 @@ mod azure;
 mod cli;
 mod manager;
 mod nightly;
+mod remote;
 mod resume;
 mod roundtrip;
 mod s3;

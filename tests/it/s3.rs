@@ -403,3 +403,23 @@ fn server_killed_mid_upload_fails_cleanly_and_resume_completes() {
     assert!(out.status.success(), "{:?}", text(&out));
     assert_restored(&sb, "tgt", 2);
 }
+
+#[test]
+fn nightly_operations_and_manager_snapshots_on_s3() {
+    let Some(server) = servers::moto() else {
+        return;
+    };
+    let bucket = rt().block_on(servers::fresh_bucket(&server.endpoint));
+    super::remote::nightly_operations(
+        "backup-s3",
+        |snap| s3_args(&server.endpoint, &bucket, snap),
+        &format!("s3://{bucket}/team/backups"),
+        &[
+            ("AWS_ACCESS_KEY_ID", AK),
+            ("AWS_SECRET_ACCESS_KEY", SK),
+            ("AWS_REGION", "us-east-1"),
+            ("S3_ENDPOINT_URL", &server.endpoint),
+        ],
+        SK,
+    );
+}

@@ -1,0 +1,151 @@
+//! Nightly operations and manager snapshots against a remote store (S3 or Azure):
+//! the same steps for each backend, called from `s3.rs` and `azure.rs`.
+
+use super::helpers::*;
+use std::process::Output;
+
+/// Two backups, verify with data recorded, prune keeping only the newest, `last`,
+/// and a manager snapshot created, listed and restored through the store URL.
+/// `args(snapshot)` gives the plan's `-p` arguments, `env` the store credentials
+/// for the URL commands; `secret` must appear in no output.
+pub fn nightly_operations(
+    plan: &str,
+    args: impl Fn(&str) -> Vec<String>,
+    url: &str,
+    env: &[(&str, &str)],
+    secret: &str,
+) {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 100_000);
+    let run = |head: &[&str], extra: &[String]| -> Output {
+        let mut a: Vec<&str> = head.to_vec();
+        a.extend(extra.iter().map(String::as_str));
+        let mut c = sb.command(&a);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let (o, e) = text(&out);
+        assert!(
+            !o.contains(secret) && !e.contains(secret),
+            "secret in output"
+        );
+        out
+    };
+    let ok = |head: &[&str], extra: &[String]| -> Output {
+        let out = run(head, extra);
+        assert!(out.status.success(), "{head:?}: {:?}", text(&out));
+        out
+    };
+    let cluster = src.to_str().unwrap();
+    for snap in ["old", "new"] {
+        ok(
+            &["plan", "start", plan, "--cluster", cluster, "-q"],
+            &args(snap),
+        );
+    }
+    ok(
+        &[
+            "snapshots",
+            "verify",
+            "new",
+            "--store",
+            url,
+            "--read-data",
+            "-q",
+        ],
+        &[],
+    );
+    let list = ok(&["snapshots", "list", "--store", url, "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let names: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["new", "old"]);
+    assert_eq!(v[0]["verified"]["mode"], "read-data");
+    assert_eq!(v[0]["verified"]["ok"], true);
+
+    // A day later, a policy of one hour keeps only the newest.
+    let later = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();
+    ok(
+        &[
+            "snapshots",
+            "prune",
+            "--store",
+            url,
+            "--policy",
+            "1h",
+            "--now",
+            &later,
+        ],
+        &[],
+    );
+    let list = ok(&["snapshots", "list", "--store", url, "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v[0]["name"], "new");
+    let out = ok(
+        &["snapshots", "last", "--store", url, "--max-age", "1h"],
+        &[],
+    );
+    assert!(text(&out).0.starts_with("new "), "{:?}", text(&out));
+    let out = run(
+        &[
+            "snapshots",
+            "last",
+            "--store",
+            url,
+            "--max-age",
+            "1h",
+            "--now",
+            &later,
+        ],
+        &[],
+    );
+    assert_eq!(out.status.code(), Some(6));
+
+    // cairn's own state as a manager snapshot in the remote store, restored into a
+    // fresh home.
+    ok(
+        &[
+            "manager-snapshot",
+            "create",
+            "m1",
+            "--store",
+            url,
+            "--cluster",
+            cluster,
+        ],
+        &[],
+    );
+    let list = ok(&["manager-snapshot", "list", "--store", url, "--json"], &[]);
+    let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"m1") && ids.contains(&"new"), "{ids:?}");
+    let fresh = sb.path("fresh-home");
+    let mut c = sb.command(&["manager-snapshot", "restore", "m1", "--store", url]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let out = c.env("CAIRN_HOME", &fresh).output().unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    let hist = sb
+        .command(&["plan", "history", "--json"])
+        .env("CAIRN_HOME", &fresh)
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&hist.stdout).contains(plan),
+        "{:?}",
+        text(&hist)
+    );
+    ok(&["manager-snapshot", "delete", "m1", "--store", url], &[]);
+}
