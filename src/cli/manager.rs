@@ -46,7 +46,15 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             let m = manager(g, at.cluster.as_deref())?;
             let store = open(at.store).await?;
             let id = id.unwrap_or_else(catalog::default_id);
-            let s = catalog::create(&*store, &m, &id, include_credentials, &cancel).await?;
+            let s = catalog::create(
+                &*store,
+                &m,
+                &id,
+                include_credentials,
+                progress(g.quiet || g.json),
+                &cancel,
+            )
+            .await?;
             if g.json {
                 print_json(&json!(s));
             } else {

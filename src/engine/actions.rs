@@ -82,7 +82,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         }
         Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),
         Action::CommitRestore => commit_restore(ctx).await.map(|()| None),
-        Action::BackupManager => backup_manager(ctx).await.map(Some),
+        Action::BackupManager => backup_manager(ctx, step).await.map(Some),
         Action::RestoreManager => restore_manager(ctx).await,
         Action::DiscardStaging => {
             for n in &ctx.cluster.nodes {
@@ -141,7 +141,7 @@ struct ManagerOutput {
     object: ObjectInfo,
 }
 
-async fn backup_manager(ctx: &Arc<RunCtx>) -> Result<String> {
+async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     let m = manager_of(ctx)?;
     let include_credentials = ctx.params.get("MANAGER_CREDENTIALS") == "true";
     let key = manifest::key(&ctx.snapshot, MANAGER_OBJECT);
@@ -152,6 +152,8 @@ async fn backup_manager(ctx: &Arc<RunCtx>) -> Result<String> {
         &m,
         &ctx.snapshot,
         include_credentials,
+        ctx.progress.clone(),
+        &step.id,
         &ctx.cancel,
     )
     .await?;

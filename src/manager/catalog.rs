@@ -12,6 +12,7 @@ use super::{Kind, Manager};
 use crate::archive::io::PartSink;
 use crate::checks::Disk;
 use crate::manifest::{self, MANIFEST, ManagerInfo};
+use crate::progress::{Event, Progress};
 use crate::store::{Store, get_bytes, part_size_for, upload_parts};
 use crate::{Error, Result};
 use futures::StreamExt;
@@ -112,12 +113,15 @@ async fn put_status(store: &dyn Store, s: &Status) -> Result<()> {
 
 /// Stream a snapshot of `m` to `key` (blocking work on a worker thread); returns
 /// the metadata written, the object's size and SHA-256.
+#[allow(clippy::too_many_arguments)]
 pub async fn write_object(
     store: &dyn Store,
     key: &str,
     m: &Manager,
     id: &str,
     include_credentials: bool,
+    progress: Arc<dyn Progress>,
+    step: &str,
     cancel: &CancellationToken,
 ) -> Result<(Metadata, u64, String)> {
     let m2 = m.clone();
@@ -125,7 +129,12 @@ pub async fn write_object(
         .await
         .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))??;
     let expected: u64 = prepared.sources.iter().map(|s| s.size).sum();
+    progress.event(Event::StepStarted {
+        step,
+        total: Some(expected),
+    });
     let part_size = part_size_for(store.limits(), expected);
+    let step_id = step.to_string();
     let (tx, rx) = mpsc::channel(1);
     let header = Header {
         id: id.to_string(),
@@ -134,7 +143,12 @@ pub async fn write_object(
     };
     let producer = tokio::task::spawn_blocking(move || {
         let sink = PartSink::new(part_size, tx);
-        let (meta, sink) = zipfile::write(&prepared, &header, sink, |_| {})?;
+        let (meta, sink) = zipfile::write(&prepared, &header, sink, |done| {
+            progress.event(Event::Bytes {
+                step: &step_id,
+                done,
+            })
+        })?;
         let (size, sha) = sink
             .finish()
             .map_err(|e| Error::io("send", "manager.zip", e))?;
@@ -170,6 +184,7 @@ pub async fn create(
     m: &Manager,
     id: &str,
     include_credentials: bool,
+    progress: Arc<dyn Progress>,
     cancel: &CancellationToken,
 ) -> Result<Status> {
     check_id(id)?;
@@ -180,7 +195,28 @@ pub async fn create(
         )]));
     }
     put_status(store, &Status::new(id, "creating")).await?;
-    match write_object(store, &object_key(id), m, id, include_credentials, cancel).await {
+    let step = format!("manager-snapshot/{id}");
+    let written = write_object(
+        store,
+        &object_key(id),
+        m,
+        id,
+        include_credentials,
+        progress.clone(),
+        &step,
+        cancel,
+    )
+    .await;
+    progress.event(Event::StepFinished {
+        step: &step,
+        status: if written.is_ok() {
+            crate::state::Status::Complete
+        } else {
+            crate::state::Status::Failed
+        },
+        error: None,
+    });
+    match written {
         Ok((meta, size, sha)) => {
             let s = Status::new(id, "created").with_meta(&meta, size, sha);
             put_status(store, &s).await?;
