@@ -179,13 +179,7 @@ pub async fn restore(
     }
     for p in &selection.paths {
         let found = m.cluster.nodes.iter().any(|n| {
-            have.contains(&n.index)
-                && n.files.iter().any(|f| {
-                    f.path == *p
-                        || f.path
-                            .strip_prefix(p.as_str())
-                            .is_some_and(|r| r.starts_with('/'))
-                })
+            have.contains(&n.index) && n.files.iter().any(|f| crate::cluster::under(&f.path, p))
         });
         if !found {
             problems.push(format!("path {p:?} is in no file of snapshot {snapshot:?}"));
@@ -226,11 +220,7 @@ pub async fn restore(
                 .paths
                 .iter()
                 .map(String::as_str)
-                .filter(|p| {
-                    info.files
-                        .iter()
-                        .any(|f| f.path == **p || f.path.starts_with(&format!("{p}/")))
-                })
+                .filter(|p| info.files.iter().any(|f| crate::cluster::under(&f.path, p)))
                 .filter(|p| std::fs::symlink_metadata(node.data_dir.join(p)).is_ok())
                 .collect();
             if !clash.is_empty() {

@@ -223,7 +223,7 @@ pub async fn verify(
         && let Some(object) = m.object(manifest::MANAGER_OBJECT)
     {
         report.objects_read += 1;
-        match verify_manager(store, name, object).await {
+        match verify_manager(store, name, object, cancel).await {
             Ok(()) => {}
             Err(Error::Cancelled) => return Err(Error::Cancelled),
             Err(e) => report
@@ -277,6 +277,7 @@ async fn verify_manager(
     store: &dyn Store,
     name: &str,
     object: &manifest::ObjectInfo,
+    cancel: &CancellationToken,
 ) -> Result<()> {
     let tmp = tempfile::NamedTempFile::new()
         .map_err(|e| Error::io("create a temporary file in", std::env::temp_dir(), e))?;
@@ -286,6 +287,7 @@ async fn verify_manager(
         Some(object.size),
         Some(&object.sha256),
         tmp.path(),
+        cancel,
     )
     .await?;
     tokio::task::spawn_blocking(move || crate::manager::zipfile::read(tmp.path(), None).map(|_| ()))

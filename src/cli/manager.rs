@@ -105,7 +105,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
         }
         ManagerCmd::Download { id, output, store } => {
             let store = open(store).await?;
-            let s = catalog::download(&*store, &id, &output).await?;
+            let s = catalog::download(&*store, &id, &output, &cancel).await?;
             if g.json {
                 print_json(&json!({"id": id, "file": output, "size": s.size}));
             } else {
@@ -135,7 +135,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
         ManagerCmd::Restore { id, force, at } => {
             let m = manager(g, at.cluster.as_deref())?;
             let store = open(at.store).await?;
-            let r = catalog::restore(&*store, &id, &m, force, Arc::new(RealDisk)).await?;
+            let r = catalog::restore(&*store, &id, &m, force, Arc::new(RealDisk), &cancel).await?;
             if g.json {
                 print_json(&json!(r));
             } else {
@@ -227,6 +227,8 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
         .store
         .ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
     let store = store::open(&url, &super::store_options_from_env()).await?;
+    let cancel = CancellationToken::new();
+    cancel_on_signals(cancel.clone());
     let cluster = a.cluster.as_deref().map(Cluster::load).transpose()?;
     if a.nodes && cluster.is_none() {
         return Err(usage(
@@ -284,8 +286,16 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     }
     let loc = catalog::locate(&*store, &choice.snapshot).await?;
     crate::manager::restore::check_version(&m, &choice.manager_version)?;
-    let report =
-        catalog::restore_key(&*store, &loc.key, &loc.status, &m, true, Arc::new(RealDisk)).await?;
+    let report = catalog::restore_key(
+        &*store,
+        &loc.key,
+        &loc.status,
+        &m,
+        true,
+        Arc::new(RealDisk),
+        &cancel,
+    )
+    .await?;
     out(format!(
         "manager restored into {} ({} files)",
         report.state_dir.display(),
@@ -294,8 +304,8 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     let mut run = None;
     if let Some(c) = cluster.filter(|_| a.nodes) {
         let plan = Plan::find("recover-nodes", None)?;
-        let engine = Engine::new(g.state()?, progress(g.quiet || g.json));
-        cancel_on_signals(engine.cancel.clone());
+        let mut engine = Engine::new(g.state()?, progress(g.quiet || g.json));
+        engine.cancel = cancel.clone();
         let params = vec![
             CliParam {
                 key: "STORE".into(),

@@ -268,8 +268,8 @@ impl Selection {
     }
 }
 
-/// `path` is `root` or inside it.
-fn under(path: &str, root: &str) -> bool {
+/// `path` is `root` or inside it (`/`-separated relative paths).
+pub fn under(path: &str, root: &str) -> bool {
     path == root
         || path
             .strip_prefix(root)

@@ -2,7 +2,6 @@
 //! again after a crash produces the same result.
 
 use super::{RunCtx, StepRef};
-use crate::archive::io::{ChannelReader, PartSink};
 use crate::archive::{pack, unpack};
 use crate::cluster::{Node, RESERVED_PREFIX, hooks, keyspaces_on_disk};
 use crate::manager::Manager;
@@ -12,13 +11,11 @@ use crate::manifest::{
 use crate::plan::Action;
 use crate::progress::Event;
 use crate::state::Status;
-use crate::store::{part_size_for, upload_parts};
+use crate::store::upload_stream;
 use crate::{Error, Result, checks};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::sync::mpsc;
 
 /// What a backup-node step records for write-manifest.
 #[derive(Debug, Serialize, Deserialize)]
@@ -146,17 +143,23 @@ async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     let include_credentials = ctx.params.get("MANAGER_CREDENTIALS") == "true";
     let key = manifest::key(&ctx.snapshot, MANAGER_OBJECT);
     tracing::info!(state_dir = %m.state_dir.display(), key = %key, "snapshotting the manager");
+    abort_leftover_upload(ctx, step, &key).await?;
+    let target = crate::manager::catalog::Target {
+        key: &key,
+        id: &ctx.snapshot,
+        include_credentials,
+        progress: ctx.progress.clone(),
+        step: &step.id,
+    };
     let (meta, size, sha256) = crate::manager::catalog::write_object(
         &*ctx.store,
-        &key,
         &m,
-        &ctx.snapshot,
-        include_credentials,
-        ctx.progress.clone(),
-        &step.id,
+        target,
         &ctx.cancel,
+        record_upload_id(ctx, step),
     )
     .await?;
+    ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     let out = ManagerOutput {
         manager: ManagerInfo {
             format: meta.format_version,
@@ -193,6 +196,7 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
         &target,
         force,
         ctx.disk.clone(),
+        &ctx.cancel,
     )
     .await?;
     serde_json::to_string(&report)
@@ -249,6 +253,17 @@ async fn abort_leftover_upload(ctx: &RunCtx, step: &StepRef, key: &str) -> Resul
     ctx.state.set_scratch(ctx.run_id, &step.id, None)
 }
 
+/// Records a step's multipart upload id before any part is sent, so a killed run's
+/// upload is aborted when the step is redone ([`abort_leftover_upload`]).
+fn record_upload_id<'a>(ctx: &'a RunCtx, step: &'a StepRef) -> impl FnOnce(&str) + 'a {
+    move |id| {
+        let note = serde_json::json!({"upload_id": id}).to_string();
+        if let Err(e) = ctx.state.set_scratch(ctx.run_id, &step.id, Some(&note)) {
+            tracing::warn!("could not record the upload id: {e}");
+        }
+    }
+}
+
 async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
     let data_dir = node.data_dir.clone();
     let selection = ctx.selection.clone();
@@ -266,64 +281,32 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     let object = manifest::node_object(node.index);
     let key = manifest::key(&ctx.snapshot, &object);
     abort_leftover_upload(ctx, step, &key).await?;
-    let part_size = part_size_for(ctx.store.limits(), scan.total_bytes);
     ctx.progress.event(Event::StepStarted {
         step: &step.id,
         total: Some(scan.total_bytes),
     });
     tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
-    // One part queued, one being filled, and the process-wide upload budget bound
-    // the memory of a node.
-    let (tx, rx) = mpsc::channel(1);
     let progress = ctx.progress.clone();
     let step_id = step.id.clone();
-    let file_count = scan.file_count;
-    let total_bytes = scan.total_bytes;
-    let producer = tokio::task::spawn_blocking(move || {
-        let sink = PartSink::new(part_size, tx);
-        let (files, sink) = pack::pack(&scan, sink, |done| {
-            progress.event(Event::Bytes {
-                step: &step_id,
-                done,
-            })
-        })?;
-        let (size, sha256) = sink
-            .finish()
-            .map_err(|e| Error::io("send archive of", "node", e))?;
-        Ok::<_, Error>((files, size, sha256))
-    });
-    let producer = async {
-        producer
-            .await
-            .map_err(|e| Error::State(format!("archive worker failed: {e}")))?
-    };
-    let state = ctx.state.clone();
-    let (run, sid) = (ctx.run_id, step.id.clone());
-    let (uploaded, (files, size, sha256)) = upload_parts(
+    let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
+    let (files, size, sha256) = upload_stream(
         &*ctx.store,
         &key,
-        rx,
-        part_size,
-        producer,
+        total_bytes,
         &ctx.cancel,
-        |id| {
-            // Recorded before any part is sent, so a killed run's upload can be
-            // aborted when the step is redone.
-            let note = serde_json::json!({"upload_id": id}).to_string();
-            if let Err(e) = state.set_scratch(run, &sid, Some(&note)) {
-                tracing::warn!("could not record the upload id: {e}");
-            }
+        record_upload_id(ctx, step),
+        move |sink| {
+            let (files, _) = pack::pack(&scan, sink, |done| {
+                progress.event(Event::Bytes {
+                    step: &step_id,
+                    done,
+                })
+            })?;
+            Ok(files)
         },
     )
     .await?;
     ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
-    if uploaded != size {
-        return Err(Error::store(
-            "upload",
-            &key,
-            format!("uploaded {uploaded} bytes of {size}"),
-        ));
-    }
     let out = NodeOutput {
         node: NodeInfo {
             index: node.index,
@@ -343,33 +326,35 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))
 }
 
+/// The recorded outputs of every step of `action`, all of which must be complete.
+fn outputs<T: serde::de::DeserializeOwned>(
+    steps: &[crate::state::StepRecord],
+    action: Action,
+) -> Result<Vec<T>> {
+    steps
+        .iter()
+        .filter(|s| s.action == action.name())
+        .map(|s| {
+            let (Status::Complete, Some(out)) = (s.status, &s.output) else {
+                return Err(Error::State(format!("step {} has not completed", s.id)));
+            };
+            serde_json::from_str(out)
+                .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))
+        })
+        .collect()
+}
+
 async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
     let run = ctx.run_id;
     let steps = ctx.state.call(move |s| s.steps(run)).await?;
     let mut nodes = Vec::new();
     let mut objects = Vec::new();
-    for s in steps
-        .iter()
-        .filter(|s| s.action == Action::BackupNode.name())
-    {
-        let (Status::Complete, Some(out)) = (s.status, &s.output) else {
-            return Err(Error::State(format!("step {} has not completed", s.id)));
-        };
-        let out: NodeOutput = serde_json::from_str(out)
-            .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))?;
+    for out in outputs::<NodeOutput>(&steps, Action::BackupNode)? {
         nodes.push(out.node);
         objects.push(out.object);
     }
     let mut manager = None;
-    for s in steps
-        .iter()
-        .filter(|s| s.action == Action::BackupManager.name())
-    {
-        let (Status::Complete, Some(out)) = (s.status, &s.output) else {
-            return Err(Error::State(format!("step {} has not completed", s.id)));
-        };
-        let out: ManagerOutput = serde_json::from_str(out)
-            .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))?;
+    for out in outputs::<ManagerOutput>(&steps, Action::BackupManager)? {
         objects.push(out.object);
         manager = Some(out.manager);
     }
@@ -495,11 +480,8 @@ pub async fn read_object(
     step_id: String,
     cancel: &tokio_util::sync::CancellationToken,
 ) -> Result<unpack::Unpacked> {
-    let mut stream = store.get(key).await?;
-    // Chunks may be whole ranges (8 MiB): keep the queue short.
-    let (tx, rx) = mpsc::channel::<Result<bytes::Bytes>>(2);
     let name = key.to_string();
-    let consumer = tokio::task::spawn_blocking(move || {
+    crate::store::read_stream(store, key, cancel, move |reader| {
         let expected = unpack::Expected {
             object: &name,
             node: &info,
@@ -510,35 +492,14 @@ pub async fn read_object(
             Some(r) => unpack::Mode::Extract(r),
             None => unpack::Mode::Verify,
         };
-        unpack::unpack(
-            ChannelReader::new(rx),
-            &expected,
-            &selection,
-            mode,
-            |done| {
-                progress.event(Event::Bytes {
-                    step: &step_id,
-                    done,
-                })
-            },
-        )
-    });
-    let pump = async {
-        while let Some(chunk) = stream.next().await {
-            let failed = chunk.is_err();
-            if tx.send(chunk).await.is_err() || failed {
-                break;
-            }
-        }
-        drop(tx);
-    };
-    tokio::select! {
-        _ = pump => {}
-        _ = cancel.cancelled() => return Err(Error::Cancelled),
-    }
-    consumer
-        .await
-        .map_err(|e| Error::State(format!("unpack worker failed: {e}")))?
+        unpack::unpack(reader, &expected, &selection, mode, |done| {
+            progress.event(Event::Bytes {
+                step: &step_id,
+                done,
+            })
+        })
+    })
+    .await
 }
 
 async fn commit_restore(ctx: &Arc<RunCtx>) -> Result<()> {

@@ -9,18 +9,15 @@ use super::format::Metadata;
 use super::restore::{self, Report};
 use super::zipfile::{self, Header};
 use super::{Kind, Manager};
-use crate::archive::io::PartSink;
+use crate::archive::io::HashingReader;
 use crate::checks::Disk;
 use crate::manifest::{self, MANIFEST, ManagerInfo};
 use crate::progress::{Event, Progress};
-use crate::store::{Store, get_bytes, part_size_for, upload_parts};
+use crate::store::{Store, get_bytes, upload_stream};
 use crate::{Error, Result};
-use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use tokio::io::AsyncWriteExt;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 pub const PREFIX: &str = ".cairn-manager";
@@ -111,64 +108,49 @@ async fn put_status(store: &dyn Store, s: &Status) -> Result<()> {
     store.put(&status_key(&s.id), data.into()).await
 }
 
-/// Stream a snapshot of `m` to `key` (blocking work on a worker thread); returns
-/// the metadata written, the object's size and SHA-256.
-#[allow(clippy::too_many_arguments)]
+/// What a manager snapshot is written as, and how its progress is reported.
+pub struct Target<'a> {
+    pub key: &'a str,
+    pub id: &'a str,
+    pub include_credentials: bool,
+    pub progress: Arc<dyn Progress>,
+    /// The progress step's name.
+    pub step: &'a str,
+}
+
+/// Stream a snapshot of `m` to `t.key` (blocking work on worker threads); returns
+/// the metadata written, the object's size and SHA-256. `on_started` gets the
+/// multipart upload id before any part is sent.
 pub async fn write_object(
     store: &dyn Store,
-    key: &str,
     m: &Manager,
-    id: &str,
-    include_credentials: bool,
-    progress: Arc<dyn Progress>,
-    step: &str,
+    t: Target<'_>,
     cancel: &CancellationToken,
+    on_started: impl FnOnce(&str),
 ) -> Result<(Metadata, u64, String)> {
     let m2 = m.clone();
+    let include_credentials = t.include_credentials;
     let prepared = tokio::task::spawn_blocking(move || zipfile::prepare(&m2, include_credentials))
         .await
         .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))??;
     let expected: u64 = prepared.sources.iter().map(|s| s.size).sum();
-    progress.event(Event::StepStarted {
-        step,
+    t.progress.event(Event::StepStarted {
+        step: t.step,
         total: Some(expected),
     });
-    let part_size = part_size_for(store.limits(), expected);
-    let step_id = step.to_string();
-    let (tx, rx) = mpsc::channel(1);
     let header = Header {
-        id: id.to_string(),
+        id: t.id.to_string(),
         manager_version: m.version.clone(),
         include_credentials,
     };
-    let producer = tokio::task::spawn_blocking(move || {
-        let sink = PartSink::new(part_size, tx);
-        let (meta, sink) = zipfile::write(&prepared, &header, sink, |done| {
-            progress.event(Event::Bytes {
-                step: &step_id,
-                done,
-            })
+    let (progress, step) = (t.progress, t.step.to_string());
+    upload_stream(store, t.key, expected, cancel, on_started, move |sink| {
+        let (meta, _) = zipfile::write(&prepared, &header, sink, |done| {
+            progress.event(Event::Bytes { step: &step, done })
         })?;
-        let (size, sha) = sink
-            .finish()
-            .map_err(|e| Error::io("send", "manager.zip", e))?;
-        Ok::<_, Error>((meta, size, sha))
-    });
-    let producer = async {
-        producer
-            .await
-            .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))?
-    };
-    let (uploaded, (meta, size, sha)) =
-        upload_parts(store, key, rx, part_size, producer, cancel, |_| {}).await?;
-    if uploaded != size {
-        return Err(Error::store(
-            "upload",
-            key,
-            format!("uploaded {uploaded} bytes of {size}"),
-        ));
-    }
-    Ok((meta, size, sha))
+        Ok(meta)
+    })
+    .await
 }
 
 async fn exists(store: &dyn Store, id: &str) -> Result<bool> {
@@ -196,17 +178,15 @@ pub async fn create(
     }
     put_status(store, &Status::new(id, "creating")).await?;
     let step = format!("manager-snapshot/{id}");
-    let written = write_object(
-        store,
-        &object_key(id),
-        m,
+    let key = object_key(id);
+    let target = Target {
+        key: &key,
         id,
         include_credentials,
-        progress.clone(),
-        &step,
-        cancel,
-    )
-    .await;
+        progress: progress.clone(),
+        step: &step,
+    };
+    let written = write_object(store, m, target, cancel, |_| {}).await;
     progress.event(Event::StepFinished {
         step: &step,
         status: if written.is_ok() {
@@ -340,48 +320,53 @@ pub async fn locate(store: &dyn Store, id: &str) -> Result<Located> {
     )))
 }
 
-/// Download `key` into `out`, checking size and SHA-256 when known.
+/// Download `key` into `out` (on a blocking thread), checking size and SHA-256
+/// when known.
 pub async fn download_into(
     store: &dyn Store,
     key: &str,
     size: Option<u64>,
     sha256: Option<&str>,
     out: &Path,
+    cancel: &CancellationToken,
 ) -> Result<()> {
-    use sha2::Digest;
-    let mut stream = store.get(key).await?;
-    let mut f = tokio::fs::File::create(out)
-        .await
-        .map_err(|e| Error::io("create", out, e))?;
-    let mut h = sha2::Sha256::new();
-    let mut n = 0u64;
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk?;
-        n += chunk.len() as u64;
-        if size.is_some_and(|s| n > s) {
-            return Err(Error::archive(key, "larger than recorded"));
+    let (name, sha256, out) = (
+        key.to_string(),
+        sha256.map(str::to_string),
+        out.to_path_buf(),
+    );
+    crate::store::read_stream(store, key, cancel, move |reader| {
+        let mut f = std::fs::File::create(&out).map_err(|e| Error::io("create", &out, e))?;
+        // One byte past the recorded size is enough to know it is too large.
+        let limit = size.map_or(u64::MAX, |s| s.saturating_add(1));
+        let mut r = HashingReader::new(std::io::Read::take(reader, limit));
+        std::io::copy(&mut r, &mut f).map_err(|e| Error::io("write", &out, e))?;
+        f.sync_all().map_err(|e| Error::io("sync", &out, e))?;
+        let (n, got, _) = r.finish();
+        if size.is_some_and(|s| s != n) {
+            return Err(Error::archive(
+                &name,
+                format!("{n} bytes or more, {size:?} recorded"),
+            ));
         }
-        h.update(&chunk);
-        f.write_all(&chunk)
-            .await
-            .map_err(|e| Error::io("write", out, e))?;
-    }
-    f.sync_all().await.map_err(|e| Error::io("sync", out, e))?;
-    if size.is_some_and(|s| s != n) {
-        return Err(Error::archive(key, format!("{n} bytes, {size:?} recorded")));
-    }
-    let got = crate::archive::hex_digest(h);
-    if sha256.is_some_and(|s| s != got) {
-        return Err(Error::archive(
-            key,
-            "does not match its recorded checksum (corrupt)",
-        ));
-    }
-    Ok(())
+        if sha256.is_some_and(|s| s != got) {
+            return Err(Error::archive(
+                &name,
+                "does not match its recorded checksum (corrupt)",
+            ));
+        }
+        Ok(())
+    })
+    .await
 }
 
 /// `cairn manager-snapshot download ID -o FILE`: never overwrites `out`.
-pub async fn download(store: &dyn Store, id: &str, out: &Path) -> Result<Status> {
+pub async fn download(
+    store: &dyn Store,
+    id: &str,
+    out: &Path,
+    cancel: &CancellationToken,
+) -> Result<Status> {
     let loc = locate(store, id).await?;
     if out.exists() {
         return Err(Error::Usage(format!(
@@ -403,6 +388,7 @@ pub async fn download(store: &dyn Store, id: &str, out: &Path) -> Result<Status>
         loc.status.size,
         loc.status.sha256.as_deref(),
         tmp.path(),
+        cancel,
     )
     .await?;
     tmp.persist_noclobber(out)
@@ -433,28 +419,18 @@ pub async fn upload(
     let len = std::fs::metadata(file)
         .map_err(|e| Error::io("stat", file, e))?
         .len();
-    let part_size = part_size_for(store.limits(), len);
-    let (tx, rx) = mpsc::channel(1);
     let f = file.to_path_buf();
-    let producer = tokio::task::spawn_blocking(move || {
-        let mut sink = PartSink::new(part_size, tx);
-        let mut src = std::fs::File::open(&f).map_err(|e| Error::io("open", &f, e))?;
-        std::io::copy(&mut src, &mut sink).map_err(|e| Error::io("read", &f, e))?;
-        sink.finish().map_err(|e| Error::io("send", &f, e))
-    });
-    let producer = async {
-        producer
-            .await
-            .map_err(|e| Error::State(format!("upload worker failed: {e}")))?
-    };
-    let (_, (size, sha)) = upload_parts(
+    let ((), size, sha) = upload_stream(
         store,
         &object_key(&id),
-        rx,
-        part_size,
-        producer,
+        len,
         cancel,
         |_| {},
+        move |sink| {
+            let mut src = std::fs::File::open(&f).map_err(|e| Error::io("open", &f, e))?;
+            std::io::copy(&mut src, sink).map_err(|e| Error::io("read", &f, e))?;
+            Ok(())
+        },
     )
     .await?;
     let mut s = Status::new(&id, "uploaded").with_meta(&checked.metadata, size, sha);
@@ -489,6 +465,7 @@ pub async fn restore(
     m: &Manager,
     force: bool,
     disk: Arc<dyn Disk>,
+    cancel: &CancellationToken,
 ) -> Result<Report> {
     // Refuse a dirty manager before downloading anything.
     restore::check_clean(m, force)?;
@@ -496,7 +473,7 @@ pub async fn restore(
     if let Some(v) = &loc.status.manager_version {
         restore::check_version(m, v)?;
     }
-    restore_key(store, &loc.key, &loc.status, m, force, disk).await
+    restore_key(store, &loc.key, &loc.status, m, force, disk, cancel).await
 }
 
 /// Restore the zip at `key` (expected size and checksum from `status`).
@@ -507,6 +484,7 @@ pub async fn restore_key(
     m: &Manager,
     force: bool,
     disk: Arc<dyn Disk>,
+    cancel: &CancellationToken,
 ) -> Result<Report> {
     let tmp = restore::download_file(m)?;
     download_into(
@@ -515,6 +493,7 @@ pub async fn restore_key(
         status.size,
         status.sha256.as_deref(),
         tmp.path(),
+        cancel,
     )
     .await?;
     let m = m.clone();

@@ -89,10 +89,6 @@ impl Metadata {
         Ok(v)
     }
 
-    pub fn total_bytes(&self) -> u64 {
-        self.total_bytes
-    }
-
     /// Names and paths are plain relative paths, unique; checksums well-formed; the
     /// declared total is the sum of the entries.
     pub fn validate(&self) -> Result<()> {

@@ -120,13 +120,15 @@ fn stamp() -> String {
 /// Restore the snapshot in the local file `zip` into `m` (blocking). Every check and
 /// every checksum passes before the state dir is touched.
 pub fn restore_file(m: &Manager, zip: &Path, force: bool, disk: &dyn Disk) -> Result<Report> {
+    // Again, now the download is done: the manager may have changed meanwhile.
     check_clean(m, force)?;
-    let head = zipfile::read_metadata(zip)?;
+    let opened = zipfile::open_snapshot(zip)?;
+    let head = &opened.checked;
     check_version(m, &head.metadata.manager_version)?;
     check_kind(m, &head.metadata)?;
     let (parent, name) = split(&m.state_dir)?;
     std::fs::create_dir_all(&parent).map_err(|e| Error::io("create", &parent, e))?;
-    let need = with_margin(head.metadata.total_bytes());
+    let need = with_margin(head.metadata.total_bytes);
     let free = disk
         .available(&parent)
         .map_err(|e| Error::io("check free space of", &parent, e))?;
@@ -141,7 +143,7 @@ pub fn restore_file(m: &Manager, zip: &Path, force: bool, disk: &dyn Disk) -> Re
     let staging = parent.join(format!(".{name}.cairn-staging-{}", std::process::id()));
     remove_dir(&staging)?;
     std::fs::create_dir(&staging).map_err(|e| Error::io("create", &staging, e))?;
-    let staged = stage(m, zip, &staging);
+    let staged = stage(m, opened, &staging);
     let checked = match staged {
         Ok(c) => c,
         Err(e) => {
@@ -158,15 +160,15 @@ pub fn restore_file(m: &Manager, zip: &Path, force: bool, disk: &dyn Disk) -> Re
         manager_version: meta.manager_version.clone(),
         written_format: checked.written_format,
         files: meta.entries.len(),
-        bytes: meta.total_bytes(),
+        bytes: meta.total_bytes,
         credentials: meta.credentials_included,
         state_dir: m.state_dir.clone(),
         pre_restore,
     })
 }
 
-fn stage(m: &Manager, zip: &Path, staging: &Path) -> Result<zipfile::Checked> {
-    let checked = zipfile::read(zip, Some((staging, &m.credentials)))?;
+fn stage(m: &Manager, zip: zipfile::Opened, staging: &Path) -> Result<zipfile::Checked> {
+    let checked = zip.read_entries(Some((staging, &m.credentials)))?;
     // A snapshot without credentials keeps the target's own.
     if m.kind == Kind::Declared && !checked.metadata.credentials_included {
         let current = m.state_dir.join(&m.credentials);
@@ -294,24 +296,13 @@ pub fn pre_restore_copies(m: &Manager) -> Result<Vec<PathBuf>> {
 /// Swap the newest pre-restore copy back in; the state it replaces is kept as
 /// `.<name>.rolled-back-<time>`. Returns (copy restored, where the replaced went).
 pub fn rollback(m: &Manager) -> Result<(PathBuf, Option<PathBuf>)> {
-    let (parent, name) = split(&m.state_dir)?;
     let Some(copy) = pre_restore_copies(m)?.pop() else {
         return Err(Error::NotFound(format!(
             "a pre-restore copy of {}",
             m.state_dir.display()
         )));
     };
-    let displaced = parent.join(format!(".{name}.rolled-back-{}", stamp()));
-    let replaced = if exists(&m.state_dir) {
-        Some(exchange(&copy, &m.state_dir, &displaced)?)
-    } else {
-        std::fs::rename(&copy, &m.state_dir)
-            .map_err(|e| Error::io("move into place", &m.state_dir, e))?;
-        None
-    };
-    if let Ok(d) = std::fs::File::open(&parent) {
-        let _ = d.sync_all();
-    }
+    let replaced = undo(m, Some(&copy))?;
     Ok((copy, replaced))
 }
 

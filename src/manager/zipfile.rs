@@ -222,23 +222,47 @@ pub struct Checked {
     pub written_format: u32,
 }
 
-/// Read only the metadata of the zip at `path` (migrated to the current format).
-pub fn read_metadata(path: &Path) -> Result<Checked> {
+/// A zip opened once: its metadata read (and migrated), its entries not yet.
+pub struct Opened {
+    archive: zip::ZipArchive<File>,
+    pub checked: Checked,
+}
+
+/// Open the zip at `path` and read its metadata (migrated to the current format).
+pub fn open_snapshot(path: &Path) -> Result<Opened> {
     let mut archive = open(path)?;
-    metadata_of(&mut archive)
+    let checked = metadata_of(&mut archive)?;
+    Ok(Opened { archive, checked })
 }
 
 /// Check every entry of the zip at `path` against its metadata; with `dest`, write
 /// the files into that (new, empty) directory, credentials under its
 /// `credentials_dir`.
 pub fn read(path: &Path, dest: Option<(&Path, &str)>) -> Result<Checked> {
-    let mut archive = open(path)?;
-    let checked = metadata_of(&mut archive)?;
+    open_snapshot(path)?.read_entries(dest)
+}
+
+impl Opened {
+    /// See [`read`].
+    pub fn read_entries(self, dest: Option<(&Path, &str)>) -> Result<Checked> {
+        let Opened {
+            mut archive,
+            checked,
+        } = self;
+        read_entries(&mut archive, checked, dest)
+    }
+}
+
+fn read_entries(
+    archive: &mut zip::ZipArchive<File>,
+    checked: Checked,
+    dest: Option<(&Path, &str)>,
+) -> Result<Checked> {
     let meta = &checked.metadata;
     let bad = |m: String| Error::archive("manager.zip", m);
     let declared: BTreeMap<String, &format::Entry> =
         meta.entries.iter().map(|e| (e.name.clone(), e)).collect();
-    let total = meta.total_bytes();
+    let total = meta.total_bytes;
     let mut seen = std::collections::BTreeSet::new();
     let mut read_total = 0u64;
     let mut buf = vec![0u8; 256 << 10];

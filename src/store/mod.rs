@@ -215,6 +215,79 @@ fn part_permits(len: usize) -> u32 {
         .clamp(1, UPLOAD_BUDGET_MIB)
 }
 
+/// Read the object `key` with `consume`, which runs on a blocking thread and reads
+/// it as a `std::io::Read` while the download is driven here; `cancel` stops it.
+pub async fn read_stream<T: Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    cancel: &CancellationToken,
+    consume: impl FnOnce(crate::archive::io::ChannelReader) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let mut stream = store.get(key).await?;
+    // Chunks may be whole ranges (8 MiB): keep the queue short.
+    let (tx, rx) = mpsc::channel::<Result<Bytes>>(2);
+    let consumer =
+        tokio::task::spawn_blocking(move || consume(crate::archive::io::ChannelReader::new(rx)));
+    let pump = async {
+        while let Some(chunk) = stream.next().await {
+            let failed = chunk.is_err();
+            if tx.send(chunk).await.is_err() || failed {
+                break;
+            }
+        }
+        drop(tx);
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    }
+    consumer
+        .await
+        .map_err(|e| Error::State(format!("read worker failed: {e}")))?
+}
+
+/// Upload what `produce` writes into the object `key`: `produce` runs on a blocking
+/// thread and writes into a [`PartSink`](crate::archive::io::PartSink) that hands
+/// parts of a size fit for `expected` bytes to [`upload_parts`]. Returns what
+/// `produce` returned, with the object's size and SHA-256, once every byte written
+/// has been uploaded. `on_started` gets the multipart upload id before any part is
+/// sent.
+pub async fn upload_stream<T: Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    expected: u64,
+    cancel: &CancellationToken,
+    on_started: impl FnOnce(&str),
+    produce: impl FnOnce(&mut crate::archive::io::PartSink) -> Result<T> + Send + 'static,
+) -> Result<(T, u64, String)> {
+    let part_size = part_size_for(store.limits(), expected);
+    // One part queued, one being filled, and the process-wide upload budget bound
+    // the memory of an upload.
+    let (tx, rx) = mpsc::channel(1);
+    let name = key.to_string();
+    let worker = tokio::task::spawn_blocking(move || {
+        let mut sink = crate::archive::io::PartSink::new(part_size, tx);
+        let out = produce(&mut sink)?;
+        let (size, sha256) = sink.finish().map_err(|e| Error::io("send", &name, e))?;
+        Ok::<_, Error>((out, size, sha256))
+    });
+    let producer = async {
+        worker
+            .await
+            .map_err(|e| Error::State(format!("upload worker failed: {e}")))?
+    };
+    let (uploaded, (out, size, sha256)) =
+        upload_parts(store, key, rx, part_size, producer, cancel, on_started).await?;
+    if uploaded != size {
+        return Err(Error::store(
+            "upload",
+            key,
+            format!("uploaded {uploaded} bytes of {size}"),
+        ));
+    }
+    Ok((out, size, sha256))
+}
+
 /// Upload the parts received on `parts` (each `part_size` bytes but the last) as one
 /// object at `key`: at most `limits.concurrency` parts in flight per object and
 /// [`UPLOAD_BUDGET_MIB`] for the whole process, the channel bound giving
