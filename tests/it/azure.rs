@@ -171,51 +171,24 @@ fn wrong_key_and_missing_container_fail_in_preflight() {
     let Some(server) = servers::azurite(dir.path(), 0) else {
         return;
     };
-    let sb = Sandbox::new();
     let container = rt().block_on(servers::fresh_container(&server.endpoint));
-    let src = source_cluster(sb.dir.path(), 1, 10);
-    let c = src.to_str().unwrap();
-    // A well-formed key that is not the account's.
-    let wrong = "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk=";
-    let params: Vec<String> = az_args(&server.endpoint, &container, "snap")
-        .into_iter()
-        .map(|p| {
-            if p.starts_with("AZURE_STORAGE_KEY=") {
-                format!("AZURE_STORAGE_KEY={wrong}")
-            } else {
-                p
-            }
-        })
-        .collect();
-    let out = cairn(
-        &sb,
-        &["plan", "start", "backup-azure", "--cluster", c],
-        &params,
-    );
-    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
-    let (o, e) = text(&out);
-    assert!(
-        e.contains("denied") && e.contains("AZURE_STORAGE_KEY"),
-        "{e}"
-    );
-    assert!(!o.contains(wrong) && !e.contains(wrong));
-    // Refused before a run was even recorded: no node was touched.
-    let status = sb.run(&["plan", "status", "--json"]);
-    assert_eq!(status.status.code(), Some(5), "{:?}", text(&status));
-
-    let params = az_args(&server.endpoint, "no-such-container", "snap");
-    let out = cairn(
-        &sb,
-        &["plan", "start", "backup-azure", "--cluster", c],
-        &params,
-    );
-    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
-    assert!(
-        text(&out)
-            .1
-            .contains("\"no-such-container\" does not exist"),
-        "{:?}",
-        text(&out)
+    super::remote::refused_in_preflight(
+        ("backup-azure", "restore-azure"),
+        |secret, place| {
+            az_args(&server.endpoint, place.unwrap_or(&container), "snap")
+                .into_iter()
+                .map(|p| match secret {
+                    Some(w) if p.starts_with("AZURE_STORAGE_KEY=") => {
+                        format!("AZURE_STORAGE_KEY={w}")
+                    }
+                    _ => p,
+                })
+                .collect()
+        },
+        "AZURE_STORAGE_KEY",
+        // A well-formed key that is not the account's.
+        "V3JvbmdLZXlXcm9uZ0tleVdyb25nS2V5V3JvbmdLZXk=",
+        "no-such-container",
     );
 }
 

@@ -4,6 +4,61 @@
 use super::helpers::*;
 use std::process::Output;
 
+fn plan_run(sb: &Sandbox, plan: &str, cluster: &std::path::Path, params: &[String]) -> Output {
+    let mut a = vec![
+        "plan",
+        "start",
+        plan,
+        "--cluster",
+        cluster.to_str().unwrap(),
+    ];
+    a.extend(params.iter().map(String::as_str));
+    sb.run(&a)
+}
+
+/// A wrong secret and a missing bucket/container are refused in the pre-flight
+/// (exit 3), with a message naming the parameter or the missing name, the wrong
+/// secret nowhere in the output, no hook run and no run recorded.
+/// `args(secret, place)` gives the plan's `-p` arguments.
+pub fn refused_in_preflight(
+    plans: (&str, &str),
+    args: impl Fn(Option<&str>, Option<&str>) -> Vec<String>,
+    secret_param: &str,
+    wrong: &str,
+    missing: &str,
+) {
+    let sb = Sandbox::new();
+    let marker = sb.path("hook-ran");
+    let node = sb.path("src/node-0");
+    fill_node(&node, 0, 10);
+    let hook = format!("pre_hook = [\"touch\", {:?}]", marker.to_str().unwrap());
+    let c = cluster_file(&sb.path("src.toml"), "src", &[(0, node)], &hook);
+    let out = plan_run(&sb, plans.0, &c, &args(Some(wrong), None));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let (o, e) = text(&out);
+    assert!(e.contains("denied") && e.contains(secret_param), "{e}");
+    assert!(!o.contains(wrong) && !e.contains(wrong));
+    assert!(!marker.exists(), "a hook ran before the refusal");
+    // Refused before a run was even recorded: no node was touched.
+    let status = sb.run(&["plan", "status", "--json"]);
+    assert_eq!(status.status.code(), Some(5), "{:?}", text(&status));
+
+    let params = args(None, Some(missing));
+    let out = plan_run(&sb, plans.0, &c, &params);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("{missing:?} does not exist")),
+        "{:?}",
+        text(&out)
+    );
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let out = plan_run(&sb, plans.1, &tgt, &params);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(!marker.exists(), "a hook ran before the refusal");
+}
+
 /// Two backups, verify with data recorded, prune keeping only the newest, `last`,
 /// and a manager snapshot created, listed and restored through the store URL.
 /// `args(snapshot)` gives the plan's `-p` arguments, `env` the store credentials

@@ -185,66 +185,24 @@ fn wrong_credentials_and_missing_bucket_fail_in_preflight() {
     let Some(server) = servers::s3s_fs(dir.path(), 0) else {
         return;
     };
-    let sb = Sandbox::new();
     let bucket = rt().block_on(servers::fresh_bucket(&server.endpoint));
-    let src = source_cluster(sb.dir.path(), 1, 10);
-    let c = src.to_str().unwrap();
-    let wrong = "definitely-Wrong-Secret-77";
-    let params: Vec<String> = s3_args(&server.endpoint, &bucket, "snap")
-        .into_iter()
-        .map(|p| {
-            if p.starts_with("AWS_SECRET_ACCESS_KEY=") {
-                format!("AWS_SECRET_ACCESS_KEY={wrong}")
-            } else {
-                p
-            }
-        })
-        .collect();
-    let hook_marker = sb.path("hook-ran");
-    let out = cairn(
-        &sb,
-        &["plan", "start", "backup-s3", "--cluster", c],
-        &params,
+    super::remote::refused_in_preflight(
+        ("backup-s3", "restore-s3"),
+        |secret, place| {
+            s3_args(&server.endpoint, place.unwrap_or(&bucket), "snap")
+                .into_iter()
+                .map(|p| match secret {
+                    Some(w) if p.starts_with("AWS_SECRET_ACCESS_KEY=") => {
+                        format!("AWS_SECRET_ACCESS_KEY={w}")
+                    }
+                    _ => p,
+                })
+                .collect()
+        },
+        "AWS_SECRET_ACCESS_KEY",
+        "definitely-Wrong-Secret-77",
+        "no-such-bucket-here",
     );
-    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
-    let (o, e) = text(&out);
-    assert!(
-        e.contains("denied") && e.contains("AWS_SECRET_ACCESS_KEY"),
-        "{e}"
-    );
-    assert!(!o.contains(wrong) && !e.contains(wrong));
-    assert!(!hook_marker.exists());
-    // Refused before a run was even recorded: no node was touched.
-    let status = sb.run(&["plan", "status", "--json"]);
-    assert_eq!(status.status.code(), Some(5), "{:?}", text(&status));
-
-    let params = s3_args(&server.endpoint, "no-such-bucket-here", "snap");
-    let out = cairn(
-        &sb,
-        &["plan", "start", "backup-s3", "--cluster", c],
-        &params,
-    );
-    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
-    assert!(
-        text(&out)
-            .1
-            .contains("\"no-such-bucket-here\" does not exist"),
-        "{:?}",
-        text(&out)
-    );
-    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
-    let out = cairn(
-        &sb,
-        &[
-            "plan",
-            "start",
-            "restore-s3",
-            "--cluster",
-            tgt.to_str().unwrap(),
-        ],
-        &params,
-    );
-    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
 }
 
 #[test]
