@@ -109,6 +109,27 @@ fn manager_cluster(
     path
 }
 
+/// `manager-snapshot VERB ID --store STORE --cluster CLUSTER EXTRA…`
+fn ms<'a>(
+    verb: &'a str,
+    id: &'a str,
+    store: &'a str,
+    cluster: &'a str,
+    extra: &[&'a str],
+) -> Vec<&'a str> {
+    let mut a = vec![
+        "manager-snapshot",
+        verb,
+        id,
+        "--store",
+        store,
+        "--cluster",
+        cluster,
+    ];
+    a.extend_from_slice(extra);
+    a
+}
+
 fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
@@ -130,25 +151,14 @@ fn create_and_restore_round_trip_with_and_without_credentials() {
     fill_manager(&src);
     let c = manager_cluster(&sb, "src", &src, "2.3.0", "", &[]);
     let store = store_url(&sb);
-    sb.ok(&[
-        "manager-snapshot",
-        "create",
-        "plain",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
-    sb.ok(&[
-        "manager-snapshot",
+    sb.ok(&ms("create", "plain", &store, s(&c), &[]));
+    sb.ok(&ms(
         "create",
         "full",
-        "--include-credentials",
-        "--store",
         &store,
-        "--cluster",
         s(&c),
-    ]);
+        &["--include-credentials"],
+    ));
     // The listing says which snapshots hold credentials.
     let out = sb.ok(&["manager-snapshot", "list", "--store", &store, "--json"]);
     let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -204,27 +214,11 @@ fn create_and_restore_round_trip_with_and_without_credentials() {
     // Onto clean managers at new locations running a newer version.
     let t1 = sb.path("new1/state");
     let c1 = manager_cluster(&sb, "new1", &t1, "2.4.0", "", &[]);
-    sb.ok(&[
-        "manager-snapshot",
-        "restore",
-        "plain",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c1),
-    ]);
+    sb.ok(&ms("restore", "plain", &store, s(&c1), &[]));
     assert_eq!(files(&t1), without_prefix(files(&src), "credentials/"));
     let t2 = sb.path("new2/state");
     let c2 = manager_cluster(&sb, "new2", &t2, "2.4.0", "", &[]);
-    sb.ok(&[
-        "manager-snapshot",
-        "restore",
-        "full",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c2),
-    ]);
+    sb.ok(&ms("restore", "full", &store, s(&c2), &[]));
     assert_eq!(files(&t2), files(&src));
     // A target whose credentials live elsewhere gets them there.
     let t3 = sb.path("new3/state");
@@ -236,15 +230,7 @@ fn create_and_restore_round_trip_with_and_without_credentials() {
         "credentials = \"secrets/tls\"",
         &[],
     );
-    sb.ok(&[
-        "manager-snapshot",
-        "restore",
-        "full",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c3),
-    ]);
+    sb.ok(&ms("restore", "full", &store, s(&c3), &[]));
     assert_eq!(
         std::fs::read(t3.join("secrets/tls/agents/vm1.pem")).unwrap(),
         SECRET_KEY
@@ -264,16 +250,13 @@ fn a_manager_that_is_not_clean_is_refused_unless_forced_and_rollback_works() {
     fill_manager(&state);
     let c = manager_cluster(&sb, "m", &state, "2.3.0", "", &[]);
     let store = store_url(&sb);
-    sb.ok(&[
-        "manager-snapshot",
+    sb.ok(&ms(
         "create",
         "snap",
-        "--include-credentials",
-        "--store",
         &store,
-        "--cluster",
         s(&c),
-    ]);
+        &["--include-credentials"],
+    ));
     let snapshotted = files(&state);
     // The manager moves on: a new deployment, a changed file.
     write(
@@ -288,15 +271,7 @@ fn a_manager_that_is_not_clean_is_refused_unless_forced_and_rollback_works() {
     );
     let current = files(&state);
 
-    let out = sb.run(&[
-        "manager-snapshot",
-        "restore",
-        "snap",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
+    let out = sb.run(&ms("restore", "snap", &store, s(&c), &[]));
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(text(&out).1.contains("not clean"), "{:?}", text(&out));
     assert_eq!(
@@ -308,16 +283,7 @@ fn a_manager_that_is_not_clean_is_refused_unless_forced_and_rollback_works() {
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["clean"], false);
 
-    sb.ok(&[
-        "manager-snapshot",
-        "restore",
-        "snap",
-        "--force",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
+    sb.ok(&ms("restore", "snap", &store, s(&c), &["--force"]));
     assert_eq!(files(&state), snapshotted);
     let copies: Vec<PathBuf> = std::fs::read_dir(sb.path("mgr"))
         .unwrap()
@@ -352,15 +318,7 @@ fn a_snapshot_from_a_newer_manager_is_refused() {
     fill_manager(&state);
     let c = manager_cluster(&sb, "m", &state, "3.1.0", "", &[]);
     let store = store_url(&sb);
-    sb.ok(&[
-        "manager-snapshot",
-        "create",
-        "new",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
+    sb.ok(&ms("create", "new", &store, s(&c), &[]));
     let old = sb.path("old/state");
     // The old manager reads its version from a file inside its state dir.
     write(&old.join("VERSION"), b"3.0.2\n", 0o644);
@@ -371,16 +329,7 @@ fn a_snapshot_from_a_newer_manager_is_refused() {
     );
     std::fs::write(&c_old, text_old).unwrap();
     let before = files(&old);
-    let out = sb.run(&[
-        "manager-snapshot",
-        "restore",
-        "new",
-        "--force",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c_old),
-    ]);
+    let out = sb.run(&ms("restore", "new", &store, s(&c_old), &["--force"]));
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(
         text(&out).1.contains("newer than this manager's 3.0.2"),
@@ -436,15 +385,7 @@ fn every_kept_format_fixture_restores_with_the_current_code() {
         // Onto a newer manager that keeps credentials under another sub-path.
         let state = sb.path("mgr/state");
         let c = manager_cluster(&sb, "m", &state, "2.4.0", "credentials = \"keys\"", &[]);
-        let out = sb.ok(&[
-            "manager-snapshot",
-            "restore",
-            "fixture",
-            "--store",
-            &store,
-            "--cluster",
-            s(&c),
-        ]);
+        let out = sb.ok(&ms("restore", "fixture", &store, s(&c), &[]));
         assert!(
             text(&out).0.contains(&format!("format v{v}")),
             "{:?}",
@@ -725,15 +666,7 @@ fn hostile_zips_are_refused_and_nothing_is_written_outside_the_target() {
         // A planted zip is refused by restore.
         let id = what.replace(' ', "-");
         plant(&sb, &id, zip);
-        let out = sb.run(&[
-            "manager-snapshot",
-            "restore",
-            &id,
-            "--store",
-            &store,
-            "--cluster",
-            s(&c),
-        ]);
+        let out = sb.run(&ms("restore", &id, &store, s(&c), &[]));
         assert_eq!(out.status.code(), Some(1), "{what}: {:?}", text(&out));
         let why = match *what {
             "slip" | "absolute" => "escapes the target",
@@ -766,15 +699,7 @@ fn a_corrupt_entry_is_refused_before_the_state_dir_is_touched() {
     fill_manager(&state);
     let c = manager_cluster(&sb, "m", &state, "2.3.0", "", &[]);
     let store = store_url(&sb);
-    sb.ok(&[
-        "manager-snapshot",
-        "create",
-        "snap",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
+    sb.ok(&ms("create", "snap", &store, s(&c), &[]));
     // Flip one byte in the middle of the plugin's compressed data; keep the recorded
     // checksum of the whole object in line, as a store that rots under it would not.
     let zip = sb.path("store/.cairn-manager/snap/manager.zip");
@@ -793,16 +718,7 @@ fn a_corrupt_entry_is_refused_before_the_state_dir_is_touched() {
     std::fs::write(&status, serde_json::to_vec(&st).unwrap()).unwrap();
     write(&state.join("db/deployments.json"), b"{}", 0o640);
     let before = files(&state);
-    let out = sb.run(&[
-        "manager-snapshot",
-        "restore",
-        "snap",
-        "--force",
-        "--store",
-        &store,
-        "--cluster",
-        s(&c),
-    ]);
+    let out = sb.run(&ms("restore", "snap", &store, s(&c), &["--force"]));
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     assert_eq!(files(&state), before);
     let beside: Vec<_> = std::fs::read_dir(sb.path("mgr")).unwrap().collect();
@@ -985,27 +901,11 @@ fn cairns_own_state_is_the_manager_without_a_manager_section() {
         &format!("BACKUP_DIR={}", dir.display()),
     ]);
     let store = store_url(&sb);
-    sb.ok(&[
-        "manager-snapshot",
-        "create",
-        "own",
-        "--store",
-        &store,
-        "--cluster",
-        s(&src),
-    ]);
+    sb.ok(&ms("create", "own", &store, s(&src), &[]));
     // A fresh home (a new machine) gets the run history back.
     let fresh = sb.path("home2");
     let out = sb
-        .command(&[
-            "manager-snapshot",
-            "restore",
-            "own",
-            "--store",
-            &store,
-            "--cluster",
-            s(&src),
-        ])
+        .command(&ms("restore", "own", &store, s(&src), &[]))
         .env("CAIRN_HOME", &fresh)
         .output()
         .unwrap();
@@ -1025,30 +925,14 @@ fn cairns_own_state_is_the_manager_without_a_manager_section() {
         text(&hist)
     );
     // The home that made it is not clean: restoring over it needs --force.
-    let out = sb.run(&[
-        "manager-snapshot",
-        "restore",
-        "own",
-        "--store",
-        &store,
-        "--cluster",
-        s(&src),
-    ]);
+    let out = sb.run(&ms("restore", "own", &store, s(&src), &[]));
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     // A declared manager's snapshot never lands in cairn's home (a forgotten
     // --cluster), even forced.
     let mstate = sb.path("mgr/state");
     fill_manager(&mstate);
     let mc = manager_cluster(&sb, "m", &mstate, "0.0.1", "", &[]);
-    sb.ok(&[
-        "manager-snapshot",
-        "create",
-        "declared",
-        "--store",
-        &store,
-        "--cluster",
-        s(&mc),
-    ]);
+    sb.ok(&ms("create", "declared", &store, s(&mc), &[]));
     let other = sb.path("home3");
     let out = sb
         .command(&[
