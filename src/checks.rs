@@ -13,6 +13,22 @@ use std::path::Path;
 /// Free space of the file system holding a path; a trait so tests can fake a full disk.
 pub trait Disk: Send + Sync {
     fn available(&self, path: &Path) -> std::io::Result<u64>;
+    /// Which file system holds a path (the device of its nearest existing
+    /// ancestor), so that nodes sharing a disk are checked together.
+    fn filesystem(&self, path: &Path) -> std::io::Result<u64> {
+        use std::os::unix::fs::MetadataExt;
+        let mut p = path;
+        loop {
+            match std::fs::metadata(p) {
+                Ok(m) => return Ok(m.dev()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => match p.parent() {
+                    Some(parent) => p = parent,
+                    None => return Err(e),
+                },
+                Err(e) => return Err(e),
+            }
+        }
+    }
 }
 
 /// The real file system.
@@ -35,7 +51,7 @@ impl Disk for RealDisk {
 
 /// Space a restore needs beyond the data: 10 % plus 16 MiB.
 pub fn with_margin(bytes: u64) -> u64 {
-    bytes + bytes / 10 + (16 << 20)
+    bytes.saturating_add(bytes / 10).saturating_add(16 << 20)
 }
 
 fn done(problems: Vec<String>) -> Result<()> {
@@ -204,6 +220,8 @@ pub async fn restore(
             ));
         }
     }
+    let mut per_fs: std::collections::BTreeMap<u64, (u64, Vec<u32>, std::path::PathBuf)> =
+        Default::default();
     for node in &cluster.nodes {
         let Some(info) = m.node(node.index) else {
             continue;
@@ -251,27 +269,63 @@ pub async fn restore(
                 Err(e) => problems.push(format!("node {}: {e}", node.index)),
             }
         }
-        let bytes: u64 = info
+        let bytes = info
             .files
             .iter()
             .filter(|f| selection.restores_file(&f.path))
-            .map(|f| f.size)
-            .sum();
-        let need = with_margin(bytes);
-        match disk.available(&node.data_dir) {
-            Ok(free) if free >= need => {}
-            Ok(free) => problems.push(format!(
-                "node {}: {} has {} free, the restore needs {} ({} of data plus margin)",
-                node.index,
-                node.data_dir.display(),
-                human(free),
-                human(need),
-                human(bytes)
-            )),
+            .try_fold(0u64, |a, f| a.checked_add(f.size));
+        let Some(bytes) = bytes else {
+            problems.push(format!(
+                "node {}: the file sizes in the manifest overflow; the manifest is corrupt or hostile",
+                node.index
+            ));
+            continue;
+        };
+        match disk.filesystem(&node.data_dir) {
+            Ok(fs) => {
+                let e = per_fs
+                    .entry(fs)
+                    .or_insert((0u64, Vec::new(), node.data_dir.clone()));
+                match e.0.checked_add(with_margin(bytes)) {
+                    Some(sum) => e.0 = sum,
+                    None => {
+                        problems.push(format!("node {}: the restore's size overflows", node.index))
+                    }
+                }
+                e.1.push(node.index);
+            }
             Err(e) => problems.push(format!(
-                "node {}: cannot read free space of {}: {e}",
+                "node {}: cannot read the file system of {}: {e}",
                 node.index,
                 node.data_dir.display()
+            )),
+        }
+    }
+    // Free space per file system: nodes that share a disk need its space together.
+    for (need, nodes, dir) in per_fs.into_values() {
+        let who = if nodes.len() == 1 {
+            format!("node {}", nodes[0])
+        } else {
+            format!(
+                "nodes {} (one file system)",
+                nodes
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        match disk.available(&dir) {
+            Ok(free) if free >= need => {}
+            Ok(free) => problems.push(format!(
+                "{who}: {} has {} free, the restore needs {} (data plus margin)",
+                dir.display(),
+                human(free),
+                human(need),
+            )),
+            Err(e) => problems.push(format!(
+                "{who}: cannot read free space of {}: {e}",
+                dir.display()
             )),
         }
     }

@@ -162,6 +162,14 @@ impl Error {
         }
     }
 
+    /// The innermost error, owned, skipping step context.
+    pub fn root_owned(self) -> Error {
+        match self {
+            Error::Step { source, .. } => source.root_owned(),
+            e => e,
+        }
+    }
+
     /// The innermost error, skipping step context.
     pub fn root(&self) -> &Error {
         match self {

@@ -5,6 +5,9 @@
 //! * [`error`]    — the one library error type, its exit code and whether a retry can help.
 //! * [`redact`]   — the process-wide list of secret values and the filter every output passes.
 //! * [`plan`]     — plan files: raw serde structs, the validated [`plan::Plan`], parameters.
+//! * [`spec`]     — plan + parameters + cluster compiled into the typed [`spec::RunSpec`] a run executes.
+//! * [`fsx`]      — path operations that resolve (openat, no symlink following) instead of trusting text.
+//! * [`failpoint`] — fail points for the fault-matrix tests (feature `failpoints`).
 //! * [`cluster`]  — the cluster description (nodes, data dirs, hooks) and keyspace discovery.
 //! * [`store`]    — the object store trait, its backends (local, memory) and the part writer.
 //! * [`archive`]  — tar.gz streaming of a node (pack) and safe, verifying extraction (unpack).
@@ -26,6 +29,8 @@ pub mod cli;
 pub mod cluster;
 pub mod engine;
 pub mod error;
+pub mod failpoint;
+pub mod fsx;
 pub mod lock;
 pub mod manager;
 pub mod manifest;
@@ -35,6 +40,7 @@ pub mod recover;
 pub mod redact;
 pub mod retention;
 pub mod snapshots;
+pub mod spec;
 pub mod state;
 pub mod store;
 

@@ -198,12 +198,14 @@ pub async fn acquire(store: Arc<dyn Store>, req: &Request<'_>, s: Settings) -> R
     let now = now_unix();
     let stale_secs = i64::try_from(s.stale_after.as_secs()).unwrap_or(i64::MAX);
     for (key, l) in locks_on(&*store, req.snapshot).await? {
-        if !conflicts(req.mode, l.mode) {
-            continue;
-        }
+        // The run being resumed takes over what its killed predecessor left,
+        // shared locks included (else they would stay behind forever).
         if req.run.is_some() && l.run.as_deref() == req.run {
             tracing::info!("taking over the lock of the run being resumed");
             store.delete(&key).await?;
+            continue;
+        }
+        if !conflicts(req.mode, l.mode) {
             continue;
         }
         if now - l.heartbeat <= stale_secs {

@@ -11,6 +11,7 @@ use clap::Parser;
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
+    cairn::failpoint::setup();
     let cli = cairn::cli::Cli::parse();
     let default = match cli.verbose {
         0 => "warn",

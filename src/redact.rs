@@ -13,19 +13,50 @@ pub const MASK: &str = "********";
 
 static SECRETS: LazyLock<RwLock<Vec<String>>> = LazyLock::new(|| RwLock::new(Vec::new()));
 
-/// Register a secret value. Empty values are ignored.
+/// Shorter fragments of a secret (its lines) are not registered on their own.
+const MIN_FRAGMENT: usize = 8;
+
+/// Register a secret value. Empty values are ignored. The value is registered as
+/// given, without surrounding whitespace (a value read from a file or a Kubernetes
+/// secret often ends in a newline that the text it leaks into does not have), and
+/// line by line (a multi-line secret is often printed one line at a time).
 pub fn register(value: &str) {
     if value.is_empty() {
         return;
+    }
+    let mut forms = vec![value, value.trim()];
+    if value.contains('\n') {
+        forms.extend(
+            value
+                .lines()
+                .map(str::trim)
+                .filter(|l| l.chars().count() >= MIN_FRAGMENT),
+        );
     }
     let mut guard = match SECRETS.write() {
         Ok(g) => g,
         Err(poisoned) => poisoned.into_inner(),
     };
-    if !guard.iter().any(|s| s == value) {
-        guard.push(value.to_string());
-        // Longest first, so a secret that contains another is masked whole.
-        guard.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for f in forms {
+        if !f.is_empty() && !guard.iter().any(|s| s == f) {
+            guard.push(f.to_string());
+        }
+    }
+    // Longest first, so a secret that contains another is masked whole.
+    guard.sort_by_key(|s| std::cmp::Reverse(s.len()));
+}
+
+/// Redact every string (keys and values) of a JSON document, before it is encoded:
+/// redacting the encoded text could cut through JSON syntax.
+pub fn redact_json(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => Value::String(redact(s)),
+        Value::Array(a) => Value::Array(a.iter().map(redact_json).collect()),
+        Value::Object(o) => {
+            Value::Object(o.iter().map(|(k, v)| (redact(k), redact_json(v))).collect())
+        }
+        other => other.clone(),
     }
 }
 
@@ -70,5 +101,23 @@ mod tests {
         let out = redact("a s3cr3t-value-longer and s3cr3t-value b");
         assert_eq!(out, format!("a {MASK} and {MASK} b"));
         assert!(!out.contains("s3cr3t"));
+    }
+
+    #[test]
+    fn trailing_newline_and_lines_of_a_secret_are_masked() {
+        register("k8s-secret-from-file\n");
+        assert_eq!(redact("key k8s-secret-from-file."), format!("key {MASK}."));
+        register("-----BEGIN KEY-----\nline-one-of-the-key\nline-two-of-the-key\n");
+        let out = redact("got line-two-of-the-key here");
+        assert!(!out.contains("line-two"), "{out}");
+    }
+
+    #[test]
+    fn json_is_redacted_structurally() {
+        register("json-secret-value");
+        let v = serde_json::json!({"a": "x json-secret-value y", "json-secret-value": 1});
+        let text = redact_json(&v).to_string();
+        assert!(!text.contains("json-secret-value"), "{text}");
+        assert!(serde_json::from_str::<serde_json::Value>(&text).is_ok());
     }
 }

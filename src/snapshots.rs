@@ -169,6 +169,7 @@ pub async fn verify(
     progress: Arc<dyn Progress>,
     cancel: &CancellationToken,
 ) -> Result<VerifyReport> {
+    crate::spec::check_snapshot_name(name).map_err(Error::Usage)?;
     let m: Manifest = checks::read_manifest(store, name).await?;
     let mut report = VerifyReport {
         snapshot: name.to_string(),
@@ -298,8 +299,7 @@ async fn verify_manager(
 /// Delete a snapshot: the manifest first, so it is marked incomplete at once and
 /// never restored half-deleted; then every other object.
 pub async fn delete(store: &dyn Store, name: &str) -> Result<usize> {
-    crate::store::check_key(name)
-        .map_err(|_| Error::Usage(format!("{name:?} is not a snapshot name")))?;
+    crate::spec::check_snapshot_name(name).map_err(Error::Usage)?;
     let objects = store.list(&format!("{name}/")).await?;
     if objects.is_empty() {
         return Err(Error::NotFound(format!(

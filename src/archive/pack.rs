@@ -38,6 +38,10 @@ pub struct Scan {
     pub file_count: u64,
     /// Entries left out (sockets, FIFOs, devices), with a reason.
     pub skipped: Vec<String>,
+    /// Entries a backup must refuse rather than archive wrongly: a keyspace or table
+    /// that is a symlink (its data would be dropped), a link a restore would refuse
+    /// (absolute, or out of the node).
+    pub refused: Vec<String>,
 }
 
 /// Walk `keyspaces` of `data_dir` in sorted order.
@@ -60,6 +64,23 @@ fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
         Kind::File { size: meta.len() }
     } else if ft.is_symlink() {
         let target = std::fs::read_link(abs).map_err(|e| Error::io("read link", abs, e))?;
+        let depth = rel.matches('/').count();
+        let to_dir = std::fs::metadata(abs).is_ok_and(|m| m.is_dir());
+        if depth <= 1 && to_dir {
+            let what = if depth == 0 { "keyspace" } else { "table" };
+            out.refused.push(format!(
+                "{what} {rel} is a symbolic link to {}: cairn does not follow links at keyspace or table level, and will not silently leave the data out; back up the directory it points to as a data dir, or replace the link by a bind mount",
+                target.display()
+            ));
+            return Ok(());
+        }
+        if !crate::archive::unpack::link_stays_inside(rel, &target) {
+            out.refused.push(format!(
+                "{rel} is a symbolic link to {} outside the node: a restore would refuse it",
+                target.display()
+            ));
+            return Ok(());
+        }
         Kind::Symlink { target }
     } else {
         tracing::warn!(path = %abs.display(), "not a file, directory or symlink: left out");
@@ -108,6 +129,14 @@ struct Exact<R> {
 impl<R: Read> Read for Exact<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         if self.left == 0 {
+            // The scanned size is read: anything more means the file grew.
+            let mut probe = [0u8; 1];
+            if self.inner.read(&mut probe)? != 0 {
+                return Err(io::Error::other(format!(
+                    "{} grew while it was archived; a live file needs a point-in-time snapshot (stop writes, or use a hard-link snapshot) before a backup",
+                    self.path.display()
+                )));
+            }
             return Ok(0);
         }
         let want = out

@@ -75,7 +75,9 @@ pub fn unpack<R: Read>(
     let gz = flate2::read::MultiGzDecoder::new(hashing);
     let mut archive = tar::Archive::new(gz);
     let mut seen: HashSet<String> = HashSet::new();
+    let mut files_seen: HashSet<String> = HashSet::new();
     let mut links: HashSet<String> = HashSet::new();
+    let mut link_targets: Vec<(String, PathBuf)> = Vec::new();
     let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
     let mut out = Unpacked::default();
     let mut buf = vec![0u8; 256 << 10];
@@ -90,6 +92,14 @@ pub fn unpack<R: Read>(
         })?;
         if !seen.insert(rel.clone()) {
             return Err(bad(format!("duplicate entry {rel:?}")));
+        }
+        if rel
+            .split('/')
+            .any(|c| c.starts_with(crate::cluster::RESERVED_PREFIX))
+        {
+            return Err(bad(format!(
+                "entry {rel:?} uses a name reserved for cairn's own files"
+            )));
         }
         let keyspace = rel.split('/').next().unwrap_or("");
         if !keyspaces.contains(keyspace) {
@@ -112,6 +122,12 @@ pub fn unpack<R: Read>(
         let perm = header.mode().map_err(corrupt)? & 0o777;
         let mtime = i64::try_from(header.mtime().map_err(corrupt)?).unwrap_or(0);
         let size = header.size().map_err(corrupt)?;
+        let regular = matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous);
+        if !regular && declared.contains_key(rel.as_str()) {
+            return Err(bad(format!(
+                "{rel:?} is declared as a file by the manifest but is a {kind:?} entry in the archive"
+            )));
+        }
         let wanted = if kind == tar::EntryType::Directory {
             select.restores_dir(&rel)
         } else {
@@ -185,6 +201,7 @@ pub fn unpack<R: Read>(
                     filetime::set_file_handle_times(&f, Some(t), Some(t))
                         .map_err(|e| Error::io("set times of", d, e))?;
                 }
+                files_seen.insert(rel.clone());
                 out.files += 1;
             }
             tar::EntryType::Symlink => {
@@ -198,7 +215,13 @@ pub fn unpack<R: Read>(
                         "symlink {rel:?} points outside the node ({target:?})"
                     )));
                 }
+                if let Some(through) = link_through_link(&rel, &target, &links) {
+                    return Err(bad(format!(
+                        "symlink {rel:?} ({target:?}) resolves through the symlink {through:?}; links through links are refused"
+                    )));
+                }
                 links.insert(rel.clone());
+                link_targets.push((rel.clone(), target.clone()));
                 if let Some(dest) = dest {
                     if let Some(parent) = dest.parent() {
                         create_dir(parent)?;
@@ -232,11 +255,19 @@ pub fn unpack<R: Read>(
             out.object_sha256, expected.object_size, expected.object_sha256
         )));
     }
+    // A link may resolve through a link that came after it in the archive.
+    for (rel, target) in &link_targets {
+        if let Some(through) = link_through_link(rel, target, &links) {
+            return Err(bad(format!(
+                "symlink {rel:?} ({target:?}) resolves through the symlink {through:?}; links through links are refused"
+            )));
+        }
+    }
     let missing: Vec<&str> = expected
         .node
         .files
         .iter()
-        .filter(|f| !seen.contains(&f.path))
+        .filter(|f| !files_seen.contains(&f.path))
         .map(|f| f.path.as_str())
         .take(5)
         .collect();
@@ -285,8 +316,34 @@ fn clean_path(p: &Path) -> Option<String> {
     Some(parts.join("/"))
 }
 
+/// The first symlink (of `links`) that resolving `target` from the directory of
+/// `rel` passes through, if any. Resolution is lexical, so it is only sound when no
+/// component on the way is itself a link: such chains (`a -> .`, `b -> a/a/../..`)
+/// are how a link escapes a check done on its text.
+fn link_through_link(rel: &str, target: &Path, links: &HashSet<String>) -> Option<String> {
+    let mut at: Vec<&str> = rel.split('/').collect();
+    at.pop();
+    for c in target.components() {
+        match c {
+            Component::Normal(s) => {
+                at.push(s.to_str()?);
+                let joined = at.join("/");
+                if links.contains(&joined) {
+                    return Some(joined);
+                }
+            }
+            Component::CurDir => {}
+            Component::ParentDir => {
+                at.pop();
+            }
+            _ => return Some("/".into()),
+        }
+    }
+    None
+}
+
 /// Whether a symlink at `rel` with `target` resolves (lexically) inside the node.
-fn link_stays_inside(rel: &str, target: &Path) -> bool {
+pub(crate) fn link_stays_inside(rel: &str, target: &Path) -> bool {
     let mut depth: i64 = rel.matches('/').count() as i64;
     for c in target.components() {
         match c {
@@ -317,5 +374,17 @@ mod tests {
         assert!(link_stays_inside("ks/l", Path::new("..")));
         assert!(!link_stays_inside("ks/l", Path::new("../..")));
         assert!(!link_stays_inside("ks/l", Path::new("/etc")));
+    }
+
+    #[test]
+    fn links_through_links_are_found() {
+        let mut links = HashSet::new();
+        links.insert("ks/a".to_string());
+        assert_eq!(
+            link_through_link("ks/b", Path::new("a/a/../../outside"), &links),
+            Some("ks/a".into())
+        );
+        assert_eq!(link_through_link("ks/c", Path::new("file"), &links), None);
+        assert_eq!(link_through_link("ks/t/l", Path::new("../x"), &links), None);
     }
 }

@@ -203,6 +203,11 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             "run {} {}: {} snapshot {} in {}",
             rec.id, rec.status, rec.plan, rec.snapshot, rec.store
         );
+    } else if outcome.status == Status::Refused {
+        eprintln!(
+            "run {} REFUSED by its pre-flight checks; nothing was changed",
+            rec.id
+        );
     } else if outcome.status != Status::Complete {
         eprintln!(
             "run {} {}; `cairn plan status {}` shows its steps, `cairn plan resume {}` continues it",
@@ -221,11 +226,12 @@ fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
             .ok_or_else(|| Error::NotFound("no runs yet".into()))?,
     };
     let steps = state.steps(rec.id)?;
+    let sources = param_sources(&rec);
     if g.json {
-        print_json(&json!({"run": rec, "steps": steps}));
+        print_json(&json!({"run": rec, "steps": steps, "param_sources": sources}));
         return Ok(exit::OK);
     }
-    print_run(&rec);
+    print_run(&rec, &sources);
     println!();
     for s in &steps {
         let err = s
@@ -241,7 +247,21 @@ fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn print_run(r: &RunRecord) {
+/// Where each parameter of a run came from (cli, file, env, default, stored).
+fn param_sources(r: &RunRecord) -> std::collections::BTreeMap<String, String> {
+    r.spec_json
+        .as_deref()
+        .and_then(|j| crate::spec::RunSpec::from_json(j).ok())
+        .map(|s| {
+            s.param_sources
+                .into_iter()
+                .map(|(k, v)| (k, v.as_str().to_string()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn print_run(r: &RunRecord, sources: &std::collections::BTreeMap<String, String>) {
     println!(
         "run {}  {}  {}  snapshot {}  store {}",
         r.id, r.plan, r.status, r.snapshot, r.store
@@ -255,8 +275,14 @@ fn print_run(r: &RunRecord) {
             .map(|f| format!("  finished {f}"))
             .unwrap_or_default()
     );
-    let params: Vec<String> = r.params.0.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    println!("  params {}", params.join(" "));
+    println!("  parameters:");
+    for (k, v) in &r.params.0 {
+        let from = sources.get(k).map_or("", String::as_str);
+        if from == "unset" {
+            continue;
+        }
+        println!("    {k:24} {v:?} ({from})");
+    }
     if let Some(e) = &r.error {
         println!("  error: {}", redact(e));
     }

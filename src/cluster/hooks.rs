@@ -2,7 +2,6 @@
 //! variables, never spliced into the command line; their output is logged redacted.
 
 use super::Node;
-use crate::plan::params::Params;
 use crate::redact::redact;
 use crate::{Error, Result};
 use tokio_util::sync::CancellationToken;
@@ -20,7 +19,7 @@ pub async fn run(
     node: &Node,
     phase: &str,
     snapshot: &str,
-    params: &Params,
+    params: &[(String, String)],
     cancel: &CancellationToken,
 ) -> Result<()> {
     let (argv, name) = match which {
@@ -34,7 +33,7 @@ pub async fn run(
     cmd.args(args)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
-    for (k, v) in params.iter() {
+    for (k, v) in params {
         cmd.env(k, v);
     }
     cmd.env("CAIRN_NODE_INDEX", node.index.to_string())

@@ -30,6 +30,8 @@ pub const RESERVED_PREFIX: &str = ".cairn";
 struct RawCluster {
     name: String,
     #[serde(default)]
+    hook_secrets: Vec<String>,
+    #[serde(default)]
     nodes: Vec<RawNode>,
     manager: Option<RawManager>,
 }
@@ -68,6 +70,9 @@ pub struct Cluster {
     /// Only some of the nodes take part (a restore's `NODES`).
     #[serde(default)]
     pub partial: bool,
+    /// Secret parameters the hooks need in their environment (others are withheld).
+    #[serde(default)]
+    pub hook_secrets: Vec<String>,
 }
 
 /// `[manager]`: where the manager keeps its state and which version it runs.
@@ -187,6 +192,7 @@ impl Cluster {
             manager,
             source: None,
             partial: false,
+            hook_secrets: raw.hook_secrets,
         })
     }
 
@@ -197,7 +203,7 @@ impl Cluster {
 
 /// What a run covers: keyspaces (`None`: all non-system keyspaces) and, for a
 /// partial restore, paths inside a node (`keyspace`, `keyspace/table`, a file).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Selection {
     pub keyspaces: Option<BTreeSet<String>>,
     /// Empty: whole keyspaces.
@@ -296,7 +302,11 @@ pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
         let ft = entry
             .file_type()
             .map_err(|e| Error::io("stat", entry.path(), e))?;
-        if !ft.is_dir() {
+        // A symlink to a directory is a keyspace too (kept on another disk): a
+        // backup refuses it by name, a restore counts it as existing.
+        let is_dir = ft.is_dir()
+            || (ft.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()));
+        if !is_dir {
             continue;
         }
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {

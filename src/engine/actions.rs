@@ -10,6 +10,7 @@ use crate::manifest::{
 };
 use crate::plan::Action;
 use crate::progress::Event;
+use crate::spec::RestoreManager;
 use crate::state::Status;
 use crate::store::upload_stream;
 use crate::{Error, Result, checks};
@@ -17,11 +18,82 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Version of the step outputs below; a stored output of another version is not
+/// trusted (its step is redone).
+pub const OUTPUT_VERSION: u32 = 1;
+
 /// What a backup-node step records for write-manifest.
 #[derive(Debug, Serialize, Deserialize)]
 struct NodeOutput {
+    v: u32,
     node: NodeInfo,
     object: ObjectInfo,
+}
+
+/// What a check-restore step records: the directories the restore will create
+/// (a data dir that did not exist, its missing parents), so that a failed restore
+/// removes them again when they are empty.
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct CheckRestoreOutput {
+    v: u32,
+    created_dirs: Vec<PathBuf>,
+}
+
+/// What a stage-node step records, and writes next to the staged data as
+/// `.cairn-staged.json`: commit trusts a staging dir only when both agree and the
+/// dir holds exactly what was staged.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
+struct StageOutput {
+    v: u32,
+    token: String,
+    node: u32,
+    staging: PathBuf,
+    object_sha256: String,
+    /// Entries (files, dirs, links) and file bytes in the staging dir.
+    entries: u64,
+    bytes: u64,
+}
+
+/// What a restore-manager step records: where the replaced state was kept.
+#[derive(Debug, Serialize, Deserialize)]
+struct ManagerRestoreOutput {
+    v: u32,
+    pre_restore: Option<PathBuf>,
+    files: usize,
+}
+
+/// The commit's journal, recorded before its first rename so a kill mid-commit can
+/// be rolled back: every (staged, target) move, relative to each node's dirs.
+#[derive(Debug, Serialize, Deserialize)]
+struct CommitJournal {
+    v: u32,
+    moves: Vec<Move>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+struct Move {
+    staging: PathBuf,
+    data_dir: PathBuf,
+    rel: PathBuf,
+}
+
+/// The record of a staged node, inside its staging dir.
+const STAGED_RECORD: &str = ".cairn-staged.json";
+
+fn encode<T: Serialize>(v: &T) -> Result<String> {
+    serde_json::to_string(v).map_err(|e| Error::State(e.to_string()))
+}
+
+fn decode<T: serde::de::DeserializeOwned>(step: &str, text: Option<&str>) -> Result<T> {
+    let text = text.ok_or_else(|| Error::State(format!("step {step} recorded no output")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| Error::State(format!("step {step} output: {e}")))?;
+    if v.get("v").and_then(serde_json::Value::as_u64) != Some(u64::from(OUTPUT_VERSION)) {
+        return Err(Error::State(format!(
+            "step {step} output is of another version"
+        )));
+    }
+    serde_json::from_value(v).map_err(|e| Error::State(format!("step {step} output: {e}")))
 }
 
 /// Run one step's action; returns the output to persist.
@@ -40,12 +112,36 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             );
             checks::backup(
                 &ctx.cluster,
-                &ctx.selection,
+                &ctx.spec.selection,
                 &*ctx.store,
-                &ctx.snapshot,
+                &ctx.spec.snapshot,
                 &probe,
             )
             .await?;
+            // What the archive would drop or a restore would refuse is refused now.
+            let cluster = ctx.cluster.clone();
+            let selection = ctx.spec.selection.clone();
+            let problems = tokio::task::spawn_blocking(move || {
+                let mut problems = Vec::new();
+                for n in &cluster.nodes {
+                    match selected_keyspaces(&n.data_dir, &selection)
+                        .and_then(|ks| pack::scan(&n.data_dir, &ks))
+                    {
+                        Ok(scan) => problems.extend(
+                            scan.refused
+                                .into_iter()
+                                .map(|p| format!("node {}: {p}", n.index)),
+                        ),
+                        Err(e) => problems.push(format!("node {}: {e}", n.index)),
+                    }
+                }
+                problems
+            })
+            .await
+            .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
+            if !problems.is_empty() {
+                return Err(Error::Checks(problems));
+            }
             // The manager snapshot is taken at the end: find out now if it cannot be.
             if ctx.plan.has_action(Action::BackupManager) {
                 let m = manager_of(ctx).map_err(|e| Error::Checks(vec![e.to_string()]))?;
@@ -63,31 +159,211 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::CheckRestore => {
             let m = checks::restore(
                 &ctx.cluster,
-                &ctx.selection,
+                &ctx.spec.selection,
                 &*ctx.store,
-                &ctx.snapshot,
+                &ctx.spec.snapshot,
                 &*ctx.disk,
             )
             .await?;
-            if let Some(force) = restore_manager_mode(ctx)? {
+            if let Some(force) = restore_manager_mode(ctx) {
                 let m_ = manager_of(ctx)?;
                 check_manager_restore(&m, &m_, force)?;
             }
             // The stage steps use the manifest the checks validated: read once.
             let _ = ctx.manifest.set(m);
-            Ok(None)
+            let mut created_dirs = Vec::new();
+            for n in &ctx.cluster.nodes {
+                let mut d = n.data_dir.as_path();
+                while std::fs::symlink_metadata(d).is_err() {
+                    created_dirs.push(d.to_path_buf());
+                    match d.parent() {
+                        Some(p) => d = p,
+                        None => break,
+                    }
+                }
+            }
+            encode(&CheckRestoreOutput {
+                v: OUTPUT_VERSION,
+                created_dirs,
+            })
+            .map(Some)
         }
         Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),
-        Action::CommitRestore => commit_restore(ctx).await.map(|()| None),
+        Action::CommitRestore => commit_restore(ctx, step).await.map(|()| None),
         Action::BackupManager => backup_manager(ctx, step).await.map(Some),
         Action::RestoreManager => restore_manager(ctx).await,
-        Action::DiscardStaging => {
-            for n in &ctx.cluster.nodes {
-                remove_staging(&staging_dir(ctx, n)).await;
-            }
-            Ok(None)
+        Action::DiscardStaging => discard_staging(ctx).await.map(|()| None),
+    }
+}
+
+/// The keyspaces of a data dir a backup selects.
+fn selected_keyspaces(
+    data_dir: &Path,
+    selection: &crate::cluster::Selection,
+) -> Result<Vec<String>> {
+    Ok(keyspaces_on_disk(data_dir)?
+        .into_iter()
+        .filter(|k| selection.includes(k))
+        .collect())
+}
+
+/// Remove every node's staging dir, and the dirs the restore created that are left
+/// empty. The stage steps are marked to be redone first, in one transaction, so
+/// the record never claims staged data that is gone.
+async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
+    let stage_steps: Vec<String> = ctx
+        .spec
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::StageNode)
+        .map(|s| s.id.clone())
+        .collect();
+    let (run, ids) = (ctx.run_id, stage_steps);
+    ctx.state
+        .call(move |s| {
+            s.set_pending(
+                run,
+                &ids,
+                "its staging dir was discarded after the run failed",
+            )
+        })
+        .await?;
+    crate::failpoint::hit("discard:recorded")?;
+    // A commit that moved data before the run failed is undone first: a failed
+    // restore leaves the target as it was, manager included.
+    for s in ctx
+        .spec
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::CommitRestore)
+    {
+        if let Err(e) = roll_back_commit(ctx, &s.id).await {
+            undo_manager_restore(ctx).await;
+            return Err(e);
         }
     }
+    undo_manager_restore(ctx).await;
+    for n in &ctx.cluster.nodes {
+        remove_staging(&staging_dir(ctx, n)).await;
+    }
+    // Dirs the restore created, deepest first, if empty.
+    let run = ctx.run_id;
+    let steps = ctx.state.call(move |s| s.steps(run)).await?;
+    if let Some(rec) = steps
+        .iter()
+        .find(|s| s.action == Action::CheckRestore.name() && s.status == Status::Complete)
+        && let Ok(out) = decode::<CheckRestoreOutput>(&rec.id, rec.output.as_deref())
+    {
+        let mut dirs = out.created_dirs;
+        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+        for d in dirs {
+            let _ = std::fs::remove_dir(&d);
+        }
+    }
+    Ok(())
+}
+
+/// Whether a finished step's effects still exist; `Err` says what is missing.
+pub async fn effects_hold(
+    ctx: &Arc<RunCtx>,
+    step: &StepRef,
+    output: Option<&str>,
+) -> std::result::Result<(), String> {
+    let object = match step.action {
+        Action::BackupNode => {
+            decode::<NodeOutput>(&step.id, output)
+                .map_err(|e| e.to_string())?
+                .object
+        }
+        Action::BackupManager => {
+            decode::<ManagerOutput>(&step.id, output)
+                .map_err(|e| e.to_string())?
+                .object
+        }
+        Action::StageNode => {
+            let out = decode::<StageOutput>(&step.id, output).map_err(|e| e.to_string())?;
+            let node = step
+                .node
+                .and_then(|i| ctx.cluster.node(i))
+                .ok_or_else(|| format!("step {} has no node", step.id))?;
+            let expected_dir = staging_dir(ctx, node);
+            return tokio::task::spawn_blocking(move || staged_ok(&expected_dir, &out))
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        _ => return Ok(()),
+    };
+    let key = manifest::key(&ctx.spec.snapshot, &object.key);
+    match ctx.store.head(&key).await {
+        Ok(Some(meta)) if meta.size == object.size => Ok(()),
+        Ok(Some(meta)) => Err(format!(
+            "object {key} is {} bytes, the step wrote {}",
+            meta.size, object.size
+        )),
+        Ok(None) => Err(format!("object {key} is missing")),
+        Err(e) => Err(format!("object {key}: {e}")),
+    }
+}
+
+/// Count the entries and file bytes of a staging dir (its record excepted).
+fn measure(dir: &Path) -> std::io::Result<(u64, u64)> {
+    let mut entries = 0u64;
+    let mut bytes = 0u64;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d)? {
+            let e = e?;
+            if d == dir && e.file_name() == STAGED_RECORD {
+                continue;
+            }
+            let m = e.path().symlink_metadata()?;
+            entries += 1;
+            if m.is_dir() {
+                stack.push(e.path());
+            } else if m.is_file() {
+                bytes = bytes.saturating_add(m.len());
+            }
+        }
+    }
+    Ok((entries, bytes))
+}
+
+/// A staging dir holds what its step staged: the dir (not a link), its record
+/// equal to the step's output, and the same number of entries and bytes.
+fn staged_ok(dir: &Path, out: &StageOutput) -> std::result::Result<(), String> {
+    if out.staging != dir {
+        return Err(format!(
+            "staged into {}, but this run stages into {}",
+            out.staging.display(),
+            dir.display()
+        ));
+    }
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) => return Err(format!("staging dir {}: {e}", dir.display())),
+    }
+    let record = std::fs::read(dir.join(STAGED_RECORD))
+        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
+    let rec: StageOutput = serde_json::from_slice(&record)
+        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
+    if &rec != out {
+        return Err(format!(
+            "the staging record in {} is not this step's",
+            dir.display()
+        ));
+    }
+    let (entries, bytes) =
+        measure(dir).map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
+    if (entries, bytes) != (out.entries, out.bytes) {
+        return Err(format!(
+            "staging dir {} holds {entries} entries and {bytes} bytes, {} and {} were staged",
+            dir.display(),
+            out.entries,
+            out.bytes
+        ));
+    }
+    Ok(())
 }
 
 /// The manager of the run's cluster (cairn's own state when it declares none).
@@ -101,16 +377,12 @@ fn manager_of(ctx: &RunCtx) -> Result<Manager> {
     Manager::resolve(Some(&ctx.cluster), ctx.cluster.source.as_deref(), &home)
 }
 
-/// `RESTORE_MANAGER`: `None` (false, the default), `Some(false)` (true: only onto a
-/// clean manager) or `Some(true)` (force).
-fn restore_manager_mode(ctx: &RunCtx) -> Result<Option<bool>> {
-    match ctx.params.get("RESTORE_MANAGER") {
-        "" | "false" => Ok(None),
-        "true" => Ok(Some(false)),
-        "force" => Ok(Some(true)),
-        other => Err(Error::Params(vec![format!(
-            "RESTORE_MANAGER {other:?} is none of true, false, force"
-        )])),
+/// The manager restore this run does: `None`, or `Some(force)`.
+fn restore_manager_mode(ctx: &RunCtx) -> Option<bool> {
+    match ctx.spec.restore_manager {
+        RestoreManager::No => None,
+        RestoreManager::Clean => Some(false),
+        RestoreManager::Force => Some(true),
     }
 }
 
@@ -134,19 +406,20 @@ fn check_manager_restore(m: &Manifest, target: &Manager, force: bool) -> Result<
 /// What a backup-manager step records for write-manifest.
 #[derive(Debug, Serialize, Deserialize)]
 struct ManagerOutput {
+    v: u32,
     manager: ManagerInfo,
     object: ObjectInfo,
 }
 
 async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     let m = manager_of(ctx)?;
-    let include_credentials = ctx.params.get("MANAGER_CREDENTIALS") == "true";
-    let key = manifest::key(&ctx.snapshot, MANAGER_OBJECT);
+    let include_credentials = ctx.spec.manager_credentials;
+    let key = manifest::key(&ctx.spec.snapshot, MANAGER_OBJECT);
     tracing::info!(state_dir = %m.state_dir.display(), key = %key, "snapshotting the manager");
     abort_leftover_upload(ctx, step, &key).await?;
     let target = crate::manager::catalog::Target {
         key: &key,
-        id: &ctx.snapshot,
+        id: &ctx.spec.snapshot,
         include_credentials,
         progress: ctx.progress.clone(),
         step: &step.id,
@@ -161,6 +434,7 @@ async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     .await?;
     ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     let out = ManagerOutput {
+        v: OUTPUT_VERSION,
         manager: ManagerInfo {
             format: meta.format_version,
             manager_version: meta.manager_version,
@@ -173,11 +447,11 @@ async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
             sha256,
         },
     };
-    serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))
+    encode(&out)
 }
 
 async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
-    let Some(force) = restore_manager_mode(ctx)? else {
+    let Some(force) = restore_manager_mode(ctx) else {
         return Ok(None);
     };
     let m = ctx.manifest().await?;
@@ -188,10 +462,10 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
             "manager snapshot vanished from the manifest".into(),
         ));
     };
-    let status = crate::manager::catalog::from_manifest(&ctx.snapshot, info, obj);
+    let status = crate::manager::catalog::from_manifest(&ctx.spec.snapshot, info, obj);
     let report = crate::manager::catalog::restore_key(
         &*ctx.store,
-        &manifest::key(&ctx.snapshot, MANAGER_OBJECT),
+        &manifest::key(&ctx.spec.snapshot, MANAGER_OBJECT),
         &status,
         &target,
         force,
@@ -199,9 +473,12 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
         &ctx.cancel,
     )
     .await?;
-    serde_json::to_string(&report)
-        .map(Some)
-        .map_err(|e| Error::State(e.to_string()))
+    encode(&ManagerRestoreOutput {
+        v: OUTPUT_VERSION,
+        pre_restore: report.pre_restore,
+        files: report.files,
+    })
+    .map(Some)
 }
 
 async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
@@ -209,8 +486,8 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         hooks::Which::Pre,
         node,
         &step.phase,
-        &ctx.snapshot,
-        &ctx.params,
+        &ctx.spec.snapshot,
+        &hook_params(ctx),
         &ctx.cancel,
     )
     .await?;
@@ -219,14 +496,24 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         hooks::Which::Post,
         node,
         &step.phase,
-        &ctx.snapshot,
-        &ctx.params,
+        &ctx.spec.snapshot,
+        &hook_params(ctx),
         &ctx.cancel,
     )
     .await;
     let out = work?;
     post?;
     Ok(out)
+}
+
+/// The parameters a hook sees: the non-secret ones, and the secrets the cluster
+/// description lists in `hook_secrets`.
+fn hook_params(ctx: &RunCtx) -> Vec<(String, String)> {
+    ctx.params
+        .iter()
+        .filter(|(k, _)| !ctx.params.is_secret(k) || ctx.cluster.hook_secrets.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Abort the multipart upload an earlier, killed attempt of this step left open.
@@ -266,20 +553,20 @@ fn record_upload_id<'a>(ctx: &'a RunCtx, step: &'a StepRef) -> impl FnOnce(&str)
 
 async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
     let data_dir = node.data_dir.clone();
-    let selection = ctx.selection.clone();
+    let selection = ctx.spec.selection.clone();
     let scan = tokio::task::spawn_blocking(move || {
-        let keyspaces: Vec<String> = keyspaces_on_disk(&data_dir)?
-            .into_iter()
-            .filter(|k| selection.includes(k))
-            .collect();
+        let keyspaces = selected_keyspaces(&data_dir, &selection)?;
         let scan = pack::scan(&data_dir, &keyspaces)?;
+        if !scan.refused.is_empty() {
+            return Err(Error::Checks(scan.refused));
+        }
         Ok::<_, Error>((keyspaces, scan))
     })
     .await
     .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
     let (keyspaces, scan) = scan?;
     let object = manifest::node_object(node.index);
-    let key = manifest::key(&ctx.snapshot, &object);
+    let key = manifest::key(&ctx.spec.snapshot, &object);
     abort_leftover_upload(ctx, step, &key).await?;
     ctx.progress.event(Event::StepStarted {
         step: &step.id,
@@ -308,6 +595,7 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
     .await?;
     ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     let out = NodeOutput {
+        v: OUTPUT_VERSION,
         node: NodeInfo {
             index: node.index,
             object: object.clone(),
@@ -323,7 +611,7 @@ async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
             sha256,
         },
     };
-    serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))
+    encode(&out)
 }
 
 /// The recorded outputs of every step of `action`, all of which must be complete.
@@ -335,11 +623,10 @@ fn outputs<T: serde::de::DeserializeOwned>(
         .iter()
         .filter(|s| s.action == action.name())
         .map(|s| {
-            let (Status::Complete, Some(out)) = (s.status, &s.output) else {
+            if s.status != Status::Complete {
                 return Err(Error::State(format!("step {} has not completed", s.id)));
-            };
-            serde_json::from_str(out)
-                .map_err(|e| Error::State(format!("step {} output: {e}", s.id)))
+            }
+            decode(&s.id, s.output.as_deref())
         })
         .collect()
 }
@@ -363,8 +650,8 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
     let m = Manifest {
         format_version: manifest::FORMAT_VERSION,
         cairn_version: crate::VERSION.to_string(),
-        snapshot: ctx.snapshot.clone(),
-        plan: ctx.plan.name.clone(),
+        snapshot: ctx.spec.snapshot.clone(),
+        plan: ctx.spec.plan.clone(),
         started_at: ctx.started_at.clone(),
         finished_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         cluster: ClusterInfo {
@@ -375,25 +662,35 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         manager,
     };
     // Every object must be there with its size before the snapshot is declared complete.
-    let missing = checks::objects_present(&*ctx.store, &ctx.snapshot, &m).await;
+    let missing = checks::objects_present(&*ctx.store, &ctx.spec.snapshot, &m).await;
     if !missing.is_empty() {
-        return Err(Error::store("verify", &ctx.snapshot, missing.join("; ")));
+        return Err(Error::store(
+            "verify",
+            &ctx.spec.snapshot,
+            missing.join("; "),
+        ));
     }
-    let key = manifest::key(&ctx.snapshot, MANIFEST);
+    let key = manifest::key(&ctx.spec.snapshot, MANIFEST);
     if ctx.store.head(&key).await?.is_some() {
+        // Written by this run before a kill (same start, same objects): done.
+        if let Ok(existing) = checks::read_manifest(&*ctx.store, &ctx.spec.snapshot).await
+            && existing.started_at == m.started_at
+            && existing.objects == m.objects
+        {
+            return Ok(());
+        }
         return Err(Error::Checks(vec![format!(
             "snapshot {:?} became complete while this run was writing it; it is never overwritten",
-            ctx.snapshot
+            ctx.spec.snapshot
         )]));
     }
     ctx.store.put(&key, m.to_bytes()?.into()).await
 }
 
-/// `<data_dir>/.cairn-staging-<run>`: on the target file system, so moving into place
-/// is a rename.
+/// `<data_dir>/.cairn-staging-<token>`: on the target file system, so moving into
+/// place is a rename; named by the run's token, unique across hosts and homes.
 fn staging_dir(ctx: &RunCtx, node: &Node) -> PathBuf {
-    node.data_dir
-        .join(format!("{RESERVED_PREFIX}-staging-{}", ctx.run_id))
+    node.data_dir.join(ctx.spec.staging_name())
 }
 
 async fn remove_staging(dir: &Path) {
@@ -422,13 +719,44 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
     std::fs::create_dir_all(&staging).map_err(|e| Error::io("create staging dir", &staging, e))?;
     let result =
         download_and_unpack(ctx, step, &info, &object, unpack::Mode::Extract(&staging)).await;
-    match result {
-        Ok(done) => Ok(serde_json::json!({"files": done.files, "bytes": done.bytes}).to_string()),
+    let done = match result {
+        Ok(done) => done,
         Err(e) => {
             remove_staging(&staging).await;
-            Err(e)
+            return Err(e);
         }
+    };
+    let dir = staging.clone();
+    let out = StageOutput {
+        v: OUTPUT_VERSION,
+        token: ctx.spec.token.clone(),
+        node: node.index,
+        staging: staging.clone(),
+        object_sha256: done.object_sha256,
+        entries: 0,
+        bytes: 0,
+    };
+    let recorded = tokio::task::spawn_blocking(move || {
+        let (entries, bytes) = measure(&dir).map_err(|e| Error::io("measure", &dir, e))?;
+        let out = StageOutput {
+            entries,
+            bytes,
+            ..out
+        };
+        let path = dir.join(STAGED_RECORD);
+        let text = encode(&out)?;
+        let f = std::fs::File::create(&path).map_err(|e| Error::io("write", &path, e))?;
+        std::io::Write::write_all(&mut &f, text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io("write", &path, e))?;
+        Ok::<_, Error>(text)
+    })
+    .await
+    .map_err(|e| Error::State(format!("stage worker failed: {e}")))?;
+    if recorded.is_err() {
+        remove_staging(&staging).await;
     }
+    recorded
 }
 
 /// Stream an object from the store through [`unpack::unpack`] on a blocking thread.
@@ -439,12 +767,12 @@ pub async fn download_and_unpack(
     object: &ObjectInfo,
     mode: unpack::Mode<'_>,
 ) -> Result<unpack::Unpacked> {
-    let restoring: u64 = info
+    let restoring = info
         .files
         .iter()
-        .filter(|f| ctx.selection.restores_file(&f.path))
-        .map(|f| f.size)
-        .sum();
+        .filter(|f| ctx.spec.selection.restores_file(&f.path))
+        .try_fold(0u64, |a, f| a.checked_add(f.size))
+        .ok_or_else(|| Error::archive(&object.key, "the file sizes in the manifest overflow"))?;
     ctx.progress.event(Event::StepStarted {
         step: &step.id,
         total: Some(restoring),
@@ -455,10 +783,10 @@ pub async fn download_and_unpack(
     };
     read_object(
         &*ctx.store,
-        &manifest::key(&ctx.snapshot, &object.key),
+        &manifest::key(&ctx.spec.snapshot, &object.key),
         info.clone(),
         object.clone(),
-        ctx.selection.clone(),
+        ctx.spec.selection.clone(),
         root,
         ctx.progress.clone(),
         step.id.clone(),
@@ -502,21 +830,152 @@ pub async fn read_object(
     .await
 }
 
-async fn commit_restore(ctx: &Arc<RunCtx>) -> Result<()> {
-    let plan: Vec<(PathBuf, PathBuf)> = ctx
+async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
+    // Every staged node this commit consumes must hold what its step staged; a
+    // missing one is marked to be staged again, never skipped.
+    let run = ctx.run_id;
+    let records = ctx.state.call(move |s| s.steps(run)).await?;
+    let mut missing = Vec::new();
+    for s in ctx
+        .spec
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::StageNode)
+    {
+        let rec = records.iter().find(|r| r.id == s.id);
+        let ok = match rec {
+            Some(r) if r.status == Status::Complete => {
+                effects_hold(ctx, s, r.output.as_deref()).await
+            }
+            _ => Err("it has not completed".to_string()),
+        };
+        if let Err(why) = ok {
+            missing.push((s.id.clone(), why));
+        }
+    }
+    if !missing.is_empty() {
+        let ids: Vec<String> = missing.iter().map(|m| m.0.clone()).collect();
+        let why = "its staged data was gone when the commit began";
+        ctx.state
+            .call(move |s| s.set_pending(run, &ids, why))
+            .await?;
+        let lines: Vec<String> = missing
+            .iter()
+            .map(|(id, why)| format!("{id}: {why}"))
+            .collect();
+        return Err(Error::State(format!(
+            "nothing was moved into place: staged data is missing ({}); those steps are marked to be redone by `cairn plan resume {run}`",
+            lines.join("; ")
+        )));
+    }
+    let moves = planned_moves(ctx)?;
+    let journal = encode(&CommitJournal {
+        v: OUTPUT_VERSION,
+        moves: moves.clone(),
+    })?;
+    let sid = step.id.clone();
+    ctx.state
+        .call(move |s| s.set_scratch(run, &sid, Some(&journal)))
+        .await?;
+    let staging: Vec<(PathBuf, PathBuf)> = ctx
         .cluster
         .nodes
         .iter()
         .map(|n| (staging_dir(ctx, n), n.data_dir.clone()))
         .collect();
-    let paths = ctx.selection.paths.clone();
-    let result = tokio::task::spawn_blocking(move || commit_blocking(&plan, &paths))
+    let result = tokio::task::spawn_blocking(move || commit_blocking(&moves, &staging))
         .await
         .map_err(|e| Error::State(format!("commit worker failed: {e}")))?;
     if result.is_err() {
         undo_manager_restore(ctx).await;
     }
     result
+}
+
+/// What the commit moves: each staged keyspace (or, for a partial restore, each
+/// staged path) to the same place in its data dir.
+fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
+    let paths = &ctx.spec.selection.paths;
+    let mut moves = Vec::new();
+    for n in &ctx.cluster.nodes {
+        let staging = staging_dir(ctx, n);
+        if !paths.is_empty() {
+            for p in paths {
+                if std::fs::symlink_metadata(staging.join(p)).is_ok() {
+                    moves.push(Move {
+                        staging: staging.clone(),
+                        data_dir: n.data_dir.clone(),
+                        rel: PathBuf::from(p),
+                    });
+                }
+            }
+            continue;
+        }
+        let rd = match std::fs::read_dir(&staging) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("list", &staging, e)),
+        };
+        for entry in rd {
+            let entry = entry.map_err(|e| Error::io("list", &staging, e))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            moves.push(Move {
+                staging: staging.clone(),
+                data_dir: n.data_dir.clone(),
+                rel: PathBuf::from(name),
+            });
+        }
+    }
+    moves.sort_by(|a, b| (&a.data_dir, &a.rel).cmp(&(&b.data_dir, &b.rel)));
+    Ok(moves)
+}
+
+/// A commit that a kill interrupted is rolled back from its journal: what was moved
+/// into a data dir goes back into its staging dir, so the target is as it was and
+/// the staged data is checked again before the commit is redone.
+pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
+    let (run, sid) = (ctx.run_id, step_id.to_string());
+    let rec = ctx.state.call(move |s| s.step(run, &sid)).await?;
+    let Some(text) = rec.scratch else {
+        return Ok(());
+    };
+    let journal: CommitJournal = serde_json::from_str(&text)
+        .map_err(|e| Error::State(format!("commit journal of run {run}: {e}")))?;
+    let undone = tokio::task::spawn_blocking(move || {
+        let mut problems = Vec::new();
+        for m in journal.moves.iter().rev() {
+            let in_target = crate::fsx::exists_beneath(&m.data_dir, &m.rel).unwrap_or(false);
+            let in_staging = crate::fsx::exists_beneath(&m.staging, &m.rel).unwrap_or(false);
+            if in_target && !in_staging {
+                // The commit removes each staging dir once emptied: make it again.
+                if let Err(e) = std::fs::create_dir_all(&m.staging) {
+                    problems.push(format!("{}: {e}", m.staging.display()));
+                    continue;
+                }
+                if let Err(e) = crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel)
+                {
+                    problems.push(format!("{}: {e}", m.data_dir.join(&m.rel).display()));
+                }
+            }
+        }
+        problems
+    })
+    .await
+    .map_err(|e| Error::State(format!("rollback worker failed: {e}")))?;
+    if !undone.is_empty() {
+        return Err(Error::State(format!(
+            "the interrupted commit of run {run} could not be rolled back: {}",
+            undone.join("; ")
+        )));
+    }
+    tracing::warn!(run, "rolled back the commit a kill interrupted");
+    let sid = step_id.to_string();
+    ctx.state
+        .call(move |s| s.set_scratch(run, &sid, None))
+        .await
 }
 
 /// The nodes could not be committed: put back the manager state this run swapped
@@ -533,99 +992,69 @@ async fn undo_manager_restore(ctx: &Arc<RunCtx>) {
     else {
         return;
     };
-    let Some(report) = step
-        .output
-        .as_deref()
-        .and_then(|o| serde_json::from_str::<serde_json::Value>(o).ok())
-    else {
+    let Ok(report) = decode::<ManagerRestoreOutput>(&step.id, step.output.as_deref()) else {
         return;
     };
-    let pre = report["pre_restore"].as_str().map(PathBuf::from);
-    let undone = manager_of(ctx).and_then(|m| crate::manager::restore::undo(&m, pre.as_deref()));
+    // The record first: once the state is put back, nothing may claim it restored.
+    if let Err(e) = ctx.state.set_pending(
+        run,
+        std::slice::from_ref(&step.id),
+        "the node commit failed; the manager's previous state was put back",
+    ) {
+        tracing::error!("could not mark {} to be redone: {e}", step.id);
+        return;
+    }
+    let undone = manager_of(ctx)
+        .and_then(|m| crate::manager::restore::undo(&m, report.pre_restore.as_deref()));
     match undone {
-        Ok(_) => {
-            tracing::warn!("the node commit failed: the manager's previous state is back");
-            if let Err(e) = ctx
-                .state
-                .set_step(run, &step.id, Status::Pending, None, None)
-            {
-                tracing::error!("could not mark {} to be redone: {e}", step.id);
-            }
-        }
+        Ok(_) => tracing::warn!("the node commit failed: the manager's previous state is back"),
         Err(e) => tracing::error!(
             "the node commit failed and the manager state could not be put back: {e}; `cairn manager-snapshot rollback` does it"
         ),
     }
 }
 
-/// Move every staged keyspace (or, for a partial restore, every staged path) into
-/// its data dir; on any failure move back what was moved, so the target is as it
-/// was.
-fn commit_blocking(plan: &[(PathBuf, PathBuf)], paths: &[String]) -> Result<()> {
-    let mut moves = Vec::new();
-    for (staging, data_dir) in plan {
-        if !paths.is_empty() {
-            for p in paths {
-                let from = staging.join(p);
-                if std::fs::symlink_metadata(&from).is_ok() {
-                    moves.push((from, data_dir.join(p)));
-                }
-            }
-            continue;
-        }
-        let rd = match std::fs::read_dir(staging) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("list", staging, e)),
-        };
-        for entry in rd {
-            let entry = entry.map_err(|e| Error::io("list", staging, e))?;
-            moves.push((entry.path(), data_dir.join(entry.file_name())));
-        }
-    }
-    moves.sort();
-    let mut done: Vec<&(PathBuf, PathBuf)> = Vec::new();
+/// Move every planned entry into its data dir, never through a symlink and never
+/// over an existing entry; on any failure move back what was moved, so the target
+/// is as it was. Then remove the emptied staging dirs.
+fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()> {
+    let mut done: Vec<&Move> = Vec::new();
     let mut failure = None;
-    for m in &moves {
-        if m.1.exists() {
-            failure = Some(Error::Checks(vec![format!(
-                "{} appeared while the restore ran; nothing was moved into place",
-                m.1.display()
-            )]));
+    for (i, m) in moves.iter().enumerate() {
+        if let Err(e) = crate::failpoint::hit(&format!("commit-rename:{i}")) {
+            failure = Some(e);
             break;
         }
-        if let Some(parent) = m.1.parent()
-            && let Err(e) = std::fs::create_dir_all(parent)
-        {
-            failure = Some(Error::io("create", parent, e));
-            break;
+        match crate::fsx::rename_beneath(&m.staging, &m.rel, &m.data_dir, &m.rel) {
+            Ok(()) => done.push(m),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                failure = Some(Error::Checks(vec![format!(
+                    "{} appeared while the restore ran; nothing was moved into place",
+                    m.data_dir.join(&m.rel).display()
+                )]));
+                break;
+            }
+            Err(e) => {
+                failure = Some(Error::io("move into place", m.data_dir.join(&m.rel), e));
+                break;
+            }
         }
-        if let Err(e) = std::fs::rename(&m.0, &m.1) {
-            failure = Some(Error::io("move into place", &m.1, e));
-            break;
-        }
-        done.push(m);
     }
     if let Some(e) = failure {
-        for (from, to) in done.into_iter().rev() {
-            if let Err(err) = std::fs::rename(to, from) {
-                tracing::error!(path = %to.display(), "could not roll back: {err}");
+        for m in done.into_iter().rev() {
+            if let Err(err) = crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel) {
+                tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
             }
         }
         return Err(e);
     }
-    for (staging, data_dir) in plan {
-        // What is left of a partial restore's staging dir are the empty parents of
-        // the paths moved out.
-        let removed = if paths.is_empty() {
-            std::fs::remove_dir(staging)
-        } else {
-            std::fs::remove_dir_all(staging)
-        };
-        match removed {
+    for (dir, data_dir) in staging {
+        // What is left: the record, and for a partial restore the empty parents of
+        // the paths moved out (and the unselected rest).
+        match std::fs::remove_dir_all(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove staging dir", staging, e)),
+            Err(e) => return Err(Error::io("remove staging dir", dir, e)),
         }
         if let Ok(d) = std::fs::File::open(data_dir) {
             let _ = d.sync_all();

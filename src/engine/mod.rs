@@ -5,11 +5,12 @@
 pub mod actions;
 
 use crate::checks::{Disk, RealDisk};
-use crate::cluster::{Cluster, Selection};
+use crate::cluster::Cluster;
 use crate::manifest::Manifest;
 use crate::plan::params::{CliParam, Env, Params};
-use crate::plan::{Action, On, Plan, Strategy};
+use crate::plan::{Action, Plan, Strategy};
 use crate::progress::{Event, Progress};
+use crate::spec::{self, RunKind, RunSpec};
 use crate::state::{NewRun, StateStore, Status};
 use crate::store::{self, Store};
 use crate::{Error, Result};
@@ -39,24 +40,19 @@ impl Default for RetryPolicy {
     }
 }
 
-/// One concrete step of a run.
-#[derive(Debug, Clone)]
-pub struct StepRef {
-    pub id: String,
-    pub phase: String,
-    pub action: Action,
-    pub node: Option<u32>,
-}
+pub use crate::spec::StepRef;
 
 /// Everything a step needs; shared by all steps of a run.
 pub struct RunCtx {
     pub run_id: i64,
     pub plan: Plan,
+    /// The compiled run: the only source of what the run does.
+    pub spec: RunSpec,
+    /// Parameter values, secrets included: only for store options and the
+    /// environment of hooks, never read by name.
     pub params: Params,
     pub cluster: Cluster,
     pub store: Arc<dyn Store>,
-    pub snapshot: String,
-    pub selection: Selection,
     pub state: StateStore,
     pub progress: Arc<dyn Progress>,
     pub disk: Arc<dyn Disk>,
@@ -71,7 +67,7 @@ impl RunCtx {
     /// The manifest of the snapshot being restored (read once per process).
     pub async fn manifest(&self) -> Result<&Manifest> {
         self.manifest
-            .get_or_try_init(|| crate::checks::read_manifest(&*self.store, &self.snapshot))
+            .get_or_try_init(|| crate::checks::read_manifest(&*self.store, &self.spec.snapshot))
             .await
     }
 }
@@ -115,8 +111,8 @@ impl Engine {
         }
     }
 
-    /// Validate parameters, create the run and execute it. Parameter errors are
-    /// returned before any run is recorded or any step runs.
+    /// Validate parameters, compile the run spec, create the run and execute it.
+    /// Parameter errors are returned before any run is recorded or any step runs.
     pub async fn start(
         &self,
         plan: Plan,
@@ -125,117 +121,158 @@ impl Engine {
         cluster: Cluster,
     ) -> Result<Outcome> {
         let params = Params::resolve(&plan.params, cli, env)?;
-        let ctx = self.prepare(plan, params, cluster, None).await?;
+        let token = spec::new_token(self.state.path());
+        let (mut spec, run_cluster) = spec::compile(&plan, &params, &cluster, token)?;
+        let store = open_store(&mut spec).await?;
+        let ctx = self
+            .prepare(plan, spec, params, cluster, run_cluster, store, None)
+            .await?;
         self.execute(ctx).await
     }
 
-    /// Resume a run that failed, was cancelled or was killed: finished steps are
-    /// kept, the others run again. Secret parameters are not stored, so they must be
-    /// given again (`-p` or the environment).
+    /// Resume a run that failed, was cancelled or was killed: finished steps whose
+    /// effects still exist are kept, the others run again. Secret parameters are not
+    /// stored, so they must be given again (`-p` or the environment). Parameters
+    /// that would change what the run does are refused; strategy, concurrency and
+    /// bandwidth may change.
     pub async fn resume(&self, run_id: i64, cli: &[CliParam], env: &dyn Env) -> Result<Outcome> {
         let rec = self.state.run(run_id)?;
-        if rec.status == Status::Complete {
-            return Err(Error::Usage(format!("run {run_id} is already complete")));
+        match rec.status {
+            Status::Complete => {
+                return Err(Error::Usage(format!("run {run_id} is already complete")));
+            }
+            Status::Refused => {
+                return Err(Error::Usage(format!(
+                    "run {run_id} was refused by its pre-flight checks and did nothing; fix what they named and start a new run"
+                )));
+            }
+            Status::Running | Status::Pending => {
+                return Err(Error::Usage(format!(
+                    "run {run_id} is still running (pid {}); stop it first with `cairn plan stop {run_id}`",
+                    rec.pid.unwrap_or_default()
+                )));
+            }
+            _ => {}
         }
-        if rec.status == Status::Running
-            && let Some(pid) = rec.pid
-            && pid != std::process::id() as i64
-            && process_alive(pid)
-        {
+        let Some(spec_json) = rec.spec_json.as_deref() else {
             return Err(Error::Usage(format!(
-                "run {run_id} is still running (pid {pid}); stop it first with `cairn plan stop {run_id}`"
+                "run {run_id} was recorded by an earlier cairn without a run spec and cannot be resumed safely; start a new run (its staging dirs .cairn-staging-{run_id} in the data dirs can be removed)"
             )));
-        }
+        };
+        let stored = RunSpec::from_json(spec_json)?;
         let plan = Plan::parse(&format!("run {run_id} plan {}", rec.plan), &rec.plan_source)?;
-        // Stored (non-secret) values first; anything given now overrides them.
-        let mut merged: Vec<CliParam> = rec
-            .params
-            .non_secret()
-            .into_iter()
-            .filter(|p| !cli.iter().any(|c| c.key == p.key))
-            .collect();
-        merged.extend(cli.iter().cloned());
-        let params = Params::resolve(&plan.params, &merged, env)?;
+        let params = Params::resolve_with(&plan.params, cli, &rec.params.non_secret(), env)?;
         let cluster: Cluster = serde_json::from_str(&rec.cluster_json)
             .map_err(|e| Error::State(format!("run {run_id}: stored cluster: {e}")))?;
-        let ctx = self
-            .prepare(plan, params, cluster, Some((run_id, rec.created_at)))
-            .await?;
-        if ctx.snapshot != rec.snapshot {
+        let (mut spec, run_cluster) =
+            spec::compile(&plan, &params, &cluster, stored.token.clone())?;
+        let store = open_store(&mut spec).await?;
+        let changed = stored.fixed_differences(&spec);
+        if !changed.is_empty() {
             return Err(Error::Usage(format!(
-                "run {run_id} was for snapshot {:?}; resume cannot change it to {:?}",
-                rec.snapshot, ctx.snapshot
+                "resume cannot change what run {run_id} does ({}); resume it with its own parameters, or start a new run",
+                changed.join("; ")
             )));
         }
-        // Steps that did not finish run again.
-        for s in self.state.steps(run_id)? {
+        let ctx = self
+            .prepare(
+                plan,
+                spec,
+                params,
+                cluster,
+                run_cluster,
+                store,
+                Some((run_id, rec.created_at)),
+            )
+            .await?;
+        if let Err(e) = self.reconcile(&ctx).await {
+            ctx.release_lock().await;
+            return Err(e);
+        }
+        self.execute(ctx).await
+    }
+
+    /// Before a resumed run goes on: steps that did not finish run again; a commit
+    /// a kill interrupted is rolled back; finished steps whose effects are gone (a
+    /// removed staging dir, a deleted object) are marked to be redone.
+    async fn reconcile(&self, ctx: &Arc<RunCtx>) -> Result<()> {
+        let run_id = ctx.run_id;
+        let (spec_json, id) = (ctx.spec.to_json()?, run_id);
+        self.state.call(move |s| s.set_spec(id, &spec_json)).await?;
+        let records = self.state.steps(run_id)?;
+        for s in &records {
             if !s.status.is_done() && s.status != Status::Pending {
                 self.state
                     .set_step(run_id, &s.id, Status::Pending, None, None)?;
             }
         }
-        self.execute(ctx).await
+        for s in &records {
+            if s.action == Action::CommitRestore.name() && s.status != Status::Complete {
+                actions::roll_back_commit(ctx, &s.id).await?;
+            }
+        }
+        let mut gone = Vec::new();
+        for step in &ctx.spec.steps {
+            let Some(rec) = records.iter().find(|r| r.id == step.id) else {
+                continue;
+            };
+            if rec.status != Status::Complete {
+                continue;
+            }
+            if let Err(why) = actions::effects_hold(ctx, step, rec.output.as_deref()).await {
+                tracing::warn!(step = %step.id, "redoing the step: {why}");
+                gone.push((step.id.clone(), why));
+            }
+        }
+        for (id, why) in gone {
+            self.state.set_pending(run_id, &[id], &why)?;
+        }
+        Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn prepare(
         &self,
         plan: Plan,
+        spec: RunSpec,
         params: Params,
         cluster: Cluster,
+        run_cluster: Cluster,
+        store: Arc<dyn Store>,
         existing: Option<(i64, String)>,
-    ) -> Result<RunCtx> {
-        // Strategies are checked now so a bad value fails before the first step.
-        for ph in &plan.phases {
-            ph.strategy(&params)?;
-        }
-        let snapshot = params.expand(&plan.target.snapshot);
-        if snapshot.is_empty() {
-            return Err(Error::Params(vec!["the snapshot name is empty".into()]));
-        }
-        crate::store::check_key(&snapshot).map_err(|_| {
-            Error::Params(vec![format!(
-                "snapshot name {snapshot:?} is not a valid folder name"
-            )])
-        })?;
-        let selection = Selection::parse(&params.expand(&plan.target.keyspaces))
-            .with_paths(params.get("PATHS"))?;
-        let options = plan
-            .target
-            .store_options
-            .iter()
-            .map(|(k, v)| (k.clone(), params.expand(v)))
-            .collect();
-        let mut store = store::open(&params.expand(&plan.target.store), &options).await?;
-        let bandwidth = params.expand(&plan.target.bandwidth);
-        if !bandwidth.trim().is_empty() {
-            let rate = store::throttle::parse_rate(&bandwidth)?;
-            store = Arc::new(store::throttle::Throttled::new(store, rate));
-        }
-        let cluster = restrict_cluster(cluster, &params)?;
+    ) -> Result<Arc<RunCtx>> {
         let lock = self
-            .lock(&plan, &store, &snapshot, existing.as_ref().map(|e| e.0))
+            .lock(&spec, &store, existing.as_ref().map(|e| e.0))
             .await?;
         let created = match existing {
             Some(x) => Ok(x),
             None => {
-                let steps = expand_steps(&plan, &cluster)
-                    .into_iter()
+                let steps = spec
+                    .steps
+                    .iter()
                     .map(|s| {
                         let target = s.node.map_or("once".to_string(), |n| format!("node-{n}"));
-                        (s.id, s.phase, s.action.name().to_string(), target)
+                        (
+                            s.id.clone(),
+                            s.phase.clone(),
+                            s.action.name().to_string(),
+                            target,
+                        )
                     })
                     .collect();
                 let cluster_json =
                     serde_json::to_string(&cluster).map_err(|e| Error::State(e.to_string()))?;
                 let redacted = params.redacted();
+                let spec_json = spec.to_json()?;
                 self.state
                     .create_run(&NewRun {
                         plan: &plan.name,
                         plan_source: &plan.source,
                         params: &redacted,
                         cluster_json: &cluster_json,
-                        store: &store.describe(),
-                        snapshot: &snapshot,
+                        store: &spec.store,
+                        snapshot: &spec.snapshot,
+                        spec_json: &spec_json,
                         steps,
                     })
                     .and_then(|id| Ok((id, self.state.run(id)?.created_at)))
@@ -254,14 +291,13 @@ impl Engine {
                 return Err(e);
             }
         };
-        Ok(RunCtx {
+        Ok(Arc::new(RunCtx {
             run_id,
             plan,
+            spec,
             params,
-            cluster,
+            cluster: run_cluster,
             store,
-            snapshot,
-            selection,
             state: self.state.clone(),
             progress: self.progress.clone(),
             disk: self.disk.clone(),
@@ -269,7 +305,7 @@ impl Engine {
             started_at,
             manifest: Default::default(),
             lock: std::sync::Mutex::new(lock),
-        })
+        }))
     }
 
     /// Backups lock their snapshot exclusively, restores share it.
@@ -284,18 +320,16 @@ impl Engine {
 
     async fn lock(
         &self,
-        plan: &Plan,
+        spec: &RunSpec,
         store: &Arc<dyn Store>,
-        snapshot: &str,
         resuming: Option<i64>,
     ) -> Result<Option<crate::lock::Held>> {
         use crate::lock::{Mode, Request, Settings, acquire};
-        let (mode, purpose) = if plan.has_action(Action::BackupNode) {
-            (Mode::Exclusive, "backup")
-        } else if plan.has_action(Action::StageNode) {
-            (Mode::Shared, "restore")
-        } else {
-            return Ok(None);
+        let snapshot = spec.snapshot.as_str();
+        let (mode, purpose) = match spec.kind {
+            RunKind::Backup => (Mode::Exclusive, "backup"),
+            RunKind::Restore => (Mode::Shared, "restore"),
+            RunKind::Other => return Ok(None),
         };
         // An unreachable store or wrong credentials are refused like any other
         // pre-flight problem, before anything is written.
@@ -303,7 +337,7 @@ impl Engine {
             .check()
             .await
             .map_err(|e| Error::Checks(vec![e.to_string()]))?;
-        let owner = format!("plan {}", plan.name);
+        let owner = format!("plan {}", spec.plan);
         let run = resuming.map(|r| self.run_ref(r));
         let req = Request {
             snapshot,
@@ -322,23 +356,23 @@ impl Engine {
         }
     }
 
-    async fn execute(&self, ctx: RunCtx) -> Result<Outcome> {
-        let ctx = Arc::new(ctx);
+    async fn execute(&self, ctx: Arc<RunCtx>) -> Result<Outcome> {
         let run_id = ctx.run_id;
         self.state.set_run_status(run_id, Status::Running, None)?;
-        tracing::info!(run = run_id, plan = %ctx.plan.name, snapshot = %ctx.snapshot, store = %ctx.store.describe(), "run started");
+        tracing::info!(run = run_id, plan = %ctx.spec.plan, snapshot = %ctx.spec.snapshot, store = %ctx.store.describe(), "run started");
         ctx.progress.event(Event::RunStarted {
             run: run_id,
-            plan: &ctx.plan.name,
-            snapshot: &ctx.snapshot,
+            plan: &ctx.spec.plan,
+            snapshot: &ctx.spec.snapshot,
         });
         let watcher = spawn_stop_watcher(ctx.clone());
-        let mut failure: Option<Error> = None;
-        for phase in &ctx.plan.phases {
-            let strategy = phase.strategy(&ctx.params)?;
+        let mut failure: Option<(Error, bool)> = None;
+        for phase in &ctx.spec.phases {
             let records = self.state.steps(run_id)?;
-            let todo: Vec<StepRef> = expand_steps(&ctx.plan, &ctx.cluster)
-                .into_iter()
+            let todo: Vec<StepRef> = ctx
+                .spec
+                .steps
+                .iter()
                 .filter(|s| s.phase == phase.name)
                 .filter(|s| {
                     records
@@ -346,13 +380,17 @@ impl Engine {
                         .find(|r| r.id == s.id)
                         .is_none_or(|r| !r.status.is_done())
                 })
+                .cloned()
                 .collect();
             if todo.is_empty() {
                 continue;
             }
-            tracing::info!(run = run_id, phase = %phase.name, steps = todo.len(), ?strategy, "phase");
-            if let Err(e) = self.run_phase(&ctx, strategy, todo).await {
-                failure = Some(e);
+            tracing::info!(run = run_id, phase = %phase.name, steps = todo.len(), strategy = ?phase.strategy, "phase");
+            let preflight = todo
+                .iter()
+                .all(|s| matches!(s.action, Action::CheckBackup | Action::CheckRestore));
+            if let Err(e) = self.run_phase(&ctx, phase.strategy, todo).await {
+                failure = Some((e, preflight));
                 break;
             }
         }
@@ -360,10 +398,11 @@ impl Engine {
         let cancelled = ctx.cancel.is_cancelled()
             || failure
                 .as_ref()
-                .is_some_and(|e| matches!(e.root(), Error::Cancelled));
+                .is_some_and(|(e, _)| matches!(e.root(), Error::Cancelled));
         let status = match (&failure, cancelled) {
             (None, _) => Status::Complete,
             (Some(_), true) => Status::Cancelled,
+            (Some((e, true)), false) if matches!(e.root(), Error::Checks(_)) => Status::Refused,
             (Some(_), false) => Status::Failed,
         };
         if status == Status::Failed {
@@ -371,16 +410,11 @@ impl Engine {
         }
         let error = match (failure, cancelled) {
             (Some(_), true) => Some(Error::Cancelled),
-            (f, _) => f,
+            (Some((e, _)), false) if status == Status::Refused => Some(e.root_owned()),
+            (f, _) => f.map(|(e, _)| e),
         };
         let msg = error.as_ref().map(|e| e.to_string());
-        let held = match ctx.lock.lock() {
-            Ok(mut g) => g.take(),
-            Err(p) => p.into_inner().take(),
-        };
-        if let Some(l) = held {
-            l.release().await;
-        }
+        ctx.release_lock().await;
         self.state.set_run_status(run_id, status, msg.as_deref())?;
         tracing::info!(run = run_id, status = %status, "run finished");
         Ok(Outcome {
@@ -443,7 +477,12 @@ impl Engine {
         loop {
             self.save(ctx, step, Status::Running, None, None).await?;
             let result = tokio::select! {
-                r = actions::run(ctx, step) => r,
+                r = async {
+                    crate::failpoint::hit(&format!("before:{}", step.id))?;
+                    let out = actions::run(ctx, step).await?;
+                    crate::failpoint::hit(&format!("after:{}", step.id))?;
+                    Ok(out)
+                } => r,
                 _ = ctx.cancel.cancelled() => Err(Error::Cancelled),
             };
             match result {
@@ -491,10 +530,12 @@ impl Engine {
                     }
                     self.save(ctx, step, Status::Failed, Some(msg.clone()), None)
                         .await?;
+                    // A refusal's problems are printed once, by the run's end.
+                    let shown = (!matches!(e.root(), Error::Checks(_))).then_some(msg.as_str());
                     ctx.progress.event(Event::StepFinished {
                         step: &step.id,
                         status: Status::Failed,
-                        error: Some(&msg),
+                        error: shown,
                     });
                     return Err(Error::Step {
                         step: step.id.clone(),
@@ -535,32 +576,28 @@ impl Engine {
     }
 }
 
-/// The concrete steps of a plan for a cluster, in execution order.
-pub fn expand_steps(plan: &Plan, cluster: &Cluster) -> Vec<StepRef> {
-    let mut out = Vec::new();
-    for phase in &plan.phases {
-        for spec in &phase.steps {
-            match spec.on {
-                On::Once => out.push(StepRef {
-                    id: format!("{}/{}", phase.name, spec.action.name()),
-                    phase: phase.name.clone(),
-                    action: spec.action,
-                    node: None,
-                }),
-                On::EachNode => {
-                    for n in &cluster.nodes {
-                        out.push(StepRef {
-                            id: format!("{}/{}/node-{}", phase.name, spec.action.name(), n.index),
-                            phase: phase.name.clone(),
-                            action: spec.action,
-                            node: Some(n.index),
-                        })
-                    }
-                }
-            }
+/// Open the store the spec names, wrapped in the run's bandwidth cap, and record
+/// its resolved name in the spec.
+async fn open_store(spec: &mut RunSpec) -> Result<Arc<dyn Store>> {
+    let mut store = store::open(&spec.store, &spec.store_options).await?;
+    spec.store = store.describe();
+    if let Some(rate) = spec.bandwidth {
+        store = Arc::new(store::throttle::Throttled::new(store, rate));
+    }
+    Ok(store)
+}
+
+impl RunCtx {
+    /// Release the store lock (once).
+    async fn release_lock(&self) {
+        let held = match self.lock.lock() {
+            Ok(mut g) => g.take(),
+            Err(p) => p.into_inner().take(),
+        };
+        if let Some(l) = held {
+            l.release().await;
         }
     }
-    out
 }
 
 /// Cancel the run when `cairn plan stop` asks for it.
@@ -582,36 +619,4 @@ fn spawn_stop_watcher(ctx: Arc<RunCtx>) -> tokio::task::JoinHandle<()> {
 /// Whether a process with this pid exists (Linux: /proc).
 pub fn process_alive(pid: i64) -> bool {
     std::path::Path::new(&format!("/proc/{pid}")).exists()
-}
-
-/// Apply a restore's `NODES` (only these node indexes) and `RESTORE_DIR` (restore
-/// node `i` into `<RESTORE_DIR>/node-<i>` instead of its data dir) parameters.
-fn restrict_cluster(mut cluster: Cluster, params: &Params) -> Result<Cluster> {
-    let nodes = params.get("NODES").trim();
-    if !nodes.is_empty() {
-        let mut wanted = std::collections::BTreeSet::new();
-        for n in nodes.split([',', ' ']).filter(|s| !s.is_empty()) {
-            let i: u32 = n
-                .parse()
-                .map_err(|_| Error::Params(vec![format!("NODES: {n:?} is not a node index")]))?;
-            if cluster.node(i).is_none() {
-                return Err(Error::Params(vec![format!(
-                    "NODES: the cluster description has no node {i}"
-                )]));
-            }
-            wanted.insert(i);
-        }
-        cluster.nodes.retain(|n| wanted.contains(&n.index));
-        cluster.partial = true;
-    }
-    let dir = params.get("RESTORE_DIR").trim();
-    if !dir.is_empty() {
-        let dir = std::path::absolute(dir).map_err(|e| Error::io("resolve", dir, e))?;
-        for n in &mut cluster.nodes {
-            n.data_dir = dir.join(format!("node-{}", n.index));
-            n.pre_hook.clear();
-            n.post_hook.clear();
-        }
-    }
-    Ok(cluster)
 }

@@ -349,6 +349,7 @@ mod tests {
             }),
             source: None,
             partial: false,
+            hook_secrets: Vec::new(),
         };
         Manager::resolve(Some(&cluster), None, dir).expect("manager")
     }

@@ -10,11 +10,11 @@ pub mod raw;
 use crate::{Error, Result};
 use params::{ParamSpec, Params};
 use regex::Regex;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 
 /// What a step does. Each action knows which targets it applies to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Action {
     /// Pre-flight of a backup: data dirs, snapshot name, store access.
@@ -87,7 +87,7 @@ pub struct StepSpec {
 }
 
 /// A phase's strategy, resolved for one run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
 pub enum Strategy {
     Serial,
@@ -146,6 +146,11 @@ pub struct TargetTemplate {
     pub snapshot: String,
     pub keyspaces: String,
     pub bandwidth: String,
+    pub paths: String,
+    pub nodes: String,
+    pub restore_dir: String,
+    pub restore_manager: String,
+    pub manager_credentials: String,
     pub store_options: std::collections::BTreeMap<String, String>,
 }
 
@@ -298,6 +303,7 @@ impl Plan {
                 default: p.default,
                 pattern,
                 secret: p.secret,
+                env: p.env,
             });
         }
         let declared = |t: &str, what: &str, problems: &mut Vec<String>| {
@@ -311,6 +317,19 @@ impl Plan {
         declared(&raw.target.snapshot, "target.snapshot", &mut problems);
         declared(&raw.target.keyspaces, "target.keyspaces", &mut problems);
         declared(&raw.target.bandwidth, "target.bandwidth", &mut problems);
+        declared(&raw.target.paths, "target.paths", &mut problems);
+        declared(&raw.target.nodes, "target.nodes", &mut problems);
+        declared(&raw.target.restore_dir, "target.restore_dir", &mut problems);
+        declared(
+            &raw.target.restore_manager,
+            "target.restore_manager",
+            &mut problems,
+        );
+        declared(
+            &raw.target.manager_credentials,
+            "target.manager_credentials",
+            &mut problems,
+        );
         for (k, v) in &raw.target.store_options {
             declared(v, &format!("target.store_options.{k}"), &mut problems);
         }
@@ -399,6 +418,11 @@ impl Plan {
                 snapshot: raw.target.snapshot,
                 keyspaces: raw.target.keyspaces,
                 bandwidth: raw.target.bandwidth,
+                paths: raw.target.paths,
+                nodes: raw.target.nodes,
+                restore_dir: raw.target.restore_dir,
+                restore_manager: raw.target.restore_manager,
+                manager_credentials: raw.target.manager_credentials,
                 store_options: raw.target.store_options,
             },
             phases,

@@ -17,6 +17,58 @@ pub struct ParamSpec {
     pub default: Option<String>,
     pub pattern: Option<Regex>,
     pub secret: bool,
+    /// Whether an unset value may come from the environment variable of the same
+    /// name (credentials and endpoints); other parameters never do, so a generic
+    /// name such as `KEYSPACES` in the caller's shell cannot change a run.
+    pub env: bool,
+}
+
+/// Where a parameter's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// `-p KEY=VALUE`
+    Cli,
+    /// `-p KEY=@FILE`
+    File,
+    /// The environment variable of the same name.
+    Env,
+    /// The plan's default.
+    Default,
+    /// Kept from the run being resumed.
+    Stored,
+    /// Not given, optional, empty.
+    Unset,
+}
+
+impl Source {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Cli => "cli",
+            Source::File => "file",
+            Source::Env => "env",
+            Source::Default => "default",
+            Source::Stored => "stored",
+            Source::Unset => "unset",
+        }
+    }
+}
+
+/// Secrets shorter than this are refused: masking a very short value would mangle
+/// unrelated text and reveal the secret by elimination.
+pub const MIN_SECRET_LEN: usize = 8;
+
+/// Values read with `-p KEY=@FILE` are at most this long.
+pub const MAX_FILE_VALUE: u64 = 64 << 10;
+
+/// A value as it may appear in a message: at most 64 characters.
+pub fn shorten(value: &str) -> String {
+    const MAX: usize = 64;
+    if value.chars().count() <= MAX {
+        return value.to_string();
+    }
+    let head: String = value.chars().take(MAX).collect();
+    format!("{head}… ({} bytes)", value.len())
 }
 
 /// A value given on the command line: `-p KEY=VALUE` or `-p KEY=@FILE`.
@@ -45,6 +97,7 @@ impl std::str::FromStr for CliParam {
 pub struct Params {
     values: BTreeMap<String, String>,
     secret: BTreeSet<String>,
+    sources: BTreeMap<String, Source>,
 }
 
 /// Where an unset parameter may come from besides `-p`.
@@ -66,8 +119,16 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
-fn read_value(key: &str, raw: &str) -> Result<String, String> {
+fn read_value(key: &str, raw: &str) -> Result<(String, Source), String> {
     if let Some(path) = raw.strip_prefix('@') {
+        let size = std::fs::metadata(Path::new(path))
+            .map_err(|e| format!("{key}: cannot read value from file {path}: {e}"))?
+            .len();
+        if size > MAX_FILE_VALUE {
+            return Err(format!(
+                "{key}: the value file {path} is {size} bytes; at most {MAX_FILE_VALUE} are accepted"
+            ));
+        }
         let text = std::fs::read_to_string(Path::new(path))
             .map_err(|e| format!("{key}: cannot read value from file {path}: {e}"))?;
         // One trailing newline is an artefact of `echo > file`, not part of the value.
@@ -75,9 +136,9 @@ fn read_value(key: &str, raw: &str) -> Result<String, String> {
             .strip_suffix('\n')
             .map(|t| t.strip_suffix('\r').unwrap_or(t))
             .unwrap_or(&text);
-        Ok(text.to_string())
+        Ok((text.to_string(), Source::File))
     } else {
-        Ok(raw.to_string())
+        Ok((raw.to_string(), Source::Cli))
     }
 }
 
@@ -87,10 +148,21 @@ impl Params {
     /// Unknown and missing names, and values that fail their pattern, are all reported
     /// in one error. Secret values are registered with [`redact`].
     pub fn resolve(specs: &[ParamSpec], cli: &[CliParam], env: &dyn Env) -> Result<Params> {
+        Self::resolve_with(specs, cli, &[], env)
+    }
+
+    /// [`Params::resolve`] for a resume: `stored` are the run's recorded non-secret
+    /// values, used where `cli` gives none.
+    pub fn resolve_with(
+        specs: &[ParamSpec],
+        cli: &[CliParam],
+        stored: &[CliParam],
+        env: &dyn Env,
+    ) -> Result<Params> {
         let mut problems = Vec::new();
         let by_name: BTreeMap<&str, &ParamSpec> =
             specs.iter().map(|s| (s.name.as_str(), s)).collect();
-        let mut given: BTreeMap<String, String> = BTreeMap::new();
+        let mut given: BTreeMap<String, (String, Source)> = BTreeMap::new();
         let mut unknown = Vec::new();
         for p in cli {
             if !by_name.contains_key(p.key.as_str()) {
@@ -116,26 +188,48 @@ impl Params {
                 known.join(", ")
             ));
         }
+        for p in stored {
+            if by_name.contains_key(p.key.as_str()) && !given.contains_key(&p.key) {
+                given.insert(p.key.clone(), (p.value.clone(), Source::Stored));
+            }
+        }
         let mut values = BTreeMap::new();
         let mut secret = BTreeSet::new();
+        let mut sources = BTreeMap::new();
         let mut missing = Vec::new();
         for spec in specs {
             let value = given
                 .remove(&spec.name)
-                .or_else(|| env.var(&spec.name).filter(|v| !v.is_empty()))
-                .or_else(|| spec.default.clone());
-            let Some(value) = value else {
+                .or_else(|| {
+                    spec.env
+                        .then(|| env.var(&spec.name).filter(|v| !v.is_empty()))
+                        .flatten()
+                        .map(|v| (v, Source::Env))
+                })
+                .or_else(|| spec.default.clone().map(|d| (d, Source::Default)));
+            let Some((value, source)) = value else {
                 if spec.required {
                     missing.push(spec.name.clone());
                 } else {
                     values.insert(spec.name.clone(), String::new());
+                    sources.insert(spec.name.clone(), Source::Unset);
                 }
                 continue;
             };
             if spec.secret {
+                // A value too short to mask is refused, and not registered: masking
+                // it would mangle every message that contains its characters.
+                if !value.is_empty() && value.trim().chars().count() < MIN_SECRET_LEN {
+                    problems.push(format!(
+                        "{}: a secret shorter than {MIN_SECRET_LEN} characters is refused (it could not be masked safely in logs)",
+                        spec.name
+                    ));
+                    continue;
+                }
                 redact::register(&value);
                 secret.insert(spec.name.clone());
             }
+            sources.insert(spec.name.clone(), source);
             if spec.required && value.is_empty() {
                 missing.push(spec.name.clone());
                 continue;
@@ -165,7 +259,7 @@ impl Params {
                     problems.push(format!(
                         "{}: value {:?} does not match the pattern {}",
                         spec.name,
-                        value,
+                        shorten(&value),
                         re.as_str()
                     ));
                 }
@@ -180,7 +274,11 @@ impl Params {
             ));
         }
         if problems.is_empty() {
-            Ok(Params { values, secret })
+            Ok(Params {
+                values,
+                secret,
+                sources,
+            })
         } else {
             Err(Error::Params(problems))
         }
@@ -192,6 +290,11 @@ impl Params {
 
     pub fn is_secret(&self, key: &str) -> bool {
         self.secret.contains(key)
+    }
+
+    /// Where each value came from.
+    pub fn sources(&self) -> &BTreeMap<String, Source> {
+        &self.sources
     }
 
     /// All values, secrets included: only for hook environments and store options.
@@ -320,6 +423,7 @@ mod tests {
             default: default.map(Into::into),
             pattern: None,
             secret,
+            env: true,
         }
     }
 
@@ -350,10 +454,17 @@ mod tests {
             spec("B", false, Some("dflt"), false),
             spec("C", false, Some("dflt"), false),
             spec("D", true, None, true),
+            ParamSpec {
+                env: false,
+                ..spec("E", false, Some("dflt"), false)
+            },
         ];
-        let env: BTreeMap<String, String> = [("B".to_string(), "from-env".to_string())]
-            .into_iter()
-            .collect();
+        let env: BTreeMap<String, String> = [
+            ("B".to_string(), "from-env".to_string()),
+            ("E".to_string(), "from-env".to_string()),
+        ]
+        .into_iter()
+        .collect();
         let params = Params::resolve(
             &specs,
             &[p("A", "cli"), p("D", &format!("@{}", f.display()))],
@@ -364,6 +475,13 @@ mod tests {
         assert_eq!(params.get("B"), "from-env");
         assert_eq!(params.get("C"), "dflt");
         assert_eq!(params.get("D"), "from-file");
+        assert_eq!(
+            params.get("E"),
+            "dflt",
+            "E takes no value from the environment"
+        );
+        assert_eq!(params.sources()["B"], Source::Env);
+        assert_eq!(params.sources()["D"], Source::File);
         assert_eq!(params.redacted().0["D"], redact::MASK);
     }
 

@@ -29,6 +29,9 @@ pub struct RawParam {
     pub pattern: Option<String>,
     #[serde(default)]
     pub secret: bool,
+    /// Take an unset value from the environment variable of the same name.
+    #[serde(default)]
+    pub env: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -44,6 +47,21 @@ pub struct RawTarget {
     /// Bandwidth cap for the whole run, e.g. `${MAX_BANDWIDTH}` (empty: none).
     #[serde(default)]
     pub bandwidth: String,
+    /// A restore's partial selection inside each node (`${PATHS}`).
+    #[serde(default)]
+    pub paths: String,
+    /// A restore's node selection (`${NODES}`).
+    #[serde(default)]
+    pub nodes: String,
+    /// A restore's alternative target directory (`${RESTORE_DIR}`).
+    #[serde(default)]
+    pub restore_dir: String,
+    /// A restore's manager restore mode: true, false, force (`${RESTORE_MANAGER}`).
+    #[serde(default)]
+    pub restore_manager: String,
+    /// A backup's "include the manager's credentials": true, false.
+    #[serde(default)]
+    pub manager_credentials: String,
     /// Backend options (endpoint, credentials…), each a template.
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

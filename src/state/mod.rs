@@ -22,6 +22,10 @@ pub enum Status {
     Failed,
     Skipped,
     Cancelled,
+    /// A run whose process died without recording an end (shown, never stored).
+    Interrupted,
+    /// A run whose pre-flight checks refused it: nothing was done; not resumable.
+    Refused,
 }
 
 impl Status {
@@ -33,6 +37,8 @@ impl Status {
             Status::Failed => "FAILED",
             Status::Skipped => "SKIPPED",
             Status::Cancelled => "CANCELLED",
+            Status::Interrupted => "INTERRUPTED",
+            Status::Refused => "REFUSED",
         }
     }
     fn parse(s: &str) -> Result<Status> {
@@ -43,6 +49,8 @@ impl Status {
             "FAILED" => Status::Failed,
             "SKIPPED" => Status::Skipped,
             "CANCELLED" => Status::Cancelled,
+            "INTERRUPTED" => Status::Interrupted,
+            "REFUSED" => Status::Refused,
             other => return Err(Error::State(format!("unknown status {other:?}"))),
         })
     }
@@ -71,11 +79,30 @@ pub struct RunRecord {
     pub finished_at: Option<String>,
     pub error: Option<String>,
     pub pid: Option<i64>,
+    /// The host the run's process runs on.
+    pub host: Option<String>,
     pub stop_requested: bool,
+    /// The compiled run spec (JSON); `None` for runs recorded before specs existed.
+    #[serde(skip)]
+    pub spec_json: Option<String>,
     #[serde(skip)]
     pub plan_source: String,
     #[serde(skip)]
     pub cluster_json: String,
+}
+
+impl RunRecord {
+    /// Whether the process that ran it is gone (same host, pid no longer alive).
+    pub fn process_gone(&self) -> bool {
+        let same_host = self
+            .host
+            .as_deref()
+            .is_none_or(|h| h == crate::lock::hostname());
+        same_host
+            && self
+                .pid
+                .is_none_or(|p| p != std::process::id() as i64 && !crate::engine::process_alive(p))
+    }
 }
 
 /// One step as stored.
@@ -107,6 +134,7 @@ pub struct NewRun<'a> {
     pub cluster_json: &'a str,
     pub store: &'a str,
     pub snapshot: &'a str,
+    pub spec_json: &'a str,
     /// (id, phase, action, target) in execution order.
     pub steps: Vec<(String, String, String, String)>,
 }
@@ -117,6 +145,35 @@ pub struct StateStore {
     path: PathBuf,
 }
 
+/// Bring a database to the newest schema, one transaction per migration. A
+/// database newer than this cairn is refused rather than misread.
+fn migrate(conn: &mut Connection) -> Result<()> {
+    let have: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .map_err(db_err)?;
+    let newest = MIGRATIONS.len() as i64;
+    if have > newest {
+        return Err(Error::State(format!(
+            "state database schema version {have} is newer than this cairn understands ({newest}); use a newer cairn"
+        )));
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(have).unwrap_or(0))
+    {
+        let tx = conn.transaction().map_err(db_err)?;
+        tx.execute_batch(sql).map_err(db_err)?;
+        tx.pragma_update(None, "user_version", i as i64 + 1)
+            .map_err(db_err)?;
+        tx.commit().map_err(db_err)?;
+    }
+    Ok(())
+}
+
+/// The schema version this cairn writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
 fn now() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -125,7 +182,18 @@ fn db_err(e: rusqlite::Error) -> Error {
     Error::State(e.to_string())
 }
 
-const SCHEMA: &str = "
+/// Migrations, one per schema version, applied in order; `PRAGMA user_version` says
+/// how many a database has had. Version 1 is the schema of the first releases (their
+/// databases have `user_version` 0 and already hold its tables: it is idempotent).
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Version 2: the compiled run spec and the host of the run's process.
+const SCHEMA_V2: &str = "
+ALTER TABLE runs ADD COLUMN spec TEXT;
+ALTER TABLE runs ADD COLUMN host TEXT;
+";
+
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     plan TEXT NOT NULL,
@@ -165,14 +233,14 @@ impl StateStore {
     pub fn open(home: &Path) -> Result<StateStore> {
         std::fs::create_dir_all(home).map_err(|e| Error::io("create state dir", home, e))?;
         let path = home.join("state.db");
-        let conn = Connection::open(&path).map_err(db_err)?;
+        let mut conn = Connection::open(&path).map_err(db_err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(db_err)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(db_err)?;
-        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        migrate(&mut conn)?;
         Ok(StateStore {
             conn: Arc::new(Mutex::new(conn)),
             path,
@@ -216,9 +284,9 @@ impl StateStore {
             let tx = c.transaction()?;
             let t = now();
             tx.execute(
-                "INSERT INTO runs (plan, plan_source, params, cluster, store, snapshot, status, created_at, updated_at, pid)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', ?7, ?7, ?8)",
-                params![new.plan, new.plan_source, params_json, new.cluster_json, new.store, new.snapshot, t, std::process::id()],
+                "INSERT INTO runs (plan, plan_source, params, cluster, store, snapshot, status, created_at, updated_at, pid, spec, host)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'PENDING', ?7, ?7, ?8, ?9, ?10)",
+                params![new.plan, new.plan_source, params_json, new.cluster_json, new.store, new.snapshot, t, std::process::id(), new.spec_json, crate::lock::hostname()],
             )?;
             let id = tx.last_insert_rowid();
             for (seq, (sid, phase, action, target)) in new.steps.iter().enumerate() {
@@ -236,7 +304,7 @@ impl StateStore {
         let error = error.map(redact);
         let finished = matches!(
             status,
-            Status::Complete | Status::Failed | Status::Cancelled
+            Status::Complete | Status::Failed | Status::Cancelled | Status::Refused
         );
         self.with(|c| {
             let t = now();
@@ -244,9 +312,18 @@ impl StateStore {
                 "UPDATE runs SET status = ?2, error = ?3, updated_at = ?4,
                  finished_at = CASE WHEN ?5 THEN ?4 ELSE NULL END,
                  stop_requested = CASE WHEN ?2 = 'RUNNING' THEN 0 ELSE stop_requested END,
-                 pid = CASE WHEN ?2 = 'RUNNING' THEN ?6 ELSE pid END
+                 pid = CASE WHEN ?2 = 'RUNNING' THEN ?6 ELSE pid END,
+                 host = CASE WHEN ?2 = 'RUNNING' THEN ?7 ELSE host END
                  WHERE id = ?1",
-                params![id, status.as_str(), error, t, finished, std::process::id()],
+                params![
+                    id,
+                    status.as_str(),
+                    error,
+                    t,
+                    finished,
+                    std::process::id(),
+                    crate::lock::hostname()
+                ],
             )?;
             Ok(())
         })
@@ -295,6 +372,12 @@ impl StateStore {
                     "UPDATE steps SET status = 'PENDING' WHERE run_id = ?1 AND id = ?2",
                     params![run, step],
                 )?,
+                // A finished step's clean-up note is spent.
+                Status::Complete => c.execute(
+                    "UPDATE steps SET status = 'COMPLETE', error = NULL, output = COALESCE(?3, output), finished_at = ?4, scratch = NULL
+                     WHERE run_id = ?1 AND id = ?2",
+                    params![run, step, output, t],
+                )?,
                 _ => c.execute(
                     "UPDATE steps SET status = ?3, error = ?4, output = COALESCE(?5, output), finished_at = ?6
                      WHERE run_id = ?1 AND id = ?2",
@@ -303,6 +386,37 @@ impl StateStore {
             };
             c.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run, t])?;
             Ok(())
+        })
+    }
+
+    /// Replace a run's spec (a resume may change its tunables).
+    pub fn set_spec(&self, run: i64, spec_json: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE runs SET spec = ?2 WHERE id = ?1",
+                params![run, spec_json],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Mark steps to be redone, in one transaction: used before their effects are
+    /// removed (a discarded staging dir, an undone manager restore), so the record
+    /// never claims an effect the world no longer holds.
+    pub fn set_pending(&self, run: i64, steps: &[String], why: &str) -> Result<()> {
+        let why = redact(why);
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let t = now();
+            for s in steps {
+                tx.execute(
+                    "UPDATE steps SET status = 'PENDING', error = ?3, output = NULL, finished_at = NULL
+                     WHERE run_id = ?1 AND id = ?2",
+                    params![run, s, why],
+                )?;
+            }
+            tx.execute("UPDATE runs SET updated_at = ?2 WHERE id = ?1", params![run, t])?;
+            tx.commit()
         })
     }
 
@@ -327,7 +441,7 @@ impl StateStore {
     pub fn run(&self, id: i64) -> Result<RunRecord> {
         self.with(|c| {
             c.query_row(
-                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster FROM runs WHERE id = ?1",
+                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster, spec, host FROM runs WHERE id = ?1",
                 params![id],
                 row_to_run,
             )
@@ -345,7 +459,7 @@ impl StateStore {
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
         let rows = self.with(|c| {
             let mut st = c.prepare(
-                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster FROM runs ORDER BY id DESC LIMIT ?1",
+                "SELECT id, plan, status, params, store, snapshot, created_at, updated_at, finished_at, error, pid, stop_requested, plan_source, cluster, spec, host FROM runs ORDER BY id DESC LIMIT ?1",
             )?;
             let rows = st
                 .query_map(params![limit as i64], row_to_run)?
@@ -413,7 +527,17 @@ fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
             stop_requested: r.get::<_, i64>(11).map_err(db_err)? != 0,
             plan_source: r.get(12).map_err(db_err)?,
             cluster_json: r.get(13).map_err(db_err)?,
+            spec_json: r.get(14).map_err(db_err)?,
+            host: r.get(15).map_err(db_err)?,
         })
     })();
+    // A run recorded as running whose process is gone was interrupted (killed, the
+    // machine rebooted): say so instead of RUNNING forever.
+    let rec = rec.map(|mut rec| {
+        if matches!(rec.status, Status::Running | Status::Pending) && rec.process_gone() {
+            rec.status = Status::Interrupted;
+        }
+        rec
+    });
     Ok(rec)
 }

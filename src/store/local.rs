@@ -41,18 +41,84 @@ impl LocalStore {
         if key.split('/').next() == Some(TMP_DIR) {
             return Err(Error::store("use key", key, "reserved key"));
         }
+        no_links_below(&self.root, key)?;
         Ok(self.root.join(key))
     }
 
     fn temp_file(&self) -> Result<(tempfile::NamedTempFile, PathBuf)> {
         let dir = self.root.join(TMP_DIR);
+        no_links_below(&self.root, TMP_DIR)?;
         std::fs::create_dir_all(&dir).map_err(|e| Error::io("create store dir", &dir, e))?;
+        sweep_dead_uploads(&dir);
         let tmp = tempfile::Builder::new()
-            .prefix("upload-")
+            .prefix(&upload_prefix(std::process::id()))
             .tempfile_in(&dir)
             .map_err(|e| Error::io("create temp file in", &dir, e))?;
         Ok((tmp, dir))
     }
+}
+
+/// Temp files are named after the host and process writing them, so the next
+/// writer can remove those whose process is gone (killed mid-upload).
+fn upload_prefix(pid: u32) -> String {
+    format!("{}{pid}-", host_prefix())
+}
+
+fn host_prefix() -> String {
+    let host: String = crate::lock::hostname()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    format!("upload-{host}-")
+}
+
+/// Remove temp files of this host's processes that no longer exist.
+fn sweep_dead_uploads(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let host_prefix = host_prefix();
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(host_prefix.as_str()))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<i64>().ok()) else {
+            continue;
+        };
+        if !crate::engine::process_alive(pid) {
+            tracing::info!(file = %e.path().display(), "removing an upload a dead process left");
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Refuse a key whose path below the store root passes through a symlink: a link
+/// planted in the store (`<snapshot> -> elsewhere`) must not redirect writes or
+/// deletes out of it. The root itself may be a link (the operator's choice).
+fn no_links_below(root: &Path, key: &str) -> Result<()> {
+    let mut p = root.to_path_buf();
+    for c in key.split('/') {
+        p.push(c);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(Error::store(
+                    "use key",
+                    key,
+                    format!(
+                        "{} is a symbolic link inside the store; refused (a store never follows links)",
+                        p.display()
+                    ),
+                ));
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    Ok(())
 }
 
 /// fsync a file's data, rename it to `dest` (creating parents), fsync the directory.

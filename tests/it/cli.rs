@@ -80,7 +80,7 @@ fn secret_plan(sb: &Sandbox) {
         .replace("name = \"backup-local\"", "name = \"backup-secret\"")
         .replace(
             "[parameters.BACKUP_DIR]",
-            "[parameters.API_TOKEN]\nrequired = true\nsecret = true\n\n[parameters.BACKUP_DIR]",
+            "[parameters.API_TOKEN]\nrequired = true\nsecret = true\nenv = true\n\n[parameters.BACKUP_DIR]",
         );
     std::fs::create_dir_all(sb.path("plans")).unwrap();
     std::fs::write(sb.path("plans/backup-secret.toml"), plan).unwrap();
@@ -94,7 +94,7 @@ fn a_secret_never_appears_in_output_state_or_json() {
         fill_node(&sb.path(&format!("n{i}")), i, 10);
     }
     // Node 0's hook prints the secret; node 1's hook fails with it in its message.
-    let mut cluster = String::from("name = \"s\"\n");
+    let mut cluster = String::from("name = \"s\"\nhook_secrets = [\"API_TOKEN\"]\n");
     cluster.push_str("[[nodes]]\nindex = 0\ndata_dir = \"n0\"\npre_hook = [\"sh\", \"-c\", \"echo token=$API_TOKEN; echo err-token=$API_TOKEN >&2\"]\n");
     cluster.push_str("[[nodes]]\nindex = 1\ndata_dir = \"n1\"\npre_hook = [\"sh\", \"-c\", \"echo failing with $API_TOKEN >&2; exit 3\"]\n");
     std::fs::write(sb.path("c.toml"), cluster).unwrap();

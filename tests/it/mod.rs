@@ -5,6 +5,8 @@ pub mod helpers;
 mod archive;
 mod azure;
 mod cli;
+mod faults;
+mod integrity;
 mod manager;
 mod nightly;
 mod remote;

@@ -64,7 +64,7 @@ fn sigkilled_between_nodes_resumes_without_redoing_finished_steps() {
         text(&out)
     );
     let v = step_status(&sb, 1);
-    assert_eq!(v["run"]["status"], "RUNNING");
+    assert_eq!(v["run"]["status"], "INTERRUPTED");
     assert_eq!(step(&v, "backup/backup-node/node-0")["status"], "COMPLETE");
     assert_eq!(step(&v, "backup/backup-node/node-1")["status"], "RUNNING");
     assert!(!sb.path("store/snap/manifest.json").exists());

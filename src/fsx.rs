@@ -1,0 +1,144 @@
+//! File-system operations that resolve paths instead of trusting their text.
+//!
+//! A path inside a target (a data dir) is walked one component at a time with
+//! `openat(O_NOFOLLOW | O_DIRECTORY)`: a symlink anywhere below the root — planted by
+//! an earlier restore, or by someone racing us — stops the walk instead of being
+//! followed out of the root. Renames use `renameat2(RENAME_NOREPLACE)` between the
+//! directory handles so nothing in the target is ever overwritten.
+
+use rustix::fs::{AtFlags, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+use std::io;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path};
+
+fn to_io(e: Errno) -> io::Error {
+    io::Error::from_raw_os_error(e.raw_os_error())
+}
+
+fn open_root(root: &Path) -> io::Result<OwnedFd> {
+    rustix::fs::open(
+        root,
+        OFlags::DIRECTORY | OFlags::RDONLY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(to_io)
+}
+
+/// The plain components of a relative path; anything else is refused.
+fn parts(rel: &Path) -> io::Result<Vec<&std::ffi::OsStr>> {
+    let mut out = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::CurDir => {}
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("{} is not a plain relative path", rel.display()),
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Open the directory `rel` beneath `root`, never following a symlink below
+/// `root`; with `create`, missing directories are made (mode 0755 before umask).
+pub fn open_dir_beneath(root: &Path, rel: &Path, create: bool) -> io::Result<OwnedFd> {
+    let mut fd = open_root(root)?;
+    for name in parts(rel)? {
+        let flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::RDONLY | OFlags::CLOEXEC;
+        fd = match rustix::fs::openat(&fd, name, flags, Mode::empty()) {
+            Ok(next) => next,
+            Err(Errno::NOENT) if create => {
+                match rustix::fs::mkdirat(&fd, name, Mode::from_raw_mode(0o755)) {
+                    Ok(()) | Err(Errno::EXIST) => {}
+                    Err(e) => return Err(to_io(e)),
+                }
+                rustix::fs::openat(&fd, name, flags, Mode::empty()).map_err(to_io)?
+            }
+            Err(Errno::LOOP) | Err(Errno::NOTDIR) => {
+                return Err(io::Error::other(format!(
+                    "{} is a symbolic link or not a directory: refused, a restore never writes through a link",
+                    root.join(rel).display()
+                )));
+            }
+            Err(e) => return Err(to_io(e)),
+        };
+    }
+    Ok(fd)
+}
+
+fn split(rel: &Path) -> io::Result<(&Path, &std::ffi::OsStr)> {
+    let name = rel.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} has no file name", rel.display()),
+        )
+    })?;
+    Ok((rel.parent().unwrap_or(Path::new("")), name))
+}
+
+/// Move `from_root/from_rel` to `to_root/to_rel` without following symlinks below
+/// either root and without replacing anything (`EEXIST` if the target exists).
+/// Missing parents of the target are created.
+pub fn rename_beneath(
+    from_root: &Path,
+    from_rel: &Path,
+    to_root: &Path,
+    to_rel: &Path,
+) -> io::Result<()> {
+    let (from_dir, from_name) = split(from_rel)?;
+    let (to_dir, to_name) = split(to_rel)?;
+    let from_fd = open_dir_beneath(from_root, from_dir, true)?;
+    let to_fd = open_dir_beneath(to_root, to_dir, true)?;
+    rustix::fs::renameat_with(&from_fd, from_name, &to_fd, to_name, RenameFlags::NOREPLACE)
+        .map_err(to_io)
+}
+
+/// Whether `root/rel` exists, without following a symlink at its end or below
+/// `root` (a dangling link exists).
+pub fn exists_beneath(root: &Path, rel: &Path) -> io::Result<bool> {
+    let (dir, name) = split(rel)?;
+    let fd = match open_dir_beneath(root, dir, false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(_) => Ok(true),
+        Err(Errno::NOENT) => Ok(false),
+        Err(e) => Err(to_io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_symlink_below_the_root_is_never_followed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path().join("root");
+        let outside = dir.path().join("outside");
+        std::fs::create_dir_all(root.join("ks")).expect("mkdir");
+        std::fs::create_dir_all(&outside).expect("mkdir");
+        std::os::unix::fs::symlink(&outside, root.join("ks/t")).expect("symlink");
+        let staged = dir.path().join("staged");
+        std::fs::create_dir_all(&staged).expect("mkdir");
+        std::fs::write(staged.join("f"), b"x").expect("write");
+        let err = rename_beneath(&staged, Path::new("f"), &root, Path::new("ks/t/f"))
+            .expect_err("must refuse");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+        assert!(!outside.join("f").exists());
+        // No replacing either.
+        std::fs::write(root.join("ks/g"), b"old").expect("write");
+        assert!(rename_beneath(&staged, Path::new("f"), &root, Path::new("ks/g")).is_err());
+        assert_eq!(std::fs::read(root.join("ks/g")).expect("read"), b"old");
+        // A plain move works and creates parents.
+        rename_beneath(&staged, Path::new("f"), &root, Path::new("ks/new/f")).expect("move");
+        assert_eq!(std::fs::read(root.join("ks/new/f")).expect("read"), b"x");
+        assert!(exists_beneath(&root, Path::new("ks/t")).expect("stat"));
+    }
+}

@@ -1,0 +1,496 @@
+//! The run spec: a plan, its parameters and the cluster compiled into one typed,
+//! validated, serialisable description of a run (ripgrep's raw → validated args).
+//!
+//! Every parameter is parsed and checked here, before a run is recorded; the engine
+//! and the actions read the spec and never look a parameter up by name. The spec is
+//! what the state store keeps for a run, and what `plan resume` continues: a resume
+//! whose parameters would compile to a different spec is refused (only the tunables —
+//! strategy, concurrency, bandwidth — may change). Secrets never enter the spec; the
+//! store options that hold them are rebuilt from the parameters at each start.
+
+use crate::cluster::{Cluster, RESERVED_PREFIX, Selection};
+use crate::plan::params::{Params, Source};
+use crate::plan::{Action, On, Plan, Strategy};
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+/// Version of the serialised spec; bumped when its meaning changes.
+pub const SPEC_VERSION: u32 = 1;
+
+/// What a run does to its snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunKind {
+    Backup,
+    Restore,
+    Other,
+}
+
+/// A restore's `RESTORE_MANAGER`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestoreManager {
+    /// Leave the manager alone (`false`, the default).
+    #[default]
+    No,
+    /// Restore onto a clean manager only (`true`).
+    Clean,
+    /// Restore over a manager that is not clean, keeping a pre-restore copy (`force`).
+    Force,
+}
+
+impl RestoreManager {
+    pub fn parse(text: &str) -> std::result::Result<RestoreManager, String> {
+        match text.trim() {
+            "" | "false" => Ok(RestoreManager::No),
+            "true" => Ok(RestoreManager::Clean),
+            "force" => Ok(RestoreManager::Force),
+            other => Err(format!(
+                "RESTORE_MANAGER {:?} is none of true, false, force",
+                crate::plan::params::shorten(other)
+            )),
+        }
+    }
+}
+
+/// One concrete step of a run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRef {
+    pub id: String,
+    pub phase: String,
+    pub action: Action,
+    pub node: Option<u32>,
+}
+
+/// A phase with its strategy resolved for this run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PhaseSpec {
+    pub name: String,
+    pub strategy: Strategy,
+}
+
+/// The whole run, resolved.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunSpec {
+    pub version: u32,
+    pub plan: String,
+    pub kind: RunKind,
+    /// The store URL as opened (a directory store's path made absolute).
+    pub store: String,
+    pub snapshot: String,
+    pub selection: Selection,
+    /// A restore's `NODES`: only these node indexes (`None`: every node).
+    pub nodes: Option<BTreeSet<u32>>,
+    /// A restore's `RESTORE_DIR`: node `i` goes to `<dir>/node-<i>`.
+    pub restore_dir: Option<PathBuf>,
+    pub restore_manager: RestoreManager,
+    /// A backup's `MANAGER_CREDENTIALS`.
+    pub manager_credentials: bool,
+    /// Bytes per second for the whole run (tunable on resume).
+    pub bandwidth: Option<u64>,
+    /// Phases with their strategies (tunable on resume).
+    pub phases: Vec<PhaseSpec>,
+    pub steps: Vec<StepRef>,
+    /// Random identity of this run, unique across hosts and state homes: it names
+    /// staging dirs so two restores never touch each other's.
+    pub token: String,
+    /// Where each parameter's value came from (shown by `plan status`).
+    pub param_sources: BTreeMap<String, Source>,
+    /// Backend options with secrets: rebuilt from the parameters, never stored.
+    #[serde(skip)]
+    pub store_options: BTreeMap<String, String>,
+}
+
+/// Refuse snapshot names that would nest, escape or collide with cairn's own
+/// objects: `/`, `\`, `.`/`..`, control characters, the reserved `.cairn*` names.
+pub fn check_snapshot_name(name: &str) -> std::result::Result<(), String> {
+    let shown = crate::plan::params::shorten(name);
+    if name.is_empty() {
+        return Err("the snapshot name is empty".into());
+    }
+    if name.len() > 200 {
+        return Err(format!("snapshot name {shown:?} is longer than 200 bytes"));
+    }
+    if name.contains('/') || name.contains('\\') {
+        return Err(format!(
+            "snapshot name {shown:?} contains a path separator; a snapshot is one folder of the store"
+        ));
+    }
+    if name == "." || name == ".." {
+        return Err(format!("snapshot name {shown:?} is not a folder name"));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(format!(
+            "snapshot name {shown:?} contains a control character"
+        ));
+    }
+    if name.starts_with(RESERVED_PREFIX) {
+        return Err(format!(
+            "snapshot name {shown:?} is reserved: names starting with {RESERVED_PREFIX} hold cairn's own objects"
+        ));
+    }
+    Ok(())
+}
+
+/// A fresh run token: 16 hex digits from the host, the state home, the process, the
+/// clock and the OS's random source.
+pub fn new_token(home: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(crate::lock::hostname().as_bytes());
+    h.update(home.as_os_str().as_encoded_bytes());
+    h.update(std::process::id().to_le_bytes());
+    h.update(
+        chrono::Utc::now()
+            .timestamp_nanos_opt()
+            .unwrap_or_default()
+            .to_le_bytes(),
+    );
+    let mut random = [0u8; 16];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        let _ = std::io::Read::read_exact(&mut f, &mut random);
+    }
+    h.update(random);
+    hex::encode(&h.finalize()[..8])
+}
+
+fn split_list(text: &str) -> impl Iterator<Item = &str> {
+    text.split([',', ' '])
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// Compile a plan, its resolved parameters and the cluster into a spec, and the
+/// cluster the run works on (restricted by `NODES`, redirected by `RESTORE_DIR`).
+/// Every problem is reported at once.
+pub fn compile(
+    plan: &Plan,
+    params: &Params,
+    cluster: &Cluster,
+    token: String,
+) -> Result<(RunSpec, Cluster)> {
+    let mut problems = Vec::new();
+    let t = &plan.target;
+
+    let snapshot = params.expand(&t.snapshot);
+    if let Err(e) = check_snapshot_name(&snapshot) {
+        problems.push(e);
+    }
+
+    let mut selection = Selection::parse(&params.expand(&t.keyspaces));
+    let paths_text = params.expand(&t.paths);
+    for p in split_list(&paths_text) {
+        let p = p.trim_end_matches('/');
+        if crate::store::check_key(p).is_err()
+            || p.split('/').any(|c| c.starts_with(RESERVED_PREFIX))
+        {
+            problems.push(format!(
+                "PATHS: {:?} is not a plain relative path inside a node (keyspace, keyspace/table or a file)",
+                crate::plan::params::shorten(p)
+            ));
+            continue;
+        }
+        if selection.paths.iter().any(|q| q == p) {
+            continue;
+        }
+        if let Some(q) = selection
+            .paths
+            .iter()
+            .find(|q| crate::cluster::under(p, q) || crate::cluster::under(q, p))
+        {
+            problems.push(format!(
+                "PATHS: {p:?} and {q:?} overlap; name each path once (the outer one covers the inner)"
+            ));
+            continue;
+        }
+        selection.paths.push(p.to_string());
+    }
+    if split_list(&paths_text).next().is_none() && !paths_text.trim().is_empty() {
+        problems.push("PATHS is given but names no path".into());
+    }
+
+    let nodes_text = params.expand(&t.nodes);
+    let nodes = if nodes_text.trim().is_empty() {
+        None
+    } else {
+        let mut wanted = BTreeSet::new();
+        for n in split_list(&nodes_text) {
+            match n.parse::<u32>() {
+                Ok(i) if cluster.node(i).is_some() => {
+                    wanted.insert(i);
+                }
+                Ok(i) => problems.push(format!("NODES: the cluster description has no node {i}")),
+                Err(_) => problems.push(format!(
+                    "NODES: {:?} is not a node index",
+                    crate::plan::params::shorten(n)
+                )),
+            }
+        }
+        if wanted.is_empty() && split_list(&nodes_text).next().is_none() {
+            problems.push("NODES is given but names no node".into());
+        }
+        Some(wanted)
+    };
+
+    let restore_dir = {
+        let d = params.expand(&t.restore_dir);
+        let d = d.trim();
+        if d.is_empty() {
+            None
+        } else {
+            match std::path::absolute(d) {
+                Ok(p) => Some(p),
+                Err(e) => {
+                    problems.push(format!("RESTORE_DIR {d:?}: {e}"));
+                    None
+                }
+            }
+        }
+    };
+
+    let restore_manager = match RestoreManager::parse(&params.expand(&t.restore_manager)) {
+        Ok(r) => r,
+        Err(e) => {
+            problems.push(e);
+            RestoreManager::No
+        }
+    };
+    let manager_credentials = match params.expand(&t.manager_credentials).trim() {
+        "" | "false" => false,
+        "true" => true,
+        other => {
+            problems.push(format!(
+                "MANAGER_CREDENTIALS {:?} is neither true nor false",
+                crate::plan::params::shorten(other)
+            ));
+            false
+        }
+    };
+
+    let bandwidth = {
+        let b = params.expand(&t.bandwidth);
+        if b.trim().is_empty() {
+            None
+        } else {
+            match crate::store::throttle::parse_rate(&b) {
+                Ok(r) => Some(r),
+                Err(Error::Params(p)) => {
+                    problems.extend(p);
+                    None
+                }
+                Err(e) => {
+                    problems.push(e.to_string());
+                    None
+                }
+            }
+        }
+    };
+
+    let mut phases = Vec::new();
+    for ph in &plan.phases {
+        match ph.strategy(params) {
+            Ok(strategy) => phases.push(PhaseSpec {
+                name: ph.name.clone(),
+                strategy,
+            }),
+            Err(Error::Params(p)) => problems.extend(p),
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+
+    let kind = if plan.has_action(Action::BackupNode) {
+        RunKind::Backup
+    } else if plan.has_action(Action::StageNode) {
+        RunKind::Restore
+    } else {
+        RunKind::Other
+    };
+    if kind != RunKind::Restore {
+        if !selection.paths.is_empty() {
+            problems.push("PATHS applies to restores only".into());
+        }
+        if nodes.is_some() {
+            problems.push("NODES applies to restores only".into());
+        }
+        if restore_dir.is_some() {
+            problems.push("RESTORE_DIR applies to restores only".into());
+        }
+    }
+
+    if !problems.is_empty() {
+        return Err(Error::Params(problems));
+    }
+
+    let mut run_cluster = cluster.clone();
+    if let Some(wanted) = &nodes {
+        run_cluster.nodes.retain(|n| wanted.contains(&n.index));
+        run_cluster.partial = true;
+    }
+    if let Some(dir) = &restore_dir {
+        for n in &mut run_cluster.nodes {
+            n.data_dir = dir.join(format!("node-{}", n.index));
+            n.pre_hook.clear();
+            n.post_hook.clear();
+        }
+    }
+    let store_options = t
+        .store_options
+        .iter()
+        .map(|(k, v)| (k.clone(), params.expand(v)))
+        .collect();
+    let spec = RunSpec {
+        version: SPEC_VERSION,
+        plan: plan.name.clone(),
+        kind,
+        store: params.expand(&t.store),
+        snapshot,
+        selection,
+        nodes,
+        restore_dir,
+        restore_manager,
+        manager_credentials,
+        bandwidth,
+        steps: expand_steps(plan, &run_cluster),
+        phases,
+        token,
+        param_sources: params.sources().clone(),
+        store_options,
+    };
+    Ok((spec, run_cluster))
+}
+
+/// The concrete steps of a plan for a cluster, in execution order.
+pub fn expand_steps(plan: &Plan, cluster: &Cluster) -> Vec<StepRef> {
+    let mut out = Vec::new();
+    for phase in &plan.phases {
+        for spec in &phase.steps {
+            match spec.on {
+                On::Once => out.push(StepRef {
+                    id: format!("{}/{}", phase.name, spec.action.name()),
+                    phase: phase.name.clone(),
+                    action: spec.action,
+                    node: None,
+                }),
+                On::EachNode => {
+                    for n in &cluster.nodes {
+                        out.push(StepRef {
+                            id: format!("{}/{}/node-{}", phase.name, spec.action.name(), n.index),
+                            phase: phase.name.clone(),
+                            action: spec.action,
+                            node: Some(n.index),
+                        })
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+impl RunSpec {
+    pub fn to_json(&self) -> Result<String> {
+        serde_json::to_string(self).map_err(|e| Error::State(format!("run spec: {e}")))
+    }
+
+    pub fn from_json(text: &str) -> Result<RunSpec> {
+        let spec: RunSpec =
+            serde_json::from_str(text).map_err(|e| Error::State(format!("run spec: {e}")))?;
+        if spec.version != SPEC_VERSION {
+            return Err(Error::State(format!(
+                "run spec version {} is not understood by this cairn (it reads {SPEC_VERSION})",
+                spec.version
+            )));
+        }
+        Ok(spec)
+    }
+
+    /// What a resume would change that it may not: one line per difference.
+    pub fn fixed_differences(&self, other: &RunSpec) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut diff = |what: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{what}: {a} → {b}"));
+            }
+        };
+        diff("plan", self.plan.clone(), other.plan.clone());
+        diff("store", self.store.clone(), other.store.clone());
+        diff("snapshot", self.snapshot.clone(), other.snapshot.clone());
+        diff(
+            "keyspaces (KEYSPACES)",
+            format!("{:?}", self.selection.keyspaces),
+            format!("{:?}", other.selection.keyspaces),
+        );
+        diff(
+            "paths (PATHS)",
+            format!("{:?}", self.selection.paths),
+            format!("{:?}", other.selection.paths),
+        );
+        diff(
+            "nodes (NODES)",
+            format!("{:?}", self.nodes),
+            format!("{:?}", other.nodes),
+        );
+        diff(
+            "restore dir (RESTORE_DIR)",
+            format!("{:?}", self.restore_dir),
+            format!("{:?}", other.restore_dir),
+        );
+        diff(
+            "RESTORE_MANAGER",
+            format!("{:?}", self.restore_manager),
+            format!("{:?}", other.restore_manager),
+        );
+        diff(
+            "MANAGER_CREDENTIALS",
+            self.manager_credentials.to_string(),
+            other.manager_credentials.to_string(),
+        );
+        let ids = |s: &RunSpec| s.steps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
+        if ids(self) != ids(other) {
+            out.push("steps: the plan or the cluster's nodes changed".into());
+        }
+        out
+    }
+
+    /// `<data_dir>/.cairn-staging-<token>`.
+    pub fn staging_name(&self) -> String {
+        format!("{RESERVED_PREFIX}-staging-{}", self.token)
+    }
+
+    pub fn phase(&self, name: &str) -> Option<&PhaseSpec> {
+        self.phases.iter().find(|p| p.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_names_that_nest_or_collide_are_refused() {
+        for bad in [
+            "prod/nightly-1",
+            "..",
+            ".",
+            ".cairn-manager",
+            ".cairn-locks",
+            "a\\b",
+            "",
+            "x\ny",
+        ] {
+            assert!(check_snapshot_name(bad).is_err(), "{bad:?}");
+        }
+        for good in ["nightly-2026-11-21", "a.b_c", "ünï"] {
+            assert!(check_snapshot_name(good).is_ok(), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn restore_manager_is_an_enum() {
+        assert_eq!(RestoreManager::parse("force"), Ok(RestoreManager::Force));
+        assert_eq!(RestoreManager::parse(""), Ok(RestoreManager::No));
+        assert!(RestoreManager::parse("yes").is_err());
+    }
+}

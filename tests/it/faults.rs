@@ -1,0 +1,247 @@
+//! The fault matrix: at every step boundary of a backup and a restore (and inside
+//! the commit's renames, and between discarding's record and its removal), serial
+//! and parallel, inject an error and a process kill (fail points, feature
+//! `failpoints`); then resume. Asserted on every case: the faulted run is not
+//! COMPLETE and (for an injected error) the target is as it was; the resumed run is
+//! COMPLETE, the target equals the snapshot byte for byte (content, modes, mtimes,
+//! links, empty dirs), and no staging dir, temp file or lock is left.
+#![cfg(feature = "failpoints")]
+
+use super::helpers::*;
+use super::integrity::assert_no_leftovers;
+use std::path::Path;
+
+const NODES: u32 = 2;
+
+fn backup_steps() -> Vec<String> {
+    let mut v = vec!["preflight/check-backup".to_string()];
+    v.extend((0..NODES).map(|i| format!("backup/backup-node/node-{i}")));
+    v.push("finish/backup-manager".into());
+    v.push("finish/write-manifest".into());
+    v
+}
+
+fn restore_steps() -> Vec<String> {
+    let mut v = vec!["preflight/check-restore".to_string()];
+    v.extend((0..NODES).map(|i| format!("stage/stage-node/node-{i}")));
+    v.push("commit/restore-manager".into());
+    v.push("commit/commit-restore".into());
+    v
+}
+
+/// FAILPOINTS values: each boundary with an error and with a kill.
+fn faults(steps: &[String], extra: &[&str]) -> Vec<(String, bool)> {
+    let mut points: Vec<String> = steps
+        .iter()
+        .flat_map(|s| [format!("before:{s}"), format!("after:{s}")])
+        .collect();
+    points.extend(extra.iter().map(|s| s.to_string()));
+    points
+        .into_iter()
+        .flat_map(|p| {
+            [
+                (format!("{p}=return"), false),
+                (format!("{p}=return(kill)"), true),
+            ]
+        })
+        .collect()
+}
+
+fn status(sb: &Sandbox, home: &str, run: u32) -> String {
+    let out = sb
+        .command(&["plan", "status", "--json", &run.to_string()])
+        .env("CAIRN_HOME", sb.path(home))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["run"]["status"].as_str().unwrap().to_string()
+}
+
+fn cairn(
+    sb: &Sandbox,
+    home: &str,
+    failpoints: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut c = sb.command(args);
+    c.env("CAIRN_HOME", sb.path(home));
+    match failpoints {
+        Some(f) => c.env("FAILPOINTS", f),
+        None => c.env_remove("FAILPOINTS"),
+    };
+    c.output().unwrap()
+}
+
+fn backup_matrix(strategy: &str) -> usize {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), NODES, 30_000);
+    let cases = faults(&backup_steps(), &[]);
+    for (i, (fp, kill)) in cases.iter().enumerate() {
+        let (home, snap) = (format!("home-{i}"), format!("snap-{i}"));
+        let args = [
+            "plan",
+            "start",
+            "backup-local",
+            "-q",
+            "--cluster",
+            src.to_str().unwrap(),
+            "-p",
+            &format!("SNAPSHOT_NAME={snap}"),
+            "-p",
+            "BACKUP_DIR=store",
+            "-p",
+            &format!("STRATEGY={strategy}"),
+        ];
+        let out = cairn(&sb, &home, Some(fp), &args);
+        assert!(!out.status.success(), "{fp}: the fault did not fire");
+        if *kill {
+            assert_eq!(out.status.code(), None, "{fp}: {:?}", text(&out));
+        }
+        let st = status(&sb, &home, 1);
+        assert_ne!(st, "COMPLETE", "{fp}");
+        let out = cairn(&sb, &home, None, &["plan", "resume", "1", "-q"]);
+        assert!(out.status.success(), "{fp}: resume: {:?}", text(&out));
+        assert_eq!(status(&sb, &home, 1), "COMPLETE", "{fp}");
+        let out = cairn(
+            &sb,
+            &home,
+            None,
+            &[
+                "snapshots",
+                "verify",
+                &snap,
+                "--store",
+                "store",
+                "-q",
+                "--read-data",
+            ],
+        );
+        assert!(out.status.success(), "{fp}: verify: {:?}", text(&out));
+        assert_no_leftovers(&sb, "none", 0);
+    }
+    // One restore of each resumed snapshot proves the bytes.
+    for i in 0..cases.len() {
+        let tgt = target_cluster(sb.dir.path(), &format!("tgt-{i}"), NODES);
+        let out = cairn(
+            &sb,
+            "home-r",
+            None,
+            &[
+                "plan",
+                "start",
+                "restore-local",
+                "-q",
+                "--cluster",
+                tgt.to_str().unwrap(),
+                "-p",
+                &format!("SNAPSHOT_NAME=snap-{i}"),
+                "-p",
+                "BACKUP_DIR=store",
+            ],
+        );
+        assert!(out.status.success(), "{:?}", text(&out));
+        assert_restored(&sb, &format!("tgt-{i}"), NODES);
+    }
+    cases.len()
+}
+
+fn restore_matrix(strategy: &str) -> usize {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), NODES, 30_000);
+    let out = cairn(
+        &sb,
+        "home-b",
+        None,
+        &[
+            "plan",
+            "start",
+            "backup-local",
+            "-q",
+            "--cluster",
+            src.to_str().unwrap(),
+            "-p",
+            "SNAPSHOT_NAME=s",
+            "-p",
+            "BACKUP_DIR=store",
+        ],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Each node stages two keyspaces: four renames in the commit.
+    let mut cases = faults(
+        &restore_steps(),
+        &["commit-rename:0", "commit-rename:1", "commit-rename:3"],
+    );
+    // Killed between discarding's record and its removal (after a failed stage).
+    cases.push((
+        format!(
+            "after:stage/stage-node/node-{}=return;discard:recorded=return(kill)",
+            NODES - 1
+        ),
+        true,
+    ));
+    for (i, (fp, kill)) in cases.iter().enumerate() {
+        let home = format!("home-{i}");
+        let name = format!("tgt-{i}");
+        let tgt = target_cluster(sb.dir.path(), &name, NODES);
+        let args = [
+            "plan",
+            "start",
+            "restore-local",
+            "-q",
+            "--cluster",
+            tgt.to_str().unwrap(),
+            "-p",
+            "SNAPSHOT_NAME=s",
+            "-p",
+            "BACKUP_DIR=store",
+            "-p",
+            &format!("STRATEGY={strategy}"),
+        ];
+        let out = cairn(&sb, &home, Some(fp), &args);
+        assert!(!out.status.success(), "{fp}: the fault did not fire");
+        let st = status(&sb, &home, 1);
+        assert_ne!(st, "COMPLETE", "{fp}");
+        if *kill {
+            assert_eq!(out.status.code(), None, "{fp}: {:?}", text(&out));
+            assert_eq!(st, "INTERRUPTED", "{fp}");
+        } else {
+            // A failed restore leaves the target as it was: it did not exist.
+            assert!(
+                !Path::new(&sb.path(&name)).exists(),
+                "{fp}: the failed restore left {:?}",
+                tree(&sb.path(&name))
+            );
+        }
+        let out = cairn(&sb, &home, None, &["plan", "resume", "1", "-q"]);
+        assert!(out.status.success(), "{fp}: resume: {:?}", text(&out));
+        assert_eq!(status(&sb, &home, 1), "COMPLETE", "{fp}");
+        assert_restored(&sb, &name, NODES);
+        assert_no_leftovers(&sb, &name, NODES);
+    }
+    cases.len()
+}
+
+#[test]
+fn fault_matrix_backup_serial() {
+    let n = backup_matrix("serial");
+    eprintln!("fault matrix: backup serial, {n} cases");
+}
+
+#[test]
+fn fault_matrix_backup_parallel() {
+    let n = backup_matrix("parallel");
+    eprintln!("fault matrix: backup parallel, {n} cases");
+}
+
+#[test]
+fn fault_matrix_restore_serial() {
+    let n = restore_matrix("serial");
+    eprintln!("fault matrix: restore serial, {n} cases");
+}
+
+#[test]
+fn fault_matrix_restore_parallel() {
+    let n = restore_matrix("parallel");
+    eprintln!("fault matrix: restore parallel, {n} cases");
+}
