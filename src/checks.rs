@@ -348,3 +348,77 @@ pub fn human(bytes: u64) -> String {
         format!("{v:.1} {}", units[i])
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    /// A disk with a fixed amount of free space (every path on one file system).
+    struct FakeDisk(u64);
+    impl Disk for FakeDisk {
+        fn available(&self, _: &Path) -> std::io::Result<u64> {
+            Ok(self.0)
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_sharing_a_file_system_need_its_space_together() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = crate::store::memory::MemoryStore::named("checks-per-fs");
+        let file = |p: &str| serde_json::json!({"path": p, "size": 60u64 << 20, "sha256": "00"});
+        let node = |i: u32| {
+            serde_json::json!({"index": i, "object": format!("node-{i}.tar.gz"),
+            "keyspaces": ["ks"], "file_count": 1, "bytes": 60u64 << 20, "compressed_bytes": 1,
+            "files": [file("ks/t/data.db")]})
+        };
+        let m = serde_json::json!({"format_version": 1, "cairn_version": "0", "snapshot": "s",
+            "plan": "p", "started_at": "", "finished_at": "",
+            "cluster": {"name": "c", "nodes": [node(0), node(1)]},
+            "objects": [{"key": "node-0.tar.gz", "size": 1, "sha256": "00"},
+                        {"key": "node-1.tar.gz", "size": 1, "sha256": "00"}]});
+        store
+            .put("s/manifest.json", m.to_string().into_bytes().into())
+            .await
+            .expect("put");
+        for i in 0..2 {
+            store
+                .put(
+                    &format!("s/node-{i}.tar.gz"),
+                    bytes::Bytes::from_static(b"x"),
+                )
+                .await
+                .expect("put");
+        }
+        let cluster = Cluster::parse(
+            "c.toml",
+            "name = \"c\"\n[[nodes]]\nindex = 0\ndata_dir = \"n0\"\n[[nodes]]\nindex = 1\ndata_dir = \"n1\"\n",
+            dir.path(),
+        )
+        .expect("cluster");
+        // Each node alone needs 82 MiB (60 + 10 % + 16): 150 MiB free fits one,
+        // not both.
+        let err = restore(
+            &cluster,
+            &Selection::default(),
+            &*store,
+            "s",
+            &FakeDisk(150 << 20),
+        )
+        .await
+        .expect_err("refused");
+        assert!(
+            err.to_string().contains("nodes 0, 1 (one file system)"),
+            "{err}"
+        );
+        restore(
+            &cluster,
+            &Selection::default(),
+            &*store,
+            "s",
+            &FakeDisk(200 << 20),
+        )
+        .await
+        .expect("both fit");
+    }
+}

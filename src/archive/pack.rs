@@ -254,3 +254,40 @@ pub fn pack<W: Write>(
     files.sort_by(|a, b| a.path.cmp(&b.path));
     Ok((files, out))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_that_grows_while_archived_fails_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let f = dir.path().join("ks/t/data.db");
+        std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&f, b"0123456789").expect("write");
+        let scan = scan(dir.path(), &["ks".to_string()]).expect("scan");
+        std::fs::write(&f, b"0123456789 and more written by a live service").expect("grow");
+        let err = pack(&scan, Vec::new(), |_| {}).expect_err("must fail");
+        assert!(err.to_string().contains("grew"), "{err}");
+        assert!(err.to_string().contains("data.db"), "{err}");
+    }
+
+    #[test]
+    fn symlinked_keyspaces_and_tables_and_escaping_links_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let other = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("ks/t")).expect("mkdir");
+        std::fs::create_dir_all(other.path().join("t2")).expect("mkdir");
+        std::os::unix::fs::symlink(other.path(), dir.path().join("ks2")).expect("link");
+        std::os::unix::fs::symlink(other.path().join("t2"), dir.path().join("ks/t2"))
+            .expect("link");
+        std::os::unix::fs::symlink("/etc/passwd", dir.path().join("ks/t/abs")).expect("link");
+        std::os::unix::fs::symlink("data.db", dir.path().join("ks/t/ok")).expect("link");
+        let s = scan(dir.path(), &["ks".to_string(), "ks2".to_string()]).expect("scan");
+        let text = s.refused.join("\n");
+        assert!(text.contains("keyspace ks2"), "{text}");
+        assert!(text.contains("table ks/t2"), "{text}");
+        assert!(text.contains("ks/t/abs"), "{text}");
+        assert_eq!(s.refused.len(), 3, "{text}");
+    }
+}

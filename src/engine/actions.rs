@@ -157,6 +157,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
         Action::CheckRestore => {
+            clean_dead_staging(ctx).await?;
             let m = checks::restore(
                 &ctx.cluster,
                 &ctx.spec.selection,
@@ -258,6 +259,64 @@ async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for d in dirs {
             let _ = std::fs::remove_dir(&d);
+        }
+    }
+    Ok(())
+}
+
+/// Staging dirs that runs of this state home left in the target and that are no
+/// longer running (failed, cancelled, interrupted) are removed — their stage steps
+/// marked to be redone first. Staging of runs this home does not know (another
+/// home, an earlier cairn) is left alone and named in a warning.
+async fn clean_dead_staging(ctx: &Arc<RunCtx>) -> Result<()> {
+    let prefix = format!("{RESERVED_PREFIX}-staging-");
+    let runs = ctx.state.call(|s| s.runs(10_000)).await?;
+    let owners: std::collections::HashMap<String, (i64, Status, Vec<String>)> = runs
+        .into_iter()
+        .filter_map(|r| {
+            let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
+            let stage = spec
+                .steps
+                .iter()
+                .filter(|s| s.action == Action::StageNode)
+                .map(|s| s.id.clone())
+                .collect();
+            Some((spec.token, (r.id, r.status, stage)))
+        })
+        .collect();
+    for n in &ctx.cluster.nodes {
+        let Ok(rd) = std::fs::read_dir(&n.data_dir) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(token) = name.strip_prefix(&prefix) else {
+                continue;
+            };
+            if token == ctx.spec.token {
+                continue;
+            }
+            match owners.get(token) {
+                Some((run, status, stage))
+                    if !matches!(status, Status::Running | Status::Pending) =>
+                {
+                    let (run, stage) = (*run, stage.clone());
+                    let why = format!("its staging dir was removed by run {}", ctx.run_id);
+                    ctx.state
+                        .call(move |s| s.set_pending(run, &stage, &why))
+                        .await?;
+                    tracing::warn!(dir = %e.path().display(), "removing the staging dir run {run} ({status}) left");
+                    remove_staging(&e.path()).await;
+                }
+                Some((run, status, _)) => tracing::warn!(
+                    dir = %e.path().display(),
+                    "run {run} ({status}) is staging into this target too"
+                ),
+                None => tracing::warn!(
+                    dir = %e.path().display(),
+                    "a staging dir of a run this state home does not know is in the target; left alone (remove it if no restore is running)"
+                ),
+            }
         }
     }
     Ok(())

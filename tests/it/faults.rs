@@ -245,3 +245,66 @@ fn fault_matrix_restore_parallel() {
     let n = restore_matrix("parallel");
     eprintln!("fault matrix: restore parallel, {n} cases");
 }
+
+/// A killed restore's staging is cleaned up by the next restore of the same home
+/// into that target; the dead run's stage steps are marked to be redone.
+#[test]
+fn a_dead_runs_staging_is_removed_by_the_next_restore() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let backup = [
+        "plan",
+        "start",
+        "backup-local",
+        "-q",
+        "--cluster",
+        src.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "BACKUP_DIR=store",
+    ];
+    assert!(cairn(&sb, "home", None, &backup).status.success());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let restore = [
+        "plan",
+        "start",
+        "restore-local",
+        "-q",
+        "--cluster",
+        tgt.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "BACKUP_DIR=store",
+    ];
+    let out = cairn(
+        &sb,
+        "home",
+        Some("after:stage/stage-node/node-0=return(kill)"),
+        &restore,
+    );
+    assert_eq!(out.status.code(), None);
+    let staging = |sb: &Sandbox| -> Vec<String> {
+        std::fs::read_dir(sb.path("tgt/node-0"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".cairn-staging-"))
+            .collect()
+    };
+    assert_eq!(staging(&sb).len(), 1, "the killed run left its staging");
+    let out = cairn(&sb, "home", None, &restore);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_restored(&sb, "tgt", 1);
+    assert!(staging(&sb).is_empty(), "{:?}", staging(&sb));
+    let out = cairn(&sb, "home", None, &["plan", "status", "--json", "2"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let stage = v["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["id"] == "stage/stage-node/node-0")
+        .unwrap()
+        .clone();
+    assert_eq!(stage["status"], "PENDING", "{stage}");
+}
