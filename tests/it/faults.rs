@@ -64,7 +64,23 @@ fn cairn(
     failpoints: Option<&str>,
     args: &[&str],
 ) -> std::process::Output {
-    let mut c = sb.command(args);
+    cairn_v(
+        sb,
+        home,
+        failpoints,
+        &args.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )
+}
+
+/// Run cairn with its own state home and, optionally, fail points.
+fn cairn_v(
+    sb: &Sandbox,
+    home: &str,
+    failpoints: Option<&str>,
+    args: &[String],
+) -> std::process::Output {
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut c = sb.command(&a);
     c.env("CAIRN_HOME", sb.path(home));
     match failpoints {
         Some(f) => c.env("FAILPOINTS", f),
@@ -79,21 +95,13 @@ fn backup_matrix(strategy: &str) -> usize {
     let cases = faults(&backup_steps(), &[]);
     for (i, (fp, kill)) in cases.iter().enumerate() {
         let (home, snap) = (format!("home-{i}"), format!("snap-{i}"));
-        let args = [
-            "plan",
-            "start",
+        let args = start_args(
             "backup-local",
-            "-q",
-            "--cluster",
-            src.to_str().unwrap(),
-            "-p",
-            &format!("SNAPSHOT_NAME={snap}"),
-            "-p",
-            "BACKUP_DIR=store",
-            "-p",
-            &format!("STRATEGY={strategy}"),
-        ];
-        let out = cairn(&sb, &home, Some(fp), &args);
+            &src,
+            &snap,
+            &[&format!("STRATEGY={strategy}")],
+        );
+        let out = cairn_v(&sb, &home, Some(fp), &args);
         assert!(!out.status.success(), "{fp}: the fault did not fire");
         if *kill {
             assert_eq!(out.status.code(), None, "{fp}: {:?}", text(&out));
@@ -123,23 +131,8 @@ fn backup_matrix(strategy: &str) -> usize {
     // One restore of each resumed snapshot proves the bytes.
     for i in 0..cases.len() {
         let tgt = target_cluster(sb.dir.path(), &format!("tgt-{i}"), NODES);
-        let out = cairn(
-            &sb,
-            "home-r",
-            None,
-            &[
-                "plan",
-                "start",
-                "restore-local",
-                "-q",
-                "--cluster",
-                tgt.to_str().unwrap(),
-                "-p",
-                &format!("SNAPSHOT_NAME=snap-{i}"),
-                "-p",
-                "BACKUP_DIR=store",
-            ],
-        );
+        let args = start_args("restore-local", &tgt, &format!("snap-{i}"), &[]);
+        let out = cairn_v(&sb, "home-r", None, &args);
         assert!(out.status.success(), "{:?}", text(&out));
         assert_restored(&sb, &format!("tgt-{i}"), NODES);
     }
@@ -149,22 +142,11 @@ fn backup_matrix(strategy: &str) -> usize {
 fn restore_matrix(strategy: &str) -> usize {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), NODES, 30_000);
-    let out = cairn(
+    let out = cairn_v(
         &sb,
         "home-b",
         None,
-        &[
-            "plan",
-            "start",
-            "backup-local",
-            "-q",
-            "--cluster",
-            src.to_str().unwrap(),
-            "-p",
-            "SNAPSHOT_NAME=s",
-            "-p",
-            "BACKUP_DIR=store",
-        ],
+        &start_args("backup-local", &src, "s", &[]),
     );
     assert!(out.status.success(), "{:?}", text(&out));
     // Each node stages two keyspaces: four renames in the commit.
@@ -184,21 +166,13 @@ fn restore_matrix(strategy: &str) -> usize {
         let home = format!("home-{i}");
         let name = format!("tgt-{i}");
         let tgt = target_cluster(sb.dir.path(), &name, NODES);
-        let args = [
-            "plan",
-            "start",
+        let args = start_args(
             "restore-local",
-            "-q",
-            "--cluster",
-            tgt.to_str().unwrap(),
-            "-p",
-            "SNAPSHOT_NAME=s",
-            "-p",
-            "BACKUP_DIR=store",
-            "-p",
-            &format!("STRATEGY={strategy}"),
-        ];
-        let out = cairn(&sb, &home, Some(fp), &args);
+            &tgt,
+            "s",
+            &[&format!("STRATEGY={strategy}")],
+        );
+        let out = cairn_v(&sb, &home, Some(fp), &args);
         assert!(!out.status.success(), "{fp}: the fault did not fire");
         let st = status(&sb, &home, 1);
         assert_ne!(st, "COMPLETE", "{fp}");
@@ -252,33 +226,11 @@ fn fault_matrix_restore_parallel() {
 fn a_dead_runs_staging_is_removed_by_the_next_restore() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = [
-        "plan",
-        "start",
-        "backup-local",
-        "-q",
-        "--cluster",
-        src.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ];
-    assert!(cairn(&sb, "home", None, &backup).status.success());
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home", None, &backup).status.success());
     let tgt = target_cluster(sb.dir.path(), "tgt", 1);
-    let restore = [
-        "plan",
-        "start",
-        "restore-local",
-        "-q",
-        "--cluster",
-        tgt.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ];
-    let out = cairn(
+    let restore = start_args("restore-local", &tgt, "s", &[]);
+    let out = cairn_v(
         &sb,
         "home",
         Some("after:stage/stage-node/node-0=return(kill)"),
@@ -293,7 +245,7 @@ fn a_dead_runs_staging_is_removed_by_the_next_restore() {
             .collect()
     };
     assert_eq!(staging(&sb).len(), 1, "the killed run left its staging");
-    let out = cairn(&sb, "home", None, &restore);
+    let out = cairn_v(&sb, "home", None, &restore);
     assert!(out.status.success(), "{:?}", text(&out));
     assert_restored(&sb, "tgt", 1);
     assert!(staging(&sb).is_empty(), "{:?}", staging(&sb));

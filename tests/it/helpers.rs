@@ -40,6 +40,12 @@ impl Sandbox {
         self.command(args).output().unwrap()
     }
 
+    /// [`Sandbox::run`] with owned arguments (see [`start_args`]).
+    pub fn run_v(&self, args: &[String]) -> Output {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.run(&a)
+    }
+
     /// Run and require success.
     pub fn ok(&self, args: &[&str]) -> Output {
         let out = self.run(args);
@@ -262,4 +268,25 @@ pub fn assert_restored(sb: &Sandbox, target: &str, nodes: u32) {
         assert!(!restored.is_empty(), "node {i} restored nothing");
         assert_eq!(source, restored, "node {i} differs");
     }
+}
+
+/// `plan start PLAN -q --cluster CLUSTER -p SNAPSHOT_NAME=SNAP -p BACKUP_DIR=store`
+/// and `-p X` for each of `extra`: the command line of a local backup or restore.
+pub fn start_args(plan: &str, cluster: &Path, snap: &str, extra: &[&str]) -> Vec<String> {
+    let mut v: Vec<String> = ["plan", "start", plan, "-q", "--cluster"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    v.push(cluster.to_str().unwrap().to_string());
+    for p in [
+        format!("SNAPSHOT_NAME={snap}"),
+        "BACKUP_DIR=store".to_string(),
+    ]
+    .into_iter()
+    .chain(extra.iter().map(|e| e.to_string()))
+    {
+        v.push("-p".into());
+        v.push(p);
+    }
+    v
 }

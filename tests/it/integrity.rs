@@ -11,46 +11,12 @@ fn status_json(sb: &Sandbox, run: u32) -> serde_json::Value {
 }
 
 fn backup(sb: &Sandbox, cluster: &Path, snap: &str) {
-    sb.ok(&[
-        "plan",
-        "start",
-        "backup-local",
-        "-q",
-        "--cluster",
-        cluster.to_str().unwrap(),
-        "-p",
-        &format!("SNAPSHOT_NAME={snap}"),
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", cluster, snap, &[]));
+    assert!(out.status.success(), "{:?}", text(&out));
 }
 
-fn restore_args<'a>(cluster: &'a str, snap: &'a str, extra: &[&'a str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "plan",
-        "start",
-        "restore-local",
-        "-q",
-        "--cluster",
-        cluster,
-        "-p",
-        &format!("SNAPSHOT_NAME={snap}"),
-        "-p",
-        "BACKUP_DIR=store",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    for e in extra {
-        v.push("-p".into());
-        v.push(e.to_string());
-    }
-    v
-}
-
-fn run_strs(sb: &Sandbox, args: &[String]) -> std::process::Output {
-    let a: Vec<&str> = args.iter().map(String::as_str).collect();
-    sb.run(&a)
+fn restore(sb: &Sandbox, cluster: &Path, snap: &str, extra: &[&str]) -> std::process::Output {
+    sb.run_v(&start_args("restore-local", cluster, snap, extra))
 }
 
 fn flip_byte(path: &Path) -> Vec<u8> {
@@ -72,14 +38,7 @@ fn a_failed_restore_resumed_restores_every_node() {
         backup(&sb, &src, "s1");
         let good = flip_byte(&sb.path("store/s1/node-2.tar.gz"));
         let tgt = target_cluster(sb.dir.path(), "tgt", 3);
-        let out = run_strs(
-            &sb,
-            &restore_args(
-                tgt.to_str().unwrap(),
-                "s1",
-                &[&format!("STRATEGY={strategy}")],
-            ),
-        );
+        let out = restore(&sb, &tgt, "s1", &[&format!("STRATEGY={strategy}")]);
         assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
         let v = status_json(&sb, 2);
         assert_eq!(v["run"]["status"], "FAILED");
@@ -134,7 +93,7 @@ fn resume_refuses_parameters_that_change_the_run() {
     backup(&sb, &src, "s1");
     let good = flip_byte(&sb.path("store/s1/node-1.tar.gz"));
     let tgt = target_cluster(sb.dir.path(), "tgt", 2);
-    let out = run_strs(&sb, &restore_args(tgt.to_str().unwrap(), "s1", &[]));
+    let out = restore(&sb, &tgt, "s1", &[]);
     assert_eq!(out.status.code(), Some(1));
     std::fs::write(sb.path("store/s1/node-1.tar.gz"), good).unwrap();
     for change in [
@@ -172,7 +131,7 @@ fn bad_selections_are_refused_before_a_run_exists() {
         ("PATHS=app,app/users-1", "overlap"),
         ("RESTORE_MANAGER=yes", "RESTORE_MANAGER"),
     ] {
-        let out = run_strs(&sb, &restore_args(tgt.to_str().unwrap(), "s1", &[bad]));
+        let out = restore(&sb, &tgt, "s1", &[bad]);
         assert_eq!(out.status.code(), Some(2), "{bad}: {:?}", text(&out));
         assert!(text(&out).1.contains(says), "{bad}: {:?}", text(&out));
     }
@@ -281,11 +240,8 @@ fn craft(sb: &Sandbox, snap: &str, entries: &[Entry], declared: &[(&str, &[u8])]
     std::fs::write(dir.join("manifest.json"), manifest.to_string()).unwrap();
 }
 
-fn one_node_target(sb: &Sandbox) -> String {
+fn one_node_target(sb: &Sandbox) -> std::path::PathBuf {
     target_cluster(sb.dir.path(), "tgt", 1)
-        .to_str()
-        .unwrap()
-        .to_string()
 }
 
 /// Hole 1: a link chain (`a -> .`, `b -> a/a/../../outside`) is refused, and a
@@ -304,7 +260,7 @@ fn link_chains_are_refused_and_commit_never_follows_target_links() {
         &[],
     );
     let tgt = one_node_target(&sb);
-    let out = run_strs(&sb, &restore_args(&tgt, "chain", &[]));
+    let out = restore(&sb, &tgt, "chain", &[]);
     assert_ne!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(
         text(&out).1.contains("through the symlink"),
@@ -328,7 +284,7 @@ fn link_chains_are_refused_and_commit_never_follows_target_links() {
     std::fs::create_dir_all(sb.path("tgt/node-0/ks")).unwrap();
     std::fs::create_dir_all(sb.path("outside")).unwrap();
     std::os::unix::fs::symlink(sb.path("outside"), sb.path("tgt/node-0/ks/b")).unwrap();
-    let out = run_strs(&sb, &restore_args(&tgt, "plain", &["PATHS=ks/b/pwned"]));
+    let out = restore(&sb, &tgt, "plain", &["PATHS=ks/b/pwned"]);
     assert_ne!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(!sb.path("outside/pwned").exists(), "written through a link");
 }
@@ -353,7 +309,7 @@ fn a_declared_file_satisfied_by_a_link_or_dir_is_refused() {
     ]);
     assert_ne!(out.status.code(), Some(0), "{:?}", text(&out));
     let tgt = one_node_target(&sb);
-    let out = run_strs(&sb, &restore_args(&tgt, "s", &[]));
+    let out = restore(&sb, &tgt, "s", &[]);
     assert_ne!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(
         text(&out).1.contains("declared as a file"),
@@ -372,33 +328,13 @@ fn symlinked_keyspaces_and_tables_are_refused_by_name() {
     fill_node(&sb.path("otherdisk"), 0, 10);
     std::os::unix::fs::symlink(sb.path("otherdisk/app"), node.join("ks2")).unwrap();
     let c = cluster_file(&sb.path("c.toml"), "c", &[(0, node.clone())], "");
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "--cluster",
-        c.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(text(&out).1.contains("keyspace ks2"), "{:?}", text(&out));
     std::fs::remove_file(node.join("ks2")).unwrap();
     std::os::unix::fs::symlink(sb.path("otherdisk/metrics/readings-3"), node.join("app/t9"))
         .unwrap();
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "--cluster",
-        c.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     let err = text(&out).1;
     assert_eq!(
@@ -509,18 +445,7 @@ fn the_local_store_never_follows_links_inside_its_root() {
     std::fs::create_dir_all(sb.path("store")).unwrap();
     std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
     std::os::unix::fs::symlink(sb.path("elsewhere"), sb.path("store/s1")).unwrap();
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "-q",
-        "--cluster",
-        src.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s1",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", &src, "s1", &[]));
     assert_ne!(out.status.code(), Some(0), "{:?}", text(&out));
     assert!(
         std::fs::read_dir(sb.path("elsewhere"))
@@ -573,7 +498,7 @@ fn staging_names_are_unique_across_homes() {
     std::fs::create_dir_all(&other).unwrap();
     std::fs::write(other.join("keep"), b"theirs").unwrap();
     let good = flip_byte(&sb.path("store/s1/node-0.tar.gz"));
-    let out = run_strs(&sb, &restore_args(tgt.to_str().unwrap(), "s1", &[]));
+    let out = restore(&sb, &tgt, "s1", &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         other.join("keep").exists(),
@@ -592,19 +517,9 @@ fn staging_names_are_unique_across_homes() {
 fn generic_names_never_come_from_the_environment_and_big_files_are_refused() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 1, 10);
+    let args = start_args("backup-local", &src, "s1", &[]);
     let out = sb
-        .command(&[
-            "plan",
-            "start",
-            "backup-local",
-            "-q",
-            "--cluster",
-            src.to_str().unwrap(),
-            "-p",
-            "SNAPSHOT_NAME=s1",
-            "-p",
-            "BACKUP_DIR=store",
-        ])
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .env("KEYSPACES", "metrics")
         .output()
         .unwrap();
@@ -621,17 +536,7 @@ fn generic_names_never_come_from_the_environment_and_big_files_are_refused() {
     assert_eq!(v["param_sources"]["SNAPSHOT_NAME"], "cli");
 
     std::fs::write(sb.path("big"), "x".repeat(5 << 20)).unwrap();
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "--cluster",
-        src.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=@big",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", &src, "@big", &[]));
     assert_eq!(out.status.code(), Some(2));
     let err = text(&out).1;
     assert!(
@@ -680,17 +585,7 @@ fn a_killed_run_shows_as_interrupted() {
         .collect();
     let hook = "pre_hook = [\"sh\", \"-c\", \"kill -9 $PPID; sleep 5\"]";
     let c = cluster_file(&sb.path("src.toml"), "src", &nodes, hook);
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "--cluster",
-        c.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
     assert_eq!(out.status.code(), None);
     assert_eq!(status_json(&sb, 1)["run"]["status"], "INTERRUPTED");
 }
