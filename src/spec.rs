@@ -8,7 +8,7 @@
 //! strategy, concurrency, bandwidth — may change). Secrets never enter the spec; the
 //! store options that hold them are rebuilt from the parameters at each start.
 
-use crate::cluster::{Cluster, RESERVED_PREFIX, Selection};
+use crate::cluster::{Cluster, RESERVED_PREFIX, Selection, split_list};
 use crate::plan::params::{Params, Source};
 use crate::plan::{Action, On, Plan, Strategy};
 use crate::{Error, Result};
@@ -156,12 +156,6 @@ pub fn new_token(home: &std::path::Path) -> String {
     hex::encode(&h.finalize()[..8])
 }
 
-fn split_list(text: &str) -> impl Iterator<Item = &str> {
-    text.split([',', ' '])
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
-}
-
 /// Compile a plan, its resolved parameters and the cluster into a spec, and the
 /// cluster the run works on (restricted by `NODES`, redirected by `RESTORE_DIR`).
 /// Every problem is reported at once.
@@ -179,37 +173,18 @@ pub fn compile(
         problems.push(e);
     }
 
-    let mut selection = Selection::parse(&params.expand(&t.keyspaces));
-    let paths_text = params.expand(&t.paths);
-    for p in split_list(&paths_text) {
-        let p = p.trim_end_matches('/');
-        if crate::store::check_key(p).is_err()
-            || p.split('/').any(|c| c.starts_with(RESERVED_PREFIX))
-        {
-            problems.push(format!(
-                "PATHS: {:?} is not a plain relative path inside a node (keyspace, keyspace/table or a file)",
-                crate::plan::params::shorten(p)
-            ));
-            continue;
-        }
-        if selection.paths.iter().any(|q| q == p) {
-            continue;
-        }
-        if let Some(q) = selection
-            .paths
-            .iter()
-            .find(|q| crate::cluster::under(p, q) || crate::cluster::under(q, p))
-        {
-            problems.push(format!(
-                "PATHS: {p:?} and {q:?} overlap; name each path once (the outer one covers the inner)"
-            ));
-            continue;
-        }
-        selection.paths.push(p.to_string());
-    }
-    if split_list(&paths_text).next().is_none() && !paths_text.trim().is_empty() {
-        problems.push("PATHS is given but names no path".into());
-    }
+    let selection =
+        match Selection::parse(&params.expand(&t.keyspaces)).with_paths(&params.expand(&t.paths)) {
+            Ok(s) => s,
+            Err(Error::Params(p)) => {
+                problems.extend(p);
+                Selection::default()
+            }
+            Err(e) => {
+                problems.push(e.to_string());
+                Selection::default()
+            }
+        };
 
     let nodes_text = params.expand(&t.nodes);
     let nodes = if nodes_text.trim().is_empty() {

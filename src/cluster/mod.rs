@@ -220,20 +220,40 @@ impl Selection {
         }
     }
 
-    /// Add the paths of a partial restore (`PATHS`): plain relative paths.
+    /// Add the paths of a partial restore (`PATHS`): plain relative paths, none
+    /// inside another, none through cairn's reserved names. Every problem is named.
     pub fn with_paths(mut self, text: &str) -> Result<Selection> {
+        let mut problems = Vec::new();
         for p in split_list(text) {
             let p = p.trim_end_matches('/');
-            if crate::store::check_key(p).is_err() {
-                return Err(Error::Params(vec![format!(
-                    "PATHS: {p:?} is not a plain relative path inside a node (keyspace, keyspace/table or a file)"
-                )]));
+            if crate::store::check_key(p).is_err()
+                || p.split('/').any(|c| c.starts_with(RESERVED_PREFIX))
+            {
+                problems.push(format!(
+                    "PATHS: {:?} is not a plain relative path inside a node (keyspace, keyspace/table or a file)",
+                    crate::plan::params::shorten(p)
+                ));
+                continue;
             }
-            if !self.paths.iter().any(|q| q == p) {
-                self.paths.push(p.to_string());
+            if self.paths.iter().any(|q| q == p) {
+                continue;
             }
+            if let Some(q) = self.paths.iter().find(|q| under(p, q) || under(q, p)) {
+                problems.push(format!(
+                    "PATHS: {p:?} and {q:?} overlap; name each path once (the outer one covers the inner)"
+                ));
+                continue;
+            }
+            self.paths.push(p.to_string());
         }
-        Ok(self)
+        if split_list(text).next().is_none() && !text.trim().is_empty() {
+            problems.push("PATHS is given but names no path".into());
+        }
+        if problems.is_empty() {
+            Ok(self)
+        } else {
+            Err(Error::Params(problems))
+        }
     }
 
     /// Whether a keyspace found on disk is included.
@@ -282,7 +302,8 @@ pub fn under(path: &str, root: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('/'))
 }
 
-fn split_list(text: &str) -> impl Iterator<Item = &str> {
+/// Items of a `a,b` or `a b` list.
+pub fn split_list(text: &str) -> impl Iterator<Item = &str> {
     text.split([',', ' '])
         .map(str::trim)
         .filter(|s| !s.is_empty())
@@ -358,5 +379,12 @@ mod tests {
         assert!(!table.restores_file("app/users2/x") && !table.restores_file("metrics/a"));
         assert!(table.restores_dir("app") && !table.restores_dir("app/orders"));
         assert!(Selection::parse("").with_paths("../etc").is_err());
+        assert!(Selection::parse("").with_paths("app,app/users").is_err());
+        assert!(Selection::parse("").with_paths(" , ").is_err());
+        assert!(
+            Selection::parse("")
+                .with_paths(".cairn-staging-1/x")
+                .is_err()
+        );
     }
 }
