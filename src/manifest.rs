@@ -145,9 +145,12 @@ impl Manifest {
         self.objects.iter().find(|o| o.key == key)
     }
 
-    /// Uncompressed bytes of all nodes.
+    /// Uncompressed bytes of all nodes (saturating: a crafted manifest may lie).
     pub fn total_bytes(&self) -> u64 {
-        self.cluster.nodes.iter().map(|n| n.bytes).sum()
+        self.cluster
+            .nodes
+            .iter()
+            .fold(0u64, |a, n| a.saturating_add(n.bytes))
     }
 }
 

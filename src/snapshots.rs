@@ -83,7 +83,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             continue;
         }
         let e = folders.entry(name.to_string()).or_default();
-        e.0 += o.size;
+        e.0 = e.0.saturating_add(o.size);
         e.1 += 1;
         e.2 |= rest == MANIFEST;
         e.3 = e.3.max(o.modified);

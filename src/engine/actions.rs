@@ -75,6 +75,66 @@ struct Move {
     staging: PathBuf,
     data_dir: PathBuf,
     rel: PathBuf,
+    /// Parents of `rel` inside the data dir that did not exist before the commit
+    /// (a partial restore creates them), with the snapshot's mode and mtime read
+    /// from staging before anything moved: given to the new dirs after the moves,
+    /// removed again (if empty) on rollback.
+    #[serde(default)]
+    created: Vec<CreatedDir>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone)]
+struct CreatedDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: i64,
+}
+
+impl Move {
+    fn new(staging: PathBuf, data_dir: PathBuf, rel: PathBuf) -> Move {
+        use std::os::unix::fs::MetadataExt;
+        let created = rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .filter(|a| std::fs::symlink_metadata(data_dir.join(a)).is_err())
+            .filter_map(|a| {
+                let m = std::fs::symlink_metadata(staging.join(a)).ok()?;
+                Some(CreatedDir {
+                    path: a.to_path_buf(),
+                    mode: m.mode() & 0o777,
+                    mtime: m.mtime(),
+                })
+            })
+            .collect();
+        Move {
+            staging,
+            data_dir,
+            rel,
+            created,
+        }
+    }
+
+    /// Give the created parents under `root` the snapshot's mode and times,
+    /// deepest first.
+    fn set_created_metadata(&self, root: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        for d in &self.created {
+            let p = root.join(&d.path);
+            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode));
+            let t = filetime::FileTime::from_unix_time(d.mtime, 0);
+            let _ = filetime::set_file_times(&p, t, t);
+        }
+    }
+
+    /// Remove the parents this move created, deepest first, where empty; their
+    /// staged counterparts get their times back (moving out changed them).
+    fn remove_created(&self) {
+        for d in &self.created {
+            let _ = std::fs::remove_dir(self.data_dir.join(&d.path));
+        }
+        self.set_created_metadata(&self.staging);
+    }
 }
 
 /// The record of a staged node, inside its staging dir.
@@ -961,11 +1021,11 @@ fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
         if !paths.is_empty() {
             for p in paths {
                 if std::fs::symlink_metadata(staging.join(p)).is_ok() {
-                    moves.push(Move {
-                        staging: staging.clone(),
-                        data_dir: n.data_dir.clone(),
-                        rel: PathBuf::from(p),
-                    });
+                    moves.push(Move::new(
+                        staging.clone(),
+                        n.data_dir.clone(),
+                        PathBuf::from(p),
+                    ));
                 }
             }
             continue;
@@ -981,11 +1041,11 @@ fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
             if name.to_string_lossy().starts_with(RESERVED_PREFIX) {
                 continue;
             }
-            moves.push(Move {
-                staging: staging.clone(),
-                data_dir: n.data_dir.clone(),
-                rel: PathBuf::from(name),
-            });
+            moves.push(Move::new(
+                staging.clone(),
+                n.data_dir.clone(),
+                PathBuf::from(name),
+            ));
         }
     }
     moves.sort_by(|a, b| (&a.data_dir, &a.rel).cmp(&(&b.data_dir, &b.rel)));
@@ -1017,8 +1077,10 @@ pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
                 if let Err(e) = crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel)
                 {
                     problems.push(format!("{}: {e}", m.data_dir.join(&m.rel).display()));
+                    continue;
                 }
             }
+            m.remove_created();
         }
         problems
     })
@@ -1101,11 +1163,17 @@ fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()>
     }
     if let Some(e) = failure {
         for m in done.into_iter().rev() {
-            if let Err(err) = crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel) {
-                tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
+            match crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel) {
+                Ok(()) => m.remove_created(),
+                Err(err) => {
+                    tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
+                }
             }
         }
         return Err(e);
+    }
+    for m in moves {
+        m.set_created_metadata(&m.data_dir);
     }
     for (dir, data_dir) in staging {
         // What is left: the record, and for a partial restore the empty parents of

@@ -260,3 +260,51 @@ fn a_dead_runs_staging_is_removed_by_the_next_restore() {
         .clone();
     assert_eq!(stage["status"], "PENDING", "{stage}");
 }
+
+/// A partial restore that fails inside its commit leaves no parent dirs behind,
+/// and its resume restores exactly the selected paths.
+#[test]
+fn a_partial_restore_failing_mid_commit_leaves_the_target_as_it_was() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    std::fs::create_dir_all(sb.path("tgt/node-0/other")).unwrap();
+    // The data dir's own mtime changes (staging is made inside it); its contents
+    // may not.
+    let before = tree(&sb.path("tgt/node-0"));
+    let restore = start_args("restore-local", &tgt, "s", &["PATHS=app/users-1,metrics"]);
+    for (fp, kill) in [
+        ("commit-rename:1=return", false),
+        ("commit-rename:1=return(kill)", true),
+    ] {
+        let out = cairn_v(&sb, "home", Some(fp), &restore);
+        assert!(!out.status.success(), "{fp}");
+        if !kill {
+            assert_eq!(tree(&sb.path("tgt/node-0")), before, "{fp}");
+        }
+        let run = if kill { "3" } else { "2" };
+        if kill {
+            let out = cairn_v(
+                &sb,
+                "home",
+                None,
+                &["plan".into(), "resume".into(), run.into(), "-q".into()],
+            );
+            assert!(out.status.success(), "{fp}: {:?}", text(&out));
+        }
+    }
+    let restored = tree(&sb.path("tgt/node-0"));
+    let source = tree(&sb.path("src/node-0"));
+    for (k, v) in &restored {
+        if k == "other" {
+            continue;
+        }
+        assert_eq!(source.get(k), Some(v), "{k}");
+    }
+    assert!(restored.contains_key("app/users-1/nb-1-Data.db"));
+    assert!(restored.contains_key("metrics/readings-3/data.db"));
+    assert!(!restored.contains_key("app/orders-2"), "not selected");
+    assert_no_leftovers(&sb, "tgt", 1);
+}
