@@ -198,7 +198,9 @@ pub async fn restore(
             have.contains(&n.index) && n.files.iter().any(|f| crate::cluster::under(&f.path, p))
         });
         if !found {
-            problems.push(format!("path {p:?} is in no file of snapshot {snapshot:?}"));
+            problems.push(format!(
+                "PATHS entry {p:?} is no file of snapshot {snapshot:?} and holds none: a partial restore selects files and the directories that hold them (a link or an empty directory comes back only with its keyspace)"
+            ));
         }
     }
     if let Some(named) = &selection.keyspaces {
@@ -250,23 +252,27 @@ pub async fn restore(
                 ));
             }
         } else {
-            match keyspaces_on_disk(&node.data_dir) {
-                Ok(existing) => {
-                    let clash: Vec<&str> = existing
-                        .iter()
-                        .map(String::as_str)
-                        .filter(|k| restoring.contains(k))
-                        .collect();
-                    if !clash.is_empty() {
-                        problems.push(format!(
-                        "node {}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
+            // Anything in a keyspace's place clashes: a dir, a link (dangling or
+            // not), a file; the commit never replaces an entry.
+            let mut clash = Vec::new();
+            for k in &restoring {
+                match std::fs::symlink_metadata(node.data_dir.join(k)) {
+                    Ok(_) => clash.push(*k),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => problems.push(format!(
+                        "node {}: cannot tell whether keyspace {k} exists in {}: {e}",
                         node.index,
-                        node.data_dir.display(),
-                        clash.join(", ")
-                    ));
-                    }
+                        node.data_dir.display()
+                    )),
                 }
-                Err(e) => problems.push(format!("node {}: {e}", node.index)),
+            }
+            if !clash.is_empty() {
+                problems.push(format!(
+                    "node {}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
+                    node.index,
+                    node.data_dir.display(),
+                    clash.join(", ")
+                ));
             }
         }
         let bytes = info

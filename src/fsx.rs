@@ -113,6 +113,24 @@ pub fn exists_beneath(root: &Path, rel: &Path) -> io::Result<bool> {
     }
 }
 
+/// Give the directory `root/rel` a mode and modification time, through a handle
+/// opened without following a symlink below `root`.
+pub fn set_dir_meta_beneath(root: &Path, rel: &Path, mode: u32, mtime: i64) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::fs::File::from(open_dir_beneath(root, rel, false)?);
+    dir.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777))?;
+    let t = filetime::FileTime::from_unix_time(mtime, 0);
+    filetime::set_file_handle_times(&dir, Some(t), Some(t))
+}
+
+/// Remove the directory `root/rel` if it is empty, without following a symlink
+/// below `root` (a link in its place is left alone).
+pub fn remove_empty_dir_beneath(root: &Path, rel: &Path) -> io::Result<()> {
+    let (dir, name) = split(rel)?;
+    let fd = open_dir_beneath(root, dir, false)?;
+    rustix::fs::unlinkat(&fd, name, AtFlags::REMOVEDIR).map_err(to_io)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

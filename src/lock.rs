@@ -208,7 +208,18 @@ pub async fn acquire(store: Arc<dyn Store>, req: &Request<'_>, s: Settings) -> R
         if !conflicts(req.mode, l.mode) {
             continue;
         }
-        if now - l.heartbeat <= stale_secs {
+        // A holder on this host whose process is gone is dead now, not in two
+        // minutes (a pid can be reused, so a dead holder may look alive; never
+        // the reverse). Removing its lock still takes --break-lock.
+        let gone = l.host == hostname() && !crate::engine::process_alive(i64::from(l.pid));
+        if gone && !req.break_stale {
+            return Err(Error::Locked(format!(
+                "snapshot {:?} has the lock of a process that is gone: {}; run again with --break-lock",
+                req.snapshot,
+                describe(&l, now)
+            )));
+        }
+        if !gone && now - l.heartbeat <= stale_secs {
             return Err(Error::Locked(format!(
                 "snapshot {:?} is locked by {}; try again when it has finished",
                 req.snapshot,

@@ -50,6 +50,25 @@ pub fn scan(data_dir: &Path, keyspaces: &[String]) -> Result<Scan> {
     for ks in keyspaces {
         walk(&data_dir.join(ks), ks, &mut out)?;
     }
+    // A link that resolves through another link is refused by a restore (that is
+    // how a chain escapes a check on its text): refuse it here, not later.
+    let links: std::collections::HashSet<String> = out
+        .entries
+        .iter()
+        .filter(|e| matches!(e.kind, Kind::Symlink { .. }))
+        .map(|e| e.rel.clone())
+        .collect();
+    for e in &out.entries {
+        if let Kind::Symlink { target } = &e.kind
+            && let Some(through) = crate::archive::unpack::link_through_link(&e.rel, target, &links)
+        {
+            out.refused.push(format!(
+                "{} is a symbolic link to {} that resolves through the link {through}: a restore refuses links through links; point it at the file itself",
+                e.rel,
+                target.display()
+            ));
+        }
+    }
     Ok(out)
 }
 
@@ -108,6 +127,13 @@ fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
                     entry.path().display()
                 )));
             };
+            if name.starts_with(crate::cluster::RESERVED_PREFIX) {
+                out.refused.push(format!(
+                    "{rel}/{name}: names starting with {} are reserved for cairn's own files and a restore refuses them; rename it",
+                    crate::cluster::RESERVED_PREFIX
+                ));
+                continue;
+            }
             children.push(name.to_string());
         }
         children.sort();

@@ -320,7 +320,11 @@ fn clean_path(p: &Path) -> Option<String> {
 /// `rel` passes through, if any. Resolution is lexical, so it is only sound when no
 /// component on the way is itself a link: such chains (`a -> .`, `b -> a/a/../..`)
 /// are how a link escapes a check done on its text.
-fn link_through_link(rel: &str, target: &Path, links: &HashSet<String>) -> Option<String> {
+pub(crate) fn link_through_link(
+    rel: &str,
+    target: &Path,
+    links: &HashSet<String>,
+) -> Option<String> {
     let mut at: Vec<&str> = rel.split('/').collect();
     at.pop();
     for c in target.components() {

@@ -175,6 +175,9 @@ async fn start(
     let cluster_file = cluster
         .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
     let cluster = Cluster::load(&cluster_file)?;
+    // Bad parameters are refused before a state home is made or opened.
+    let checked = crate::plan::params::Params::resolve(&plan.params, params, &ProcessEnv)?;
+    crate::spec::compile(&plan, &checked, &cluster, String::new())?;
     let engine = engine(g, break_lock)?;
     let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
     finish(g, &engine.state, outcome)

@@ -1,7 +1,7 @@
 //! What each plan action does. Every action is idempotent for a resume: running it
 //! again after a crash produces the same result.
 
-use super::{RunCtx, StepRef};
+use super::{RunCtx, StepRef, staged};
 use crate::archive::{pack, unpack};
 use crate::cluster::{Node, RESERVED_PREFIX, hooks, keyspaces_on_disk};
 use crate::manager::Manager;
@@ -15,12 +15,13 @@ use crate::state::Status;
 use crate::store::upload_stream;
 use crate::{Error, Result, checks};
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Version of the step outputs below; a stored output of another version is not
 /// trusted (its step is redone).
-pub const OUTPUT_VERSION: u32 = 1;
+pub const OUTPUT_VERSION: u32 = 2;
 
 /// What a backup-node step records for write-manifest.
 #[derive(Debug, Serialize, Deserialize)]
@@ -37,6 +38,47 @@ struct NodeOutput {
 struct CheckRestoreOutput {
     v: u32,
     created_dirs: Vec<PathBuf>,
+    /// The SHA-256 of the manifest the checks passed: a resume refuses a snapshot
+    /// that changed in the store since (it would mix two versions of it).
+    manifest_sha256: String,
+}
+
+/// SHA-256 of a manifest as cairn reads it.
+fn manifest_digest(m: &Manifest) -> Result<String> {
+    let bytes = serde_json::to_vec(m).map_err(|e| Error::State(e.to_string()))?;
+    Ok(crate::archive::hex_digest(
+        <sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes),
+    ))
+}
+
+/// A resumed restore goes on only with the snapshot its checks passed.
+pub async fn snapshot_unchanged(ctx: &Arc<RunCtx>) -> Result<()> {
+    let run = ctx.run_id;
+    let records = ctx.state.call(move |s| s.steps(run)).await?;
+    let Some(rec) = records
+        .iter()
+        .find(|r| r.action == Action::CheckRestore.name() && r.status == Status::Complete)
+    else {
+        return Ok(());
+    };
+    let Ok(out) = decode::<CheckRestoreOutput>(&rec.id, rec.output.as_deref()) else {
+        // An output cairn cannot read: the checks run again.
+        ctx.state.set_pending(
+            run,
+            std::slice::from_ref(&rec.id),
+            "its output is unreadable",
+        )?;
+        return Ok(());
+    };
+    let now = manifest_digest(ctx.manifest().await?)?;
+    if now != out.manifest_sha256 {
+        return Err(Error::Checks(vec![format!(
+            "snapshot {:?} changed in {} since run {run} checked it (its manifest is another); a restore never mixes two versions of a snapshot: start a new restore",
+            ctx.spec.snapshot,
+            ctx.store.describe()
+        )]));
+    }
+    Ok(())
 }
 
 /// What a stage-node step records, and writes next to the staged data as
@@ -52,6 +94,9 @@ struct StageOutput {
     /// Entries (files, dirs, links) and file bytes in the staging dir.
     entries: u64,
     bytes: u64,
+    /// The digest of every entry's path, kind, mode, size, time, content and link
+    /// target (see [`super::staged`]).
+    tree: String,
 }
 
 /// What a restore-manager step records: where the replaced state was kept.
@@ -115,15 +160,46 @@ impl Move {
         }
     }
 
-    /// Give the created parents under `root` the snapshot's mode and times,
-    /// deepest first.
-    fn set_created_metadata(&self, root: &Path) {
-        use std::os::unix::fs::PermissionsExt;
+    /// The staging dir as a path inside the data dir (one name): every move and
+    /// rollback resolves beneath the data dir, so a staging dir swapped for a
+    /// symlink stops it instead of being followed.
+    fn in_staging(&self, rel: &Path) -> std::io::Result<PathBuf> {
+        match self.staging.strip_prefix(&self.data_dir) {
+            Ok(name) if name.components().count() == 1 => Ok(name.join(rel)),
+            _ => Err(std::io::Error::other(format!(
+                "{} is not a staging dir of {}",
+                self.staging.display(),
+                self.data_dir.display()
+            ))),
+        }
+    }
+
+    /// Move the staged entry into the data dir, never through a link, never over
+    /// an existing entry.
+    fn move_in(&self) -> std::io::Result<()> {
+        let from = self.in_staging(&self.rel)?;
+        crate::fsx::rename_beneath(&self.data_dir, &from, &self.data_dir, &self.rel)
+    }
+
+    /// Move the entry back from the data dir into staging.
+    fn move_back(&self) -> std::io::Result<()> {
+        let to = self.in_staging(&self.rel)?;
+        crate::fsx::rename_beneath(&self.data_dir, &self.rel, &self.data_dir, &to)
+    }
+
+    /// Give the created parents (in the data dir, or in staging) the snapshot's
+    /// mode and times, deepest first; never through a link.
+    fn set_created_metadata(&self, in_staging: bool) {
         for d in &self.created {
-            let p = root.join(&d.path);
-            let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(d.mode));
-            let t = filetime::FileTime::from_unix_time(d.mtime, 0);
-            let _ = filetime::set_file_times(&p, t, t);
+            let rel = if in_staging {
+                match self.in_staging(&d.path) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            } else {
+                d.path.clone()
+            };
+            let _ = crate::fsx::set_dir_meta_beneath(&self.data_dir, &rel, d.mode, d.mtime);
         }
     }
 
@@ -131,9 +207,9 @@ impl Move {
     /// staged counterparts get their times back (moving out changed them).
     fn remove_created(&self) {
         for d in &self.created {
-            let _ = std::fs::remove_dir(self.data_dir.join(&d.path));
+            let _ = crate::fsx::remove_empty_dir_beneath(&self.data_dir, &d.path);
         }
-        self.set_created_metadata(&self.staging);
+        self.set_created_metadata(true);
     }
 }
 
@@ -184,6 +260,14 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             let problems = tokio::task::spawn_blocking(move || {
                 let mut problems = Vec::new();
                 for n in &cluster.nodes {
+                    let loose = loose_entries(&n.data_dir);
+                    if !loose.is_empty() {
+                        tracing::warn!(
+                            node = n.index,
+                            "left out of the backup, not being keyspace directories: {}",
+                            loose.join(", ")
+                        );
+                    }
                     match selected_keyspaces(&n.data_dir, &selection)
                         .and_then(|ks| pack::scan(&n.data_dir, &ks))
                     {
@@ -217,6 +301,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
         Action::CheckRestore => {
+            data_dirs_fit(ctx)?;
             clean_dead_staging(ctx).await?;
             let m = checks::restore(
                 &ctx.cluster,
@@ -230,6 +315,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 let m_ = manager_of(ctx)?;
                 check_manager_restore(&m, &m_, force)?;
             }
+            let manifest_sha256 = manifest_digest(&m)?;
             // The stage steps use the manifest the checks validated: read once.
             let _ = ctx.manifest.set(m);
             let mut created_dirs = Vec::new();
@@ -246,6 +332,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             encode(&CheckRestoreOutput {
                 v: OUTPUT_VERSION,
                 created_dirs,
+                manifest_sha256,
             })
             .map(Some)
         }
@@ -255,6 +342,85 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::RestoreManager => restore_manager(ctx).await,
         Action::DiscardStaging => discard_staging(ctx).await.map(|()| None),
     }
+}
+
+/// A data dir a restore writes into is a directory, or is missing (it is made).
+/// A link in its place is followed only where the cluster description names it
+/// (a data dir kept on another disk), and must lead somewhere; under RESTORE_DIR,
+/// where cairn makes `node-<i>` itself, a link is refused.
+fn data_dirs_fit(ctx: &RunCtx) -> Result<()> {
+    let mut problems = Vec::new();
+    for n in &ctx.cluster.nodes {
+        let d = &n.data_dir;
+        let Ok(m) = std::fs::symlink_metadata(d) else {
+            // Missing: the restore makes it, and its missing parents; the nearest
+            // one that exists must be a directory (a dangling link is not).
+            let nearest = d.ancestors().skip(1).find(|a| a.symlink_metadata().is_ok());
+            if let Some(a) = nearest.filter(|a| !a.is_dir()) {
+                problems.push(format!(
+                    "node {}: data dir {} cannot be made: {} is not a directory{}",
+                    n.index,
+                    d.display(),
+                    a.display(),
+                    if a.is_symlink() {
+                        " (it is a symbolic link to nothing)"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            continue;
+        };
+        if m.is_dir() {
+            continue;
+        }
+        if !m.file_type().is_symlink() {
+            problems.push(format!(
+                "node {}: {} is not a directory",
+                n.index,
+                d.display()
+            ));
+            continue;
+        }
+        let to = std::fs::read_link(d).unwrap_or_default();
+        if let Some(root) = &ctx.spec.restore_dir {
+            problems.push(format!(
+                "node {}: {} is a symbolic link (to {}): a restore into RESTORE_DIR {} writes only into directories, never through a link; remove it or choose another RESTORE_DIR",
+                n.index,
+                d.display(),
+                to.display(),
+                root.display()
+            ));
+        } else if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+            problems.push(format!(
+                "node {}: data dir {} is a symbolic link to {}, which is not an existing directory",
+                n.index,
+                d.display(),
+                to.display()
+            ));
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Checks(problems))
+    }
+}
+
+/// Entries at the top of a data dir that are no keyspace (plain files, links to
+/// files): a backup leaves them out and says so.
+fn loose_entries(data_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .flatten()
+        .filter(|e| !std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with(RESERVED_PREFIX))
+        .collect();
+    out.sort();
+    out
 }
 
 /// The keyspaces of a data dir a backup selects.
@@ -382,11 +548,22 @@ async fn clean_dead_staging(ctx: &Arc<RunCtx>) -> Result<()> {
     Ok(())
 }
 
+/// How closely [`effects_hold`] looks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Depth {
+    /// Metadata only (sizes, times, modes, links): for effects this process made.
+    Metadata,
+    /// Every byte read again: for effects a previous process made, which anything
+    /// may have changed since (a resume trusts nothing it cannot see).
+    Content,
+}
+
 /// Whether a finished step's effects still exist; `Err` says what is missing.
 pub async fn effects_hold(
     ctx: &Arc<RunCtx>,
     step: &StepRef,
     output: Option<&str>,
+    depth: Depth,
 ) -> std::result::Result<(), String> {
     let object = match step.action {
         Action::BackupNode => {
@@ -405,51 +582,72 @@ pub async fn effects_hold(
                 .node
                 .and_then(|i| ctx.cluster.node(i))
                 .ok_or_else(|| format!("step {} has no node", step.id))?;
+            let m = ctx.manifest().await.map_err(|e| e.to_string())?;
+            let info = m
+                .node(node.index)
+                .ok_or_else(|| format!("the snapshot has no node {}", node.index))?;
+            if m.object(&info.object).map(|o| o.sha256.as_str()) != Some(&out.object_sha256) {
+                return Err(format!(
+                    "node {} was staged from another version of {}",
+                    node.index, info.object
+                ));
+            }
+            let files = info.files.clone();
             let expected_dir = staging_dir(ctx, node);
-            return tokio::task::spawn_blocking(move || staged_ok(&expected_dir, &out))
-                .await
-                .map_err(|e| e.to_string())?;
+            return tokio::task::spawn_blocking(move || {
+                let recorded: HashMap<&str, &str> = files
+                    .iter()
+                    .map(|f| (f.path.as_str(), f.sha256.as_str()))
+                    .collect();
+                let content = match depth {
+                    Depth::Metadata => staged::Content::Recorded(&recorded),
+                    Depth::Content => staged::Content::Read,
+                };
+                staged_ok(&expected_dir, &out, &content)
+            })
+            .await
+            .map_err(|e| e.to_string())?;
         }
         _ => return Ok(()),
     };
     let key = manifest::key(&ctx.spec.snapshot, &object.key);
     match ctx.store.head(&key).await {
-        Ok(Some(meta)) if meta.size == object.size => Ok(()),
-        Ok(Some(meta)) => Err(format!(
-            "object {key} is {} bytes, the step wrote {}",
-            meta.size, object.size
-        )),
-        Ok(None) => Err(format!("object {key} is missing")),
-        Err(e) => Err(format!("object {key}: {e}")),
+        Ok(Some(meta)) if meta.size == object.size => {}
+        Ok(Some(meta)) => {
+            return Err(format!(
+                "object {key} is {} bytes, the step wrote {}",
+                meta.size, object.size
+            ));
+        }
+        Ok(None) => return Err(format!("object {key} is missing")),
+        Err(e) => return Err(format!("object {key}: {e}")),
     }
-}
-
-/// Count the entries and file bytes of a staging dir (its record excepted).
-fn measure(dir: &Path) -> std::io::Result<(u64, u64)> {
-    let mut entries = 0u64;
-    let mut bytes = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d)? {
-            let e = e?;
-            if d == dir && e.file_name() == STAGED_RECORD {
-                continue;
-            }
-            let m = e.path().symlink_metadata()?;
-            entries += 1;
-            if m.is_dir() {
-                stack.push(e.path());
-            } else if m.is_file() {
-                bytes = bytes.saturating_add(m.len());
-            }
+    if depth == Depth::Content {
+        let sha = crate::store::read_stream(&*ctx.store, &key, &ctx.cancel, |mut r| {
+            let mut h = crate::archive::io::HashingReader::new(&mut r);
+            std::io::copy(&mut h, &mut std::io::sink())
+                .map_err(|e| Error::io("read", std::path::Path::new("object"), e))?;
+            Ok(h.finish().1)
+        })
+        .await
+        .map_err(|e| format!("object {key}: {e}"))?;
+        if sha != object.sha256 {
+            return Err(format!(
+                "object {key} has SHA-256 {sha}, the step wrote {}",
+                object.sha256
+            ));
         }
     }
-    Ok((entries, bytes))
+    Ok(())
 }
 
 /// A staging dir holds what its step staged: the dir (not a link), its record
-/// equal to the step's output, and the same number of entries and bytes.
-fn staged_ok(dir: &Path, out: &StageOutput) -> std::result::Result<(), String> {
+/// equal to the step's output, and the same tree (see [`staged::tree`]).
+fn staged_ok(
+    dir: &Path,
+    out: &StageOutput,
+    content: &staged::Content<'_>,
+) -> std::result::Result<(), String> {
     if out.staging != dir {
         return Err(format!(
             "staged into {}, but this run stages into {}",
@@ -472,14 +670,22 @@ fn staged_ok(dir: &Path, out: &StageOutput) -> std::result::Result<(), String> {
             dir.display()
         ));
     }
-    let (entries, bytes) =
-        measure(dir).map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
-    if (entries, bytes) != (out.entries, out.bytes) {
+    let tree = staged::tree(dir, STAGED_RECORD, content)
+        .map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
+    if (tree.entries, tree.bytes) != (out.entries, out.bytes) {
         return Err(format!(
-            "staging dir {} holds {entries} entries and {bytes} bytes, {} and {} were staged",
+            "staging dir {} holds {} entries and {} bytes, {} and {} were staged",
             dir.display(),
+            tree.entries,
+            tree.bytes,
             out.entries,
             out.bytes
+        ));
+    }
+    if tree.digest != out.tree {
+        return Err(format!(
+            "staging dir {} no longer holds what was staged (a file's content, mode or time, or a link, changed)",
+            dir.display()
         ));
     }
     Ok(())
@@ -835,7 +1041,10 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
     let staging = staging_dir(ctx, node);
     // A staging dir left by a killed attempt is redone from scratch.
     remove_staging(&staging).await;
-    std::fs::create_dir_all(&staging).map_err(|e| Error::io("create staging dir", &staging, e))?;
+    std::fs::create_dir_all(&node.data_dir)
+        .map_err(|e| Error::io("create data dir", &node.data_dir, e))?;
+    // Made here, not found: never a dir (or link) someone put in its place.
+    std::fs::create_dir(&staging).map_err(|e| Error::io("create staging dir", &staging, e))?;
     let result =
         download_and_unpack(ctx, step, &info, &object, unpack::Mode::Extract(&staging)).await;
     let done = match result {
@@ -854,12 +1063,22 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
         object_sha256: done.object_sha256,
         entries: 0,
         bytes: 0,
+        tree: String::new(),
     };
     let recorded = tokio::task::spawn_blocking(move || {
-        let (entries, bytes) = measure(&dir).map_err(|e| Error::io("measure", &dir, e))?;
+        // Unpacking verified every file against the manifest: its hashes stand in
+        // for a second read.
+        let files: HashMap<&str, &str> = info
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.sha256.as_str()))
+            .collect();
+        let tree = staged::tree(&dir, STAGED_RECORD, &staged::Content::Recorded(&files))
+            .map_err(|e| Error::io("measure", &dir, e))?;
         let out = StageOutput {
-            entries,
-            bytes,
+            entries: tree.entries,
+            bytes: tree.bytes,
+            tree: tree.digest,
             ..out
         };
         let path = dir.join(STAGED_RECORD);
@@ -964,7 +1183,7 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
         let rec = records.iter().find(|r| r.id == s.id);
         let ok = match rec {
             Some(r) if r.status == Status::Complete => {
-                effects_hold(ctx, s, r.output.as_deref()).await
+                effects_hold(ctx, s, r.output.as_deref(), Depth::Metadata).await
             }
             _ => Err("it has not completed".to_string()),
         };
@@ -1065,34 +1284,45 @@ pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
         .map_err(|e| Error::State(format!("commit journal of run {run}: {e}")))?;
     let undone = tokio::task::spawn_blocking(move || {
         let mut problems = Vec::new();
+        let mut moved = 0usize;
         for m in journal.moves.iter().rev() {
-            let in_target = crate::fsx::exists_beneath(&m.data_dir, &m.rel).unwrap_or(false);
-            let in_staging = crate::fsx::exists_beneath(&m.staging, &m.rel).unwrap_or(false);
-            if in_target && !in_staging {
-                // The commit removes each staging dir once emptied: make it again.
-                if let Err(e) = std::fs::create_dir_all(&m.staging) {
-                    problems.push(format!("{}: {e}", m.staging.display()));
+            let staged = match m.in_staging(&m.rel) {
+                Ok(p) => p,
+                Err(e) => {
+                    problems.push(e.to_string());
                     continue;
                 }
-                if let Err(e) = crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel)
-                {
+            };
+            let in_target = crate::fsx::exists_beneath(&m.data_dir, &m.rel).unwrap_or(false);
+            let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged).unwrap_or(false);
+            if in_target && !in_staging {
+                // The commit removes each staging dir once emptied: the move back
+                // makes it again, beneath the data dir and never through a link.
+                if let Err(e) = m.move_back() {
                     problems.push(format!("{}: {e}", m.data_dir.join(&m.rel).display()));
                     continue;
                 }
+                moved += 1;
             }
             m.remove_created();
         }
-        problems
+        (problems, moved)
     })
     .await
     .map_err(|e| Error::State(format!("rollback worker failed: {e}")))?;
+    let (undone, moved) = undone;
     if !undone.is_empty() {
         return Err(Error::State(format!(
             "the interrupted commit of run {run} could not be rolled back: {}",
             undone.join("; ")
         )));
     }
-    tracing::warn!(run, "rolled back the commit a kill interrupted");
+    if moved > 0 {
+        tracing::warn!(
+            run,
+            "an interrupted commit was rolled back: {moved} entries moved back out of the target into staging"
+        );
+    }
     let sid = step_id.to_string();
     ctx.state
         .call(move |s| s.set_scratch(run, &sid, None))
@@ -1146,7 +1376,7 @@ fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()>
             failure = Some(e);
             break;
         }
-        match crate::fsx::rename_beneath(&m.staging, &m.rel, &m.data_dir, &m.rel) {
+        match m.move_in() {
             Ok(()) => done.push(m),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 failure = Some(Error::Checks(vec![format!(
@@ -1163,7 +1393,7 @@ fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()>
     }
     if let Some(e) = failure {
         for m in done.into_iter().rev() {
-            match crate::fsx::rename_beneath(&m.data_dir, &m.rel, &m.staging, &m.rel) {
+            match m.move_back() {
                 Ok(()) => m.remove_created(),
                 Err(err) => {
                     tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
@@ -1173,7 +1403,7 @@ fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()>
         return Err(e);
     }
     for m in moves {
-        m.set_created_metadata(&m.data_dir);
+        m.set_created_metadata(false);
     }
     for (dir, data_dir) in staging {
         // What is left: the record, and for a partial restore the empty parents of

@@ -3,6 +3,7 @@
 //! errors retried with backoff, every step given the run's cancellation signal.
 
 pub mod actions;
+mod staged;
 
 use crate::checks::{Disk, RealDisk};
 use crate::cluster::Cluster;
@@ -211,6 +212,7 @@ impl Engine {
                 actions::roll_back_commit(ctx, &s.id).await?;
             }
         }
+        actions::snapshot_unchanged(ctx).await?;
         let mut gone = Vec::new();
         for step in &ctx.spec.steps {
             let Some(rec) = records.iter().find(|r| r.id == step.id) else {
@@ -219,7 +221,10 @@ impl Engine {
             if rec.status != Status::Complete {
                 continue;
             }
-            if let Err(why) = actions::effects_hold(ctx, step, rec.output.as_deref()).await {
+            if let Err(why) =
+                actions::effects_hold(ctx, step, rec.output.as_deref(), actions::Depth::Content)
+                    .await
+            {
                 tracing::warn!(step = %step.id, "redoing the step: {why}");
                 gone.push((step.id.clone(), why));
             }

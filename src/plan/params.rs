@@ -121,16 +121,25 @@ impl Env for BTreeMap<String, String> {
 
 fn read_value(key: &str, raw: &str) -> Result<(String, Source), String> {
     if let Some(path) = raw.strip_prefix('@') {
-        let size = std::fs::metadata(Path::new(path))
-            .map_err(|e| format!("{key}: cannot read value from file {path}: {e}"))?
-            .len();
-        if size > MAX_FILE_VALUE {
+        use std::io::Read;
+        let cannot = |e: std::io::Error| format!("{key}: cannot read value from file {path}: {e}");
+        let file = std::fs::File::open(Path::new(path)).map_err(cannot)?;
+        if file.metadata().map_err(cannot)?.is_dir() {
+            return Err(format!("{key}: the value file {path} is a directory"));
+        }
+        // Read at most one byte more than accepted: a size from stat says nothing
+        // for a pipe or a device (`@/dev/zero` would never end).
+        let mut bytes = Vec::new();
+        file.take(MAX_FILE_VALUE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(cannot)?;
+        if bytes.len() as u64 > MAX_FILE_VALUE {
             return Err(format!(
-                "{key}: the value file {path} is {size} bytes; at most {MAX_FILE_VALUE} are accepted"
+                "{key}: the value file {path} holds more than {MAX_FILE_VALUE} bytes, the most accepted"
             ));
         }
-        let text = std::fs::read_to_string(Path::new(path))
-            .map_err(|e| format!("{key}: cannot read value from file {path}: {e}"))?;
+        let text = String::from_utf8(bytes)
+            .map_err(|_| format!("{key}: the value file {path} is not UTF-8 text"))?;
         // One trailing newline is an artefact of `echo > file`, not part of the value.
         let text = text
             .strip_suffix('\n')
@@ -483,6 +492,20 @@ mod tests {
         assert_eq!(params.sources()["B"], Source::Env);
         assert_eq!(params.sources()["D"], Source::File);
         assert_eq!(params.redacted().0["D"], redact::MASK);
+    }
+
+    #[test]
+    fn a_value_file_is_read_bounded_whatever_stat_says() {
+        // /dev/zero has size 0 and never ends: the read must stop on its own.
+        let err = read_value("K", "@/dev/zero").expect_err("must refuse");
+        assert!(err.contains("more than"), "{err}");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let err = read_value("K", &format!("@{}", dir.path().display())).expect_err("dir");
+        assert!(err.contains("directory"), "{err}");
+        let f = dir.path().join("ok");
+        std::fs::write(&f, "x".repeat(MAX_FILE_VALUE as usize)).expect("write");
+        let (v, src) = read_value("K", &format!("@{}", f.display())).expect("at the limit");
+        assert_eq!((v.len() as u64, src), (MAX_FILE_VALUE, Source::File));
     }
 
     #[test]

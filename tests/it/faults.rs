@@ -308,3 +308,220 @@ fn a_partial_restore_failing_mid_commit_leaves_the_target_as_it_was() {
     assert!(!restored.contains_key("app/orders-2"), "not selected");
     assert_no_leftovers(&sb, "tgt", 1);
 }
+
+/// The one staging dir of a killed restore in `dir`.
+fn staging_of(dir: &Path) -> std::path::PathBuf {
+    let found: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with(".cairn-staging-")
+        })
+        .collect();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found[0].clone()
+}
+
+/// Change a file's bytes, keeping its size and time.
+fn edit_same_size(file: &Path) {
+    let m = std::fs::metadata(file).unwrap();
+    let mut data = std::fs::read(file).unwrap();
+    data[0] ^= 0xff;
+    std::fs::write(file, &data).unwrap();
+    let t = filetime::FileTime::from_last_modification_time(&m);
+    filetime::set_file_times(file, t, t).unwrap();
+}
+
+/// Whatever happens to staged data between a kill and the resume, the resume
+/// restores the snapshot: a resume trusts no staged byte it has not read again.
+#[test]
+fn staged_data_changed_after_a_kill_is_staged_again() {
+    use std::os::unix::fs::PermissionsExt;
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home-b", None, &backup).status.success());
+    type Tamper = Box<dyn Fn(&Path)>;
+    let tampers: Vec<(&str, Tamper)> = vec![
+        (
+            "same-size edit, time kept",
+            Box::new(|s: &Path| edit_same_size(&s.join("app/users-1/nb-1-Data.db"))),
+        ),
+        (
+            "chmod",
+            Box::new(|s: &Path| {
+                std::fs::set_permissions(
+                    s.join("app/users-1/nb-1-Data.db"),
+                    std::fs::Permissions::from_mode(0o666),
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "touch",
+            Box::new(|s: &Path| {
+                let t = filetime::FileTime::from_unix_time(1_000_000, 0);
+                filetime::set_file_times(s.join("app/users-1/nb-1-Data.db"), t, t).unwrap()
+            }),
+        ),
+        (
+            "rename",
+            Box::new(|s: &Path| {
+                std::fs::rename(
+                    s.join("app/users-1/nb-1-Data.db"),
+                    s.join("app/users-1/nb-9-Data.db"),
+                )
+                .unwrap()
+            }),
+        ),
+        (
+            "link swapped",
+            Box::new(|s: &Path| {
+                std::fs::remove_file(s.join("app/users-1/latest")).unwrap();
+                std::os::unix::fs::symlink("nb-1-Index.db", s.join("app/users-1/latest")).unwrap()
+            }),
+        ),
+    ];
+    for (i, (what, tamper)) in tampers.iter().enumerate() {
+        let (home, name) = (format!("home-{i}"), format!("tgt-{i}"));
+        let tgt = target_cluster(sb.dir.path(), &name, 1);
+        let restore = start_args("restore-local", &tgt, "s", &[]);
+        let out = cairn_v(
+            &sb,
+            &home,
+            Some("before:commit/commit-restore=return(kill)"),
+            &restore,
+        );
+        assert_eq!(out.status.code(), None, "{what}: {:?}", text(&out));
+        tamper(&staging_of(&sb.path(&format!("{name}/node-0"))));
+        let out = cairn(&sb, &home, None, &["plan", "resume", "1", "-q"]);
+        assert!(out.status.success(), "{what}: {:?}", text(&out));
+        assert_restored(&sb, &name, 1);
+        assert_no_leftovers(&sb, &name, 1);
+    }
+}
+
+/// A commit killed midway, then an edit of a keyspace it had already moved into
+/// the target: the rollback takes it back, the resume stages it again.
+#[test]
+fn a_keyspace_edited_after_a_kill_mid_commit_is_restored_from_the_snapshot() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let restore = start_args("restore-local", &tgt, "s", &[]);
+    let out = cairn_v(&sb, "home", Some("commit-rename:1=return(kill)"), &restore);
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    let moved = sb.path("tgt/node-0/app/users-1/nb-1-Data.db");
+    assert!(moved.exists(), "the first rename was done");
+    edit_same_size(&moved);
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_restored(&sb, "tgt", 1);
+    assert_no_leftovers(&sb, "tgt", 1);
+}
+
+/// A staging dir replaced by a link after a kill mid-commit: the rollback never
+/// follows it, and the resume stops instead of writing outside the target.
+#[test]
+fn a_rollback_never_follows_a_staging_dir_swapped_for_a_link() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let restore = start_args("restore-local", &tgt, "s", &[]);
+    let out = cairn_v(&sb, "home", Some("commit-rename:1=return(kill)"), &restore);
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    let staging = staging_of(&sb.path("tgt/node-0"));
+    std::fs::rename(&staging, sb.path("moved-away")).unwrap();
+    std::fs::create_dir(sb.path("outside")).unwrap();
+    std::os::unix::fs::symlink(sb.path("outside"), &staging).unwrap();
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert!(
+        tree(&sb.path("outside")).is_empty(),
+        "written through the link: {:?}",
+        tree(&sb.path("outside"))
+    );
+    assert!(text(&out).1.contains("symbolic link"), "{:?}", text(&out).1);
+    assert_ne!(status(&sb, "home", 2), "COMPLETE");
+}
+
+/// A snapshot replaced in the store between a kill and the resume: the resume is
+/// refused (it would mix two versions); a new restore restores the new one.
+#[test]
+fn a_snapshot_replaced_after_a_kill_is_never_mixed_into_a_restore() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 1000);
+    let backup = start_args("backup-local", &src, "s", &[]);
+    assert!(cairn_v(&sb, "home-b", None, &backup).status.success());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    let restore = start_args("restore-local", &tgt, "s", &["STRATEGY=serial"]);
+    let out = cairn_v(
+        &sb,
+        "home",
+        Some("after:stage/stage-node/node-0=return(kill)"),
+        &restore,
+    );
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    // Another backup under the same name replaces the snapshot.
+    std::fs::write(sb.path("src/node-1/app/users-1/nb-1-Data.db"), b"new data").unwrap();
+    std::fs::remove_dir_all(sb.path("store/s")).unwrap();
+    // The killed restore's lock is refused by name, then broken on request.
+    let out = cairn_v(&sb, "home-b", None, &backup);
+    assert_eq!(out.status.code(), Some(4), "{:?}", text(&out));
+    assert!(text(&out).1.contains("gone"), "{:?}", text(&out).1);
+    let mut again = backup.clone();
+    again.push("--break-lock".into());
+    let out = cairn_v(&sb, "home-b", None, &again);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = cairn(&sb, "home", None, &["plan", "resume", "1", "-q"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("changed"), "{:?}", text(&out).1);
+    assert!(
+        !sb.path("tgt/node-0/app").exists(),
+        "nothing may be committed from the old version"
+    );
+    let out = cairn_v(&sb, "home", None, &restore);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_restored(&sb, "tgt", 2);
+    assert_no_leftovers(&sb, "tgt", 2);
+}
+
+/// A node object changed in the store after a kill (same size): the resume reads
+/// it again, uploads it again, and the snapshot verifies.
+#[test]
+fn a_backup_object_changed_after_a_kill_is_uploaded_again() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 1000);
+    let backup = start_args("backup-local", &src, "s", &["STRATEGY=serial"]);
+    let out = cairn_v(
+        &sb,
+        "home",
+        Some("after:backup/backup-node/node-0=return(kill)"),
+        &backup,
+    );
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    edit_same_size(&sb.path("store/s/node-0.tar.gz"));
+    let out = cairn(&sb, "home", None, &["plan", "resume", "1", "-q"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = cairn(
+        &sb,
+        "home",
+        None,
+        &[
+            "snapshots",
+            "verify",
+            "s",
+            "--store",
+            "store",
+            "--read-data",
+        ],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+}

@@ -589,3 +589,87 @@ fn a_killed_run_shows_as_interrupted() {
     assert_eq!(out.status.code(), None);
     assert_eq!(status_json(&sb, 1)["run"]["status"], "INTERRUPTED");
 }
+
+/// Second review: a backup refuses what its restore would refuse (links through
+/// links, reserved names deep inside a table) instead of completing a snapshot
+/// nobody can restore; loose files at the top of a data dir are named.
+#[test]
+fn a_backup_refuses_what_its_restore_would_refuse() {
+    let sb = Sandbox::new();
+    let node = sb.path("src/node-0");
+    fill_node(&node, 0, 10);
+    let c = cluster_file(&sb.path("c.toml"), "c", &[(0, node.clone())], "");
+    // l2 -> l1 -> file: resolving l2 passes through the link l1.
+    std::os::unix::fs::symlink("latest", node.join("app/users-1/l2")).unwrap();
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("app/users-1/l2"),
+        "{:?}",
+        text(&out).1
+    );
+    assert!(!sb.path("store/s/manifest.json").exists());
+    std::fs::remove_file(node.join("app/users-1/l2")).unwrap();
+
+    std::fs::write(node.join("app/users-1/.cairn-staged.json"), b"{}").unwrap();
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("reserved"), "{:?}", text(&out).1);
+    std::fs::remove_file(node.join("app/users-1/.cairn-staged.json")).unwrap();
+
+    std::fs::write(node.join("notes.txt"), b"not a keyspace").unwrap();
+    let out = sb.run_v(&start_args("backup-local", &c, "s", &[]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).1.contains("notes.txt"), "{:?}", text(&out).1);
+    // What completed restores.
+    let tgt = one_node_target(&sb);
+    let out = restore(&sb, &tgt, "s", &[]);
+    assert!(out.status.success(), "{:?}", text(&out));
+}
+
+/// Second review: links where a restore writes. A link at RESTORE_DIR/node-<i> is
+/// refused, a data dir that is a dangling link gets a clear refusal, and a dangling
+/// link in a keyspace's place is a clash found before anything is staged.
+#[test]
+fn links_in_the_way_of_a_restore_are_refused_before_it_starts() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10);
+    backup(&sb, &src, "s");
+    let tgt = one_node_target(&sb);
+
+    std::fs::create_dir_all(sb.path("rd")).unwrap();
+    std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(sb.path("elsewhere"), sb.path("rd/node-0")).unwrap();
+    let rd = format!("RESTORE_DIR={}", sb.path("rd").display());
+    let out = restore(&sb, &tgt, "s", &[&rd]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("symbolic link"), "{:?}", text(&out).1);
+    assert!(tree(&sb.path("elsewhere")).is_empty());
+
+    std::os::unix::fs::symlink(sb.path("nowhere"), sb.path("tgt")).unwrap();
+    let out = restore(&sb, &tgt, "s", &[]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    std::fs::remove_file(sb.path("tgt")).unwrap();
+    let out = restore(&sb, &tgt, "s", &[]);
+    // tgt/node-0 under a dangling tgt link: now tgt is gone, so this one restores.
+    assert!(out.status.success(), "{:?}", text(&out));
+
+    let tgt2 = target_cluster(sb.dir.path(), "tgt2", 1);
+    std::fs::create_dir_all(sb.path("tgt2/node-0")).unwrap();
+    std::os::unix::fs::symlink(sb.path("gone"), sb.path("tgt2/node-0/app")).unwrap();
+    let out = restore(&sb, &tgt2, "s", &[]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("already exist"), "{:?}", text(&out).1);
+    let last = sb.ok(&["plan", "history", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&last.stdout).unwrap();
+    let runs = v.as_array().or_else(|| v["runs"].as_array()).unwrap();
+    assert!(
+        runs.iter().any(|r| r["status"] == "REFUSED"),
+        "refused in pre-flight: {v}"
+    );
+    assert_eq!(
+        std::fs::read_dir(sb.path("tgt2/node-0")).unwrap().count(),
+        1,
+        "nothing staged"
+    );
+}

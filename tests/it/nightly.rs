@@ -415,6 +415,11 @@ fn partial_restore_restores_exactly_what_was_asked() {
         ],
     );
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("PATHS entry \"app/nope\""),
+        "{:?}",
+        text(&out)
+    );
 }
 
 #[test]
