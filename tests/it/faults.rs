@@ -89,6 +89,22 @@ fn cairn_v(
     c.output().unwrap()
 }
 
+/// Back up an `n`-node source (with `extra` parameters) as snapshot `s` in the
+/// state home `home`; returns the backup's command line.
+fn backed_up(sb: &Sandbox, home: &str, n: u32, extra: &[&str]) -> Vec<String> {
+    let src = source_cluster(sb.dir.path(), n, 1000);
+    let backup = start_args("backup-local", &src, "s", extra);
+    let out = cairn_v(sb, home, None, &backup);
+    assert!(out.status.success(), "{:?}", text(&out));
+    backup
+}
+
+/// Run `args` with the fail point `fp`, which must kill the process.
+fn killed_at(sb: &Sandbox, home: &str, fp: &str, args: &[String]) {
+    let out = cairn_v(sb, home, Some(fp), args);
+    assert_eq!(out.status.code(), None, "{fp}: {:?}", text(&out));
+}
+
 fn backup_matrix(strategy: &str) -> usize {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), NODES, 30_000);
@@ -225,18 +241,15 @@ fn fault_matrix_restore_parallel() {
 #[test]
 fn a_dead_runs_staging_is_removed_by_the_next_restore() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    backed_up(&sb, "home", 1, &[]);
     let tgt = target_cluster(sb.dir.path(), "tgt", 1);
     let restore = start_args("restore-local", &tgt, "s", &[]);
-    let out = cairn_v(
+    killed_at(
         &sb,
         "home",
-        Some("after:stage/stage-node/node-0=return(kill)"),
+        "after:stage/stage-node/node-0=return(kill)",
         &restore,
     );
-    assert_eq!(out.status.code(), None);
     let staging = |sb: &Sandbox| -> Vec<String> {
         std::fs::read_dir(sb.path("tgt/node-0"))
             .unwrap()
@@ -266,9 +279,7 @@ fn a_dead_runs_staging_is_removed_by_the_next_restore() {
 #[test]
 fn a_partial_restore_failing_mid_commit_leaves_the_target_as_it_was() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    backed_up(&sb, "home", 1, &[]);
     let tgt = target_cluster(sb.dir.path(), "tgt", 1);
     std::fs::create_dir_all(sb.path("tgt/node-0/other")).unwrap();
     // The data dir's own mtime changes (staging is made inside it); its contents
@@ -341,9 +352,7 @@ fn edit_same_size(file: &Path) {
 fn staged_data_changed_after_a_kill_is_staged_again() {
     use std::os::unix::fs::PermissionsExt;
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home-b", None, &backup).status.success());
+    backed_up(&sb, "home-b", 1, &[]);
     type Tamper = Box<dyn Fn(&Path)>;
     let tampers: Vec<(&str, Tamper)> = vec![
         (
@@ -409,13 +418,10 @@ fn staged_data_changed_after_a_kill_is_staged_again() {
 #[test]
 fn a_keyspace_edited_after_a_kill_mid_commit_is_restored_from_the_snapshot() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    backed_up(&sb, "home", 1, &[]);
     let tgt = target_cluster(sb.dir.path(), "tgt", 1);
     let restore = start_args("restore-local", &tgt, "s", &[]);
-    let out = cairn_v(&sb, "home", Some("commit-rename:1=return(kill)"), &restore);
-    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    killed_at(&sb, "home", "commit-rename:1=return(kill)", &restore);
     let moved = sb.path("tgt/node-0/app/users-1/nb-1-Data.db");
     assert!(moved.exists(), "the first rename was done");
     edit_same_size(&moved);
@@ -430,13 +436,10 @@ fn a_keyspace_edited_after_a_kill_mid_commit_is_restored_from_the_snapshot() {
 #[test]
 fn a_rollback_never_follows_a_staging_dir_swapped_for_a_link() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home", None, &backup).status.success());
+    backed_up(&sb, "home", 1, &[]);
     let tgt = target_cluster(sb.dir.path(), "tgt", 1);
     let restore = start_args("restore-local", &tgt, "s", &[]);
-    let out = cairn_v(&sb, "home", Some("commit-rename:1=return(kill)"), &restore);
-    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    killed_at(&sb, "home", "commit-rename:1=return(kill)", &restore);
     let staging = staging_of(&sb.path("tgt/node-0"));
     std::fs::rename(&staging, sb.path("moved-away")).unwrap();
     std::fs::create_dir(sb.path("outside")).unwrap();
@@ -457,18 +460,15 @@ fn a_rollback_never_follows_a_staging_dir_swapped_for_a_link() {
 #[test]
 fn a_snapshot_replaced_after_a_kill_is_never_mixed_into_a_restore() {
     let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 2, 1000);
-    let backup = start_args("backup-local", &src, "s", &[]);
-    assert!(cairn_v(&sb, "home-b", None, &backup).status.success());
+    let backup = backed_up(&sb, "home-b", 2, &[]);
     let tgt = target_cluster(sb.dir.path(), "tgt", 2);
     let restore = start_args("restore-local", &tgt, "s", &["STRATEGY=serial"]);
-    let out = cairn_v(
+    killed_at(
         &sb,
         "home",
-        Some("after:stage/stage-node/node-0=return(kill)"),
+        "after:stage/stage-node/node-0=return(kill)",
         &restore,
     );
-    assert_eq!(out.status.code(), None, "{:?}", text(&out));
     // Another backup under the same name replaces the snapshot.
     std::fs::write(sb.path("src/node-1/app/users-1/nb-1-Data.db"), b"new data").unwrap();
     std::fs::remove_dir_all(sb.path("store/s")).unwrap();
@@ -500,13 +500,12 @@ fn a_backup_object_changed_after_a_kill_is_uploaded_again() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 2, 1000);
     let backup = start_args("backup-local", &src, "s", &["STRATEGY=serial"]);
-    let out = cairn_v(
+    killed_at(
         &sb,
         "home",
-        Some("after:backup/backup-node/node-0=return(kill)"),
+        "after:backup/backup-node/node-0=return(kill)",
         &backup,
     );
-    assert_eq!(out.status.code(), None, "{:?}", text(&out));
     edit_same_size(&sb.path("store/s/node-0.tar.gz"));
     let out = cairn(&sb, "home", None, &["plan", "resume", "1", "-q"]);
     assert!(out.status.success(), "{:?}", text(&out));
