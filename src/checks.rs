@@ -243,6 +243,25 @@ pub async fn restore(
                 .filter(|p| info.files.iter().any(|f| crate::cluster::under(&f.path, p)))
                 .filter(|p| std::fs::symlink_metadata(node.data_dir.join(p)).is_ok())
                 .collect();
+            // A restored path is never written through a link in the target.
+            for p in &selection.paths {
+                let mut at = node.data_dir.clone();
+                let parts: Vec<&str> = p.split('/').collect();
+                for part in &parts[..parts.len().saturating_sub(1)] {
+                    at.push(part);
+                    if at
+                        .symlink_metadata()
+                        .is_ok_and(|m| m.file_type().is_symlink())
+                    {
+                        problems.push(format!(
+                            "node {}: {} is a symbolic link: a restore of {p} never writes through a link",
+                            node.index,
+                            at.display()
+                        ));
+                        break;
+                    }
+                }
+            }
             if !clash.is_empty() {
                 problems.push(format!(
                     "node {}: already present in {}: {} (restore never overwrites; move them away or restore into another directory with RESTORE_DIR)",

@@ -49,6 +49,16 @@ pub enum Error {
     #[error("pre-flight checks refused the run ({} problem(s)):\n  - {}", .0.len(), .0.join("\n  - "))]
     Checks(Vec<String>),
 
+    /// Refused after pre-flight (a resume, a commit): what was checked no longer
+    /// holds; nothing was moved into place.
+    #[error("refused ({} problem(s)):\n  - {}", .0.len(), .0.join("\n  - "))]
+    Refused(Vec<String>),
+
+    /// A local operation failed and was not undone (a rollback that could not
+    /// finish); the message says what is left where.
+    #[error("{0}")]
+    Unfinished(String),
+
     /// A store operation failed.
     #[error("store {op} {key}: {message}")]
     Store {
@@ -153,7 +163,7 @@ impl Error {
             Error::Usage(_) | Error::Plan { .. } | Error::Cluster { .. } | Error::Params(_) => {
                 exit::USAGE
             }
-            Error::Checks(_) => exit::CHECK_REFUSED,
+            Error::Checks(_) | Error::Refused(_) => exit::CHECK_REFUSED,
             Error::NotFound(_) => exit::NOT_FOUND,
             Error::Locked(_) => exit::LOCKED,
             Error::Cancelled => exit::CANCELLED,

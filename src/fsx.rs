@@ -113,6 +113,22 @@ pub fn exists_beneath(root: &Path, rel: &Path) -> io::Result<bool> {
     }
 }
 
+/// The identity (device, inode) of `root/rel`, without following a symlink at
+/// its end or below `root`; `None` if it does not exist.
+pub fn ident_beneath(root: &Path, rel: &Path) -> io::Result<Option<(u64, u64)>> {
+    let (dir, name) = split(rel)?;
+    let fd = match open_dir_beneath(root, dir, false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(to_io(e)),
+    }
+}
+
 /// Give the directory `root/rel` a mode and modification time, through a handle
 /// opened without following a symlink below `root`.
 pub fn set_dir_meta_beneath(root: &Path, rel: &Path, mode: u32, mtime: i64) -> io::Result<()> {
@@ -130,6 +146,33 @@ pub fn remove_empty_dir_beneath(root: &Path, rel: &Path) -> io::Result<()> {
     let fd = open_dir_beneath(root, dir, false)?;
     rustix::fs::unlinkat(&fd, name, AtFlags::REMOVEDIR).map_err(to_io)
 }
+
+/// Read a small text file (a cluster description, a plan): only a regular file
+/// (a FIFO would block, a device never end), at most `max` bytes, UTF-8.
+pub fn read_small_text(path: &Path, max: u64) -> io::Result<String> {
+    use std::io::Read;
+    if !std::fs::metadata(path)?.is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ));
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(max + 1)
+        .read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("larger than {max} bytes, the most accepted"),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// The most a cluster description or a plan file may hold.
+pub const MAX_DESCRIPTION: u64 = 1 << 20;
 
 #[cfg(test)]
 mod tests {

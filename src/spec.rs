@@ -365,8 +365,12 @@ pub fn expand_steps(plan: &Plan, cluster: &Cluster) -> Vec<StepRef> {
 }
 
 impl RunSpec {
+    /// The spec as stored: a secret a plan templated into any field (a store
+    /// URL, a path) is masked, structurally.
     pub fn to_json(&self) -> Result<String> {
-        serde_json::to_string(self).map_err(|e| Error::State(format!("run spec: {e}")))
+        let v = serde_json::to_value(self).map_err(|e| Error::State(format!("run spec: {e}")))?;
+        serde_json::to_string(&crate::redact::redact_json(&v))
+            .map_err(|e| Error::State(format!("run spec: {e}")))
     }
 
     pub fn from_json(text: &str) -> Result<RunSpec> {

@@ -109,8 +109,13 @@ pub struct Node {
 
 impl Cluster {
     pub fn load(path: &Path) -> Result<Cluster> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::io("read cluster description", path, e))?;
+        // Bad input (exit 2), whether missing, not a file, too big or not text.
+        let text = crate::fsx::read_small_text(path, crate::fsx::MAX_DESCRIPTION).map_err(|e| {
+            Error::Cluster {
+                file: path.display().to_string(),
+                message: format!("cannot read it: {e}"),
+            }
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let base = if base.as_os_str().is_empty() {
             Path::new(".")

@@ -72,7 +72,7 @@ pub async fn snapshot_unchanged(ctx: &Arc<RunCtx>) -> Result<()> {
     };
     let now = manifest_digest(ctx.manifest().await?)?;
     if now != out.manifest_sha256 {
-        return Err(Error::Checks(vec![format!(
+        return Err(Error::Refused(vec![format!(
             "snapshot {:?} changed in {} since run {run} checked it (its manifest is another); a restore never mixes two versions of a snapshot: start a new restore",
             ctx.spec.snapshot,
             ctx.store.describe()
@@ -97,6 +97,10 @@ struct StageOutput {
     /// The digest of every entry's path, kind, mode, size, time, content and link
     /// target (see [`super::staged`]).
     tree: String,
+    /// The directories above the paths of a partial restore, with their mode and
+    /// time as staged (the digest leaves their times out: moves change them).
+    #[serde(default)]
+    parents: Vec<CreatedDir>,
 }
 
 /// What a restore-manager step records: where the replaced state was kept.
@@ -126,9 +130,13 @@ struct Move {
     /// removed again (if empty) on rollback.
     #[serde(default)]
     created: Vec<CreatedDir>,
+    /// The staged entry's (device, inode) before the commit: a rename keeps it, so
+    /// a rollback knows an entry in the target as the one it moved.
+    #[serde(default)]
+    ident: Option<(u64, u64)>,
 }
 
-#[derive(Debug, Serialize, Deserialize, Clone)]
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
 struct CreatedDir {
     path: PathBuf,
     mode: u32,
@@ -136,27 +144,25 @@ struct CreatedDir {
 }
 
 impl Move {
-    fn new(staging: PathBuf, data_dir: PathBuf, rel: PathBuf) -> Move {
-        use std::os::unix::fs::MetadataExt;
+    /// `parents`: the staged parents' metadata as recorded by the stage step.
+    fn new(staging: PathBuf, data_dir: PathBuf, rel: PathBuf, parents: &[CreatedDir]) -> Move {
         let created = rel
             .ancestors()
             .skip(1)
             .filter(|a| !a.as_os_str().is_empty())
             .filter(|a| std::fs::symlink_metadata(data_dir.join(a)).is_err())
-            .filter_map(|a| {
-                let m = std::fs::symlink_metadata(staging.join(a)).ok()?;
-                Some(CreatedDir {
-                    path: a.to_path_buf(),
-                    mode: m.mode() & 0o777,
-                    mtime: m.mtime(),
-                })
-            })
+            .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
             .collect();
+        let ident = std::fs::symlink_metadata(staging.join(&rel)).ok().map(|m| {
+            use std::os::unix::fs::MetadataExt;
+            (m.dev(), m.ino())
+        });
         Move {
             staging,
             data_dir,
             rel,
             created,
+            ident,
         }
     }
 
@@ -260,6 +266,12 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             let problems = tokio::task::spawn_blocking(move || {
                 let mut problems = Vec::new();
                 for n in &cluster.nodes {
+                    problems.extend(foreign_reserved(&n.data_dir).into_iter().map(|name| {
+                        format!(
+                            "node {}: {name} uses a name reserved for cairn's own files ({RESERVED_PREFIX}*) and would be left out; rename it",
+                            n.index
+                        )
+                    }));
                     let loose = loose_entries(&n.data_dir);
                     if !loose.is_empty() {
                         tracing::warn!(
@@ -301,7 +313,10 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
         Action::CheckRestore => {
-            data_dirs_fit(ctx)?;
+            let problems = data_dirs_fit(ctx);
+            if !problems.is_empty() {
+                return Err(Error::Checks(problems));
+            }
             clean_dead_staging(ctx).await?;
             let m = checks::restore(
                 &ctx.cluster,
@@ -348,7 +363,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
 /// A link in its place is followed only where the cluster description names it
 /// (a data dir kept on another disk), and must lead somewhere; under RESTORE_DIR,
 /// where cairn makes `node-<i>` itself, a link is refused.
-fn data_dirs_fit(ctx: &RunCtx) -> Result<()> {
+pub fn data_dirs_fit(ctx: &RunCtx) -> Vec<String> {
     let mut problems = Vec::new();
     for n in &ctx.cluster.nodes {
         let d = &n.data_dir;
@@ -400,11 +415,22 @@ fn data_dirs_fit(ctx: &RunCtx) -> Result<()> {
             ));
         }
     }
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        Err(Error::Checks(problems))
-    }
+    problems
+}
+
+/// Entries at the top of a data dir with a reserved name that cairn did not
+/// make (its staging dirs are its own).
+fn foreign_reserved(data_dir: &Path) -> Vec<String> {
+    let Ok(rd) = std::fs::read_dir(data_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = rd
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(RESERVED_PREFIX) && !n.starts_with(".cairn-staging-"))
+        .collect();
+    out.sort();
+    out
 }
 
 /// Entries at the top of a data dir that are no keyspace (plain files, links to
@@ -594,6 +620,7 @@ pub async fn effects_hold(
             }
             let files = info.files.clone();
             let expected_dir = staging_dir(ctx, node);
+            let above = staged::parents_of(&ctx.spec.selection.paths);
             return tokio::task::spawn_blocking(move || {
                 let recorded: HashMap<&str, &str> = files
                     .iter()
@@ -603,7 +630,7 @@ pub async fn effects_hold(
                     Depth::Metadata => staged::Content::Recorded(&recorded),
                     Depth::Content => staged::Content::Read,
                 };
-                staged_ok(&expected_dir, &out, &content)
+                staged_ok(&expected_dir, &out, &content, &above)
             })
             .await
             .map_err(|e| e.to_string())?;
@@ -647,6 +674,7 @@ fn staged_ok(
     dir: &Path,
     out: &StageOutput,
     content: &staged::Content<'_>,
+    moving_parents: &std::collections::HashSet<String>,
 ) -> std::result::Result<(), String> {
     if out.staging != dir {
         return Err(format!(
@@ -670,7 +698,7 @@ fn staged_ok(
             dir.display()
         ));
     }
-    let tree = staged::tree(dir, STAGED_RECORD, content)
+    let tree = staged::tree(dir, STAGED_RECORD, content, moving_parents)
         .map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
     if (tree.entries, tree.bytes) != (out.entries, out.bytes) {
         return Err(format!(
@@ -1064,7 +1092,9 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
         entries: 0,
         bytes: 0,
         tree: String::new(),
+        parents: Vec::new(),
     };
+    let paths = ctx.spec.selection.paths.clone();
     let recorded = tokio::task::spawn_blocking(move || {
         // Unpacking verified every file against the manifest: its hashes stand in
         // for a second read.
@@ -1073,12 +1103,32 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
             .iter()
             .map(|f| (f.path.as_str(), f.sha256.as_str()))
             .collect();
-        let tree = staged::tree(&dir, STAGED_RECORD, &staged::Content::Recorded(&files))
-            .map_err(|e| Error::io("measure", &dir, e))?;
+        let above = staged::parents_of(&paths);
+        let tree = staged::tree(
+            &dir,
+            STAGED_RECORD,
+            &staged::Content::Recorded(&files),
+            &above,
+        )
+        .map_err(|e| Error::io("measure", &dir, e))?;
+        let mut parents: Vec<CreatedDir> = above
+            .iter()
+            .filter_map(|a| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::symlink_metadata(dir.join(a)).ok()?;
+                m.is_dir().then(|| CreatedDir {
+                    path: PathBuf::from(a),
+                    mode: m.mode() & 0o777,
+                    mtime: m.mtime(),
+                })
+            })
+            .collect();
+        parents.sort_by(|a, b| a.path.cmp(&b.path));
         let out = StageOutput {
             entries: tree.entries,
             bytes: tree.bytes,
             tree: tree.digest,
+            parents,
             ..out
         };
         let path = dir.join(STAGED_RECORD);
@@ -1169,6 +1219,11 @@ pub async fn read_object(
 }
 
 async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
+    // What pre-flight found may have changed since (a resume): check again.
+    let problems = data_dirs_fit(ctx);
+    if !problems.is_empty() {
+        return Err(Error::Refused(problems));
+    }
     // Every staged node this commit consumes must hold what its step staged; a
     // missing one is marked to be staged again, never skipped.
     let run = ctx.run_id;
@@ -1206,7 +1261,23 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             lines.join("; ")
         )));
     }
-    let moves = planned_moves(ctx)?;
+    // The staged parents' metadata as recorded when staged (their times in
+    // staging are not trusted: moves change them).
+    let mut parents: HashMap<u32, Vec<CreatedDir>> = HashMap::new();
+    for s in ctx
+        .spec
+        .steps
+        .iter()
+        .filter(|s| s.action == Action::StageNode)
+    {
+        let rec = records.iter().find(|r| r.id == s.id);
+        if let (Some(n), Some(r)) = (s.node, rec)
+            && let Ok(out) = decode::<StageOutput>(&s.id, r.output.as_deref())
+        {
+            parents.insert(n, out.parents);
+        }
+    }
+    let moves = planned_moves(ctx, &parents)?;
     let journal = encode(&CommitJournal {
         v: OUTPUT_VERSION,
         moves: moves.clone(),
@@ -1232,11 +1303,12 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
 
 /// What the commit moves: each staged keyspace (or, for a partial restore, each
 /// staged path) to the same place in its data dir.
-fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
+fn planned_moves(ctx: &RunCtx, parents: &HashMap<u32, Vec<CreatedDir>>) -> Result<Vec<Move>> {
     let paths = &ctx.spec.selection.paths;
     let mut moves = Vec::new();
     for n in &ctx.cluster.nodes {
         let staging = staging_dir(ctx, n);
+        let recorded = parents.get(&n.index).map_or(&[][..], Vec::as_slice);
         if !paths.is_empty() {
             for p in paths {
                 if std::fs::symlink_metadata(staging.join(p)).is_ok() {
@@ -1244,6 +1316,7 @@ fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
                         staging.clone(),
                         n.data_dir.clone(),
                         PathBuf::from(p),
+                        recorded,
                     ));
                 }
             }
@@ -1264,6 +1337,7 @@ fn planned_moves(ctx: &RunCtx) -> Result<Vec<Move>> {
                 staging.clone(),
                 n.data_dir.clone(),
                 PathBuf::from(name),
+                recorded,
             ));
         }
     }
@@ -1293,16 +1367,38 @@ pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
                     continue;
                 }
             };
-            let in_target = crate::fsx::exists_beneath(&m.data_dir, &m.rel).unwrap_or(false);
-            let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged).unwrap_or(false);
-            if in_target && !in_staging {
-                // The commit removes each staging dir once emptied: the move back
-                // makes it again, beneath the data dir and never through a link.
-                if let Err(e) = m.move_back() {
-                    problems.push(format!("{}: {e}", m.data_dir.join(&m.rel).display()));
+            let target = m.data_dir.join(&m.rel);
+            // Moved by the commit: the entry in the target is the one staged (a
+            // rename keeps its identity); anything else there was never moved.
+            let ours = crate::fsx::ident_beneath(&m.data_dir, &m.rel)
+                .map(|id| id.is_some() && id == m.ident);
+            let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged);
+            match (ours, in_staging) {
+                (Err(e), _) | (_, Err(e)) => {
+                    problems.push(format!("{}: {e}", target.display()));
                     continue;
                 }
-                moved += 1;
+                (Ok(true), Ok(false)) => {
+                    // The commit removes each staging dir once emptied: the move
+                    // back makes it again, beneath the data dir, never through a
+                    // link.
+                    if let Err(e) = m.move_back() {
+                        problems.push(format!("{}: {e}", target.display()));
+                        continue;
+                    }
+                    moved += 1;
+                }
+                (Ok(true), Ok(true)) => {
+                    // A kill is between renames, never inside one: one of the two
+                    // was put there since, and which is the restore's is unknown.
+                    problems.push(format!(
+                        "{} is in the target and {} in staging: the commit had moved it, and something was put in its place since; move one of them away (the other is the restore's or yours) and resume",
+                        target.display(),
+                        m.data_dir.join(&staged).display()
+                    ));
+                    continue;
+                }
+                (Ok(false), _) => {}
             }
             m.remove_created();
         }
@@ -1312,8 +1408,8 @@ pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
     .map_err(|e| Error::State(format!("rollback worker failed: {e}")))?;
     let (undone, moved) = undone;
     if !undone.is_empty() {
-        return Err(Error::State(format!(
-            "the interrupted commit of run {run} could not be rolled back: {}",
+        return Err(Error::Unfinished(format!(
+            "the interrupted commit of run {run} could not be rolled back, so nothing else was done: {}",
             undone.join("; ")
         )));
     }
@@ -1379,8 +1475,8 @@ fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()>
         match m.move_in() {
             Ok(()) => done.push(m),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                failure = Some(Error::Checks(vec![format!(
-                    "{} appeared while the restore ran; nothing was moved into place",
+                failure = Some(Error::Refused(vec![format!(
+                    "{} appeared in the target while the restore ran; nothing was moved into place",
                     m.data_dir.join(&m.rel).display()
                 )]));
                 break;

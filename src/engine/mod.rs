@@ -155,10 +155,45 @@ impl Engine {
             }
             _ => {}
         }
-        let Some(spec_json) = rec.spec_json.as_deref() else {
+        if rec.spec_json.is_none() {
             return Err(Error::Usage(format!(
                 "run {run_id} was recorded by an earlier cairn without a run spec and cannot be resumed safely; start a new run (its staging dirs .cairn-staging-{run_id} in the data dirs can be removed)"
             )));
+        }
+        // One resumer per run: two at once would redo the same steps over each other.
+        if !self.state.claim_run(&rec)? {
+            return Err(Error::Usage(format!(
+                "run {run_id} is being resumed by another process"
+            )));
+        }
+        match self.resume_claimed(run_id, &rec, cli, env).await {
+            Ok(ctx) => self.execute(ctx).await,
+            Err(e) => {
+                // Nothing ran: the run goes back to a resumable status with the
+                // error it had (this attempt's error is reported to its caller).
+                let back = match rec.status {
+                    Status::Cancelled => Status::Cancelled,
+                    _ => Status::Failed,
+                };
+                let _ = self
+                    .state
+                    .set_run_status(run_id, back, rec.error.as_deref());
+                Err(e)
+            }
+        }
+    }
+
+    /// The part of a resume after the run is claimed: compile, compare, lock,
+    /// reconcile.
+    async fn resume_claimed(
+        &self,
+        run_id: i64,
+        rec: &crate::state::RunRecord,
+        cli: &[CliParam],
+        env: &dyn Env,
+    ) -> Result<Arc<RunCtx>> {
+        let Some(spec_json) = rec.spec_json.as_deref() else {
+            return Err(Error::State(format!("run {run_id} has no run spec")));
         };
         let stored = RunSpec::from_json(spec_json)?;
         let plan = Plan::parse(&format!("run {run_id} plan {}", rec.plan), &rec.plan_source)?;
@@ -168,7 +203,8 @@ impl Engine {
         let (mut spec, run_cluster) =
             spec::compile(&plan, &params, &cluster, stored.token.clone())?;
         let store = open_store(&mut spec).await?;
-        let changed = stored.fixed_differences(&spec);
+        // Compared as stored: secrets masked on both sides.
+        let changed = stored.fixed_differences(&RunSpec::from_json(&spec.to_json()?)?);
         if !changed.is_empty() {
             return Err(Error::Usage(format!(
                 "resume cannot change what run {run_id} does ({}); resume it with its own parameters, or start a new run",
@@ -183,14 +219,14 @@ impl Engine {
                 cluster,
                 run_cluster,
                 store,
-                Some((run_id, rec.created_at)),
+                Some((run_id, rec.created_at.clone())),
             )
             .await?;
         if let Err(e) = self.reconcile(&ctx).await {
             ctx.release_lock().await;
             return Err(e);
         }
-        self.execute(ctx).await
+        Ok(ctx)
     }
 
     /// Before a resumed run goes on: steps that did not finish run again; a commit
@@ -205,6 +241,13 @@ impl Engine {
             if !s.status.is_done() && s.status != Status::Pending {
                 self.state
                     .set_step(run_id, &s.id, Status::Pending, None, None)?;
+            }
+        }
+        // A data dir swapped for a link since the run began is never followed.
+        if ctx.plan.has_action(Action::CheckRestore) {
+            let problems = actions::data_dirs_fit(ctx);
+            if !problems.is_empty() {
+                return Err(Error::Refused(problems));
             }
         }
         for s in &records {
@@ -275,8 +318,8 @@ impl Engine {
                         plan_source: &plan.source,
                         params: &redacted,
                         cluster_json: &cluster_json,
-                        store: &spec.store,
-                        snapshot: &spec.snapshot,
+                        store: &crate::redact::redact(&spec.store),
+                        snapshot: &crate::redact::redact(&spec.snapshot),
                         spec_json: &spec_json,
                         steps,
                     })

@@ -1,16 +1,18 @@
 //! What a staging dir holds, summed up as one digest so a later check can tell
 //! whether it still holds exactly what was staged.
 //!
-//! Every entry contributes its path, its kind and mode; a file its size,
-//! modification time and SHA-256; a link its target. Directory times are left
-//! out: moving an entry in or out of a directory (a commit, its rollback) changes
-//! them. A file's SHA-256 comes either from the snapshot's manifest (right after
+//! Every entry contributes its path, kind, mode and owner; a directory its
+//! modification time; a file its size, modification time and SHA-256 (and a file
+//! with other hard links is refused: it shares its bytes with a place outside); a
+//! link its target. The one exception: the times of the directories above the
+//! paths of a partial restore, which the commit and its rollback change by moving
+//! entries in and out (their times are recorded apart when staged). A file's SHA-256 comes either from the snapshot's manifest (right after
 //! staging, when unpacking has just verified every file against it: no second
 //! read) or from reading the file again (on resume, when anything may have
 //! happened to it since).
 
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::Path;
@@ -30,13 +32,20 @@ pub struct Tree {
     pub digest: String,
 }
 
-/// Sum up the tree below `dir`, leaving out `skip` at its top (the record).
-pub fn tree(dir: &Path, skip: &str, content: &Content<'_>) -> io::Result<Tree> {
+/// Sum up the tree below `dir`, leaving out `skip` at its top (the record), and
+/// the times of the directories in `moving_parents`.
+pub fn tree(
+    dir: &Path,
+    skip: &str,
+    content: &Content<'_>,
+    moving_parents: &HashSet<String>,
+) -> io::Result<Tree> {
     let mut t = Walk {
         hasher: Sha256::new(),
         entries: 0,
         bytes: 0,
         content,
+        moving_parents,
     };
     t.dir(dir, "", Some(skip))?;
     Ok(Tree {
@@ -51,6 +60,7 @@ struct Walk<'a> {
     entries: u64,
     bytes: u64,
     content: &'a Content<'a>,
+    moving_parents: &'a HashSet<String>,
 }
 
 impl Walk<'_> {
@@ -85,9 +95,20 @@ impl Walk<'_> {
         let mode = m.mode() & 0o7777;
         let ft = m.file_type();
         self.entries += 1;
+        let owner = format!("{}:{}", m.uid(), m.gid());
         let line = if ft.is_dir() {
-            format!("d {mode:o}")
+            if self.moving_parents.contains(rel) {
+                format!("d {mode:o} {owner}")
+            } else {
+                format!("d {mode:o} {owner} {}", m.mtime())
+            }
         } else if ft.is_file() {
+            if m.nlink() > 1 {
+                return Err(invalid(format!(
+                    "{rel} has {} hard links: it shares its bytes with a file elsewhere",
+                    m.nlink()
+                )));
+            }
             self.bytes = self.bytes.saturating_add(m.len());
             let sha = match self.content {
                 Content::Recorded(files) => files
@@ -96,13 +117,13 @@ impl Walk<'_> {
                     .ok_or_else(|| invalid(format!("{rel} is not a file of the snapshot")))?,
                 Content::Read => hash_file(abs)?,
             };
-            format!("f {mode:o} {} {} {sha}", m.len(), m.mtime())
+            format!("f {mode:o} {owner} {} {} {sha}", m.len(), m.mtime())
         } else if ft.is_symlink() {
             let target = std::fs::read_link(abs)?;
             let target = target
                 .to_str()
                 .ok_or_else(|| invalid(format!("{rel}: a link target that is not UTF-8")))?;
-            format!("l {target}")
+            format!("l {owner} {target}")
         } else {
             return Err(invalid(format!("{rel} is not a file, directory or link")));
         };
@@ -115,6 +136,18 @@ impl Walk<'_> {
         }
         Ok(())
     }
+}
+
+/// The directories strictly above each path of a partial restore.
+pub fn parents_of(paths: &[String]) -> HashSet<String> {
+    let mut out = HashSet::new();
+    for p in paths {
+        let parts: Vec<&str> = p.split('/').collect();
+        for i in 1..parts.len() {
+            out.insert(parts[..i].join("/"));
+        }
+    }
+    out
 }
 
 fn invalid(msg: String) -> io::Error {
@@ -157,11 +190,15 @@ mod tests {
         std::os::unix::fs::symlink("a", root.join("ks/t/l")).expect("symlink");
         let h = sha(b"hello");
         let files: HashMap<&str, &str> = [("ks/t/a", h.as_str())].into_iter().collect();
-        let recorded = tree(root, ".rec", &Content::Recorded(&files)).expect("tree");
+        let none = HashSet::new();
+        let recorded = tree(root, ".rec", &Content::Recorded(&files), &none).expect("tree");
         assert_eq!(recorded.entries, 4);
         assert_eq!(recorded.bytes, 5);
         // Reading the files gives the same digest while they are unchanged.
-        assert_eq!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_eq!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
 
         // Same size, other bytes, time put back: only the content read sees it.
         let mtime = std::fs::metadata(root.join("ks/t/a"))
@@ -171,33 +208,75 @@ mod tests {
         let t = filetime::FileTime::from_unix_time(mtime, 0);
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
         assert_eq!(
-            tree(root, ".rec", &Content::Recorded(&files)).expect("tree"),
+            tree(root, ".rec", &Content::Recorded(&files), &none).expect("tree"),
             recorded
         );
-        assert_ne!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
         std::fs::write(root.join("ks/t/a"), b"hello").expect("write");
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
-        assert_eq!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_eq!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
 
         // A mode, a time, a link target, a name: each changes the digest.
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(root.join("ks/t/a"), std::fs::Permissions::from_mode(0o600))
             .expect("chmod");
-        assert_ne!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
         std::fs::set_permissions(root.join("ks/t/a"), std::fs::Permissions::from_mode(0o644))
             .expect("chmod");
         let t2 = filetime::FileTime::from_unix_time(mtime + 1, 0);
         filetime::set_file_times(root.join("ks/t/a"), t2, t2).expect("times");
-        assert_ne!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
         std::fs::remove_file(root.join("ks/t/l")).expect("rm");
         std::os::unix::fs::symlink("b", root.join("ks/t/l")).expect("symlink");
-        assert_ne!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
         std::fs::remove_file(root.join("ks/t/l")).expect("rm");
         std::os::unix::fs::symlink("a", root.join("ks/t/m")).expect("symlink");
-        assert_ne!(tree(root, ".rec", &Content::Read).expect("tree"), recorded);
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            recorded
+        );
+        // A directory's time, a file's other hard link.
+        std::fs::remove_file(root.join("ks/t/m")).expect("rm");
+        std::os::unix::fs::symlink("a", root.join("ks/t/l")).expect("symlink");
+        let dt = filetime::FileTime::from_last_modification_time(
+            &std::fs::metadata(root.join("ks")).expect("stat"),
+        );
+        let before = tree(root, ".rec", &Content::Read, &none).expect("tree");
+        let old = filetime::FileTime::from_unix_time(1_000, 0);
+        filetime::set_file_times(root.join("ks"), old, old).expect("times");
+        assert_ne!(
+            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            before
+        );
+        let above: HashSet<String> = parents_of(&["ks/t".to_string()]);
+        let with_ks = tree(root, ".rec", &Content::Read, &above).expect("tree");
+        filetime::set_file_times(root.join("ks"), dt, dt).expect("times");
+        assert_eq!(
+            tree(root, ".rec", &Content::Read, &above).expect("tree"),
+            with_ks,
+            "the time of a dir above a restored path is left out"
+        );
+        std::fs::hard_link(root.join("ks/t/a"), root.join("outside")).expect("link");
+        assert!(tree(root, ".rec", &Content::Read, &none).is_err());
+        std::fs::remove_file(root.join("outside")).expect("rm");
         // A file the snapshot does not have is refused outright.
         std::fs::write(root.join("ks/t/extra"), b"x").expect("write");
-        assert!(tree(root, ".rec", &Content::Recorded(&files)).is_err());
+        assert!(tree(root, ".rec", &Content::Recorded(&files), &none).is_err());
     }
 }

@@ -62,7 +62,7 @@ impl Manager {
             Some(m) => {
                 let version = match &m.version {
                     ManagerVersion::Fixed(v) => v.trim().to_string(),
-                    ManagerVersion::File(f) => std::fs::read_to_string(f)
+                    ManagerVersion::File(f) => crate::fsx::read_small_text(f, 64 << 10)
                         .map_err(|e| Error::io("read the manager version file", f, e))?
                         .trim()
                         .to_string(),

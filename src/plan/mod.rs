@@ -211,7 +211,8 @@ impl Plan {
     }
 
     pub fn load(path: &Path) -> Result<Plan> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io("read plan", path, e))?;
+        let text = crate::fsx::read_small_text(path, crate::fsx::MAX_DESCRIPTION)
+            .map_err(|e| Error::io("read plan", path, e))?;
         Self::parse(&path.display().to_string(), &text)
     }
 

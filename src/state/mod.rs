@@ -300,6 +300,34 @@ impl StateStore {
         })
     }
 
+    /// Take a finished or dead run for this process, in one statement: only if it
+    /// is still as `seen` was read (same pid, same last update), so of two
+    /// processes resuming one run at the same moment exactly one gets it.
+    pub fn claim_run(&self, seen: &RunRecord) -> Result<bool> {
+        // INTERRUPTED is computed on read: stored, it is a RUNNING whose process died.
+        let raw = match seen.status {
+            Status::Interrupted => Status::Running,
+            s => s,
+        };
+        self.with(|c| {
+            let n = c.execute(
+                "UPDATE runs SET status = 'RUNNING', updated_at = ?4, stop_requested = 0,
+                 pid = ?5, host = ?6, finished_at = NULL
+                 WHERE id = ?1 AND pid IS ?2 AND updated_at = ?3 AND status = ?7",
+                params![
+                    seen.id,
+                    seen.pid,
+                    seen.updated_at,
+                    now(),
+                    std::process::id(),
+                    crate::lock::hostname(),
+                    raw.as_str()
+                ],
+            )?;
+            Ok(n == 1)
+        })
+    }
+
     pub fn set_run_status(&self, id: i64, status: Status, error: Option<&str>) -> Result<()> {
         let error = error.map(redact);
         let finished = matches!(
@@ -540,4 +568,38 @@ fn row_to_run(r: &rusqlite::Row<'_>) -> rusqlite::Result<RunRow> {
         rec
     });
     Ok(rec)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn of_two_claims_on_one_seen_run_exactly_one_wins() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateStore::open(dir.path()).expect("open");
+        let params = crate::plan::params::RedactedParams::default();
+        let id = state
+            .create_run(&NewRun {
+                plan: "p",
+                plan_source: "",
+                params: &params,
+                cluster_json: "{}",
+                store: "file:///s",
+                snapshot: "s",
+                spec_json: "{}",
+                steps: Vec::new(),
+            })
+            .expect("create");
+        state
+            .set_run_status(id, Status::Failed, Some("boom"))
+            .expect("status");
+        let seen = state.run(id).expect("run");
+        assert!(state.claim_run(&seen).expect("claim"), "the first claim");
+        assert!(
+            !state.claim_run(&seen).expect("claim"),
+            "a second claim on the same sighting loses"
+        );
+        assert_eq!(state.run(id).expect("run").status, Status::Running);
+    }
 }

@@ -387,6 +387,23 @@ fn staged_data_changed_after_a_kill_is_staged_again() {
             }),
         ),
         (
+            "a directory's time",
+            Box::new(|s: &Path| {
+                let t = filetime::FileTime::from_unix_time(1_600_000_000, 0);
+                filetime::set_file_times(s.join("app/empty-table"), t, t).unwrap()
+            }),
+        ),
+        (
+            "a hard link to a file outside",
+            Box::new(|s: &Path| {
+                let f = s.join("app/users-1/nb-1-TOC.txt");
+                let outside = s.parent().unwrap().parent().unwrap().join("outside-toc");
+                std::fs::copy(&f, &outside).unwrap();
+                std::fs::remove_file(&f).unwrap();
+                std::fs::hard_link(&outside, &f).unwrap();
+            }),
+        ),
+        (
             "link swapped",
             Box::new(|s: &Path| {
                 std::fs::remove_file(s.join("app/users-1/latest")).unwrap();
@@ -523,4 +540,61 @@ fn a_backup_object_changed_after_a_kill_is_uploaded_again() {
         ],
     );
     assert!(out.status.success(), "{:?}", text(&out));
+}
+
+/// A data dir under RESTORE_DIR swapped for a link between a kill and the
+/// resume: the resume refuses it instead of writing through it.
+#[test]
+fn a_restore_dir_node_swapped_for_a_link_after_a_kill_is_refused() {
+    let sb = Sandbox::new();
+    backed_up(&sb, "home", 1, &[]);
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let rd = format!("RESTORE_DIR={}", sb.path("rd").display());
+    let restore = start_args("restore-local", &tgt, "s", &[&rd]);
+    killed_at(
+        &sb,
+        "home",
+        "before:commit/commit-restore=return(kill)",
+        &restore,
+    );
+    std::fs::create_dir(sb.path("outside")).unwrap();
+    std::fs::rename(sb.path("rd/node-0"), sb.path("outside/n0")).unwrap();
+    std::os::unix::fs::symlink(sb.path("outside/n0"), sb.path("rd/node-0")).unwrap();
+    let before = tree(&sb.path("outside"));
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("symbolic link"), "{:?}", text(&out).1);
+    assert_eq!(
+        tree(&sb.path("outside")),
+        before,
+        "written through the link"
+    );
+    assert_eq!(status(&sb, "home", 2), "FAILED");
+}
+
+/// After a kill mid-commit, something put in the staging place of an entry the
+/// commit had moved: the rollback refuses to guess, and says which two.
+#[test]
+fn a_rollback_that_cannot_tell_which_entry_is_the_restores_refuses() {
+    let sb = Sandbox::new();
+    backed_up(&sb, "home", 1, &[]);
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let restore = start_args("restore-local", &tgt, "s", &[]);
+    killed_at(&sb, "home", "commit-rename:1=return(kill)", &restore);
+    let staging = staging_of(&sb.path("tgt/node-0"));
+    std::fs::create_dir(staging.join("app")).unwrap();
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("put in its place"),
+        "{:?}",
+        text(&out).1
+    );
+    assert_ne!(status(&sb, "home", 2), "COMPLETE");
+    // Once the stray dir is gone, the resume completes.
+    std::fs::remove_dir(staging.join("app")).unwrap();
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_restored(&sb, "tgt", 1);
+    assert_no_leftovers(&sb, "tgt", 1);
 }
