@@ -435,7 +435,7 @@ impl RunSpec {
 
     /// `<data_dir>/.cairn-staging-<token>`.
     pub fn staging_name(&self) -> String {
-        format!("{RESERVED_PREFIX}-staging-{}", self.token)
+        format!("{}{}", crate::cluster::STAGING_PREFIX, self.token)
     }
 
     pub fn phase(&self, name: &str) -> Option<&PhaseSpec> {

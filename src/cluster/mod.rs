@@ -314,10 +314,23 @@ pub fn split_list(text: &str) -> impl Iterator<Item = &str> {
         .filter(|s| !s.is_empty())
 }
 
-/// All keyspaces of a data dir (top-level directories), sorted; cairn's own
-/// `.cairn*` entries are never keyspaces.
-pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
-    let mut out = Vec::new();
+/// The name prefix of a restore's staging dir inside a data dir.
+pub const STAGING_PREFIX: &str = ".cairn-staging-";
+
+/// What the top of a data dir holds, each list sorted.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DataDirTop {
+    /// Directories (or links to directories): the keyspaces.
+    pub keyspaces: Vec<String>,
+    /// Anything else not reserved (plain files, links to files): no keyspace.
+    pub loose: Vec<String>,
+    /// Reserved `.cairn*` names cairn did not make (its staging dirs are its own).
+    pub foreign_reserved: Vec<String>,
+}
+
+/// Read the top of a data dir once; a missing one holds nothing.
+pub fn data_dir_top(data_dir: &Path) -> Result<DataDirTop> {
+    let mut out = DataDirTop::default();
     let rd = match std::fs::read_dir(data_dir) {
         Ok(rd) => rd,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
@@ -332,7 +345,15 @@ pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
         // backup refuses it by name, a restore counts it as existing.
         let is_dir = ft.is_dir()
             || (ft.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()));
+        let lossy = entry.file_name().to_string_lossy().into_owned();
+        if lossy.starts_with(RESERVED_PREFIX) {
+            if !lossy.starts_with(STAGING_PREFIX) {
+                out.foreign_reserved.push(lossy);
+            }
+            continue;
+        }
         if !is_dir {
+            out.loose.push(lossy);
             continue;
         }
         let Some(name) = entry.file_name().to_str().map(str::to_string) else {
@@ -341,13 +362,18 @@ pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
                 entry.path().display()
             )));
         };
-        if name.starts_with(RESERVED_PREFIX) {
-            continue;
-        }
-        out.push(name);
+        out.keyspaces.push(name);
     }
-    out.sort();
+    out.keyspaces.sort();
+    out.loose.sort();
+    out.foreign_reserved.sort();
     Ok(out)
+}
+
+/// All keyspaces of a data dir (top-level directories), sorted; cairn's own
+/// `.cairn*` entries are never keyspaces.
+pub fn keyspaces_on_disk(data_dir: &Path) -> Result<Vec<String>> {
+    Ok(data_dir_top(data_dir)?.keyspaces)
 }
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 
 use super::{RunCtx, StepRef, staged};
 use crate::archive::{pack, unpack};
-use crate::cluster::{Node, RESERVED_PREFIX, hooks, keyspaces_on_disk};
+use crate::cluster::{Node, RESERVED_PREFIX, data_dir_top, hooks, keyspaces_on_disk};
 use crate::manager::Manager;
 use crate::manifest::{
     self, ClusterInfo, MANAGER_OBJECT, MANIFEST, ManagerInfo, Manifest, NodeInfo, ObjectInfo,
@@ -150,13 +150,13 @@ impl Move {
             .ancestors()
             .skip(1)
             .filter(|a| !a.as_os_str().is_empty())
-            .filter(|a| std::fs::symlink_metadata(data_dir.join(a)).is_err())
+            .filter(|a| !crate::fsx::exists_beneath(&data_dir, a).unwrap_or(true))
             .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
             .collect();
-        let ident = std::fs::symlink_metadata(staging.join(&rel)).ok().map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.dev(), m.ino())
-        });
+        let ident = staging
+            .file_name()
+            .and_then(|name| crate::fsx::ident_beneath(&data_dir, &Path::new(name).join(&rel)).ok())
+            .flatten();
         Move {
             staging,
             data_dir,
@@ -266,23 +266,34 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             let problems = tokio::task::spawn_blocking(move || {
                 let mut problems = Vec::new();
                 for n in &cluster.nodes {
-                    problems.extend(foreign_reserved(&n.data_dir).into_iter().map(|name| {
+                    // One read of the top of the data dir: keyspaces, what is left
+                    // out, reserved names that are not cairn's.
+                    let top = match data_dir_top(&n.data_dir) {
+                        Ok(top) => top,
+                        Err(e) => {
+                            problems.push(format!("node {}: {e}", n.index));
+                            continue;
+                        }
+                    };
+                    problems.extend(top.foreign_reserved.iter().map(|name| {
                         format!(
                             "node {}: {name} uses a name reserved for cairn's own files ({RESERVED_PREFIX}*) and would be left out; rename it",
                             n.index
                         )
                     }));
-                    let loose = loose_entries(&n.data_dir);
-                    if !loose.is_empty() {
+                    if !top.loose.is_empty() {
                         tracing::warn!(
                             node = n.index,
                             "left out of the backup, not being keyspace directories: {}",
-                            loose.join(", ")
+                            top.loose.join(", ")
                         );
                     }
-                    match selected_keyspaces(&n.data_dir, &selection)
-                        .and_then(|ks| pack::scan(&n.data_dir, &ks))
-                    {
+                    let ks: Vec<String> = top
+                        .keyspaces
+                        .into_iter()
+                        .filter(|k| selection.includes(k))
+                        .collect();
+                    match pack::scan(&n.data_dir, &ks) {
                         Ok(scan) => problems.extend(
                             scan.refused
                                 .into_iter()
@@ -416,37 +427,6 @@ pub fn data_dirs_fit(ctx: &RunCtx) -> Vec<String> {
         }
     }
     problems
-}
-
-/// Entries at the top of a data dir with a reserved name that cairn did not
-/// make (its staging dirs are its own).
-fn foreign_reserved(data_dir: &Path) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(data_dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = rd
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(RESERVED_PREFIX) && !n.starts_with(".cairn-staging-"))
-        .collect();
-    out.sort();
-    out
-}
-
-/// Entries at the top of a data dir that are no keyspace (plain files, links to
-/// files): a backup leaves them out and says so.
-fn loose_entries(data_dir: &Path) -> Vec<String> {
-    let Ok(rd) = std::fs::read_dir(data_dir) else {
-        return Vec::new();
-    };
-    let mut out: Vec<String> = rd
-        .flatten()
-        .filter(|e| !std::fs::metadata(e.path()).is_ok_and(|m| m.is_dir()))
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !n.starts_with(RESERVED_PREFIX))
-        .collect();
-    out.sort();
-    out
 }
 
 /// The keyspaces of a data dir a backup selects.

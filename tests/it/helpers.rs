@@ -181,7 +181,7 @@ pub fn target_cluster(root: &Path, name: &str, n: u32) -> PathBuf {
     cluster_file(&root.join(format!("{name}.toml")), name, &nodes, "")
 }
 
-/// Fingerprint of a tree: path → kind, mode, mtime, size and SHA-256 (files) or target
+/// Fingerprint of a tree: path → kind, mode, mtime, size, link count and SHA-256 (files) or target
 /// (symlinks). Empty directories are included.
 pub fn tree(dir: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
@@ -211,7 +211,12 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
             let sha = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
             out.insert(
                 rel,
-                format!("file {mode:o} {} {} {sha}", m.mtime(), m.len()),
+                format!(
+                    "file {mode:o} {} {} links={} {sha}",
+                    m.mtime(),
+                    m.len(),
+                    m.nlink()
+                ),
             );
         }
     }
