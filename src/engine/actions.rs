@@ -41,6 +41,46 @@ struct CheckRestoreOutput {
     /// The SHA-256 of the manifest the checks passed: a resume refuses a snapshot
     /// that changed in the store since (it would mix two versions of it).
     manifest_sha256: String,
+    /// Each existing data dir's modification time when the checks passed: making
+    /// and removing a staging dir inside it changes it, and a failed restore puts
+    /// it back, so that the target is left as it was.
+    #[serde(default)]
+    data_dir_mtimes: Vec<DirTime>,
+}
+
+/// A directory's modification time, to the nanosecond.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+struct DirTime {
+    path: PathBuf,
+    secs: i64,
+    nanos: u32,
+}
+
+impl DirTime {
+    fn of(path: &Path) -> Option<DirTime> {
+        let m = std::fs::symlink_metadata(path).ok()?;
+        m.is_dir().then(|| {
+            let t = filetime::FileTime::from_last_modification_time(&m);
+            DirTime {
+                path: path.to_path_buf(),
+                secs: t.unix_seconds(),
+                nanos: t.nanoseconds(),
+            }
+        })
+    }
+
+    /// Put the time back, if the path is still a directory (never through a link).
+    fn restore(&self) {
+        let Ok(m) = std::fs::symlink_metadata(&self.path) else {
+            return;
+        };
+        if !m.is_dir() {
+            return;
+        }
+        let atime = filetime::FileTime::from_last_access_time(&m);
+        let mtime = filetime::FileTime::from_unix_time(self.secs, self.nanos);
+        let _ = filetime::set_symlink_file_times(&self.path, atime, mtime);
+    }
 }
 
 /// SHA-256 of a manifest as cairn reads it.
@@ -355,10 +395,17 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                     }
                 }
             }
+            let data_dir_mtimes = ctx
+                .cluster
+                .nodes
+                .iter()
+                .filter_map(|n| DirTime::of(&n.data_dir))
+                .collect();
             encode(&CheckRestoreOutput {
                 v: OUTPUT_VERSION,
                 created_dirs,
                 manifest_sha256,
+                data_dir_mtimes,
             })
             .map(Some)
         }
@@ -491,6 +538,9 @@ async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
         dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
         for d in dirs {
             let _ = std::fs::remove_dir(&d);
+        }
+        for t in &out.data_dir_mtimes {
+            t.restore();
         }
     }
     Ok(())

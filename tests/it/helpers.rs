@@ -185,11 +185,19 @@ pub fn target_cluster(root: &Path, name: &str, n: u32) -> PathBuf {
 /// (symlinks). Empty directories are included.
 pub fn tree(dir: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
-    walk(dir, dir, &mut out);
+    walk(dir, dir, false, &mut out);
     out
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+/// The tree with times to the nanosecond: for "left untouched", where a change
+/// within the same second must show too.
+pub fn exact_tree(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    walk(dir, dir, true, &mut out);
+    out
+}
+
+fn walk(root: &Path, dir: &Path, exact: bool, out: &mut BTreeMap<String, String>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
     };
@@ -199,20 +207,25 @@ fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
         let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_string();
         let m = std::fs::symlink_metadata(&p).unwrap();
         let mode = m.mode() & 0o7777;
+        let nanos = if exact {
+            format!(".{:09}", m.mtime_nsec())
+        } else {
+            String::new()
+        };
         if m.file_type().is_symlink() {
             out.insert(
                 rel,
                 format!("link {}", std::fs::read_link(&p).unwrap().display()),
             );
         } else if m.is_dir() {
-            out.insert(rel, format!("dir {mode:o} {}", m.mtime()));
-            walk(root, &p, out);
+            out.insert(rel, format!("dir {mode:o} {}{nanos}", m.mtime()));
+            walk(root, &p, exact, out);
         } else {
             let sha = hex::encode(Sha256::digest(std::fs::read(&p).unwrap()));
             out.insert(
                 rel,
                 format!(
-                    "file {mode:o} {} {} links={} {sha}",
+                    "file {mode:o} {}{nanos} {} links={} {sha}",
                     m.mtime(),
                     m.len(),
                     m.nlink()

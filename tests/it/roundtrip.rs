@@ -125,7 +125,7 @@ fn restore_onto_existing_keyspace_is_refused_and_target_untouched() {
     std::fs::create_dir_all(sb.path("tgt/node-1/app/existing-table")).unwrap();
     std::fs::write(sb.path("tgt/node-1/app/existing-table/f"), b"keep me").unwrap();
     std::fs::create_dir_all(sb.path("tgt/node-0")).unwrap();
-    let before = tree(&sb.path("tgt"));
+    let before = exact_tree(&sb.path("tgt"));
     let out = sb.run(&[
         "plan",
         "start",
@@ -141,7 +141,7 @@ fn restore_onto_existing_keyspace_is_refused_and_target_untouched() {
     let (_, err) = text(&out);
     assert!(err.contains("node 1: keyspace(s) already exist"), "{err}");
     assert!(err.contains(": app"), "{err}");
-    assert_eq!(before, tree(&sb.path("tgt")));
+    assert_eq!(before, exact_tree(&sb.path("tgt")));
 }
 
 #[test]
@@ -170,7 +170,7 @@ fn corrupted_object_is_refused_by_restore_and_verify() {
     let tgt = target_cluster(sb.dir.path(), "tgt", 2);
     std::fs::create_dir_all(sb.path("tgt/node-0")).unwrap();
     std::fs::create_dir_all(sb.path("tgt/node-1")).unwrap();
-    let before = tree(&sb.path("tgt"));
+    let before = exact_tree(&sb.path("tgt"));
     let out = sb.run(&[
         "plan",
         "start",
@@ -187,7 +187,7 @@ fn corrupted_object_is_refused_by_restore_and_verify() {
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     assert!(text(&out).1.contains("node-1.tar.gz"), "{:?}", text(&out));
     // Node 0 staged fine, node 1 failed: nothing was moved into place anywhere.
-    assert_eq!(before, tree(&sb.path("tgt")));
+    assert_eq!(before, exact_tree(&sb.path("tgt")));
 }
 
 #[test]
