@@ -5,6 +5,8 @@
   tar czf - DIR | aws s3 cp - s3://...            per node, one after the other
   tar cf - DIR | pigz | aws s3 cp - s3://...       per node
   aws s3 cp FILE s3://...                          plain upload of cairn's own objects
+  cairn backup-s3 parallel, nodes reached over ssh (a private sshd on loopback): the
+  agents stream each node to the store; the coordinator's peak RSS stays flat
                                                    (the same bytes: the server's ceiling)
   cairn backup-azure / restore-azure, and a plain block upload of cairn's objects by
   the same client (benches/put_object.rs), against Azurite on disk
@@ -53,6 +55,40 @@ def start_azurite(data):
 AZ_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 
+def start_sshd(d):
+    """A private sshd on loopback with its own keys; returns (process, client config)."""
+    sshd = os.environ.get("CAIRN_TEST_SSHD") or "/usr/sbin/sshd"
+    if not os.path.exists(sshd):
+        return None, None
+    os.makedirs(d, exist_ok=True)
+    for k in ["hostkey", "userkey"]:
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", f"{d}/{k}"], check=True)
+    shutil.copy(f"{d}/userkey.pub", f"{d}/authorized_keys")
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    with open(f"{d}/sshd_config", "w") as f:
+        f.write(f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\n"
+                "PasswordAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\n"
+                f"PidFile {d}/sshd.pid\nMaxStartups 100\n")
+    user = os.environ.get("USER", "root")
+    with open(f"{d}/ssh_config", "w") as f:
+        f.write(f"Host node*\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {d}/userkey\n"
+                "  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n")
+    os.makedirs("/run/sshd", exist_ok=True)
+    p = subprocess.Popen([sshd, "-D", "-e", "-f", f"{d}/sshd_config"], stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.1).close()
+            return p, f"{d}/ssh_config"
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    return None, None
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--nodes", type=int, default=3)
@@ -81,6 +117,12 @@ def main():
     tgt = os.path.join(a.out, "tgt")
     with open(os.path.join(a.out, "tgt.toml"), "w") as f:
         f.write('name = "t"\n' + "".join(f'[[nodes]]\nindex = {i}\ndata_dir = "{tgt}/node-{i}"\n' for i in range(a.nodes)))
+    sshd, ssh_cfg = start_sshd(os.path.join(a.out, "sshd"))
+    if ssh_cfg:
+        with open(os.path.join(a.out, "src-ssh.toml"), "w") as f:
+            f.write(f'name = "bench"\nagent_path = "{cairn}"\n' + "".join(
+                f'[[nodes]]\nindex = {i}\ndata_dir = "{d}"\nexec = ["ssh", "-F", "{ssh_cfg}", "node{i}", "--"]\n'
+                for i, d in enumerate(nodes)))
     server, url = start_s3s(os.path.join(a.out, "s3data"))
     env = dict(os.environ, AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1",
                AWS_DEFAULT_REGION="us-east-1", CAIRN_HOME=os.path.join(a.out, "home"))
@@ -107,6 +149,10 @@ def main():
                          "-p", f"SNAPSHOT_NAME={snap}", "-p", f"STRATEGY={strategy}", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
                 rec(f"cairn restore-s3 {strategy}", r)
                 shutil.rmtree(tgt)
+            if ssh_cfg:
+                r = run([cairn, "-q", "plan", "start", "backup-s3", "--cluster", os.path.join(a.out, "src-ssh.toml"),
+                         "-p", f"SNAPSHOT_NAME=ssh-{rep}", "-p", "STRATEGY=parallel", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
+                rec("cairn backup-s3 parallel, ssh", r)
             # cairn's objects, for sizes and the plain-upload baseline
             objs = os.path.join(a.out, "objs")
             shutil.rmtree(objs, ignore_errors=True)
@@ -126,6 +172,9 @@ def main():
     finally:
         server.kill()
         server.wait()
+        if sshd:
+            sshd.kill()
+            sshd.wait()
 
     # Azure Blob storage (Azurite, on disk): cairn, and a plain block upload of cairn's
     # own objects by the same client (benches/put_object.rs).
@@ -173,6 +222,10 @@ def main():
         summary[name] = mib / secs
         print(f"{name:32} {mib / secs:8.1f} {rss:8.1f} MiB")
     print()
+    if "cairn backup-s3 parallel, ssh" in summary:
+        print("cairn backup-s3 parallel, ssh / local: "
+              f"{summary['cairn backup-s3 parallel, ssh'] / summary['cairn backup-s3 parallel']:.2f} "
+              "(peak RSS over ssh is the coordinator's; locally it is the process doing the work)")
     for c in ["cairn backup-s3 serial", "cairn backup-s3 parallel"]:
         for other in ["tar czf | aws s3 cp", "tar | pigz | aws s3 cp", "aws s3 cp (cairn's objects)"]:
             if other in summary:

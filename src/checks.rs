@@ -2,7 +2,7 @@
 //! collects every problem it finds and reports them all in one
 //! [`Error::Checks`], one line each.
 
-use crate::cluster::{Cluster, Selection, keyspaces_on_disk};
+use crate::cluster::{Cluster, Selection};
 use crate::manifest::{self, MANIFEST, Manifest};
 use crate::store::{Store, get_bytes};
 use crate::{Error, Result};
@@ -62,31 +62,17 @@ fn done(problems: Vec<String>) -> Result<()> {
     }
 }
 
-/// Backup pre-flight: data dirs exist, named keyspaces exist, the snapshot name is
-/// free, and the store is reachable and writable.
+/// Backup pre-flight, after each node looked at itself (`problems`, the keyspaces
+/// `found` on all nodes): named keyspaces exist, the snapshot name is free, and the
+/// store is reachable and writable.
 pub async fn backup(
-    cluster: &Cluster,
+    mut problems: Vec<String>,
+    found: &BTreeSet<String>,
     selection: &Selection,
     store: &dyn Store,
     snapshot: &str,
     probe_key: &str,
 ) -> Result<()> {
-    let mut problems = Vec::new();
-    let mut found: BTreeSet<String> = BTreeSet::new();
-    for node in &cluster.nodes {
-        if !node.data_dir.is_dir() {
-            problems.push(format!(
-                "node {}: data dir {} does not exist or is not a directory",
-                node.index,
-                node.data_dir.display()
-            ));
-            continue;
-        }
-        match keyspaces_on_disk(&node.data_dir) {
-            Ok(ks) => found.extend(ks),
-            Err(e) => problems.push(format!("node {}: {e}", node.index)),
-        }
-    }
     if let Some(named) = &selection.keyspaces {
         let absent: Vec<&str> = named
             .iter()

@@ -106,6 +106,16 @@ pub enum Error {
     #[error("cancelled")]
     Cancelled,
 
+    /// A node's agent failed (or could not be reached); it keeps the exit code and
+    /// the retry judgement of the error on the node.
+    #[error("node {node}: {message}")]
+    Remote {
+        node: u32,
+        message: String,
+        exit_code: i32,
+        transient: bool,
+    },
+
     /// A step failed; carries the step id for context.
     #[error("step {step} failed: {source}")]
     Step {
@@ -153,6 +163,7 @@ impl Error {
                     | std::io::ErrorKind::ConnectionAborted
             ),
             Error::Step { source, .. } => source.is_transient(),
+            Error::Remote { transient, .. } => *transient,
             _ => false,
         }
     }
@@ -168,6 +179,7 @@ impl Error {
             Error::Locked(_) => exit::LOCKED,
             Error::Cancelled => exit::CANCELLED,
             Error::Step { source, .. } => source.exit_code(),
+            Error::Remote { exit_code, .. } => *exit_code,
             _ => exit::FAILED,
         }
     }

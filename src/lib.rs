@@ -34,6 +34,7 @@ pub mod fsx;
 pub mod lock;
 pub mod manager;
 pub mod manifest;
+pub mod node;
 pub mod plan;
 pub mod progress;
 pub mod recover;

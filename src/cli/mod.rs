@@ -53,6 +53,10 @@ pub enum Command {
     /// Rebuild a fallen manager (and with --nodes the nodes) from the newest
     /// complete snapshot; prints what it will do and needs --force to do it.
     Recover(RecoverArgs),
+    /// A node's side of a run: started by a coordinator through the node's `exec`
+    /// prefix (ssh, kubectl exec), it reads one request on stdin and answers on
+    /// stdout. Not for interactive use.
+    Agent,
 }
 
 /// Where a manager-snapshot command works.
@@ -285,6 +289,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::Snapshots(cmd) => snapshots::run(&g, cmd).await,
         Command::ManagerSnapshot(cmd) => manager::run(&g, cmd).await,
         Command::Recover(args) => manager::recover(&g, args).await,
+        Command::Agent => Ok(crate::node::agent::serve().await),
     }
 }
 

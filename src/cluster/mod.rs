@@ -31,6 +31,9 @@ struct RawCluster {
     name: String,
     #[serde(default)]
     hook_secrets: Vec<String>,
+    /// The cairn binary on the nodes reached with `exec` (default `cairn`, found
+    /// on the node's PATH).
+    agent_path: Option<String>,
     #[serde(default)]
     nodes: Vec<RawNode>,
     manager: Option<RawManager>,
@@ -55,6 +58,9 @@ struct RawNode {
     pre_hook: Vec<String>,
     #[serde(default)]
     post_hook: Vec<String>,
+    #[serde(default)]
+    exec: Vec<String>,
+    agent_path: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -105,6 +111,24 @@ pub struct Node {
     /// argv run after the node's work, also when it failed.
     #[serde(default)]
     pub post_hook: Vec<String>,
+    /// How the node is reached: an argv prefix (`ssh … host --`, `kubectl exec …
+    /// --`) before `<agent_path> agent`. Empty: the data dir is on this machine.
+    #[serde(default)]
+    pub exec: Vec<String>,
+    /// The cairn binary on the node (with `exec`).
+    #[serde(default = "default_agent_path")]
+    pub agent_path: String,
+}
+
+fn default_agent_path() -> String {
+    "cairn".into()
+}
+
+impl Node {
+    /// Whether the node's work runs on another host, through its `exec` prefix.
+    pub fn is_remote(&self) -> bool {
+        !self.exec.is_empty()
+    }
 }
 
 impl Cluster {
@@ -151,8 +175,26 @@ impl Cluster {
                     )));
                 }
             }
+            if n.exec.first().is_some_and(|a| a.is_empty()) {
+                return Err(err(format!("node {}: exec has an empty program", n.index)));
+            }
+            let agent_path = n
+                .agent_path
+                .or_else(|| raw.agent_path.clone())
+                .unwrap_or_else(default_agent_path);
+            if agent_path.is_empty() {
+                return Err(err(format!("node {}: agent_path is empty", n.index)));
+            }
+            // A remote node's data dir is a path on its own host: never resolved
+            // against this machine's directories.
             let data_dir = if n.data_dir.is_absolute() {
                 n.data_dir
+            } else if !n.exec.is_empty() {
+                return Err(err(format!(
+                    "node {}: data_dir {} must be an absolute path on the node's host (the node is reached with exec)",
+                    n.index,
+                    n.data_dir.display()
+                )));
             } else {
                 base.join(n.data_dir)
             };
@@ -162,6 +204,8 @@ impl Cluster {
                 host: n.host,
                 pre_hook: n.pre_hook,
                 post_hook: n.post_hook,
+                exec: n.exec,
+                agent_path,
             });
         }
         nodes.sort_by_key(|n| n.index);

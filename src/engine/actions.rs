@@ -2,17 +2,17 @@
 //! again after a crash produces the same result.
 
 use super::{RunCtx, StepRef, staged};
-use crate::archive::{pack, unpack};
-use crate::cluster::{Node, RESERVED_PREFIX, data_dir_top, hooks, keyspaces_on_disk};
+use crate::archive::unpack;
+use crate::cluster::{Node, RESERVED_PREFIX};
 use crate::manager::Manager;
 use crate::manifest::{
     self, ClusterInfo, MANAGER_OBJECT, MANIFEST, ManagerInfo, Manifest, NodeInfo, ObjectInfo,
 };
+use crate::node::{BackupJob, NodeEvent};
 use crate::plan::Action;
 use crate::progress::Event;
 use crate::spec::RestoreManager;
 use crate::state::Status;
-use crate::store::upload_stream;
 use crate::{Error, Result, checks};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -292,63 +292,43 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 ctx.run_id,
                 std::process::id()
             );
+            // Every node looks at itself, on its own host, all at once; every
+            // problem of every node is reported together.
+            let looks = futures::future::join_all(ctx.cluster.nodes.iter().map(|n| async move {
+                (n, ctx.exec(n).inspect_backup(n, &ctx.spec.selection).await)
+            }))
+            .await;
+            let mut problems = Vec::new();
+            let mut found = std::collections::BTreeSet::new();
+            for (n, look) in looks {
+                match look {
+                    Ok(facts) => {
+                        if !facts.loose.is_empty() {
+                            tracing::warn!(
+                                node = n.index,
+                                "left out of the backup, not being keyspace directories: {}",
+                                facts.loose.join(", ")
+                            );
+                        }
+                        problems.extend(facts.problems);
+                        found.extend(facts.keyspaces);
+                    }
+                    Err(Error::Checks(p)) => problems.extend(p),
+                    Err(e) => problems.push(match e {
+                        Error::Remote { .. } => e.to_string(),
+                        e => format!("node {}: {e}", n.index),
+                    }),
+                }
+            }
             checks::backup(
-                &ctx.cluster,
+                problems,
+                &found,
                 &ctx.spec.selection,
                 &*ctx.store,
                 &ctx.spec.snapshot,
                 &probe,
             )
             .await?;
-            // What the archive would drop or a restore would refuse is refused now.
-            let cluster = ctx.cluster.clone();
-            let selection = ctx.spec.selection.clone();
-            let problems = tokio::task::spawn_blocking(move || {
-                let mut problems = Vec::new();
-                for n in &cluster.nodes {
-                    // One read of the top of the data dir: keyspaces, what is left
-                    // out, reserved names that are not cairn's.
-                    let top = match data_dir_top(&n.data_dir) {
-                        Ok(top) => top,
-                        Err(e) => {
-                            problems.push(format!("node {}: {e}", n.index));
-                            continue;
-                        }
-                    };
-                    problems.extend(top.foreign_reserved.iter().map(|name| {
-                        format!(
-                            "node {}: {name} uses a name reserved for cairn's own files ({RESERVED_PREFIX}*) and would be left out; rename it",
-                            n.index
-                        )
-                    }));
-                    if !top.loose.is_empty() {
-                        tracing::warn!(
-                            node = n.index,
-                            "left out of the backup, not being keyspace directories: {}",
-                            top.loose.join(", ")
-                        );
-                    }
-                    let ks: Vec<String> = top
-                        .keyspaces
-                        .into_iter()
-                        .filter(|k| selection.includes(k))
-                        .collect();
-                    match pack::scan(&n.data_dir, &ks) {
-                        Ok(scan) => problems.extend(
-                            scan.refused
-                                .into_iter()
-                                .map(|p| format!("node {}: {p}", n.index)),
-                        ),
-                        Err(e) => problems.push(format!("node {}: {e}", n.index)),
-                    }
-                }
-                problems
-            })
-            .await
-            .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
-            if !problems.is_empty() {
-                return Err(Error::Checks(problems));
-            }
             // The manager snapshot is taken at the end: find out now if it cannot be.
             if ctx.plan.has_action(Action::BackupManager) {
                 let m = manager_of(ctx).map_err(|e| Error::Checks(vec![e.to_string()]))?;
@@ -474,17 +454,6 @@ pub fn data_dirs_fit(ctx: &RunCtx) -> Vec<String> {
         }
     }
     problems
-}
-
-/// The keyspaces of a data dir a backup selects.
-fn selected_keyspaces(
-    data_dir: &Path,
-    selection: &crate::cluster::Selection,
-) -> Result<Vec<String>> {
-    Ok(keyspaces_on_disk(data_dir)?
-        .into_iter()
-        .filter(|k| selection.includes(k))
-        .collect())
 }
 
 /// Remove every node's staging dir, and the dirs the restore created that are left
@@ -865,28 +834,65 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
 }
 
 async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
-    hooks::run(
-        hooks::Which::Pre,
-        node,
-        &step.phase,
-        &ctx.spec.snapshot,
-        &hook_params(ctx),
-        &ctx.cancel,
-    )
-    .await?;
-    let work = stream_node(ctx, step, node).await;
-    let post = hooks::run(
-        hooks::Which::Post,
-        node,
-        &step.phase,
-        &ctx.spec.snapshot,
-        &hook_params(ctx),
-        &ctx.cancel,
-    )
-    .await;
-    let out = work?;
-    post?;
-    Ok(out)
+    let (run, sid) = (ctx.run_id, step.id.clone());
+    let rec = ctx.state.call(move |s| s.step(run, &sid)).await?;
+    let leftover_upload = rec.scratch.and_then(|note| {
+        serde_json::from_str::<serde_json::Value>(&note)
+            .ok()
+            .and_then(|v| v["upload_id"].as_str().map(str::to_string))
+    });
+    let job = BackupJob {
+        snapshot: ctx.spec.snapshot.clone(),
+        selection: ctx.spec.selection.clone(),
+        node: node.clone(),
+        phase: step.phase.clone(),
+        hook_params: hook_params(ctx),
+        leftover_upload,
+    };
+    let events = Arc::new(StepEvents {
+        ctx: ctx.clone(),
+        step: step.id.clone(),
+    });
+    let backed = ctx.exec(node).backup(&job, events, &ctx.cancel).await?;
+    ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
+    encode(&NodeOutput {
+        v: OUTPUT_VERSION,
+        node: backed.node,
+        object: backed.object,
+    })
+}
+
+/// A node's events, into the run's progress and state: the upload id is recorded
+/// before any part is sent, so a killed run's upload is aborted when the step is
+/// redone.
+struct StepEvents {
+    ctx: Arc<RunCtx>,
+    step: String,
+}
+
+impl crate::node::Events for StepEvents {
+    fn event(&self, e: NodeEvent) {
+        match e {
+            NodeEvent::Started { total } => self.ctx.progress.event(Event::StepStarted {
+                step: &self.step,
+                total: Some(total),
+            }),
+            NodeEvent::Bytes { done } => self.ctx.progress.event(Event::Bytes {
+                step: &self.step,
+                done,
+            }),
+            NodeEvent::UploadId { id } => {
+                let note = serde_json::json!({ "upload_id": id }).to_string();
+                if let Err(e) = self
+                    .ctx
+                    .state
+                    .set_scratch(self.ctx.run_id, &self.step, Some(&note))
+                {
+                    tracing::warn!("could not record the upload id: {e}");
+                }
+            }
+        }
+    }
 }
 
 /// The parameters a hook sees: the non-secret ones, and the secrets the cluster
@@ -932,69 +938,6 @@ fn record_upload_id<'a>(ctx: &'a RunCtx, step: &'a StepRef) -> impl FnOnce(&str)
             tracing::warn!("could not record the upload id: {e}");
         }
     }
-}
-
-async fn stream_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
-    let data_dir = node.data_dir.clone();
-    let selection = ctx.spec.selection.clone();
-    let scan = tokio::task::spawn_blocking(move || {
-        let keyspaces = selected_keyspaces(&data_dir, &selection)?;
-        let scan = pack::scan(&data_dir, &keyspaces)?;
-        if !scan.refused.is_empty() {
-            return Err(Error::Checks(scan.refused));
-        }
-        Ok::<_, Error>((keyspaces, scan))
-    })
-    .await
-    .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
-    let (keyspaces, scan) = scan?;
-    let object = manifest::node_object(node.index);
-    let key = manifest::key(&ctx.spec.snapshot, &object);
-    abort_leftover_upload(ctx, step, &key).await?;
-    ctx.progress.event(Event::StepStarted {
-        step: &step.id,
-        total: Some(scan.total_bytes),
-    });
-    tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
-    let progress = ctx.progress.clone();
-    let step_id = step.id.clone();
-    let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
-    let (files, size, sha256) = upload_stream(
-        &*ctx.store,
-        &key,
-        total_bytes,
-        &ctx.cancel,
-        record_upload_id(ctx, step),
-        move |sink| {
-            let (files, _) = pack::pack(&scan, sink, |done| {
-                progress.event(Event::Bytes {
-                    step: &step_id,
-                    done,
-                })
-            })?;
-            Ok(files)
-        },
-    )
-    .await?;
-    ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
-    let out = NodeOutput {
-        v: OUTPUT_VERSION,
-        node: NodeInfo {
-            index: node.index,
-            object: object.clone(),
-            keyspaces,
-            file_count,
-            bytes: total_bytes,
-            compressed_bytes: size,
-            files,
-        },
-        object: ObjectInfo {
-            key: object,
-            size,
-            sha256,
-        },
-    };
-    encode(&out)
 }
 
 /// The recorded outputs of every step of `action`, all of which must be complete.

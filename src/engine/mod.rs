@@ -636,6 +636,31 @@ async fn open_store(spec: &mut RunSpec) -> Result<Arc<dyn Store>> {
 }
 
 impl RunCtx {
+    /// How this run reaches a node's disk: in this process, or through the node's
+    /// `exec` prefix and a `cairn agent` on its host.
+    pub fn exec(&self, node: &crate::cluster::Node) -> Box<dyn crate::node::NodeExec> {
+        if !node.is_remote() {
+            return Box::new(crate::node::Local {
+                store: self.store.clone(),
+            });
+        }
+        Box::new(crate::node::Remote {
+            node: node.clone(),
+            store: self.store.clone(),
+            target: crate::node::StoreTarget {
+                url: self.store.url(),
+                options: self.spec.store_options.clone(),
+                bandwidth: self.spec.bandwidth,
+            },
+            secrets: self
+                .params
+                .iter()
+                .filter(|(k, _)| self.params.is_secret(k))
+                .map(|(_, v)| v.clone())
+                .collect(),
+        })
+    }
+
     /// Release the store lock (once).
     async fn release_lock(&self) {
         let held = match self.lock.lock() {

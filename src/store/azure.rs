@@ -243,6 +243,14 @@ impl Store for AzureStore {
         }
     }
 
+    fn url(&self) -> String {
+        format!(
+            "az://{}/{}",
+            self.container_name,
+            self.prefix.trim_end_matches('/')
+        )
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             min_part_size: 8 << 20,

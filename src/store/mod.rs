@@ -58,6 +58,11 @@ pub struct PartInfo {
 pub trait Store: Send + Sync + std::fmt::Debug {
     /// A printable description (URL without secrets).
     fn describe(&self) -> String;
+    /// A URL that [`open`] opens again with the same options (the form an agent on
+    /// a node is given).
+    fn url(&self) -> String {
+        self.describe()
+    }
     fn limits(&self) -> Limits;
     /// Pre-flight: the store exists and the credentials work. One clear message per
     /// cause (missing bucket, wrong key, wrong region).

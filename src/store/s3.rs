@@ -298,6 +298,10 @@ impl Store for S3Store {
         }
     }
 
+    fn url(&self) -> String {
+        format!("s3://{}/{}", self.bucket, self.prefix.trim_end_matches('/'))
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             min_part_size: 8 << 20,

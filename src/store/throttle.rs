@@ -115,6 +115,9 @@ impl Store for Throttled {
     fn describe(&self) -> String {
         self.inner.describe()
     }
+    fn url(&self) -> String {
+        self.inner.url()
+    }
     fn limits(&self) -> Limits {
         self.inner.limits()
     }

@@ -9,6 +9,7 @@ mod faults;
 mod integrity;
 mod manager;
 mod nightly;
+mod nodes;
 mod remote;
 mod resume;
 mod roundtrip;

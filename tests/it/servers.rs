@@ -110,14 +110,103 @@ fn start(mut cmd: Command, marker: &str) -> Server {
 
 /// s3s-fs (strict: checks signatures) serving `data` on `port` (0: any).
 pub fn s3s_fs(data: &Path, port: u16) -> Option<Server> {
+    s3s_fs_keyed(data, port, SK)
+}
+
+/// s3s-fs with its own secret key (a bucket is a directory of `data`).
+pub fn s3s_fs_keyed(data: &Path, port: u16, secret: &str) -> Option<Server> {
     let bin = tool("CAIRN_TEST_S3S_FS")?;
     std::fs::create_dir_all(data).expect("data dir");
     let mut cmd = Command::new(bin);
     cmd.env("RUST_LOG", "info")
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .args(["--access-key", AK, "--secret-key", SK])
+        .args(["--access-key", AK, "--secret-key", secret])
         .arg(data);
     Some(start(cmd, "server is running at"))
+}
+
+impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// A private OpenSSH server on 127.0.0.1 with its own host key, user key and
+/// config (no system file touched), and a client config in which `node0`, `node1`,
+/// … all reach it.
+pub struct Sshd {
+    child: Child,
+    /// `ssh -F <client_config> node0 -- …`
+    pub client_config: PathBuf,
+}
+
+impl Drop for Sshd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sshd(dir: &Path) -> Option<Sshd> {
+    let bin = tool("CAIRN_TEST_SSHD")?;
+    std::fs::create_dir_all(dir).unwrap();
+    let keygen = |name: &str| {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(dir.join(name))
+            .status()
+            .expect("ssh-keygen");
+        assert!(st.success(), "ssh-keygen failed");
+    };
+    keygen("hostkey");
+    keygen("userkey");
+    std::fs::copy(dir.join("userkey.pub"), dir.join("authorized_keys")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("sshd_config"),
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/hostkey\nAuthorizedKeysFile {d}/authorized_keys\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile {d}/sshd.pid\nMaxStartups 100\nMaxSessions 100\n"
+        ),
+    )
+    .unwrap();
+    let user = std::env::var("USER").unwrap_or_else(|_| "root".into());
+    let client = dir.join("ssh_config");
+    std::fs::write(
+        &client,
+        format!(
+            "Host node*\n  HostName 127.0.0.1\n  Port {port}\n  User {user}\n  IdentityFile {d}/userkey\n  IdentitiesOnly yes\n  BatchMode yes\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n"
+        ),
+    )
+    .unwrap();
+    let _ = std::fs::create_dir_all("/run/sshd");
+    let mut child = Command::new(bin)
+        .args(["-D", "-e", "-f"])
+        .arg(dir.join("sshd_config"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("sshd.log")).unwrap())
+        .spawn()
+        .expect("start sshd");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!(
+                "sshd exited with {st}: {}",
+                std::fs::read_to_string(dir.join("sshd.log")).unwrap_or_default()
+            );
+        }
+        assert!(std::time::Instant::now() < deadline, "sshd did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Some(Sshd {
+        child,
+        client_config: client,
+    })
 }
 
 /// moto's server (lenient, in memory, full multipart API).

@@ -1,0 +1,163 @@
+//! `cairn agent`: a node's side of the protocol in [`super::proto`].
+//!
+//! Started by the coordinator through the node's `exec` prefix, it says hello,
+//! reads one request, does it with [`super::Local`] on this host — the store is
+//! opened here, so the node's data goes straight between its disk and the store —
+//! reports progress and a beat every [`proto::BEAT`], answers once and exits. When
+//! its stdin closes (the coordinator was stopped or died, the SSH session broke) its
+//! work is cancelled: an upload in flight is aborted, not left behind.
+
+use super::proto::{self, Greeting, Hello, Op, Reply, Request, WireError};
+use super::{Events, Local, NodeEvent, NodeExec};
+use crate::{Error, Result};
+use std::sync::Arc;
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Read one line of at most `max` bytes; `None` at the end of the input.
+pub async fn read_line<R: AsyncRead + Unpin>(
+    r: &mut BufReader<R>,
+    max: usize,
+) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::new();
+    let n = (&mut *r)
+        .take(max as u64 + 1)
+        .read_until(b'\n', &mut buf)
+        .await?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.len() > max {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a protocol line is longer than {max} bytes"),
+        ));
+    }
+    Ok(Some(buf))
+}
+
+struct Sender(mpsc::UnboundedSender<Reply>);
+
+impl Events for Sender {
+    fn event(&self, e: NodeEvent) {
+        let _ = self.0.send(Reply::Event(e));
+    }
+}
+
+/// Serve one request on stdin/stdout; returns the process exit code.
+pub async fn serve() -> i32 {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Reply>();
+    let writer = tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        if let Ok(l) = proto::line(&Greeting::Hello(Hello::ours()))
+            && (out.write_all(&l).await.is_err() || out.flush().await.is_err())
+        {
+            return;
+        }
+        while let Some(reply) = rx.recv().await {
+            let Ok(l) = proto::line(&reply) else { continue };
+            if out.write_all(&l).await.is_err() || out.flush().await.is_err() {
+                return;
+            }
+        }
+    });
+    let code = match run(&tx).await {
+        Ok(value) => {
+            let _ = tx.send(Reply::Done(value));
+            crate::error::exit::OK
+        }
+        Err(e) => {
+            let code = e.exit_code();
+            let _ = tx.send(Reply::Failed(WireError::from_error(&e)));
+            code
+        }
+    };
+    drop(tx);
+    let _ = writer.await;
+    code
+}
+
+async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
+    let mut stdin = BufReader::new(tokio::io::stdin());
+    let bad = |what: String| Error::Usage(format!("agent: {what}"));
+    let hello = read_line(&mut stdin, 4096)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("no hello on stdin (it is started by a coordinator)".into()))?;
+    let Ok(Greeting::Hello(theirs)) = serde_json::from_slice::<Greeting>(&hello) else {
+        return Err(bad("the first line is no hello".into()));
+    };
+    if theirs.protocol != proto::PROTOCOL {
+        return Err(Error::Checks(vec![format!(
+            "the coordinator (cairn {}) speaks agent protocol {}, this agent (cairn {}) speaks {}: install the same cairn release on the coordinator and the nodes",
+            theirs.version,
+            theirs.protocol,
+            crate::VERSION,
+            proto::PROTOCOL
+        )]));
+    }
+    let line = read_line(&mut stdin, proto::MAX_LINE)
+        .await
+        .map_err(|e| bad(e.to_string()))?
+        .ok_or_else(|| bad("no request".into()))?;
+    let req: Request =
+        serde_json::from_slice(&line).map_err(|e| bad(format!("a request it cannot read: {e}")))?;
+    for s in &req.secrets {
+        crate::redact::register(s);
+    }
+    // The coordinator going away (stdin closed) cancels the work.
+    let cancel = CancellationToken::new();
+    let watch = cancel.clone();
+    tokio::spawn(async move {
+        let mut rest = stdin;
+        let mut sink = [0u8; 512];
+        loop {
+            match rest.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        tracing::warn!("the coordinator went away: cancelling");
+        watch.cancel();
+    });
+    let beat = tx.clone();
+    let beats = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(proto::BEAT).await;
+            if beat.send(Reply::Beat).is_err() {
+                return;
+            }
+        }
+    });
+    let result = async {
+        let store = req.store.open().await?;
+        let local = Local {
+            store: store.clone(),
+        };
+        match req.op {
+            Op::InspectBackup { node, selection } => {
+                let mut facts = local.inspect_backup(&node, &selection).await?;
+                if let Err(e) = store.check().await {
+                    facts.problems.push(format!(
+                        "node {}: cannot reach the store from the node: {e}",
+                        node.index
+                    ));
+                }
+                to_value(&facts)
+            }
+            Op::Backup { job } => {
+                let events = Arc::new(Sender(tx.clone()));
+                let backed = local.backup(&job, events, &cancel).await?;
+                to_value(&backed)
+            }
+        }
+    }
+    .await;
+    beats.abort();
+    result
+}
+
+fn to_value<T: serde::Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::State(e.to_string()))
+}

@@ -1,0 +1,290 @@
+//! Node executors: the work that touches a node's disk runs through [`NodeExec`].
+//!
+//! [`Local`] does it in this process (the data dir is on this machine); [`Remote`]
+//! runs `cairn agent` on the node's own host through an argv prefix from the cluster
+//! description (`ssh … host --`, `kubectl exec -i … --`, `env X=1`) and speaks the
+//! protocol of [`proto`] over its stdin and stdout. Both run the same functions of
+//! this module, so a node reached over SSH does exactly what a local one does, and a
+//! node's data goes between its disk and the store, never through the coordinator.
+
+pub mod agent;
+pub mod proto;
+pub mod remote;
+
+use crate::archive::pack;
+use crate::cluster::{Node, RESERVED_PREFIX, Selection, data_dir_top, hooks};
+use crate::manifest::{self, NodeInfo, ObjectInfo};
+use crate::store::Store;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+pub use remote::Remote;
+
+/// How a node reaches the run's store: the store's URL and options (credentials
+/// included — sent to an agent only over its stdin, never stored or printed).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoreTarget {
+    pub url: String,
+    pub options: BTreeMap<String, String>,
+    /// Bytes per second, for this node's transfers.
+    pub bandwidth: Option<u64>,
+}
+
+impl std::fmt::Debug for StoreTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreTarget")
+            .field("url", &self.url)
+            .field("options", &self.options.keys().collect::<Vec<_>>())
+            .field("bandwidth", &self.bandwidth)
+            .finish()
+    }
+}
+
+impl StoreTarget {
+    pub async fn open(&self) -> Result<Arc<dyn Store>> {
+        let mut store = crate::store::open(&self.url, &self.options).await?;
+        if let Some(rate) = self.bandwidth {
+            store = Arc::new(crate::store::throttle::Throttled::new(store, rate));
+        }
+        Ok(store)
+    }
+}
+
+/// What a backup's pre-flight learns about one node, on the node.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct BackupFacts {
+    /// Keyspace directories in the data dir (all of them, selected or not).
+    pub keyspaces: Vec<String>,
+    /// What refuses the backup on this node, one line each, naming the node.
+    pub problems: Vec<String>,
+    /// Top-level entries that are no keyspace and are left out.
+    pub loose: Vec<String>,
+    /// The cairn version that looked.
+    pub version: String,
+}
+
+/// One node's backup: what to archive and where to put it.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct BackupJob {
+    pub snapshot: String,
+    pub selection: Selection,
+    pub node: Node,
+    pub phase: String,
+    /// The environment of the node's hooks (secrets only those the cluster lists).
+    pub hook_params: Vec<(String, String)>,
+    /// A multipart upload a killed attempt of this step left open: aborted first.
+    pub leftover_upload: Option<String>,
+}
+
+/// What a node's backup wrote: its manifest entry and its object.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Backed {
+    pub node: NodeInfo,
+    pub object: ObjectInfo,
+}
+
+/// Progress of a node's work, as it happens.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeEvent {
+    /// The transfer started; `total` bytes are expected.
+    Started { total: u64 },
+    /// Bytes done so far.
+    Bytes { done: u64 },
+    /// A multipart upload was opened (recorded, so that it is aborted if the step
+    /// dies before it completes).
+    UploadId { id: String },
+}
+
+/// Where a node's events go (the run's progress and state).
+pub trait Events: Send + Sync {
+    fn event(&self, e: NodeEvent);
+}
+
+/// Everything that touches a node's disk.
+#[async_trait::async_trait]
+pub trait NodeExec: Send + Sync {
+    /// Backup pre-flight on the node: data dir, keyspaces, what the archive would
+    /// refuse, and whether the node reaches the store.
+    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts>;
+
+    /// Run the node's hooks and stream its archive into the store.
+    async fn backup(
+        &self,
+        job: &BackupJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<Backed>;
+}
+
+/// The node's data dir is on this machine.
+pub struct Local {
+    pub store: Arc<dyn Store>,
+}
+
+#[async_trait::async_trait]
+impl NodeExec for Local {
+    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts> {
+        let (node, selection) = (node.clone(), selection.clone());
+        tokio::task::spawn_blocking(move || inspect_backup(&node, &selection))
+            .await
+            .map_err(|e| Error::State(format!("scan worker failed: {e}")))
+    }
+
+    async fn backup(
+        &self,
+        job: &BackupJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<Backed> {
+        let node = &job.node;
+        hooks::run(
+            hooks::Which::Pre,
+            node,
+            &job.phase,
+            &job.snapshot,
+            &job.hook_params,
+            cancel,
+        )
+        .await?;
+        let work = stream_node(&*self.store, job, events, cancel).await;
+        let post = hooks::run(
+            hooks::Which::Post,
+            node,
+            &job.phase,
+            &job.snapshot,
+            &job.hook_params,
+            cancel,
+        )
+        .await;
+        let out = work?;
+        post?;
+        Ok(out)
+    }
+}
+
+/// Backup pre-flight of one node, on its host (blocking).
+pub fn inspect_backup(node: &Node, selection: &Selection) -> BackupFacts {
+    let mut facts = BackupFacts {
+        version: crate::VERSION.to_string(),
+        ..BackupFacts::default()
+    };
+    let n = node.index;
+    if !node.data_dir.is_dir() {
+        facts.problems.push(format!(
+            "node {n}: data dir {} does not exist or is not a directory",
+            node.data_dir.display()
+        ));
+        return facts;
+    }
+    // One read of the top of the data dir: keyspaces, what is left out, reserved
+    // names that are not cairn's.
+    let top = match data_dir_top(&node.data_dir) {
+        Ok(top) => top,
+        Err(e) => {
+            facts.problems.push(format!("node {n}: {e}"));
+            return facts;
+        }
+    };
+    facts.problems.extend(top.foreign_reserved.iter().map(|name| {
+        format!(
+            "node {n}: {name} uses a name reserved for cairn's own files ({RESERVED_PREFIX}*) and would be left out; rename it"
+        )
+    }));
+    let selected: Vec<String> = top
+        .keyspaces
+        .iter()
+        .filter(|k| selection.includes(k))
+        .cloned()
+        .collect();
+    // What the archive would drop or a restore would refuse is refused now.
+    match pack::scan(&node.data_dir, &selected) {
+        Ok(scan) => facts
+            .problems
+            .extend(scan.refused.into_iter().map(|p| format!("node {n}: {p}"))),
+        Err(e) => facts.problems.push(format!("node {n}: {e}")),
+    }
+    facts.keyspaces = top.keyspaces;
+    facts.loose = top.loose;
+    facts
+}
+
+/// Scan the node's selected keyspaces and stream them, as one tar.gz, into the
+/// store. The upload id is reported before any part is sent.
+async fn stream_node(
+    store: &dyn Store,
+    job: &BackupJob,
+    events: Arc<dyn Events>,
+    cancel: &CancellationToken,
+) -> Result<Backed> {
+    let node = &job.node;
+    let data_dir = node.data_dir.clone();
+    let selection = job.selection.clone();
+    let scan = tokio::task::spawn_blocking(move || {
+        let keyspaces: Vec<String> = crate::cluster::keyspaces_on_disk(&data_dir)?
+            .into_iter()
+            .filter(|k| selection.includes(k))
+            .collect();
+        let scan = pack::scan(&data_dir, &keyspaces)?;
+        if !scan.refused.is_empty() {
+            return Err(Error::Checks(scan.refused));
+        }
+        Ok::<_, Error>((keyspaces, scan))
+    })
+    .await
+    .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
+    let (keyspaces, scan) = scan?;
+    let object = manifest::node_object(node.index);
+    let key = manifest::key(&job.snapshot, &object);
+    if let Some(id) = &job.leftover_upload {
+        // Best effort: the upload may have completed just before the kill.
+        tracing::info!(key, "aborting the upload a killed attempt left open");
+        if let Err(e) = store.abort_multipart(&key, id).await {
+            tracing::warn!(
+                key,
+                "could not abort the upload a killed attempt left open: {e}"
+            );
+        }
+    }
+    events.event(NodeEvent::Started {
+        total: scan.total_bytes,
+    });
+    tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
+    let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
+    let on_bytes = events.clone();
+    let (files, size, sha256) = crate::store::upload_stream(
+        store,
+        &key,
+        total_bytes,
+        cancel,
+        |id| {
+            events.event(NodeEvent::UploadId { id: id.to_string() });
+        },
+        move |sink| {
+            let (files, _) = pack::pack(&scan, sink, |done| {
+                on_bytes.event(NodeEvent::Bytes { done });
+            })?;
+            Ok(files)
+        },
+    )
+    .await?;
+    Ok(Backed {
+        node: NodeInfo {
+            index: node.index,
+            object: object.clone(),
+            keyspaces,
+            file_count,
+            bytes: total_bytes,
+            compressed_bytes: size,
+            files,
+        },
+        object: ObjectInfo {
+            key: object,
+            size,
+            sha256,
+        },
+    })
+}

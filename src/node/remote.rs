@@ -1,0 +1,283 @@
+//! A node reached through an argv prefix: `<exec…> <agent_path> agent`.
+//!
+//! One agent process per request. Secrets go only into its stdin: the prefix's
+//! argv holds none, and variables of this process's environment whose value is a
+//! secret are removed from the child's. A hello exchange refuses an agent of another
+//! protocol before any work; a silent agent (no beat for [`SILENCE`]) is given up;
+//! cancelling kills the prefix process, which closes the agent's stdin and cancels
+//! it on the node.
+
+use super::agent::read_line;
+use super::proto::{self, Greeting, Hello, Op, Reply, Request};
+use super::{Backed, BackupFacts, BackupJob, Events, NodeEvent, NodeExec, StoreTarget};
+use crate::cluster::{Node, Selection};
+use crate::manifest;
+use crate::store::Store;
+use crate::{Error, Result};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
+
+/// How long an agent may say nothing (it beats every 2 s while it works).
+pub const SILENCE: Duration = Duration::from_secs(30);
+/// How long reaching the node and starting the agent may take.
+pub const CONNECT: Duration = Duration::from_secs(60);
+
+pub struct Remote {
+    pub node: Node,
+    /// The run's store as the coordinator opened it: to abort an upload a dead
+    /// agent left open.
+    pub store: Arc<dyn Store>,
+    pub target: StoreTarget,
+    /// Secret values: sent to the agent for its redaction, kept out of the
+    /// environment of the prefix.
+    pub secrets: Vec<String>,
+}
+
+impl Remote {
+    fn describe(&self) -> String {
+        self.node.exec.join(" ")
+    }
+
+    fn failed(&self, message: String) -> Error {
+        Error::Remote {
+            node: self.node.index,
+            message: crate::redact::redact(&message),
+            exit_code: crate::error::exit::FAILED,
+            transient: false,
+        }
+    }
+
+    /// Send one request and wait for its answer, passing events on.
+    async fn call(
+        &self,
+        op: Op,
+        events: Option<&dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<serde_json::Value> {
+        let Some((program, args)) = self.node.exec.split_first() else {
+            return Err(self.failed("no exec prefix".into()));
+        };
+        let mut cmd = tokio::process::Command::new(program);
+        cmd.args(args)
+            .arg(&self.node.agent_path)
+            .arg("agent")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for (k, v) in std::env::vars_os() {
+            let v = v.to_string_lossy();
+            if self
+                .secrets
+                .iter()
+                .any(|s| !s.is_empty() && (v.contains(s.as_str()) || v.trim() == s.trim()))
+            {
+                cmd.env_remove(k);
+            }
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| self.failed(format!("cannot run {}: {e}", self.describe())))?;
+        let (Some(mut stdin), Some(stdout), Some(mut stderr)) =
+            (child.stdin.take(), child.stdout.take(), child.stderr.take())
+        else {
+            return Err(self.failed("the agent's pipes are missing".into()));
+        };
+        // The agent's stderr (its log), kept for the error message: the last 4 KiB.
+        let tail = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let keep = tail.clone();
+        let log = tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+                if let Ok(mut t) = keep.lock() {
+                    t.extend_from_slice(&buf[..n]);
+                    let extra = t.len().saturating_sub(4096);
+                    t.drain(..extra);
+                }
+            }
+        });
+        let last_words = |tail: &Arc<Mutex<Vec<u8>>>| {
+            let text = tail
+                .lock()
+                .map(|t| String::from_utf8_lossy(&t).into_owned())
+                .unwrap_or_default();
+            let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+            let from = lines.len().saturating_sub(3);
+            lines[from..].join(" / ")
+        };
+        let mut stdout = BufReader::new(stdout);
+        let exchange = async {
+            // Hello first, both ways.
+            let line = tokio::time::timeout(CONNECT, read_line(&mut stdout, 4096))
+                .await
+                .map_err(|_| {
+                    format!(
+                        "no answer from the agent within {}s ({})",
+                        CONNECT.as_secs(),
+                        self.describe()
+                    )
+                })?
+                .map_err(|e| e.to_string())?;
+            let Some(line) = line else {
+                return Err(format!(
+                    "could not start the agent ({} {} agent)",
+                    self.describe(),
+                    self.node.agent_path
+                ));
+            };
+            let theirs = match serde_json::from_slice::<Greeting>(&line) {
+                Ok(Greeting::Hello(h)) => h,
+                Err(_) => {
+                    return Err(format!(
+                        "{} agent did not answer as a cairn agent (is {} a cairn binary on the node?)",
+                        self.node.agent_path, self.node.agent_path
+                    ));
+                }
+            };
+            let ours = Hello::ours();
+            if theirs.protocol != ours.protocol {
+                // An answer, not a breakdown: refused before any work.
+                return Ok(Err(Error::Checks(vec![format!(
+                    "node {}: the agent (cairn {}) speaks agent protocol {}, this cairn ({}) speaks {}: install the same cairn release on the coordinator and the nodes",
+                    self.node.index, theirs.version, theirs.protocol, ours.version, ours.protocol
+                )])));
+            }
+            let req = Request {
+                secrets: self.secrets.clone(),
+                store: self.target.clone(),
+                op,
+            };
+            let mut out = proto::line(&Greeting::Hello(ours)).map_err(|e| e.to_string())?;
+            out.extend(proto::line(&req).map_err(|e| e.to_string())?);
+            stdin
+                .write_all(&out)
+                .await
+                .and(stdin.flush().await)
+                .map_err(|e| format!("cannot talk to the agent: {e}"))?;
+            loop {
+                let line = tokio::time::timeout(SILENCE, read_line(&mut stdout, proto::MAX_LINE))
+                    .await
+                    .map_err(|_| {
+                        format!(
+                            "the agent said nothing for {}s: the node or its connection hangs",
+                            SILENCE.as_secs()
+                        )
+                    })?
+                    .map_err(|e| e.to_string())?;
+                let Some(line) = line else {
+                    return Err("the agent ended without an answer".to_string());
+                };
+                let reply: Reply = serde_json::from_slice(&line)
+                    .map_err(|e| format!("the agent sent what this cairn cannot read: {e}"))?;
+                match reply {
+                    Reply::Beat => {}
+                    Reply::Event(e) => {
+                        if let Some(ev) = events {
+                            ev.event(e);
+                        }
+                    }
+                    Reply::Done(v) => return Ok(Ok(v)),
+                    Reply::Failed(w) => return Ok(Err(w.into_error(self.node.index))),
+                }
+            }
+        };
+        let result = tokio::select! {
+            r = exchange => r,
+            () = cancel.cancelled() => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(Error::Cancelled);
+            }
+        };
+        match result {
+            Ok(answer) => {
+                drop(stdin);
+                let _ = tokio::time::timeout(Duration::from_secs(10), child.wait()).await;
+                log.abort();
+                answer
+            }
+            Err(message) => {
+                // Dead or hung: make sure it is gone, then say what it said last.
+                let _ = child.start_kill();
+                let status = child.wait().await.ok();
+                let _ = tokio::time::timeout(Duration::from_secs(2), log).await;
+                let said = last_words(&tail);
+                let mut text = message;
+                if let Some(code) = status.and_then(|s| s.code()) {
+                    text.push_str(&format!(" (exit status {code})"));
+                }
+                if !said.is_empty() {
+                    text.push_str(&format!(": {said}"));
+                }
+                Err(self.failed(text))
+            }
+        }
+    }
+}
+
+/// Records the upload id the agent reports, so a dead agent's upload is aborted.
+struct Watch<'a> {
+    inner: &'a dyn Events,
+    upload: Mutex<Option<String>>,
+}
+
+impl Events for Watch<'_> {
+    fn event(&self, e: NodeEvent) {
+        if let NodeEvent::UploadId { id } = &e
+            && let Ok(mut u) = self.upload.lock()
+        {
+            *u = Some(id.clone());
+        }
+        self.inner.event(e);
+    }
+}
+
+#[async_trait::async_trait]
+impl NodeExec for Remote {
+    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts> {
+        let op = Op::InspectBackup {
+            node: node.clone(),
+            selection: selection.clone(),
+        };
+        let v = self.call(op, None, &CancellationToken::new()).await?;
+        serde_json::from_value(v)
+            .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))
+    }
+
+    async fn backup(
+        &self,
+        job: &BackupJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<Backed> {
+        let watch = Watch {
+            inner: &*events,
+            upload: Mutex::new(None),
+        };
+        let op = Op::Backup { job: job.clone() };
+        let result = self.call(op, Some(&watch), cancel).await;
+        let open = watch.upload.lock().ok().and_then(|u| u.clone());
+        match result {
+            Ok(v) => serde_json::from_value(v)
+                .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}"))),
+            Err(e) => {
+                // An agent that died (or was cut off) cannot abort its own upload.
+                if let Some(id) = open
+                    && matches!(e, Error::Remote { .. } | Error::Cancelled)
+                {
+                    let key = manifest::key(&job.snapshot, &manifest::node_object(job.node.index));
+                    if let Err(a) = self.store.abort_multipart(&key, &id).await {
+                        tracing::debug!(key, "abort after the agent ended: {a}");
+                    }
+                }
+                Err(e)
+            }
+        }
+    }
+}
