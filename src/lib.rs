@@ -23,6 +23,16 @@
 //! * [`retention`] — tiered retention decisions and the prune that applies them.
 //! * [`cli`]      — the command line, one file per subcommand.
 
+/// `eprintln!` that never panics: with stderr closed (a terminal gone, an SSH
+/// session broken) the line is dropped instead of killing the thread that printed.
+#[macro_export]
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 pub mod archive;
 pub mod checks;
 pub mod cli;

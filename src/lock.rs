@@ -235,7 +235,7 @@ pub async fn acquire(store: Arc<dyn Store>, req: &Request<'_>, s: Settings) -> R
             )));
         }
         tracing::warn!("breaking the stale lock of {}", describe(&l, now));
-        eprintln!(
+        crate::say!(
             "cairn: breaking the stale lock on {:?}: {}",
             req.snapshot,
             describe(&l, now)

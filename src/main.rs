@@ -31,14 +31,14 @@ fn main() {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cairn: cannot start the async runtime: {e}");
+            cairn::say!("cairn: cannot start the async runtime: {e}");
             std::process::exit(exit::FAILED);
         }
     };
     let code = match runtime.block_on(cairn::cli::run(cli)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("cairn: {}", redact(&e.to_string()));
+            cairn::say!("cairn: {}", redact(&e.to_string()));
             e.exit_code()
         }
     };

@@ -79,20 +79,41 @@ pub fn redact(text: &str) -> String {
 /// tracing subscriber's output.
 pub struct RedactingWriter<W>(pub W);
 
+/// A log line that cannot be written (stderr closed: an agent whose SSH session
+/// broke, a coordinator whose terminal went away) is dropped: the logging library
+/// would otherwise report the failure with a panicking `eprintln!`, killing the
+/// task that logged — mid-cancellation, say.
 impl<W: std::io::Write> std::io::Write for RedactingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let text = String::from_utf8_lossy(buf);
-        self.0.write_all(redact(&text).as_bytes())?;
+        let _ = self.0.write_all(redact(&text).as_bytes());
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
-        self.0.flush()
+        let _ = self.0.flush();
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_closed_stream_drops_the_line_instead_of_failing() {
+        struct Closed;
+        impl std::io::Write for Closed {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Err(std::io::ErrorKind::BrokenPipe.into())
+            }
+        }
+        let mut w = RedactingWriter(Closed);
+        assert_eq!(std::io::Write::write(&mut w, b"a line\n").unwrap(), 7);
+        assert!(std::io::Write::flush(&mut w).is_ok());
+    }
 
     #[test]
     fn masks_registered_values_and_longest_first() {

@@ -239,7 +239,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     let choice = crate::recover::choose(&*store, a.snapshot.as_deref(), a.nodes).await?;
     let out = |line: String| {
         if g.json {
-            eprintln!("{line}");
+            crate::say!("{line}");
         } else {
             println!("{line}");
         }

@@ -308,7 +308,9 @@ pub fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}
         }
-        eprintln!("cairn: stopping; the run's state is saved and `cairn plan resume` continues it");
+        crate::say!(
+            "cairn: stopping; the run's state is saved and `cairn plan resume` continues it"
+        );
         token.cancel();
     });
 }

@@ -108,14 +108,14 @@ impl Progress for Lines {
                 plan,
                 snapshot,
             } => {
-                eprintln!("run {run}: {plan} snapshot {snapshot}");
+                crate::say!("run {run}: {plan} snapshot {snapshot}");
             }
             Event::StepStarted { step, total } => {
                 let now = Instant::now();
                 steps.insert(step.to_string(), (now, now, total));
                 match total {
-                    Some(t) => eprintln!("{step}: started ({})", human(t)),
-                    None => eprintln!("{step}: started"),
+                    Some(t) => crate::say!("{step}: started ({})", human(t)),
+                    None => crate::say!("{step}: started"),
                 }
             }
             Event::Bytes { step, done } => {
@@ -128,7 +128,7 @@ impl Progress for Lines {
                     match total {
                         Some(t) if *t > 0 => {
                             let eta = (t.saturating_sub(done)) as f64 / rate.max(1.0);
-                            eprintln!(
+                            crate::say!(
                                 "{step}: {:.0}% {}/{} {}/s eta {:.0}s",
                                 done as f64 * 100.0 / *t as f64,
                                 human(done),
@@ -137,7 +137,7 @@ impl Progress for Lines {
                                 eta
                             );
                         }
-                        _ => eprintln!("{step}: {} {}/s", human(done), human(rate as u64)),
+                        _ => crate::say!("{step}: {} {}/s", human(done), human(rate as u64)),
                     }
                 }
             }
@@ -148,8 +148,8 @@ impl Progress for Lines {
             } => {
                 steps.remove(step);
                 match error {
-                    Some(e) => eprintln!("{step}: {status}: {}", redact(e)),
-                    None => eprintln!("{step}: {status}"),
+                    Some(e) => crate::say!("{step}: {status}: {}", redact(e)),
+                    None => crate::say!("{step}: {status}"),
                 }
             }
             Event::Retry {
@@ -157,7 +157,7 @@ impl Progress for Lines {
                 attempt,
                 error,
             } => {
-                eprintln!(
+                crate::say!(
                     "{step}: attempt {attempt} failed, retrying: {}",
                     redact(error)
                 );

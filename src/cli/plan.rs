@@ -207,14 +207,17 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             rec.id, rec.status, rec.plan, rec.snapshot, rec.store
         );
     } else if outcome.status == Status::Refused {
-        eprintln!(
+        crate::say!(
             "run {} REFUSED by its pre-flight checks; nothing was changed",
             rec.id
         );
     } else if outcome.status != Status::Complete {
-        eprintln!(
+        crate::say!(
             "run {} {}; `cairn plan status {}` shows its steps, `cairn plan resume {}` continues it",
-            rec.id, rec.status, rec.id, rec.id
+            rec.id,
+            rec.status,
+            rec.id,
+            rec.id
         );
     }
     outcome.into_result().map(|_| exit::OK)

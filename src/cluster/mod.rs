@@ -34,6 +34,8 @@ struct RawCluster {
     /// The cairn binary on the nodes reached with `exec` (default `cairn`, found
     /// on the node's PATH).
     agent_path: Option<String>,
+    /// How long an agent may say nothing before its node is given up as hung.
+    agent_timeout: Option<String>,
     #[serde(default)]
     nodes: Vec<RawNode>,
     manager: Option<RawManager>,
@@ -118,10 +120,18 @@ pub struct Node {
     /// The cairn binary on the node (with `exec`).
     #[serde(default = "default_agent_path")]
     pub agent_path: String,
+    /// Seconds an agent may stay silent (it beats every 2 s) before it is given
+    /// up as hung.
+    #[serde(default = "default_agent_timeout")]
+    pub agent_timeout_secs: u64,
 }
 
 fn default_agent_path() -> String {
     "cairn".into()
+}
+
+fn default_agent_timeout() -> u64 {
+    30
 }
 
 impl Node {
@@ -161,6 +171,17 @@ impl Cluster {
         if raw.nodes.is_empty() {
             return Err(err("no [[nodes]]: a cluster needs at least one node".into()));
         }
+        let agent_timeout_secs = match &raw.agent_timeout {
+            None => default_agent_timeout(),
+            Some(t) => match humantime::parse_duration(t) {
+                Ok(d) if d.as_secs() >= 5 => d.as_secs(),
+                _ => {
+                    return Err(err(format!(
+                        "agent_timeout {t:?} is not a duration of at least 5s (e.g. \"30s\", \"2m\"): agents beat every 2 s"
+                    )));
+                }
+            },
+        };
         let mut seen = BTreeSet::new();
         let mut nodes = Vec::new();
         for n in raw.nodes {
@@ -206,6 +227,7 @@ impl Cluster {
                 post_hook: n.post_hook,
                 exec: n.exec,
                 agent_path,
+                agent_timeout_secs,
             });
         }
         nodes.sort_by_key(|n| n.index);

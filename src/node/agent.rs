@@ -37,11 +37,24 @@ pub async fn read_line<R: AsyncRead + Unpin>(
     Ok(Some(buf))
 }
 
-struct Sender(mpsc::UnboundedSender<Reply>);
+/// Events to the coordinator; byte counts at most ten a second.
+struct Sender {
+    tx: mpsc::UnboundedSender<Reply>,
+    last_bytes: std::sync::Mutex<Option<std::time::Instant>>,
+}
 
 impl Events for Sender {
     fn event(&self, e: NodeEvent) {
-        let _ = self.0.send(Reply::Event(e));
+        if let NodeEvent::Bytes { .. } = e
+            && let Ok(mut last) = self.last_bytes.lock()
+        {
+            let now = std::time::Instant::now();
+            if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_millis(100)) {
+                return;
+            }
+            *last = Some(now);
+        }
+        let _ = self.tx.send(Reply::Event(e));
     }
 }
 
@@ -118,8 +131,8 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
                 Ok(_) => {}
             }
         }
-        tracing::warn!("the coordinator went away: cancelling");
         watch.cancel();
+        tracing::warn!("the coordinator went away: cancelling");
     });
     let beat = tx.clone();
     let beats = tokio::spawn(async move {
@@ -147,7 +160,10 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
                 to_value(&facts)
             }
             Op::Backup { job } => {
-                let events = Arc::new(Sender(tx.clone()));
+                let events = Arc::new(Sender {
+                    tx: tx.clone(),
+                    last_bytes: std::sync::Mutex::new(None),
+                });
                 let backed = local.backup(&job, events, &cancel).await?;
                 to_value(&backed)
             }

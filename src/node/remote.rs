@@ -3,7 +3,8 @@
 //! One agent process per request. Secrets go only into its stdin: the prefix's
 //! argv holds none, and variables of this process's environment whose value is a
 //! secret are removed from the child's. A hello exchange refuses an agent of another
-//! protocol before any work; a silent agent (no beat for [`SILENCE`]) is given up;
+//! protocol before any work; a silent agent (no beat for the cluster's
+//! `agent_timeout`, 30 s by default) is given up;
 //! cancelling kills the prefix process, which closes the agent's stdin and cancels
 //! it on the node.
 
@@ -20,8 +21,6 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
-/// How long an agent may say nothing (it beats every 2 s while it works).
-pub const SILENCE: Duration = Duration::from_secs(30);
 /// How long reaching the node and starting the agent may take.
 pub const CONNECT: Duration = Duration::from_secs(60);
 
@@ -112,6 +111,7 @@ impl Remote {
             lines[from..].join(" / ")
         };
         let mut stdout = BufReader::new(stdout);
+        let silence = Duration::from_secs(self.node.agent_timeout_secs);
         let exchange = async {
             // Hello first, both ways.
             let line = tokio::time::timeout(CONNECT, read_line(&mut stdout, 4096))
@@ -161,12 +161,12 @@ impl Remote {
                 .and(stdin.flush().await)
                 .map_err(|e| format!("cannot talk to the agent: {e}"))?;
             loop {
-                let line = tokio::time::timeout(SILENCE, read_line(&mut stdout, proto::MAX_LINE))
+                let line = tokio::time::timeout(silence, read_line(&mut stdout, proto::MAX_LINE))
                     .await
                     .map_err(|_| {
                         format!(
-                            "the agent said nothing for {}s: the node or its connection hangs",
-                            SILENCE.as_secs()
+                            "the agent said nothing for {}s: the node or its connection hangs (agent_timeout)",
+                            silence.as_secs()
                         )
                     })?
                     .map_err(|e| e.to_string())?;

@@ -11,6 +11,26 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_cairn");
 
+/// This build's binary under a path of the sandbox's own, so that a test finds
+/// its own agents among the processes of tests running beside it.
+fn agent_bin(sb: &Sandbox) -> String {
+    let p = sb.path("bin/cairn");
+    if !p.exists() {
+        std::fs::create_dir_all(sb.path("bin")).unwrap();
+        std::os::unix::fs::symlink(BIN, &p).unwrap();
+    }
+    p.to_str().unwrap().to_string()
+}
+
+/// The pids of this sandbox's agents.
+fn agents_of(bin: &str) -> Vec<u32> {
+    processes()
+        .into_iter()
+        .filter(|(_, (cmd, _))| cmd.starts_with(&format!("{bin} agent")))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// A source cluster of `n` nodes whose node `i` is reached with `exec(i)`.
 fn exec_cluster(
     sb: &Sandbox,
@@ -149,10 +169,11 @@ fn backup_through(prefix_kind: &str) {
             return;
         };
         sshd = s;
-        exec_cluster(&sb, 3, 1 << 20, BIN, ssh_prefix(&sshd))
+        exec_cluster(&sb, 3, 1 << 20, &agent_bin(&sb), ssh_prefix(&sshd))
     } else {
-        exec_cluster(&sb, 3, 1 << 20, BIN, env_prefix)
+        exec_cluster(&sb, 3, 1 << 20, &agent_bin(&sb), env_prefix)
     };
+    let bin = agent_bin(&sb);
     std::fs::write(sb.path("secret.txt"), format!("{secret}\n")).unwrap();
     let backup = |snapshot: &str| -> u64 {
         let mut args = vec![
@@ -189,7 +210,7 @@ fn backup_through(prefix_kind: &str) {
                 if pid == s3.pid() {
                     continue;
                 }
-                if cmd.starts_with(BIN) && cmd.ends_with(" agent ") {
+                if cmd.starts_with(&format!("{bin} agent")) {
                     agents_seen += 1;
                 }
                 if cmd.starts_with("ssh ") {
@@ -265,7 +286,8 @@ fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
     };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
-    let cluster = exec_cluster(&sb, 2, 12 << 20, BIN, ssh_prefix(&sshd));
+    let bin = agent_bin(&sb);
+    let cluster = exec_cluster(&sb, 2, 12 << 20, &bin, ssh_prefix(&sshd));
     let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
     let mut args = vec![
         "plan".to_string(),
@@ -298,11 +320,9 @@ fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
     let agent = loop {
         assert!(Instant::now() < deadline, "no upload started");
         if open_uploads() > 0
-            && let Some((pid, _)) = processes()
-                .into_iter()
-                .find(|(_, (cmd, _))| cmd.starts_with(BIN) && cmd.ends_with(" agent "))
+            && let Some(pid) = agents_of(&bin).first()
         {
-            break pid;
+            break *pid;
         }
         std::thread::sleep(Duration::from_millis(50));
     };
@@ -347,7 +367,7 @@ fn preflight_refuses_another_protocol_and_reports_two_nodes_at_once() {
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let cluster = exec_cluster(&sb, 2, 1000, BIN, env_prefix);
+    let cluster = exec_cluster(&sb, 2, 1000, &agent_bin(&sb), env_prefix);
     let text_ = std::fs::read_to_string(&cluster).unwrap();
     // Node 0 runs the old agent; node 1's data dir is missing.
     let text_ = text_.replacen(
@@ -390,7 +410,7 @@ fn preflight_refuses_another_protocol_and_reports_two_nodes_at_once() {
 #[test]
 fn restore_onto_exec_nodes_is_refused_and_restore_dir_works() {
     let sb = Sandbox::new();
-    let cluster = exec_cluster(&sb, 2, 1000, BIN, env_prefix);
+    let cluster = exec_cluster(&sb, 2, 1000, &agent_bin(&sb), env_prefix);
     let c = cluster.to_str().unwrap();
     sb.ok(&[
         "plan",
@@ -436,4 +456,125 @@ fn restore_onto_exec_nodes_is_refused_and_restore_dir_works() {
         "RESTORE_DIR=tgt",
     ]);
     assert_restored(&sb, "tgt", 2);
+}
+
+/// An agent that says hello and then nothing is given up after the cluster's
+/// `agent_timeout`, naming the node; the pre-flight refuses the run.
+#[test]
+fn a_silent_agent_is_given_up_after_the_agent_timeout() {
+    let sb = Sandbox::new();
+    let fake = sb.path("hung-cairn");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho '{\"hello\":{\"protocol\":1,\"version\":\"0.1.0\"}}'\nexec sleep 600\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cluster = exec_cluster(&sb, 1, 1000, fake.to_str().unwrap(), env_prefix);
+    let text_ = std::fs::read_to_string(&cluster).unwrap();
+    std::fs::write(&cluster, format!("agent_timeout = \"5s\"\n{text_}")).unwrap();
+    let started = Instant::now();
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "BACKUP_DIR=store",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let (_, err) = text(&out);
+    assert!(
+        err.contains("node 0: the agent said nothing for 5s"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(60));
+    let left = processes()
+        .into_values()
+        .filter(|(cmd, _)| cmd.contains("sleep 600"))
+        .count();
+    assert_eq!(left, 0, "the hung agent was left running");
+}
+
+/// `plan stop` during a backup over ssh: the agents on the nodes stop (their
+/// stdin closed), no multipart upload is left, the run is CANCELLED and resumes
+/// to a snapshot that restores byte-identically.
+#[test]
+fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
+    let Some(moto) = servers::moto() else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let Some(sshd) = servers::sshd(&sb.path("sshd")) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
+    let bin = agent_bin(&sb);
+    let cluster = exec_cluster(&sb, 2, 16 << 20, &bin, ssh_prefix(&sshd));
+    let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
+    let mut args = vec![
+        "plan".to_string(),
+        "start".into(),
+        "backup-s3".into(),
+        "-q".into(),
+        "--cluster".into(),
+        cluster.to_str().unwrap().into(),
+        "-p".into(),
+        "STRATEGY=parallel".into(),
+        "-p".into(),
+        "MAX_BANDWIDTH=1MiB".into(),
+    ];
+    args.extend(params.iter().cloned());
+    let child = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = rt.block_on(servers::s3_client(&moto.endpoint));
+    let open_uploads = || {
+        rt.block_on(client.list_multipart_uploads().bucket(&bucket).send())
+            .unwrap()
+            .uploads()
+            .len()
+    };
+    let agents = || agents_of(&bin).len();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while open_uploads() < 2 {
+        assert!(Instant::now() < deadline, "the uploads did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(agents(), 2);
+    sb.ok(&["plan", "stop", "1"]);
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{:?}", text(&out));
+    // Each agent has over 10 s of upload left at 1 MiB/s: gone within 3 s means
+    // stopped, not finished.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while agents() > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the agents on the nodes kept running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(open_uploads(), 0, "an upload was left open");
+    let out = sb.run(&[
+        "plan",
+        "resume",
+        "1",
+        "-q",
+        "-p",
+        &format!("AWS_ACCESS_KEY_ID={AK}"),
+        "-p",
+        &format!("AWS_SECRET_ACCESS_KEY={}", servers::SK),
+        "-p",
+        "MAX_BANDWIDTH=",
+    ]);
+    assert!(out.status.success(), "resume: {:?}", text(&out));
+    restored_equals_source(&sb, &params, 2);
 }
