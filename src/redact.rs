@@ -111,7 +111,7 @@ mod tests {
             }
         }
         let mut w = RedactingWriter(Closed);
-        assert_eq!(std::io::Write::write(&mut w, b"a line\n").unwrap(), 7);
+        assert!(matches!(std::io::Write::write(&mut w, b"a line\n"), Ok(7)));
         assert!(std::io::Write::flush(&mut w).is_ok());
     }
 
