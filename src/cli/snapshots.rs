@@ -13,8 +13,17 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use std::sync::Arc;
 
+/// Open a store these commands read: one that does not exist is an error (exit
+/// 5), not an empty list.
 async fn open(url: &str) -> Result<Arc<dyn Store>> {
-    store::open(url, &super::store_options_from_env()).await
+    let store = store::open(url, &super::store_options_from_env()).await?;
+    if !store.exists().await? {
+        return Err(Error::NotFound(format!(
+            "store {} does not exist (check --store; a backup creates it)",
+            store.describe()
+        )));
+    }
+    Ok(store)
 }
 
 fn now_or(given: Option<String>) -> Result<DateTime<Utc>> {

@@ -199,6 +199,10 @@ impl Store for LocalStore {
         format!("file://{}", self.root.display())
     }
 
+    async fn exists(&self) -> Result<bool> {
+        Ok(self.root.is_dir())
+    }
+
     fn limits(&self) -> Limits {
         Limits {
             min_part_size: 8 << 20,

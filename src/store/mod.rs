@@ -63,6 +63,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn url(&self) -> String {
         self.describe()
     }
+    /// Whether the store itself exists (a directory store's directory). Commands
+    /// that read a store refuse a missing one instead of finding nothing in it; a
+    /// backup creates it.
+    async fn exists(&self) -> Result<bool> {
+        Ok(true)
+    }
     fn limits(&self) -> Limits;
     /// Pre-flight: the store exists and the credentials work. One clear message per
     /// cause (missing bucket, wrong key, wrong region).

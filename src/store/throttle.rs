@@ -118,6 +118,9 @@ impl Store for Throttled {
     fn url(&self) -> String {
         self.inner.url()
     }
+    async fn exists(&self) -> Result<bool> {
+        self.inner.exists().await
+    }
     fn limits(&self) -> Limits {
         self.inner.limits()
     }

@@ -212,3 +212,26 @@ fn plan_list_and_show() {
     let out = sb.run(&["plan", "show", "nope"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// A store that does not exist is an error for the commands that read one (exit
+/// 5, naming it), not an empty list.
+#[test]
+fn a_missing_directory_store_is_not_found_not_empty() {
+    let sb = Sandbox::new();
+    for args in [
+        vec!["snapshots", "list", "--store", "no/such/dir"],
+        vec!["snapshots", "verify", "s", "--store", "no/such/dir"],
+        vec!["snapshots", "last", "--store", "no/such/dir"],
+    ] {
+        let out = sb.run(&args);
+        assert_eq!(out.status.code(), Some(5), "{args:?}: {:?}", text(&out));
+        let (so, err) = text(&out);
+        assert!(err.contains("does not exist"), "{args:?}: {err}");
+        assert!(!so.contains("no snapshots"), "{args:?}: {so}");
+    }
+    assert!(!sb.path("no").exists(), "the store was created by a read");
+    // An existing, empty store is listed as empty.
+    std::fs::create_dir_all(sb.path("empty")).unwrap();
+    let out = sb.ok(&["snapshots", "list", "--store", "empty"]);
+    assert!(text(&out).0.contains("no snapshots"));
+}
