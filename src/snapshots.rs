@@ -17,7 +17,10 @@ pub struct SnapshotSummary {
     pub name: String,
     pub complete: bool,
     /// From the manifest when complete.
+    pub started_at: Option<String>,
     pub finished_at: Option<String>,
+    /// How long the backup took (from the manifest's times).
+    pub duration_secs: Option<i64>,
     pub cluster: Option<String>,
     pub nodes: Option<usize>,
     /// Uncompressed data bytes (from the manifest).
@@ -58,6 +61,16 @@ impl VerifyRecord {
     pub fn data_ok(&self) -> bool {
         self.ok && self.mode != "metadata"
     }
+}
+
+/// When a snapshot was made: its manifest's finish time, else (incomplete) the
+/// newest modification of its objects, in Unix seconds.
+pub fn when(s: &SnapshotSummary) -> Option<i64> {
+    s.finished_at
+        .as_deref()
+        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.timestamp())
+        .or(s.modified)
 }
 
 /// All snapshots (top-level folders) of a store, sorted by name.
@@ -106,7 +119,9 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
         let mut s = SnapshotSummary {
             name: name.clone(),
             complete: false,
+            started_at: None,
             finished_at: None,
+            duration_secs: None,
             cluster: None,
             nodes: None,
             bytes: None,
@@ -121,7 +136,15 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             match checks::read_manifest(store, &name).await {
                 Ok(m) => {
                     s.complete = true;
+                    s.started_at = Some(m.started_at.clone());
                     s.finished_at = Some(m.finished_at.clone());
+                    s.duration_secs = match (
+                        chrono::DateTime::parse_from_rfc3339(&m.started_at),
+                        chrono::DateTime::parse_from_rfc3339(&m.finished_at),
+                    ) {
+                        (Ok(a), Ok(b)) => Some((b - a).num_seconds().max(0)),
+                        _ => None,
+                    };
                     s.cluster = Some(m.cluster.name.clone());
                     s.nodes = Some(m.cluster.nodes.len());
                     s.bytes = Some(m.total_bytes());

@@ -70,13 +70,23 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
     match cmd {
         SnapshotsCmd::List { store: url } => {
             let store = open(&url).await?;
-            let list = snapshots::list(&*store).await?;
+            let mut list = snapshots::list(&*store).await?;
+            // Oldest first, the newest last (where the eye lands); no time last.
+            list.sort_by(|a, b| {
+                let key = |s| snapshots::when(s).unwrap_or(i64::MAX);
+                key(a).cmp(&key(b)).then_with(|| a.name.cmp(&b.name))
+            });
             if g.json {
                 print_json(&json!(list));
                 return Ok(exit::OK);
             }
             if list.is_empty() {
                 println!("no snapshots in {}", store.describe());
+            } else {
+                println!(
+                    "{:32} {:10} {:24} {:>5} {:>10} {:>10}  VERIFIED",
+                    "SNAPSHOT", "STATE", "FINISHED", "NODES", "DATA", "STORED"
+                );
             }
             for s in list {
                 let state = if s.complete { "complete" } else { "INCOMPLETE" };
@@ -87,7 +97,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                     }
                 };
                 println!(
-                    "{:32} {:10} {:24} nodes {:>3} data {:>10} stored {:>10}  {verified}{}{}",
+                    "{:32} {:10} {:24} {:>5} {:>10} {:>10}  {verified}{}{}",
                     s.name,
                     state,
                     s.finished_at.as_deref().unwrap_or("-"),

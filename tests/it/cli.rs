@@ -235,3 +235,49 @@ fn a_missing_directory_store_is_not_found_not_empty() {
     let out = sb.ok(&["snapshots", "list", "--store", "empty"]);
     assert!(text(&out).0.contains("no snapshots"));
 }
+
+/// `snapshots list` is in time order (oldest first) under a header, and its JSON
+/// says bytes, times and duration.
+#[test]
+fn snapshots_list_is_in_time_order_with_a_header_and_complete_json() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    for (i, name) in ["c-first", "a-second", "b-third"].iter().enumerate() {
+        if i > 0 {
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        sb.ok(&[
+            "plan",
+            "start",
+            "backup-local",
+            "-q",
+            "--cluster",
+            src.to_str().unwrap(),
+            "-p",
+            &format!("SNAPSHOT_NAME={name}"),
+            "-p",
+            "BACKUP_DIR=store",
+        ]);
+    }
+    let out = sb.ok(&["snapshots", "list", "--store", "store"]);
+    let (so, _) = text(&out);
+    let lines: Vec<&str> = so.lines().collect();
+    assert!(lines[0].starts_with("SNAPSHOT"), "{so}");
+    assert!(
+        lines[0].contains("FINISHED") && lines[0].contains("STORED"),
+        "{so}"
+    );
+    let order: Vec<&str> = lines[1..]
+        .iter()
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(order, ["c-first", "a-second", "b-third"], "{so}");
+    let out = sb.ok(&["snapshots", "list", "--store", "store", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &v[0];
+    assert_eq!(first["name"], "c-first");
+    assert!(first["bytes"].as_u64().unwrap() > 0, "{first}");
+    assert!(first["stored_bytes"].as_u64().unwrap() > 0, "{first}");
+    assert!(first["started_at"].is_string(), "{first}");
+    assert!(first["duration_secs"].is_i64(), "{first}");
+}
