@@ -271,7 +271,18 @@ pub struct Globals {
 
 impl Globals {
     pub fn state(&self) -> Result<StateStore> {
-        StateStore::open(&self.home)
+        let new = !self.home.join("state.db").exists();
+        let s = StateStore::open(&self.home)?;
+        if new {
+            // Never a silent new home: a run started elsewhere is not in it.
+            crate::say!(
+                "cairn: new state home {} (--home or CAIRN_HOME chooses another)",
+                std::path::absolute(&self.home)
+                    .unwrap_or_else(|_| self.home.clone())
+                    .display()
+            );
+        }
+        Ok(s)
     }
 }
 

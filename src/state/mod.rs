@@ -1,5 +1,5 @@
 //! The embedded run-state store: SQLite in WAL mode under `$CAIRN_HOME` (default
-//! `./.cairn/`), so `plan status` in one terminal reads what a run in another writes,
+//! the per-user state dir, see [`StateStore::default_home`]), so `plan status` in one terminal reads what a run in another writes,
 //! and every transition is durable (synchronous=FULL) before the engine moves on.
 //!
 //! Nothing secret is stored: parameters are kept redacted, errors pass the redaction
@@ -251,11 +251,29 @@ impl StateStore {
         &self.path
     }
 
-    /// The default home: `$CAIRN_HOME`, else `./.cairn`.
+    /// The default home: `$CAIRN_HOME`; else a `./.cairn` that already holds a
+    /// state (the first releases' default, kept so their runs stay resumable);
+    /// else the per-user state dir, `$XDG_STATE_HOME/cairn` or
+    /// `~/.local/state/cairn`, so every working directory sees the same runs.
     pub fn default_home() -> PathBuf {
-        std::env::var_os("CAIRN_HOME")
+        if let Some(h) = std::env::var_os("CAIRN_HOME").filter(|h| !h.is_empty()) {
+            return PathBuf::from(h);
+        }
+        let legacy = PathBuf::from(".cairn");
+        if legacy.join("state.db").is_file() {
+            return legacy;
+        }
+        let xdg = std::env::var_os("XDG_STATE_HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(".cairn"))
+            .filter(|p| p.is_absolute());
+        let home = std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute());
+        match (xdg, home) {
+            (Some(x), _) => x.join("cairn"),
+            (None, Some(h)) => h.join(".local/state/cairn"),
+            (None, None) => legacy,
+        }
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut Connection) -> rusqlite::Result<T>) -> Result<T> {

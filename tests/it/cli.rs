@@ -281,3 +281,68 @@ fn snapshots_list_is_in_time_order_with_a_header_and_complete_json() {
     assert!(first["started_at"].is_string(), "{first}");
     assert!(first["duration_secs"].is_i64(), "{first}");
 }
+
+/// Without --home or CAIRN_HOME the state lives in the per-user state dir, so
+/// runs are found from any working directory, and a new home is announced; a
+/// `./.cairn` that holds a state (the first releases' default) is still used.
+#[test]
+fn the_default_state_home_is_per_user_and_announced() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    let user = sb.path("user");
+    std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
+    let run = |cwd: &std::path::Path, args: &[&str]| {
+        sb.command(args)
+            .current_dir(cwd)
+            .env_remove("CAIRN_HOME")
+            .env_remove("XDG_STATE_HOME")
+            .env("HOME", &user)
+            .output()
+            .unwrap()
+    };
+    let out = run(
+        sb.dir.path(),
+        &[
+            "plan",
+            "start",
+            "backup-local",
+            "-q",
+            "--cluster",
+            src.to_str().unwrap(),
+            "-p",
+            "SNAPSHOT_NAME=s",
+            "-p",
+            "BACKUP_DIR=store",
+        ],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    let home = user.join(".local/state/cairn");
+    assert!(
+        text(&out)
+            .1
+            .contains(&format!("new state home {}", home.display())),
+        "{:?}",
+        text(&out)
+    );
+    assert!(home.join("state.db").is_file());
+    assert!(
+        !sb.path(".cairn").exists(),
+        "a home was made in the working directory"
+    );
+    let out = run(&sb.path("elsewhere"), &["plan", "history"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(text(&out).0.contains("backup-local"), "{:?}", text(&out));
+    assert!(!text(&out).1.contains("new state home"), "{:?}", text(&out));
+    // A first-release home in the working directory keeps being used.
+    let legacy = sb.path("legacy");
+    let out = sb
+        .command(&["plan", "history"])
+        .env("CAIRN_HOME", legacy.join(".cairn"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let out = run(&legacy, &["plan", "history"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(!text(&out).0.contains("backup-local"), "{:?}", text(&out));
+    assert!(!text(&out).1.contains("new state home"), "{:?}", text(&out));
+}
