@@ -221,6 +221,57 @@ impl Remote {
     }
 }
 
+impl Remote {
+    /// An agent's answer is checked against what was asked and what the store
+    /// holds before it is recorded: the run never claims an object that is not
+    /// there as the agent described it.
+    async fn check_backed(&self, job: &BackupJob, b: &Backed) -> Result<()> {
+        let object = manifest::node_object(job.node.index);
+        let mut wrong = Vec::new();
+        if b.node.index != job.node.index {
+            wrong.push(format!("it answered for node {}", b.node.index));
+        }
+        if b.node.object != object || b.object.key != object {
+            wrong.push(format!(
+                "it names object {:?}/{:?}, not {object}",
+                b.node.object, b.object.key
+            ));
+        }
+        if let Some(k) = b.node.keyspaces.iter().find(|k| {
+            k.is_empty()
+                || *k == "."
+                || *k == ".."
+                || k.starts_with(crate::cluster::RESERVED_PREFIX)
+                || k.contains(['/', '\\', '\0'])
+        }) {
+            wrong.push(format!("keyspace {k:?} is no directory name"));
+        }
+        if b.object.sha256.len() != 64 || !b.object.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+            wrong.push("its SHA-256 is malformed".into());
+        }
+        if wrong.is_empty() {
+            let key = manifest::key(&job.snapshot, &object);
+            match self.store.head(&key).await {
+                Ok(Some(m)) if m.size == b.object.size => {}
+                Ok(Some(m)) => wrong.push(format!(
+                    "it wrote {} bytes but the store holds {} in {key}",
+                    b.object.size, m.size
+                )),
+                Ok(None) => wrong.push(format!("the store holds no {key}")),
+                Err(e) => return Err(e),
+            }
+        }
+        if wrong.is_empty() {
+            Ok(())
+        } else {
+            Err(self.failed(format!(
+                "the agent's answer does not hold: {}",
+                wrong.join("; ")
+            )))
+        }
+    }
+}
+
 /// Records the upload id the agent reports, so a dead agent's upload is aborted.
 struct Watch<'a> {
     inner: &'a dyn Events,
@@ -264,8 +315,12 @@ impl NodeExec for Remote {
         let result = self.call(op, Some(&watch), cancel).await;
         let open = watch.upload.lock().ok().and_then(|u| u.clone());
         match result {
-            Ok(v) => serde_json::from_value(v)
-                .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}"))),
+            Ok(v) => {
+                let backed: Backed = serde_json::from_value(v)
+                    .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))?;
+                self.check_backed(job, &backed).await?;
+                Ok(backed)
+            }
             Err(e) => {
                 // An agent that died (or was cut off) cannot abort its own upload.
                 if let Some(id) = open

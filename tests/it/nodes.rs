@@ -338,7 +338,11 @@ fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
     assert!(err.contains("agent"), "{err}");
     assert_eq!(open_uploads(), 0, "the dead agent's upload was left open");
     let st = sb.ok(&["plan", "status", "1"]);
-    assert!(text(&st).0.contains("FAILED"), "{:?}", text(&st));
+    assert!(
+        text(&st).0.starts_with("run 1  backup-local  FAILED"),
+        "{:?}",
+        text(&st)
+    );
     let out = sb.run(&[
         "plan",
         "resume",
@@ -577,4 +581,53 @@ fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
     ]);
     assert!(out.status.success(), "resume: {:?}", text(&out));
     restored_equals_source(&sb, &params, 2);
+}
+
+/// An agent whose answer does not hold (an object the store does not have) fails
+/// its step: no manifest is written, the run is not COMPLETE.
+#[test]
+fn an_agent_answer_the_store_contradicts_is_refused() {
+    let sb = Sandbox::new();
+    let fake = sb.path("forging-cairn");
+    std::fs::write(
+        &fake,
+        r#"#!/usr/bin/env python3
+import json, sys
+print(json.dumps({"hello": {"protocol": 1, "version": "0.1.0"}}), flush=True)
+sys.stdin.readline()
+req = json.loads(sys.stdin.readline())
+if req["op"] == "inspect_backup":
+    out = {"keyspaces": ["app"], "problems": [], "loose": [], "version": "0.1.0"}
+else:
+    out = {"node": {"index": 0, "object": "node-0.tar.gz", "keyspaces": ["app"],
+                    "file_count": 1, "bytes": 5, "compressed_bytes": 10, "files": []},
+           "object": {"key": "node-0.tar.gz", "size": 10, "sha256": "0" * 64}}
+print(json.dumps({"done": out}), flush=True)
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let cluster = exec_cluster(&sb, 1, 1000, fake.to_str().unwrap(), env_prefix);
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "BACKUP_DIR=store",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    let (_, err) = text(&out);
+    assert!(err.contains("the agent's answer does not hold"), "{err}");
+    assert!(err.contains("the store holds no s/node-0.tar.gz"), "{err}");
+    assert!(!sb.path("store/s/manifest.json").exists());
+    let st = sb.ok(&["plan", "status", "1"]);
+    assert!(
+        text(&st).0.starts_with("run 1  backup-local  FAILED"),
+        "{:?}",
+        text(&st)
+    );
 }
