@@ -33,6 +33,16 @@ macro_rules! say {
     }};
 }
 
+/// `println!` that never panics: with stdout closed (`cairn … | head`) the rest of
+/// the output is dropped and the command still finishes its work.
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
 pub mod archive;
 pub mod checks;
 pub mod cli;

@@ -58,7 +58,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!(s));
             } else {
-                println!(
+                crate::out!(
                     "manager snapshot {} created in {}: {}, manager version {}, credentials {}",
                     s.id,
                     store.describe(),
@@ -77,15 +77,20 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
                 return Ok(exit::OK);
             }
             if list.is_empty() {
-                println!("no manager snapshots in {}", store.describe());
+                crate::out!("no manager snapshots in {}", store.describe());
                 return Ok(exit::OK);
             }
-            println!(
+            crate::out!(
                 "{:32} {:26} {:10} {:>10} {:11} {:9} FORMAT",
-                "ID", "CREATED", "VERSION", "SIZE", "CREDENTIALS", "STATUS"
+                "ID",
+                "CREATED",
+                "VERSION",
+                "SIZE",
+                "CREDENTIALS",
+                "STATUS"
             );
             for s in list {
-                println!(
+                crate::out!(
                     "{:32} {:26} {:10} {:>10} {:11} {:9} {}{}{}",
                     s.id,
                     s.created_at.as_deref().unwrap_or("-"),
@@ -109,7 +114,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"id": id, "file": output, "size": s.size}));
             } else {
-                println!(
+                crate::out!(
                     "manager snapshot {id} saved to {} ({}, checksum verified)",
                     output.display(),
                     human(s.size.unwrap_or(0))
@@ -123,7 +128,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!(s));
             } else {
-                println!(
+                crate::out!(
                     "uploaded {} as manager snapshot {} to {} (every entry verified)",
                     file.display(),
                     s.id,
@@ -139,7 +144,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!(r));
             } else {
-                println!(
+                crate::out!(
                     "manager snapshot {id} restored into {}: {} files, {} (format v{}{}, manager version {}, credentials {})",
                     r.state_dir.display(),
                     r.files,
@@ -154,7 +159,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
                     if r.credentials { "restored" } else { "kept" }
                 );
                 if let Some(p) = &r.pre_restore {
-                    println!(
+                    crate::out!(
                         "the previous state is kept at {}; `cairn manager-snapshot rollback` swaps it back",
                         p.display()
                     );
@@ -168,7 +173,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"restored": from, "replaced_kept_at": replaced}));
             } else {
-                println!(
+                crate::out!(
                     "{} is back from {}{}",
                     m.state_dir.display(),
                     from.display(),
@@ -185,7 +190,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"deleted": id}));
             } else {
-                println!("deleted manager snapshot {id}");
+                crate::out!("deleted manager snapshot {id}");
             }
             Ok(exit::OK)
         }
@@ -195,7 +200,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!(s));
             } else {
-                println!(
+                crate::out!(
                     "manager: {} ({})",
                     s.state_dir.display(),
                     match s.kind {
@@ -203,18 +208,18 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
                         crate::manager::Kind::Own => "cairn's own state",
                     }
                 );
-                println!("version: {}", s.version);
-                println!("credentials: {}/", s.credentials);
+                crate::out!("version: {}", s.version);
+                crate::out!("credentials: {}/", s.credentials);
                 if s.clean {
-                    println!("clean: yes (a snapshot can be restored without --force)");
+                    crate::out!("clean: yes (a snapshot can be restored without --force)");
                 } else {
-                    println!("clean: no");
+                    crate::out!("clean: no");
                     for r in &s.not_clean {
-                        println!("  - {r}");
+                        crate::out!("  - {r}");
                     }
                 }
                 for p in &s.pre_restore_copies {
-                    println!("pre-restore copy: {}", p.display());
+                    crate::out!("pre-restore copy: {}", p.display());
                 }
             }
             Ok(exit::OK)
@@ -241,7 +246,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
         if g.json {
             crate::say!("{line}");
         } else {
-            println!("{line}");
+            crate::out!("{line}");
         }
     };
     out(format!(

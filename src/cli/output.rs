@@ -168,7 +168,7 @@ impl Progress for Lines {
 
 /// Print a JSON value on one line of stdout, redacted.
 pub fn print_json(value: &serde_json::Value) {
-    println!("{}", crate::redact::redact_json(value));
+    crate::out!("{}", crate::redact::redact_json(value));
 }
 
 pub fn status_word(s: Status) -> &'static str {

@@ -53,7 +53,7 @@ fn list(g: &Globals) -> Result<i32> {
         print_json(&json!(v));
     } else {
         for p in plans {
-            println!("{:16} {}", p.name, p.description);
+            crate::out!("{:16} {}", p.name, p.description);
         }
     }
     Ok(exit::OK)
@@ -86,7 +86,7 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
         );
         return Ok(exit::OK);
     }
-    println!("{} — {}\n\nparameters:", p.name, p.description);
+    crate::out!("{} — {}\n\nparameters:", p.name, p.description);
     for s in &p.params {
         let mut flags = Vec::new();
         if s.required {
@@ -98,9 +98,9 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
         if s.secret {
             flags.push("secret".to_string());
         }
-        println!("  {:24} {} [{}]", s.name, s.description, flags.join(", "));
+        crate::out!("  {:24} {} [{}]", s.name, s.description, flags.join(", "));
     }
-    println!("\nphases:");
+    crate::out!("\nphases:");
     for ph in &p.phases {
         let (strategy, max) = ph.strategy_template();
         let steps: Vec<String> = ph
@@ -109,17 +109,17 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
             .map(|s| format!("{} on {:?}", s.action.name(), s.on))
             .collect();
         match max {
-            Some(m) => println!(
+            Some(m) => crate::out!(
                 "  {:12} {strategy} (max {m}): {}",
                 ph.name,
                 steps.join(", ")
             ),
-            None => println!("  {:12} {strategy}: {}", ph.name, steps.join(", ")),
+            None => crate::out!("  {:12} {strategy}: {}", ph.name, steps.join(", ")),
         }
     }
     if !p.on_failure.is_empty() {
         let steps: Vec<&str> = p.on_failure.iter().map(|s| s.action.name()).collect();
-        println!("  on failure: {}", steps.join(", "));
+        crate::out!("  on failure: {}", steps.join(", "));
     }
     Ok(exit::OK)
 }
@@ -202,9 +202,13 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             "exit_code": outcome.error.as_ref().map_or(exit::OK, Error::exit_code),
         }));
     } else if outcome.error.is_none() {
-        println!(
+        crate::out!(
             "run {} {}: {} snapshot {} in {}",
-            rec.id, rec.status, rec.plan, rec.snapshot, rec.store
+            rec.id,
+            rec.status,
+            rec.plan,
+            rec.snapshot,
+            rec.store
         );
     } else if outcome.status == Status::Refused {
         crate::say!(
@@ -238,16 +242,19 @@ fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
         return Ok(exit::OK);
     }
     print_run(&rec, &sources);
-    println!();
+    crate::out!();
     for s in &steps {
         let err = s
             .error
             .as_deref()
             .map(|e| format!("  {}", redact(e)))
             .unwrap_or_default();
-        println!(
+        crate::out!(
             "  {:34} {:10} attempts {}{}",
-            s.id, s.status, s.attempts, err
+            s.id,
+            s.status,
+            s.attempts,
+            err
         );
     }
     Ok(exit::OK)
@@ -268,11 +275,15 @@ fn param_sources(r: &RunRecord) -> std::collections::BTreeMap<String, String> {
 }
 
 fn print_run(r: &RunRecord, sources: &std::collections::BTreeMap<String, String>) {
-    println!(
+    crate::out!(
         "run {}  {}  {}  snapshot {}  store {}",
-        r.id, r.plan, r.status, r.snapshot, r.store
+        r.id,
+        r.plan,
+        r.status,
+        r.snapshot,
+        r.store
     );
-    println!(
+    crate::out!(
         "  created {}  updated {}{}",
         r.created_at,
         r.updated_at,
@@ -281,16 +292,16 @@ fn print_run(r: &RunRecord, sources: &std::collections::BTreeMap<String, String>
             .map(|f| format!("  finished {f}"))
             .unwrap_or_default()
     );
-    println!("  parameters:");
+    crate::out!("  parameters:");
     for (k, v) in &r.params.0 {
         let from = sources.get(k).map_or("", String::as_str);
         if from == "unset" {
             continue;
         }
-        println!("    {k:24} {v:?} ({from})");
+        crate::out!("    {k:24} {v:?} ({from})");
     }
     if let Some(e) = &r.error {
-        println!("  error: {}", redact(e));
+        crate::out!("  error: {}", redact(e));
     }
 }
 
@@ -301,9 +312,13 @@ fn history(g: &Globals, limit: usize) -> Result<i32> {
         return Ok(exit::OK);
     }
     for r in runs {
-        println!(
+        crate::out!(
             "{:5} {:24} {:16} {:10} {}",
-            r.id, r.created_at, r.plan, r.status, r.snapshot
+            r.id,
+            r.created_at,
+            r.plan,
+            r.status,
+            r.snapshot
         );
     }
     Ok(exit::OK)
@@ -336,7 +351,7 @@ async fn stop(g: &Globals, run: i64) -> Result<i32> {
     if g.json {
         print_json(&json!({"run": run, "status": rec.status}));
     } else {
-        println!("run {run}: {}", rec.status);
+        crate::out!("run {run}: {}", rec.status);
     }
     Ok(exit::OK)
 }

@@ -81,11 +81,16 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 return Ok(exit::OK);
             }
             if list.is_empty() {
-                println!("no snapshots in {}", store.describe());
+                crate::out!("no snapshots in {}", store.describe());
             } else {
-                println!(
+                crate::out!(
                     "{:32} {:10} {:24} {:>5} {:>10} {:>10}  VERIFIED",
-                    "SNAPSHOT", "STATE", "FINISHED", "NODES", "DATA", "STORED"
+                    "SNAPSHOT",
+                    "STATE",
+                    "FINISHED",
+                    "NODES",
+                    "DATA",
+                    "STORED"
                 );
             }
             for s in list {
@@ -96,7 +101,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                         format!("{} {} {}", v.mode, if v.ok { "ok" } else { "FAILED" }, v.at)
                     }
                 };
-                println!(
+                crate::out!(
                     "{:32} {:10} {:24} {:>5} {:>10} {:>10}  {verified}{}{}",
                     s.name,
                     state,
@@ -143,7 +148,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"ok": ok, "report": report}));
             } else if ok {
-                println!(
+                crate::out!(
                     "snapshot {name}: OK ({}: {} objects present, {} read back, {} files, {} checked)",
                     report.mode,
                     report.objects,
@@ -152,9 +157,9 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                     human(report.bytes)
                 );
             } else {
-                println!("snapshot {name}: {} problem(s)", report.problems.len());
+                crate::out!("snapshot {name}: {} problem(s)", report.problems.len());
                 for p in &report.problems {
-                    println!("  - {p}");
+                    crate::out!("  - {p}");
                 }
             }
             Ok(if ok { exit::OK } else { exit::FAILED })
@@ -177,7 +182,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             if g.json {
                 print_json(&json!({"deleted": name, "objects": n}));
             } else {
-                println!("deleted snapshot {name} ({n} objects)");
+                crate::out!("deleted snapshot {name} ({n} objects)");
             }
             Ok(exit::OK)
         }
@@ -204,13 +209,13 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                         (false, false) if report.deleted.contains(&d.snapshot) => "delete",
                         (false, false) => "LEFT  ",
                     };
-                    println!("{verb} {:32} {}", d.snapshot, d.reason);
+                    crate::out!("{verb} {:32} {}", d.snapshot, d.reason);
                 }
                 for (name, why) in &report.skipped {
-                    println!("not deleted: {name}: {why}");
+                    crate::out!("not deleted: {name}: {why}");
                 }
                 let gone = report.decisions.iter().filter(|d| !d.keep).count();
-                println!(
+                crate::out!(
                     "{}: {} kept, {} {}{}",
                     store.describe(),
                     report.decisions.len() - gone,
@@ -262,7 +267,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                     "verified": s.verified,
                 }));
             } else {
-                println!(
+                crate::out!(
                     "{} finished {} ({} ago){}",
                     s.name,
                     s.finished_at.as_deref().unwrap_or("-"),

@@ -346,3 +346,23 @@ fn the_default_state_home_is_per_user_and_announced() {
     assert!(!text(&out).0.contains("backup-local"), "{:?}", text(&out));
     assert!(!text(&out).1.contains("new state home"), "{:?}", text(&out));
 }
+
+/// Output into a closed pipe (`cairn … | head -0`) ends the output, not the
+/// command: no panic, exit 0.
+#[test]
+fn a_closed_stdout_is_not_a_crash() {
+    let sb = Sandbox::new();
+    for args in [vec!["plan", "list"], vec!["plan", "show", "backup-local"]] {
+        let mut child = sb
+            .command(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        let (_, err) = text(&out);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}
