@@ -156,7 +156,10 @@ pub async fn restore(
         .map_err(|e| Error::Checks(vec![e.to_string()]))?;
     let m = match read_manifest(store, snapshot).await {
         Ok(m) => m,
-        Err(e @ Error::NotFound(_)) => return Err(Error::Checks(vec![e.to_string()])),
+        // A snapshot that is not there (or has no manifest: incomplete) is "not
+        // found", exit 5, here as in verify and delete; the run is still recorded
+        // as refused by its pre-flight.
+        Err(e @ Error::NotFound(_)) => return Err(e),
         Err(e) => return Err(Error::Checks(vec![e.to_string()])),
     };
     let mut problems = objects_present(store, snapshot, &m).await;

@@ -450,7 +450,11 @@ impl Engine {
         let status = match (&failure, cancelled) {
             (None, _) => Status::Complete,
             (Some(_), true) => Status::Cancelled,
-            (Some((e, true)), false) if matches!(e.root(), Error::Checks(_)) => Status::Refused,
+            (Some((e, true)), false)
+                if matches!(e.root(), Error::Checks(_) | Error::NotFound(_)) =>
+            {
+                Status::Refused
+            }
             (Some(_), false) => Status::Failed,
         };
         if status == Status::Failed {

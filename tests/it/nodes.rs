@@ -339,7 +339,7 @@ fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
     assert_eq!(open_uploads(), 0, "the dead agent's upload was left open");
     let st = sb.ok(&["plan", "status", "1"]);
     assert!(
-        text(&st).0.starts_with("run 1  backup-local  FAILED"),
+        text(&st).0.starts_with("run 1  backup-s3  FAILED"),
         "{:?}",
         text(&st)
     );

@@ -113,15 +113,22 @@ pub fn nightly_operations(
     );
     let list = ok(&["snapshots", "list", "--store", url, "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    let names: Vec<&str> = v
+    let mut names: Vec<&str> = v
         .as_array()
         .unwrap()
         .iter()
         .map(|s| s["name"].as_str().unwrap())
         .collect();
+    names.sort_unstable();
     assert_eq!(names, ["new", "old"]);
-    assert_eq!(v[0]["verified"]["mode"], "read-data");
-    assert_eq!(v[0]["verified"]["ok"], true);
+    let new = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "new")
+        .unwrap();
+    assert_eq!(new["verified"]["mode"], "read-data");
+    assert_eq!(new["verified"]["ok"], true);
 
     // A day later, a policy of one hour keeps only the newest.
     let later = (chrono::Utc::now() + chrono::Duration::days(1)).to_rfc3339();

@@ -227,9 +227,25 @@ fn incomplete_snapshot_is_listed_and_never_restored_and_complete_never_overwritt
         "-p",
         "BACKUP_DIR=store",
     ]);
-    assert_eq!(out.status.code(), Some(3));
+    // Not found (exit 5), as verify and delete say of it; refused, nothing made.
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
     assert!(text(&out).1.contains("no manifest.json"));
+    assert!(text(&out).1.contains("REFUSED"), "{:?}", text(&out));
     assert!(!sb.path("tgt/node-0").exists());
+    let out = sb.run(&["snapshots", "verify", "s", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "restore-local",
+        "--cluster",
+        tgt.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=never-made",
+        "-p",
+        "BACKUP_DIR=store",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
     // Delete removes it.
     sb.ok(&["snapshots", "delete", "s", "--store", "store"]);
     assert!(!sb.path("store/s").exists());
