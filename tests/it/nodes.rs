@@ -518,7 +518,7 @@ fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
     let bin = agent_bin(&sb);
-    let cluster = exec_cluster(&sb, 2, 16 << 20, &bin, ssh_prefix(&sshd));
+    let cluster = exec_cluster(&sb, 2, 24 << 20, &bin, ssh_prefix(&sshd));
     let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
     let mut args = vec![
         "plan".to_string(),
@@ -556,9 +556,9 @@ fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
     sb.ok(&["plan", "stop", "1"]);
     let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(130), "{:?}", text(&out));
-    // Each agent has over 10 s of upload left at 1 MiB/s: gone within 3 s means
+    // Each agent has over 20 s of upload left at 1 MiB/s: gone within 6 s means
     // stopped, not finished.
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(6);
     while agents() > 0 {
         assert!(
             Instant::now() < deadline,
