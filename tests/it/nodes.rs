@@ -272,55 +272,114 @@ fn backup_s3_over_a_generic_prefix_restores_byte_identical() {
     backup_through("env");
 }
 
+/// A backup-s3 over ssh onto moto (which lists multipart uploads), started and
+/// left running: `nodes` nodes of `mib` MiB each, capped at `bandwidth` per agent.
+struct SshBackup {
+    _moto: servers::Server,
+    _sshd: servers::Sshd,
+    rt: tokio::runtime::Runtime,
+    client: aws_sdk_s3::Client,
+    bucket: String,
+    bin: String,
+    params: Vec<String>,
+}
+
+impl SshBackup {
+    fn start(
+        sb: &Sandbox,
+        nodes: u32,
+        mib: usize,
+        strategy: &str,
+        bandwidth: &str,
+    ) -> Option<(SshBackup, std::process::Child)> {
+        let moto = servers::moto()?;
+        let sshd = servers::sshd(&sb.path("sshd"))?;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
+        let client = rt.block_on(servers::s3_client(&moto.endpoint));
+        let bin = agent_bin(sb);
+        let cluster = exec_cluster(sb, nodes, mib << 20, &bin, ssh_prefix(&sshd));
+        let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
+        let mut args = vec![
+            "plan".to_string(),
+            "start".into(),
+            "backup-s3".into(),
+            "-q".into(),
+            "--cluster".into(),
+            cluster.to_str().unwrap().into(),
+            "-p".into(),
+            format!("STRATEGY={strategy}"),
+            "-p".into(),
+            format!("MAX_BANDWIDTH={bandwidth}"),
+        ];
+        args.extend(params.iter().cloned());
+        let child = sb
+            .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let run = SshBackup {
+            _moto: moto,
+            _sshd: sshd,
+            rt,
+            client,
+            bucket,
+            bin,
+            params,
+        };
+        Some((run, child))
+    }
+
+    fn open_uploads(&self) -> usize {
+        self.rt
+            .block_on(
+                self.client
+                    .list_multipart_uploads()
+                    .bucket(&self.bucket)
+                    .send(),
+            )
+            .unwrap()
+            .uploads()
+            .len()
+    }
+
+    /// `plan resume 1` without the bandwidth cap; then the snapshot must restore
+    /// byte-identically.
+    fn resume_and_restore(&self, sb: &Sandbox, nodes: u32) {
+        let out = sb.run(&[
+            "plan",
+            "resume",
+            "1",
+            "-q",
+            "-p",
+            &format!("AWS_ACCESS_KEY_ID={AK}"),
+            "-p",
+            &format!("AWS_SECRET_ACCESS_KEY={}", servers::SK),
+            "-p",
+            "MAX_BANDWIDTH=",
+        ]);
+        assert!(out.status.success(), "resume: {:?}", text(&out));
+        assert_eq!(self.open_uploads(), 0);
+        restored_equals_source(sb, &self.params, nodes);
+    }
+}
+
 /// The agent of node 1 is killed while it uploads: that step fails, the run fails,
 /// no multipart upload is left on the server, and `plan resume` completes a
 /// snapshot that restores byte-identically.
 #[test]
 fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
-    let Some(moto) = servers::moto() else {
-        return;
-    };
     let sb = Sandbox::new();
-    let Some(sshd) = servers::sshd(&sb.path("sshd")) else {
+    let Some((run, child)) = SshBackup::start(&sb, 2, 12, "serial", "2MiB") else {
         return;
     };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
-    let bin = agent_bin(&sb);
-    let cluster = exec_cluster(&sb, 2, 12 << 20, &bin, ssh_prefix(&sshd));
-    let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
-    let mut args = vec![
-        "plan".to_string(),
-        "start".into(),
-        "backup-s3".into(),
-        "-q".into(),
-        "--cluster".into(),
-        cluster.to_str().unwrap().into(),
-        "-p".into(),
-        "STRATEGY=serial".into(),
-        "-p".into(),
-        "MAX_BANDWIDTH=2MiB".into(),
-    ];
-    args.extend(params.iter().cloned());
-    let child = sb
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
     // Wait for node 0's agent to have an upload open, then kill it.
-    let client = rt.block_on(servers::s3_client(&moto.endpoint));
-    let open_uploads = || {
-        rt.block_on(client.list_multipart_uploads().bucket(&bucket).send())
-            .unwrap()
-            .uploads()
-            .len()
-    };
     let deadline = Instant::now() + Duration::from_secs(120);
     let agent = loop {
         assert!(Instant::now() < deadline, "no upload started");
-        if open_uploads() > 0
-            && let Some(pid) = agents_of(&bin).first()
+        if run.open_uploads() > 0
+            && let Some(pid) = agents_of(&run.bin).first()
         {
             break *pid;
         }
@@ -336,26 +395,18 @@ fn a_killed_agent_fails_its_step_leaves_no_upload_and_resume_completes() {
     let (_, err) = text(&out);
     assert!(err.contains("node 0"), "{err}");
     assert!(err.contains("agent"), "{err}");
-    assert_eq!(open_uploads(), 0, "the dead agent's upload was left open");
+    assert_eq!(
+        run.open_uploads(),
+        0,
+        "the dead agent's upload was left open"
+    );
     let st = sb.ok(&["plan", "status", "1"]);
     assert!(
         text(&st).0.starts_with("run 1  backup-s3  FAILED"),
         "{:?}",
         text(&st)
     );
-    let out = sb.run(&[
-        "plan",
-        "resume",
-        "1",
-        "-q",
-        "-p",
-        &format!("AWS_ACCESS_KEY_ID={AK}"),
-        "-p",
-        &format!("AWS_SECRET_ACCESS_KEY={}", servers::SK),
-    ]);
-    assert!(out.status.success(), "resume: {:?}", text(&out));
-    assert_eq!(open_uploads(), 0);
-    restored_equals_source(&sb, &params, 2);
+    run.resume_and_restore(&sb, 2);
 }
 
 /// An agent of another protocol is refused in the pre-flight, and the problems of
@@ -508,47 +559,13 @@ fn a_silent_agent_is_given_up_after_the_agent_timeout() {
 /// to a snapshot that restores byte-identically.
 #[test]
 fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
-    let Some(moto) = servers::moto() else {
-        return;
-    };
     let sb = Sandbox::new();
-    let Some(sshd) = servers::sshd(&sb.path("sshd")) else {
+    let Some((run, child)) = SshBackup::start(&sb, 2, 24, "parallel", "1MiB") else {
         return;
     };
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let bucket = rt.block_on(servers::fresh_bucket(&moto.endpoint));
-    let bin = agent_bin(&sb);
-    let cluster = exec_cluster(&sb, 2, 24 << 20, &bin, ssh_prefix(&sshd));
-    let params = s3_params(&moto.endpoint, &bucket, "snap", servers::SK);
-    let mut args = vec![
-        "plan".to_string(),
-        "start".into(),
-        "backup-s3".into(),
-        "-q".into(),
-        "--cluster".into(),
-        cluster.to_str().unwrap().into(),
-        "-p".into(),
-        "STRATEGY=parallel".into(),
-        "-p".into(),
-        "MAX_BANDWIDTH=1MiB".into(),
-    ];
-    args.extend(params.iter().cloned());
-    let child = sb
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let client = rt.block_on(servers::s3_client(&moto.endpoint));
-    let open_uploads = || {
-        rt.block_on(client.list_multipart_uploads().bucket(&bucket).send())
-            .unwrap()
-            .uploads()
-            .len()
-    };
-    let agents = || agents_of(&bin).len();
+    let agents = || agents_of(&run.bin).len();
     let deadline = Instant::now() + Duration::from_secs(120);
-    while open_uploads() < 2 {
+    while run.open_uploads() < 2 {
         assert!(Instant::now() < deadline, "the uploads did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -566,21 +583,8 @@ fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(open_uploads(), 0, "an upload was left open");
-    let out = sb.run(&[
-        "plan",
-        "resume",
-        "1",
-        "-q",
-        "-p",
-        &format!("AWS_ACCESS_KEY_ID={AK}"),
-        "-p",
-        &format!("AWS_SECRET_ACCESS_KEY={}", servers::SK),
-        "-p",
-        "MAX_BANDWIDTH=",
-    ]);
-    assert!(out.status.success(), "resume: {:?}", text(&out));
-    restored_equals_source(&sb, &params, 2);
+    assert_eq!(run.open_uploads(), 0, "an upload was left open");
+    run.resume_and_restore(&sb, 2);
 }
 
 /// An agent whose answer does not hold (an object the store does not have) fails
