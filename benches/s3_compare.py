@@ -5,7 +5,7 @@
   tar czf - DIR | aws s3 cp - s3://...            per node, one after the other
   tar cf - DIR | pigz | aws s3 cp - s3://...       per node
   aws s3 cp FILE s3://...                          plain upload of cairn's own objects
-  cairn backup-s3 parallel, nodes reached over ssh (a private sshd on loopback): the
+  cairn backup-s3 and restore-s3 parallel, nodes reached over ssh (a private sshd on loopback): the
   agents stream each node to the store; the coordinator's peak RSS stays flat
                                                    (the same bytes: the server's ceiling)
   cairn backup-azure / restore-azure, and a plain block upload of cairn's objects by
@@ -153,6 +153,15 @@ def main():
                 r = run([cairn, "-q", "plan", "start", "backup-s3", "--cluster", os.path.join(a.out, "src-ssh.toml"),
                          "-p", f"SNAPSHOT_NAME=ssh-{rep}", "-p", "STRATEGY=parallel", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
                 rec("cairn backup-s3 parallel, ssh", r)
+                tgt = os.path.join(a.out, "tgt")
+                with open(os.path.join(a.out, "tgt-ssh.toml"), "w") as f:
+                    f.write(f'name = "t"\nagent_path = "{cairn}"\n' + "".join(
+                        f'[[nodes]]\nindex = {i}\ndata_dir = "{tgt}/node-{i}"\nexec = ["ssh", "-F", "{ssh_cfg}", "node{i}", "--"]\n'
+                        for i in range(a.nodes)))
+                r = run([cairn, "-q", "plan", "start", "restore-s3", "--cluster", os.path.join(a.out, "tgt-ssh.toml"),
+                         "-p", f"SNAPSHOT_NAME=ssh-{rep}", "-p", "STRATEGY=parallel", "-p", f"MAX_CONCURRENCY={a.nodes}"] + common, env=env)
+                rec("cairn restore-s3 parallel, ssh", r)
+                shutil.rmtree(tgt)
             # cairn's objects, for sizes and the plain-upload baseline
             objs = os.path.join(a.out, "objs")
             shutil.rmtree(objs, ignore_errors=True)
@@ -226,6 +235,9 @@ def main():
         print("cairn backup-s3 parallel, ssh / local: "
               f"{summary['cairn backup-s3 parallel, ssh'] / summary['cairn backup-s3 parallel']:.2f} "
               "(peak RSS over ssh is the coordinator's; locally it is the process doing the work)")
+    if "cairn restore-s3 parallel, ssh" in summary:
+        print("cairn restore-s3 parallel, ssh / local: "
+              f"{summary['cairn restore-s3 parallel, ssh'] / summary['cairn restore-s3 parallel']:.2f}")
     for c in ["cairn backup-s3 serial", "cairn backup-s3 parallel"]:
         for other in ["tar czf | aws s3 cp", "tar | pigz | aws s3 cp", "aws s3 cp (cairn's objects)"]:
             if other in summary:

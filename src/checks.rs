@@ -4,6 +4,7 @@
 
 use crate::cluster::{Cluster, Selection};
 use crate::manifest::{self, MANIFEST, Manifest};
+use crate::node::restore::RestoreProbe;
 use crate::store::{Store, get_bytes};
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -142,27 +143,34 @@ pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) ->
     problems
 }
 
-/// Restore pre-flight. Returns the manifest when every check passes.
+/// The snapshot a restore reads: the store answers, and the snapshot is there
+/// with its manifest (a missing one is "not found", exit 5, here as in verify and
+/// delete; the run is still recorded as refused by its pre-flight).
+pub async fn restore_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest> {
+    store
+        .check()
+        .await
+        .map_err(|e| Error::Checks(vec![e.to_string()]))?;
+    match read_manifest(store, snapshot).await {
+        Ok(m) => Ok(m),
+        Err(e @ Error::NotFound(_)) => Err(e),
+        Err(e) => Err(Error::Checks(vec![e.to_string()])),
+    }
+}
+
+/// Everything that refuses a restore, all reported together: objects of the
+/// snapshot missing or of the wrong size, nodes and keyspaces the snapshot lacks,
+/// and what each node's probe found on its host (clashes, links, free space per
+/// file system — nodes that share one need its space together).
 pub async fn restore(
     cluster: &Cluster,
     selection: &Selection,
     store: &dyn Store,
     snapshot: &str,
-    disk: &dyn Disk,
-) -> Result<Manifest> {
-    store
-        .check()
-        .await
-        .map_err(|e| Error::Checks(vec![e.to_string()]))?;
-    let m = match read_manifest(store, snapshot).await {
-        Ok(m) => m,
-        // A snapshot that is not there (or has no manifest: incomplete) is "not
-        // found", exit 5, here as in verify and delete; the run is still recorded
-        // as refused by its pre-flight.
-        Err(e @ Error::NotFound(_)) => return Err(e),
-        Err(e) => return Err(Error::Checks(vec![e.to_string()])),
-    };
-    let mut problems = objects_present(store, snapshot, &m).await;
+    m: &Manifest,
+    probes: &std::collections::HashMap<u32, RestoreProbe>,
+) -> Result<()> {
+    let mut problems = objects_present(store, snapshot, m).await;
     let want: BTreeSet<u32> = m.cluster.nodes.iter().map(|n| n.index).collect();
     let have: BTreeSet<u32> = cluster.nodes.iter().map(|n| n.index).collect();
     if cluster.partial {
@@ -211,78 +219,19 @@ pub async fn restore(
             ));
         }
     }
-    let mut per_fs: std::collections::BTreeMap<u64, (u64, Vec<u32>, std::path::PathBuf)> =
+    // (host, file system) → (bytes needed, nodes, a dir on it, free bytes)
+    type Fs = (String, u64);
+    let mut per_fs: std::collections::BTreeMap<Fs, (u64, Vec<u32>, std::path::PathBuf, u64)> =
         Default::default();
     for node in &cluster.nodes {
         let Some(info) = m.node(node.index) else {
             continue;
         };
-        let restoring: BTreeSet<&str> = info
-            .keyspaces
-            .iter()
-            .map(String::as_str)
-            .filter(|k| selection.includes_restored(k))
-            .collect();
-        if !selection.paths.is_empty() {
-            // A partial restore never overwrites: each restored path must be absent.
-            let clash: Vec<&str> = selection
-                .paths
-                .iter()
-                .map(String::as_str)
-                .filter(|p| info.files.iter().any(|f| crate::cluster::under(&f.path, p)))
-                .filter(|p| std::fs::symlink_metadata(node.data_dir.join(p)).is_ok())
-                .collect();
-            // A restored path is never written through a link in the target.
-            for p in &selection.paths {
-                let mut at = node.data_dir.clone();
-                let parts: Vec<&str> = p.split('/').collect();
-                for part in &parts[..parts.len().saturating_sub(1)] {
-                    at.push(part);
-                    if at
-                        .symlink_metadata()
-                        .is_ok_and(|m| m.file_type().is_symlink())
-                    {
-                        problems.push(format!(
-                            "node {}: {} is a symbolic link: a restore of {p} never writes through a link",
-                            node.index,
-                            at.display()
-                        ));
-                        break;
-                    }
-                }
-            }
-            if !clash.is_empty() {
-                problems.push(format!(
-                    "node {}: already present in {}: {} (restore never overwrites; move them away or restore into another directory with RESTORE_DIR)",
-                    node.index,
-                    node.data_dir.display(),
-                    clash.join(", ")
-                ));
-            }
-        } else {
-            // Anything in a keyspace's place clashes: a dir, a link (dangling or
-            // not), a file; the commit never replaces an entry.
-            let mut clash = Vec::new();
-            for k in &restoring {
-                match std::fs::symlink_metadata(node.data_dir.join(k)) {
-                    Ok(_) => clash.push(*k),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => problems.push(format!(
-                        "node {}: cannot tell whether keyspace {k} exists in {}: {e}",
-                        node.index,
-                        node.data_dir.display()
-                    )),
-                }
-            }
-            if !clash.is_empty() {
-                problems.push(format!(
-                    "node {}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
-                    node.index,
-                    node.data_dir.display(),
-                    clash.join(", ")
-                ));
-            }
-        }
+        let Some(probe) = probes.get(&node.index) else {
+            problems.push(format!("node {}: its target was not looked at", node.index));
+            continue;
+        };
+        problems.extend(probe.problems.iter().cloned());
         let bytes = info
             .files
             .iter()
@@ -295,11 +244,17 @@ pub async fn restore(
             ));
             continue;
         };
-        match disk.filesystem(&node.data_dir) {
-            Ok(fs) => {
-                let e = per_fs
-                    .entry(fs)
-                    .or_insert((0u64, Vec::new(), node.data_dir.clone()));
+        match (probe.filesystem, probe.free, &probe.disk_error) {
+            (Some(fs), Some(free), None) => {
+                // Device numbers are per host: nodes reached the same way share a
+                // host, other nodes never share its file systems.
+                let host = node.exec.join("\u{0}");
+                let e = per_fs.entry((host, fs)).or_insert((
+                    0u64,
+                    Vec::new(),
+                    node.data_dir.clone(),
+                    free,
+                ));
                 match e.0.checked_add(with_margin(bytes)) {
                     Some(sum) => e.0 = sum,
                     None => {
@@ -308,15 +263,15 @@ pub async fn restore(
                 }
                 e.1.push(node.index);
             }
-            Err(e) => problems.push(format!(
-                "node {}: cannot read the file system of {}: {e}",
+            (_, _, Some(e)) => problems.push(e.clone()),
+            _ => problems.push(format!(
+                "node {}: the free space of {} is unknown",
                 node.index,
                 node.data_dir.display()
             )),
         }
     }
-    // Free space per file system: nodes that share a disk need its space together.
-    for (need, nodes, dir) in per_fs.into_values() {
+    for (need, nodes, dir, free) in per_fs.into_values() {
         let who = if nodes.len() == 1 {
             format!("node {}", nodes[0])
         } else {
@@ -329,22 +284,16 @@ pub async fn restore(
                     .join(", ")
             )
         };
-        match disk.available(&dir) {
-            Ok(free) if free >= need => {}
-            Ok(free) => problems.push(format!(
+        if free < need {
+            problems.push(format!(
                 "{who}: {} has {} free, the restore needs {} (data plus margin)",
                 dir.display(),
                 human(free),
                 human(need),
-            )),
-            Err(e) => problems.push(format!(
-                "{who}: cannot read free space of {}: {e}",
-                dir.display()
-            )),
+            ));
         }
     }
-    done(problems)?;
-    Ok(m)
+    done(problems)
 }
 
 /// Bytes in binary units, for messages.
@@ -367,14 +316,6 @@ pub fn human(bytes: u64) -> String {
 mod tests {
     use super::*;
     use crate::store::Store;
-
-    /// A disk with a fixed amount of free space (every path on one file system).
-    struct FakeDisk(u64);
-    impl Disk for FakeDisk {
-        fn available(&self, _: &Path) -> std::io::Result<u64> {
-            Ok(self.0)
-        }
-    }
 
     #[tokio::test]
     async fn nodes_sharing_a_file_system_need_its_space_together() {
@@ -411,28 +352,35 @@ mod tests {
         )
         .expect("cluster");
         // Each node alone needs 82 MiB (60 + 10 % + 16): 150 MiB free fits one,
-        // not both.
-        let err = restore(
-            &cluster,
-            &Selection::default(),
-            &*store,
-            "s",
-            &FakeDisk(150 << 20),
-        )
-        .await
-        .expect_err("refused");
+        // not both, when the two share a file system.
+        let m = read_manifest(&*store, "s").await.expect("manifest");
+        let probes = |free: u64, fs: [u64; 2]| {
+            (0..2u32)
+                .map(|i| {
+                    (
+                        i,
+                        RestoreProbe {
+                            filesystem: Some(fs[i as usize]),
+                            free: Some(free),
+                            ..RestoreProbe::default()
+                        },
+                    )
+                })
+                .collect::<std::collections::HashMap<_, _>>()
+        };
+        let sel = Selection::default();
+        let err = restore(&cluster, &sel, &*store, "s", &m, &probes(150 << 20, [7, 7]))
+            .await
+            .expect_err("refused");
         assert!(
             err.to_string().contains("nodes 0, 1 (one file system)"),
             "{err}"
         );
-        restore(
-            &cluster,
-            &Selection::default(),
-            &*store,
-            "s",
-            &FakeDisk(200 << 20),
-        )
-        .await
-        .expect("both fit");
+        restore(&cluster, &sel, &*store, "s", &m, &probes(200 << 20, [7, 7]))
+            .await
+            .expect("both fit");
+        restore(&cluster, &sel, &*store, "s", &m, &probes(150 << 20, [7, 8]))
+            .await
+            .expect("each fits its own file system");
     }
 }

@@ -2,8 +2,8 @@
 //! check every checksum), delete.
 
 use crate::cluster::Selection;
-use crate::engine::actions::read_object;
 use crate::manifest::{self, MANIFEST, Manifest};
+use crate::node::restore::read_object;
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::{Error, Result, checks};
@@ -229,8 +229,10 @@ pub async fn verify(
             object.clone(),
             Selection::default(),
             None,
-            progress.clone(),
-            format!("verify/node-{}", node.index),
+            {
+                let (progress, step) = (progress.clone(), format!("verify/node-{}", node.index));
+                move |done| progress.event(crate::progress::Event::Bytes { step: &step, done })
+            },
             cancel,
         )
         .await

@@ -308,21 +308,8 @@ pub fn compile(
             n.data_dir = dir.join(format!("node-{}", n.index));
             n.pre_hook.clear();
             n.post_hook.clear();
-            // RESTORE_DIR is a directory on this machine.
-            n.exec.clear();
+            // RESTORE_DIR is a directory on each node's own host.
         }
-    }
-    let remote: Vec<String> = run_cluster
-        .nodes
-        .iter()
-        .filter(|n| n.is_remote())
-        .map(|n| n.index.to_string())
-        .collect();
-    if kind == RunKind::Restore && !remote.is_empty() {
-        return Err(Error::Params(vec![format!(
-            "node(s) {} are reached with exec: this release backs such nodes up on their hosts, but restores only into directories on this machine; restore with RESTORE_DIR here, or run the restore on each node's host with a cluster description that lists the node without exec",
-            remote.join(", ")
-        )]));
     }
     let store_options = t
         .store_options

@@ -280,14 +280,34 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     }
     if let Some(c) = cluster.as_ref().filter(|_| a.nodes) {
         // Every node check passes before the manager is touched.
-        crate::checks::restore(
-            c,
-            &Selection::default(),
-            &*store,
-            &choice.snapshot,
-            &RealDisk,
-        )
-        .await?;
+        let sel = Selection::default();
+        let m = crate::checks::restore_manifest(&*store, &choice.snapshot).await?;
+        let (probes, mut problems) =
+            crate::node::restore::probe_nodes(c, &sel, false, Some(&m), |n| {
+                if n.is_remote() {
+                    Box::new(crate::node::Remote {
+                        node: n.clone(),
+                        store: store.clone(),
+                        target: crate::node::StoreTarget {
+                            url: store.url(),
+                            options: Default::default(),
+                            bandwidth: None,
+                        },
+                        secrets: Vec::new(),
+                    })
+                } else {
+                    Box::new(crate::node::Local {
+                        store: store.clone(),
+                        disk: Arc::new(RealDisk),
+                    })
+                }
+            })
+            .await;
+        problems.extend(probes.values().flat_map(|p| p.unfit.iter().cloned()));
+        if !problems.is_empty() {
+            return Err(crate::Error::Checks(problems));
+        }
+        crate::checks::restore(c, &sel, &*store, &choice.snapshot, &m, &probes).await?;
     }
     let loc = catalog::locate(&*store, &choice.snapshot).await?;
     crate::manager::restore::check_version(&m, &choice.manager_version)?;

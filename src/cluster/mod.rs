@@ -206,6 +206,18 @@ impl Cluster {
             if agent_path.is_empty() {
                 return Err(err(format!("node {}: agent_path is empty", n.index)));
             }
+            // The path crosses `exec`, which may hand it to a shell on the node
+            // (ssh joins its arguments): only characters no shell reads specially.
+            if agent_path.starts_with('-')
+                || !agent_path
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "/._+@%:=,-".contains(c))
+            {
+                return Err(err(format!(
+                    "node {}: agent_path {agent_path:?} may hold only letters, digits and / . _ + @ % : = , - (it is passed through the node's exec prefix, which may hand it to a shell); install cairn under such a path",
+                    n.index
+                )));
+            }
             // A remote node's data dir is a path on its own host: never resolved
             // against this machine's directories.
             let data_dir = if n.data_dir.is_absolute() {

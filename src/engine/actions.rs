@@ -1,12 +1,15 @@
 //! What each plan action does. Every action is idempotent for a resume: running it
 //! again after a crash produces the same result.
 
-use super::{RunCtx, StepRef, staged};
-use crate::archive::unpack;
+use super::{RunCtx, StepRef};
 use crate::cluster::{Node, RESERVED_PREFIX};
 use crate::manager::Manager;
 use crate::manifest::{
     self, ClusterInfo, MANAGER_OBJECT, MANIFEST, ManagerInfo, Manifest, NodeInfo, ObjectInfo,
+};
+use crate::node::restore::{
+    CheckStagedJob, CreatedDir, DirTime, FsOp, Move, RestoreProbe, RolledBack, StageJob,
+    StageOutput, manifest_digest,
 };
 use crate::node::{BackupJob, NodeEvent};
 use crate::plan::Action;
@@ -21,7 +24,7 @@ use std::sync::Arc;
 
 /// Version of the step outputs below; a stored output of another version is not
 /// trusted (its step is redone).
-pub const OUTPUT_VERSION: u32 = 2;
+pub const OUTPUT_VERSION: u32 = 3;
 
 /// What a backup-node step records for write-manifest.
 #[derive(Debug, Serialize, Deserialize)]
@@ -31,64 +34,26 @@ struct NodeOutput {
     object: ObjectInfo,
 }
 
-/// What a check-restore step records: the directories the restore will create
-/// (a data dir that did not exist, its missing parents), so that a failed restore
-/// removes them again when they are empty.
+/// What a check-restore step records: per node, the directories the restore will
+/// create (a data dir that did not exist, its missing parents) and the data dir's
+/// time, so that a failed restore leaves the target as it was.
 #[derive(Debug, Serialize, Deserialize, Default)]
 struct CheckRestoreOutput {
     v: u32,
-    created_dirs: Vec<PathBuf>,
     /// The SHA-256 of the manifest the checks passed: a resume refuses a snapshot
     /// that changed in the store since (it would mix two versions of it).
     manifest_sha256: String,
-    /// Each existing data dir's modification time when the checks passed: making
-    /// and removing a staging dir inside it changes it, and a failed restore puts
-    /// it back, so that the target is left as it was.
-    #[serde(default)]
-    data_dir_mtimes: Vec<DirTime>,
+    nodes: Vec<NodeTarget>,
 }
 
-/// A directory's modification time, to the nanosecond.
-#[derive(Debug, Serialize, Deserialize, Clone)]
-struct DirTime {
-    path: PathBuf,
-    secs: i64,
-    nanos: u32,
-}
-
-impl DirTime {
-    fn of(path: &Path) -> Option<DirTime> {
-        let m = std::fs::symlink_metadata(path).ok()?;
-        m.is_dir().then(|| {
-            let t = filetime::FileTime::from_last_modification_time(&m);
-            DirTime {
-                path: path.to_path_buf(),
-                secs: t.unix_seconds(),
-                nanos: t.nanoseconds(),
-            }
-        })
-    }
-
-    /// Put the time back, if the path is still a directory (never through a link).
-    fn restore(&self) {
-        let Ok(m) = std::fs::symlink_metadata(&self.path) else {
-            return;
-        };
-        if !m.is_dir() {
-            return;
-        }
-        let atime = filetime::FileTime::from_last_access_time(&m);
-        let mtime = filetime::FileTime::from_unix_time(self.secs, self.nanos);
-        let _ = filetime::set_symlink_file_times(&self.path, atime, mtime);
-    }
-}
-
-/// SHA-256 of a manifest as cairn reads it.
-fn manifest_digest(m: &Manifest) -> Result<String> {
-    let bytes = serde_json::to_vec(m).map_err(|e| Error::State(e.to_string()))?;
-    Ok(crate::archive::hex_digest(
-        <sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes),
-    ))
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct NodeTarget {
+    node: u32,
+    /// Missing dirs the restore makes (removed again, if empty, when it fails).
+    made: Vec<PathBuf>,
+    /// The data dir's modification time (making and removing a staging dir
+    /// inside it changes it; a failed restore puts it back).
+    mtime: Option<DirTime>,
 }
 
 /// A resumed restore goes on only with the snapshot its checks passed.
@@ -121,28 +86,6 @@ pub async fn snapshot_unchanged(ctx: &Arc<RunCtx>) -> Result<()> {
     Ok(())
 }
 
-/// What a stage-node step records, and writes next to the staged data as
-/// `.cairn-staged.json`: commit trusts a staging dir only when both agree and the
-/// dir holds exactly what was staged.
-#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
-struct StageOutput {
-    v: u32,
-    token: String,
-    node: u32,
-    staging: PathBuf,
-    object_sha256: String,
-    /// Entries (files, dirs, links) and file bytes in the staging dir.
-    entries: u64,
-    bytes: u64,
-    /// The digest of every entry's path, kind, mode, size, time, content and link
-    /// target (see [`super::staged`]).
-    tree: String,
-    /// The directories above the paths of a partial restore, with their mode and
-    /// time as staged (the digest leaves their times out: moves change them).
-    #[serde(default)]
-    parents: Vec<CreatedDir>,
-}
-
 /// What a restore-manager step records: where the replaced state was kept.
 #[derive(Debug, Serialize, Deserialize)]
 struct ManagerRestoreOutput {
@@ -158,109 +101,6 @@ struct CommitJournal {
     v: u32,
     moves: Vec<Move>,
 }
-
-#[derive(Debug, Serialize, Deserialize, Clone)]
-struct Move {
-    staging: PathBuf,
-    data_dir: PathBuf,
-    rel: PathBuf,
-    /// Parents of `rel` inside the data dir that did not exist before the commit
-    /// (a partial restore creates them), with the snapshot's mode and mtime read
-    /// from staging before anything moved: given to the new dirs after the moves,
-    /// removed again (if empty) on rollback.
-    #[serde(default)]
-    created: Vec<CreatedDir>,
-    /// The staged entry's (device, inode) before the commit: a rename keeps it, so
-    /// a rollback knows an entry in the target as the one it moved.
-    #[serde(default)]
-    ident: Option<(u64, u64)>,
-}
-
-#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
-struct CreatedDir {
-    path: PathBuf,
-    mode: u32,
-    mtime: i64,
-}
-
-impl Move {
-    /// `parents`: the staged parents' metadata as recorded by the stage step.
-    fn new(staging: PathBuf, data_dir: PathBuf, rel: PathBuf, parents: &[CreatedDir]) -> Move {
-        let created = rel
-            .ancestors()
-            .skip(1)
-            .filter(|a| !a.as_os_str().is_empty())
-            .filter(|a| !crate::fsx::exists_beneath(&data_dir, a).unwrap_or(true))
-            .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
-            .collect();
-        let ident = staging
-            .file_name()
-            .and_then(|name| crate::fsx::ident_beneath(&data_dir, &Path::new(name).join(&rel)).ok())
-            .flatten();
-        Move {
-            staging,
-            data_dir,
-            rel,
-            created,
-            ident,
-        }
-    }
-
-    /// The staging dir as a path inside the data dir (one name): every move and
-    /// rollback resolves beneath the data dir, so a staging dir swapped for a
-    /// symlink stops it instead of being followed.
-    fn in_staging(&self, rel: &Path) -> std::io::Result<PathBuf> {
-        match self.staging.strip_prefix(&self.data_dir) {
-            Ok(name) if name.components().count() == 1 => Ok(name.join(rel)),
-            _ => Err(std::io::Error::other(format!(
-                "{} is not a staging dir of {}",
-                self.staging.display(),
-                self.data_dir.display()
-            ))),
-        }
-    }
-
-    /// Move the staged entry into the data dir, never through a link, never over
-    /// an existing entry.
-    fn move_in(&self) -> std::io::Result<()> {
-        let from = self.in_staging(&self.rel)?;
-        crate::fsx::rename_beneath(&self.data_dir, &from, &self.data_dir, &self.rel)
-    }
-
-    /// Move the entry back from the data dir into staging.
-    fn move_back(&self) -> std::io::Result<()> {
-        let to = self.in_staging(&self.rel)?;
-        crate::fsx::rename_beneath(&self.data_dir, &self.rel, &self.data_dir, &to)
-    }
-
-    /// Give the created parents (in the data dir, or in staging) the snapshot's
-    /// mode and times, deepest first; never through a link.
-    fn set_created_metadata(&self, in_staging: bool) {
-        for d in &self.created {
-            let rel = if in_staging {
-                match self.in_staging(&d.path) {
-                    Ok(r) => r,
-                    Err(_) => continue,
-                }
-            } else {
-                d.path.clone()
-            };
-            let _ = crate::fsx::set_dir_meta_beneath(&self.data_dir, &rel, d.mode, d.mtime);
-        }
-    }
-
-    /// Remove the parents this move created, deepest first, where empty; their
-    /// staged counterparts get their times back (moving out changed them).
-    fn remove_created(&self) {
-        for d in &self.created {
-            let _ = crate::fsx::remove_empty_dir_beneath(&self.data_dir, &d.path);
-        }
-        self.set_created_metadata(true);
-    }
-}
-
-/// The record of a staged node, inside its staging dir.
-const STAGED_RECORD: &str = ".cairn-staged.json";
 
 fn encode<T: Serialize>(v: &T) -> Result<String> {
     serde_json::to_string(v).map_err(|e| Error::State(e.to_string()))
@@ -343,52 +183,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         }
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
-        Action::CheckRestore => {
-            let problems = data_dirs_fit(ctx);
-            if !problems.is_empty() {
-                return Err(Error::Checks(problems));
-            }
-            clean_dead_staging(ctx).await?;
-            let m = checks::restore(
-                &ctx.cluster,
-                &ctx.spec.selection,
-                &*ctx.store,
-                &ctx.spec.snapshot,
-                &*ctx.disk,
-            )
-            .await?;
-            if let Some(force) = restore_manager_mode(ctx) {
-                let m_ = manager_of(ctx)?;
-                check_manager_restore(&m, &m_, force)?;
-            }
-            let manifest_sha256 = manifest_digest(&m)?;
-            // The stage steps use the manifest the checks validated: read once.
-            let _ = ctx.manifest.set(m);
-            let mut created_dirs = Vec::new();
-            for n in &ctx.cluster.nodes {
-                let mut d = n.data_dir.as_path();
-                while std::fs::symlink_metadata(d).is_err() {
-                    created_dirs.push(d.to_path_buf());
-                    match d.parent() {
-                        Some(p) => d = p,
-                        None => break,
-                    }
-                }
-            }
-            let data_dir_mtimes = ctx
-                .cluster
-                .nodes
-                .iter()
-                .filter_map(|n| DirTime::of(&n.data_dir))
-                .collect();
-            encode(&CheckRestoreOutput {
-                v: OUTPUT_VERSION,
-                created_dirs,
-                manifest_sha256,
-                data_dir_mtimes,
-            })
-            .map(Some)
-        }
+        Action::CheckRestore => check_restore(ctx).await.map(Some),
         Action::StageNode => stage_node(ctx, step, node()?).await.map(Some),
         Action::CommitRestore => commit_restore(ctx, step).await.map(|()| None),
         Action::BackupManager => backup_manager(ctx, step).await.map(Some),
@@ -397,63 +192,86 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
     }
 }
 
-/// A data dir a restore writes into is a directory, or is missing (it is made).
-/// A link in its place is followed only where the cluster description names it
-/// (a data dir kept on another disk), and must lead somewhere; under RESTORE_DIR,
-/// where cairn makes `node-<i>` itself, a link is refused.
-pub fn data_dirs_fit(ctx: &RunCtx) -> Vec<String> {
-    let mut problems = Vec::new();
+/// Every node looks at its target, on its own host, all at once.
+async fn probe_nodes(
+    ctx: &Arc<RunCtx>,
+    m: Option<&Manifest>,
+) -> (HashMap<u32, RestoreProbe>, Vec<String>) {
+    crate::node::restore::probe_nodes(
+        &ctx.cluster,
+        &ctx.spec.selection,
+        ctx.spec.restore_dir.is_some(),
+        m,
+        |n| ctx.exec(n),
+    )
+    .await
+}
+
+/// Whether every data dir can still take the restore (a data dir swapped for a
+/// link since the run began is never followed): the problems, one per line.
+pub async fn data_dirs_fit(ctx: &Arc<RunCtx>) -> Vec<String> {
+    let (probes, mut problems) = probe_nodes(ctx, None).await;
+    let mut nodes: Vec<_> = probes.into_iter().collect();
+    nodes.sort_by_key(|(n, _)| *n);
+    problems.extend(nodes.into_iter().flat_map(|(_, p)| p.unfit));
+    problems
+}
+
+async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
+    let m = checks::restore_manifest(&*ctx.store, &ctx.spec.snapshot).await?;
+    let (mut probes, mut unreachable) = probe_nodes(ctx, Some(&m)).await;
+    let mut unfit: Vec<String> = Vec::new();
     for n in &ctx.cluster.nodes {
-        let d = &n.data_dir;
-        let Ok(m) = std::fs::symlink_metadata(d) else {
-            // Missing: the restore makes it, and its missing parents; the nearest
-            // one that exists must be a directory (a dangling link is not).
-            let nearest = d.ancestors().skip(1).find(|a| a.symlink_metadata().is_ok());
-            if let Some(a) = nearest.filter(|a| !a.is_dir()) {
-                problems.push(format!(
-                    "node {}: data dir {} cannot be made: {} is not a directory{}",
-                    n.index,
-                    d.display(),
-                    a.display(),
-                    if a.is_symlink() {
-                        " (it is a symbolic link to nothing)"
-                    } else {
-                        ""
-                    }
-                ));
-            }
-            continue;
-        };
-        if m.is_dir() {
-            continue;
-        }
-        if !m.file_type().is_symlink() {
-            problems.push(format!(
-                "node {}: {} is not a directory",
-                n.index,
-                d.display()
-            ));
-            continue;
-        }
-        let to = std::fs::read_link(d).unwrap_or_default();
-        if let Some(root) = &ctx.spec.restore_dir {
-            problems.push(format!(
-                "node {}: {} is a symbolic link (to {}): a restore into RESTORE_DIR {} writes only into directories, never through a link; remove it or choose another RESTORE_DIR",
-                n.index,
-                d.display(),
-                to.display(),
-                root.display()
-            ));
-        } else if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
-            problems.push(format!(
-                "node {}: data dir {} is a symbolic link to {}, which is not an existing directory",
-                n.index,
-                d.display(),
-                to.display()
-            ));
+        if let Some(p) = probes.get(&n.index) {
+            unfit.extend(p.unfit.iter().cloned());
         }
     }
-    problems
+    if !unfit.is_empty() || !unreachable.is_empty() {
+        unreachable.extend(unfit);
+        return Err(Error::Checks(unreachable));
+    }
+    if clean_dead_staging(ctx, &probes).await? {
+        // Space was freed: look again.
+        let (again, problems) = probe_nodes(ctx, Some(&m)).await;
+        if !problems.is_empty() {
+            return Err(Error::Checks(problems));
+        }
+        probes = again;
+    }
+    checks::restore(
+        &ctx.cluster,
+        &ctx.spec.selection,
+        &*ctx.store,
+        &ctx.spec.snapshot,
+        &m,
+        &probes,
+    )
+    .await?;
+    if let Some(force) = restore_manager_mode(ctx) {
+        let m_ = manager_of(ctx)?;
+        check_manager_restore(&m, &m_, force)?;
+    }
+    let manifest_sha256 = manifest_digest(&m)?;
+    // The stage steps use the manifest the checks validated: read once.
+    let _ = ctx.manifest.set(m);
+    let nodes = ctx
+        .cluster
+        .nodes
+        .iter()
+        .filter_map(|n| {
+            let p = probes.get(&n.index)?;
+            Some(NodeTarget {
+                node: n.index,
+                made: p.missing_dirs.clone(),
+                mtime: p.mtime.clone(),
+            })
+        })
+        .collect();
+    encode(&CheckRestoreOutput {
+        v: OUTPUT_VERSION,
+        manifest_sha256,
+        nodes,
+    })
 }
 
 /// Remove every node's staging dir, and the dirs the restore created that are left
@@ -492,10 +310,18 @@ async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
         }
     }
     undo_manager_restore(ctx).await;
+    let name = ctx.spec.staging_name();
+    let mut unreached = Vec::new();
     for n in &ctx.cluster.nodes {
-        remove_staging(&staging_dir(ctx, n)).await;
+        let op = FsOp::RemoveStaging {
+            data_dir: n.data_dir.clone(),
+            name: name.clone(),
+        };
+        if let Err(e) = crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await {
+            unreached.push(format!("node {}: {e}", n.index));
+        }
     }
-    // Dirs the restore created, deepest first, if empty.
+    // Dirs the restore created, deepest first, if empty; the data dirs' times.
     let run = ctx.run_id;
     let steps = ctx.state.call(move |s| s.steps(run)).await?;
     if let Some(rec) = steps
@@ -503,14 +329,24 @@ async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
         .find(|s| s.action == Action::CheckRestore.name() && s.status == Status::Complete)
         && let Ok(out) = decode::<CheckRestoreOutput>(&rec.id, rec.output.as_deref())
     {
-        let mut dirs = out.created_dirs;
-        dirs.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
-        for d in dirs {
-            let _ = std::fs::remove_dir(&d);
+        for t in out.nodes {
+            let Some(n) = ctx.cluster.node(t.node) else {
+                continue;
+            };
+            let op = FsOp::Undo {
+                made: t.made,
+                mtime: t.mtime,
+            };
+            if let Err(e) = crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await {
+                unreached.push(format!("node {}: {e}", n.index));
+            }
         }
-        for t in &out.data_dir_mtimes {
-            t.restore();
-        }
+    }
+    if !unreached.is_empty() {
+        return Err(Error::Unfinished(format!(
+            "the staging dirs of run {run} could not all be removed ({}); `cairn plan resume {run}` or a new restore into the same target removes them",
+            unreached.join("; ")
+        )));
     }
     Ok(())
 }
@@ -518,11 +354,18 @@ async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
 /// Staging dirs that runs of this state home left in the target and that are no
 /// longer running (failed, cancelled, interrupted) are removed — their stage steps
 /// marked to be redone first. Staging of runs this home does not know (another
-/// home, an earlier cairn) is left alone and named in a warning.
-async fn clean_dead_staging(ctx: &Arc<RunCtx>) -> Result<()> {
-    let prefix = format!("{RESERVED_PREFIX}-staging-");
+/// home, an earlier cairn) is left alone and named in a warning. Returns whether
+/// any was removed.
+async fn clean_dead_staging(
+    ctx: &Arc<RunCtx>,
+    probes: &HashMap<u32, RestoreProbe>,
+) -> Result<bool> {
+    let prefix = crate::cluster::STAGING_PREFIX;
+    if probes.values().all(|p| p.staging.is_empty()) {
+        return Ok(false);
+    }
     let runs = ctx.state.call(|s| s.runs(10_000)).await?;
-    let owners: std::collections::HashMap<String, (i64, Status, Vec<String>)> = runs
+    let owners: HashMap<String, (i64, Status, Vec<String>)> = runs
         .into_iter()
         .filter_map(|r| {
             let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
@@ -535,18 +378,19 @@ async fn clean_dead_staging(ctx: &Arc<RunCtx>) -> Result<()> {
             Some((spec.token, (r.id, r.status, stage)))
         })
         .collect();
+    let mut removed = false;
     for n in &ctx.cluster.nodes {
-        let Ok(rd) = std::fs::read_dir(&n.data_dir) else {
+        let Some(probe) = probes.get(&n.index) else {
             continue;
         };
-        for e in rd.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(token) = name.strip_prefix(&prefix) else {
+        for name in &probe.staging {
+            let Some(token) = name.strip_prefix(prefix) else {
                 continue;
             };
             if token == ctx.spec.token {
                 continue;
             }
+            let path = n.data_dir.join(name);
             match owners.get(token) {
                 Some((run, status, stage))
                     if !matches!(status, Status::Running | Status::Pending) =>
@@ -556,21 +400,28 @@ async fn clean_dead_staging(ctx: &Arc<RunCtx>) -> Result<()> {
                     ctx.state
                         .call(move |s| s.set_pending(run, &stage, &why))
                         .await?;
-                    tracing::warn!(dir = %e.path().display(), "removing the staging dir run {run} ({status}) left");
-                    remove_staging(&e.path()).await;
+                    tracing::warn!(node = n.index, dir = %path.display(), "removing the staging dir run {run} ({status}) left");
+                    let op = FsOp::RemoveStaging {
+                        data_dir: n.data_dir.clone(),
+                        name: name.clone(),
+                    };
+                    crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
+                    removed = true;
                 }
                 Some((run, status, _)) => tracing::warn!(
-                    dir = %e.path().display(),
+                    node = n.index,
+                    dir = %path.display(),
                     "run {run} ({status}) is staging into this target too"
                 ),
                 None => tracing::warn!(
-                    dir = %e.path().display(),
+                    node = n.index,
+                    dir = %path.display(),
                     "a staging dir of a run this state home does not know is in the target; left alone (remove it if no restore is running)"
                 ),
             }
         }
     }
-    Ok(())
+    Ok(removed)
 }
 
 /// How closely [`effects_hold`] looks.
@@ -617,22 +468,20 @@ pub async fn effects_hold(
                     node.index, info.object
                 ));
             }
-            let files = info.files.clone();
-            let expected_dir = staging_dir(ctx, node);
-            let above = staged::parents_of(&ctx.spec.selection.paths);
-            return tokio::task::spawn_blocking(move || {
-                let recorded: HashMap<&str, &str> = files
-                    .iter()
-                    .map(|f| (f.path.as_str(), f.sha256.as_str()))
-                    .collect();
-                let content = match depth {
-                    Depth::Metadata => staged::Content::Recorded(&recorded),
-                    Depth::Content => staged::Content::Read,
-                };
-                staged_ok(&expected_dir, &out, &content, &above)
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+            let job = CheckStagedJob {
+                node: node.index,
+                snapshot: ctx.spec.snapshot.clone(),
+                manifest_sha256: manifest_digest(m).map_err(|e| e.to_string())?,
+                staging: staging_dir(ctx, node),
+                out,
+                read_content: depth == Depth::Content,
+                paths: ctx.spec.selection.paths.clone(),
+            };
+            return match ctx.exec(node).check_staged(&job).await {
+                Ok(None) => Ok(()),
+                Ok(Some(why)) => Err(why),
+                Err(e) => Err(e.to_string()),
+            };
         }
         _ => return Ok(()),
     };
@@ -649,13 +498,11 @@ pub async fn effects_hold(
         Err(e) => return Err(format!("object {key}: {e}")),
     }
     if depth == Depth::Content {
-        let sha = crate::store::read_stream(&*ctx.store, &key, &ctx.cancel, |mut r| {
-            let mut h = crate::archive::io::HashingReader::new(&mut r);
-            std::io::copy(&mut h, &mut std::io::sink())
-                .map_err(|e| Error::io("read", std::path::Path::new("object"), e))?;
-            Ok(h.finish().1)
-        })
-        .await
+        // A node's object is read again on its node, never through this machine.
+        let sha = match step.node.and_then(|i| ctx.cluster.node(i)) {
+            Some(n) => ctx.exec(n).hash_object(&key, &ctx.cancel).await,
+            None => crate::node::hash_object(&*ctx.store, &key, &ctx.cancel).await,
+        }
         .map_err(|e| format!("object {key}: {e}"))?;
         if sha != object.sha256 {
             return Err(format!(
@@ -663,57 +510,6 @@ pub async fn effects_hold(
                 object.sha256
             ));
         }
-    }
-    Ok(())
-}
-
-/// A staging dir holds what its step staged: the dir (not a link), its record
-/// equal to the step's output, and the same tree (see [`staged::tree`]).
-fn staged_ok(
-    dir: &Path,
-    out: &StageOutput,
-    content: &staged::Content<'_>,
-    moving_parents: &std::collections::HashSet<String>,
-) -> std::result::Result<(), String> {
-    if out.staging != dir {
-        return Err(format!(
-            "staged into {}, but this run stages into {}",
-            out.staging.display(),
-            dir.display()
-        ));
-    }
-    match std::fs::symlink_metadata(dir) {
-        Ok(m) if m.is_dir() => {}
-        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
-        Err(e) => return Err(format!("staging dir {}: {e}", dir.display())),
-    }
-    let record = std::fs::read(dir.join(STAGED_RECORD))
-        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
-    let rec: StageOutput = serde_json::from_slice(&record)
-        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
-    if &rec != out {
-        return Err(format!(
-            "the staging record in {} is not this step's",
-            dir.display()
-        ));
-    }
-    let tree = staged::tree(dir, STAGED_RECORD, content, moving_parents)
-        .map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
-    if (tree.entries, tree.bytes) != (out.entries, out.bytes) {
-        return Err(format!(
-            "staging dir {} holds {} entries and {} bytes, {} and {} were staged",
-            dir.display(),
-            tree.entries,
-            tree.bytes,
-            out.entries,
-            out.bytes
-        ));
-    }
-    if tree.digest != out.tree {
-        return Err(format!(
-            "staging dir {} no longer holds what was staged (a file's content, mode or time, or a link, changed)",
-            dir.display()
-        ));
     }
     Ok(())
 }
@@ -1019,181 +815,28 @@ fn staging_dir(ctx: &RunCtx, node: &Node) -> PathBuf {
     node.data_dir.join(ctx.spec.staging_name())
 }
 
-async fn remove_staging(dir: &Path) {
-    let dir = dir.to_path_buf();
-    let _ = tokio::task::spawn_blocking(move || match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => tracing::warn!(dir = %dir.display(), "could not remove staging dir: {e}"),
-    })
-    .await;
-}
-
 async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<String> {
     let m = ctx.manifest().await?;
-    let info = m
-        .node(node.index)
-        .ok_or_else(|| Error::Checks(vec![format!("the snapshot has no node {}", node.index)]))?
-        .clone();
-    let object = m
-        .object(&info.object)
-        .ok_or_else(|| Error::archive(&info.object, "not listed in the manifest"))?
-        .clone();
-    let staging = staging_dir(ctx, node);
-    // A staging dir left by a killed attempt is redone from scratch.
-    remove_staging(&staging).await;
-    std::fs::create_dir_all(&node.data_dir)
-        .map_err(|e| Error::io("create data dir", &node.data_dir, e))?;
-    // Made here, not found: never a dir (or link) someone put in its place.
-    std::fs::create_dir(&staging).map_err(|e| Error::io("create staging dir", &staging, e))?;
-    let result =
-        download_and_unpack(ctx, step, &info, &object, unpack::Mode::Extract(&staging)).await;
-    let done = match result {
-        Ok(done) => done,
-        Err(e) => {
-            remove_staging(&staging).await;
-            return Err(e);
-        }
-    };
-    let dir = staging.clone();
-    let out = StageOutput {
-        v: OUTPUT_VERSION,
-        token: ctx.spec.token.clone(),
+    let job = StageJob {
         node: node.index,
-        staging: staging.clone(),
-        object_sha256: done.object_sha256,
-        entries: 0,
-        bytes: 0,
-        tree: String::new(),
-        parents: Vec::new(),
+        data_dir: node.data_dir.clone(),
+        staging: staging_dir(ctx, node),
+        snapshot: ctx.spec.snapshot.clone(),
+        manifest_sha256: manifest_digest(m)?,
+        selection: ctx.spec.selection.clone(),
+        token: ctx.spec.token.clone(),
     };
-    let paths = ctx.spec.selection.paths.clone();
-    let recorded = tokio::task::spawn_blocking(move || {
-        // Unpacking verified every file against the manifest: its hashes stand in
-        // for a second read.
-        let files: HashMap<&str, &str> = info
-            .files
-            .iter()
-            .map(|f| (f.path.as_str(), f.sha256.as_str()))
-            .collect();
-        let above = staged::parents_of(&paths);
-        let tree = staged::tree(
-            &dir,
-            STAGED_RECORD,
-            &staged::Content::Recorded(&files),
-            &above,
-        )
-        .map_err(|e| Error::io("measure", &dir, e))?;
-        let mut parents: Vec<CreatedDir> = above
-            .iter()
-            .filter_map(|a| {
-                use std::os::unix::fs::MetadataExt;
-                let m = std::fs::symlink_metadata(dir.join(a)).ok()?;
-                m.is_dir().then(|| CreatedDir {
-                    path: PathBuf::from(a),
-                    mode: m.mode() & 0o777,
-                    mtime: m.mtime(),
-                })
-            })
-            .collect();
-        parents.sort_by(|a, b| a.path.cmp(&b.path));
-        let out = StageOutput {
-            entries: tree.entries,
-            bytes: tree.bytes,
-            tree: tree.digest,
-            parents,
-            ..out
-        };
-        let path = dir.join(STAGED_RECORD);
-        let text = encode(&out)?;
-        let f = std::fs::File::create(&path).map_err(|e| Error::io("write", &path, e))?;
-        std::io::Write::write_all(&mut &f, text.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(|e| Error::io("write", &path, e))?;
-        Ok::<_, Error>(text)
-    })
-    .await
-    .map_err(|e| Error::State(format!("stage worker failed: {e}")))?;
-    if recorded.is_err() {
-        remove_staging(&staging).await;
-    }
-    recorded
-}
-
-/// Stream an object from the store through [`unpack::unpack`] on a blocking thread.
-pub async fn download_and_unpack(
-    ctx: &RunCtx,
-    step: &StepRef,
-    info: &NodeInfo,
-    object: &ObjectInfo,
-    mode: unpack::Mode<'_>,
-) -> Result<unpack::Unpacked> {
-    let restoring = info
-        .files
-        .iter()
-        .filter(|f| ctx.spec.selection.restores_file(&f.path))
-        .try_fold(0u64, |a, f| a.checked_add(f.size))
-        .ok_or_else(|| Error::archive(&object.key, "the file sizes in the manifest overflow"))?;
-    ctx.progress.event(Event::StepStarted {
-        step: &step.id,
-        total: Some(restoring),
+    let events = Arc::new(StepEvents {
+        ctx: ctx.clone(),
+        step: step.id.clone(),
     });
-    let root = match mode {
-        unpack::Mode::Extract(p) => Some(p.to_path_buf()),
-        unpack::Mode::Verify => None,
-    };
-    read_object(
-        &*ctx.store,
-        &manifest::key(&ctx.spec.snapshot, &object.key),
-        info.clone(),
-        object.clone(),
-        ctx.spec.selection.clone(),
-        root,
-        ctx.progress.clone(),
-        step.id.clone(),
-        &ctx.cancel,
-    )
-    .await
-}
-
-/// Download `key` and unpack (into `root`) or verify it against the manifest.
-#[allow(clippy::too_many_arguments)]
-pub async fn read_object(
-    store: &dyn crate::store::Store,
-    key: &str,
-    info: NodeInfo,
-    object: ObjectInfo,
-    selection: crate::cluster::Selection,
-    root: Option<PathBuf>,
-    progress: Arc<dyn crate::progress::Progress>,
-    step_id: String,
-    cancel: &tokio_util::sync::CancellationToken,
-) -> Result<unpack::Unpacked> {
-    let name = key.to_string();
-    crate::store::read_stream(store, key, cancel, move |reader| {
-        let expected = unpack::Expected {
-            object: &name,
-            node: &info,
-            object_size: object.size,
-            object_sha256: &object.sha256,
-        };
-        let mode = match &root {
-            Some(r) => unpack::Mode::Extract(r),
-            None => unpack::Mode::Verify,
-        };
-        unpack::unpack(reader, &expected, &selection, mode, |done| {
-            progress.event(Event::Bytes {
-                step: &step_id,
-                done,
-            })
-        })
-    })
-    .await
+    let out = ctx.exec(node).stage(&job, events, &ctx.cancel).await?;
+    encode(&out)
 }
 
 async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
     // What pre-flight found may have changed since (a resume): check again.
-    let problems = data_dirs_fit(ctx);
+    let problems = data_dirs_fit(ctx).await;
     if !problems.is_empty() {
         return Err(Error::Refused(problems));
     }
@@ -1250,77 +893,86 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             parents.insert(n, out.parents);
         }
     }
-    let moves = planned_moves(ctx, &parents)?;
+    // What each node would move, in data dir order, as one journal recorded before
+    // the first rename, so that a kill mid-commit can be rolled back.
+    let mut nodes: Vec<&Node> = ctx.cluster.nodes.iter().collect();
+    nodes.sort_by(|a, b| a.data_dir.cmp(&b.data_dir));
+    let mut plan: Vec<(&Node, Vec<Move>)> = Vec::new();
+    for n in nodes {
+        let op = FsOp::PlanMoves {
+            node: n.index,
+            staging: staging_dir(ctx, n),
+            data_dir: n.data_dir.clone(),
+            paths: ctx.spec.selection.paths.clone(),
+            parents: parents.remove(&n.index).unwrap_or_default(),
+        };
+        let moves: Vec<Move> = crate::node::fs(&*ctx.exec(n), n.index, op).await?;
+        plan.push((n, moves));
+    }
     let journal = encode(&CommitJournal {
         v: OUTPUT_VERSION,
-        moves: moves.clone(),
+        moves: plan.iter().flat_map(|(_, m)| m.iter().cloned()).collect(),
     })?;
     let sid = step.id.clone();
     ctx.state
         .call(move |s| s.set_scratch(run, &sid, Some(&journal)))
         .await?;
-    let staging: Vec<(PathBuf, PathBuf)> = ctx
-        .cluster
-        .nodes
-        .iter()
-        .map(|n| (staging_dir(ctx, n), n.data_dir.clone()))
-        .collect();
-    let result = tokio::task::spawn_blocking(move || commit_blocking(&moves, &staging))
-        .await
-        .map_err(|e| Error::State(format!("commit worker failed: {e}")))?;
-    if result.is_err() {
-        undo_manager_restore(ctx).await;
-    }
-    result
-}
-
-/// What the commit moves: each staged keyspace (or, for a partial restore, each
-/// staged path) to the same place in its data dir.
-fn planned_moves(ctx: &RunCtx, parents: &HashMap<u32, Vec<CreatedDir>>) -> Result<Vec<Move>> {
-    let paths = &ctx.spec.selection.paths;
-    let mut moves = Vec::new();
-    for n in &ctx.cluster.nodes {
-        let staging = staging_dir(ctx, n);
-        let recorded = parents.get(&n.index).map_or(&[][..], Vec::as_slice);
-        if !paths.is_empty() {
-            for p in paths {
-                if std::fs::symlink_metadata(staging.join(p)).is_ok() {
-                    moves.push(Move::new(
-                        staging.clone(),
-                        n.data_dir.clone(),
-                        PathBuf::from(p),
-                        recorded,
-                    ));
-                }
-            }
-            continue;
-        }
-        let rd = match std::fs::read_dir(&staging) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("list", &staging, e)),
+    // Node by node; a node that fails moves back its own, and the nodes before it
+    // are rolled back, so that the target is as it was.
+    let mut first = 0usize;
+    let mut failure = None;
+    for (i, (n, moves)) in plan.iter().enumerate() {
+        let op = FsOp::Commit {
+            moves: moves.clone(),
+            first,
         };
-        for entry in rd {
-            let entry = entry.map_err(|e| Error::io("list", &staging, e))?;
-            let name = entry.file_name();
-            if name.to_string_lossy().starts_with(RESERVED_PREFIX) {
-                continue;
-            }
-            moves.push(Move::new(
-                staging.clone(),
-                n.data_dir.clone(),
-                PathBuf::from(name),
-                recorded,
-            ));
+        first += moves.len();
+        if let Err(e) = crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await {
+            failure = Some((i, e));
+            break;
         }
     }
-    moves.sort_by(|a, b| (&a.data_dir, &a.rel).cmp(&(&b.data_dir, &b.rel)));
-    Ok(moves)
+    if let Some((failed, e)) = failure {
+        let mut stuck = Vec::new();
+        // The failed node too: it may have died between renames.
+        for (n, moves) in plan[..=failed].iter().rev() {
+            let op = FsOp::RollBack {
+                moves: moves.clone(),
+            };
+            match crate::node::fs::<RolledBack>(&*ctx.exec(n), n.index, op).await {
+                Ok(r) => stuck.extend(r.problems),
+                Err(e) => stuck.push(format!("node {}: {e}", n.index)),
+            }
+        }
+        if stuck.is_empty() {
+            let sid = step.id.clone();
+            ctx.state
+                .call(move |s| s.set_scratch(run, &sid, None))
+                .await?;
+        } else {
+            // The journal stays: the next resume or discard rolls back again.
+            tracing::error!(
+                "the failed commit could not be rolled back everywhere: {}",
+                stuck.join("; ")
+            );
+        }
+        undo_manager_restore(ctx).await;
+        return Err(e);
+    }
+    for (n, moves) in &plan {
+        let op = FsOp::FinishCommit {
+            moves: moves.clone(),
+            data_dir: n.data_dir.clone(),
+            staging: staging_dir(ctx, n),
+        };
+        crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
+    }
+    Ok(())
 }
 
 /// A commit that a kill interrupted is rolled back from its journal: what was moved
-/// into a data dir goes back into its staging dir, so the target is as it was and
-/// the staged data is checked again before the commit is redone.
+/// into a data dir goes back into its staging dir, on each node, so the target is
+/// as it was and the staged data is checked again before the commit is redone.
 pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
     let (run, sid) = (ctx.run_id, step_id.to_string());
     let rec = ctx.state.call(move |s| s.step(run, &sid)).await?;
@@ -1329,61 +981,42 @@ pub async fn roll_back_commit(ctx: &Arc<RunCtx>, step_id: &str) -> Result<()> {
     };
     let journal: CommitJournal = serde_json::from_str(&text)
         .map_err(|e| Error::State(format!("commit journal of run {run}: {e}")))?;
-    let undone = tokio::task::spawn_blocking(move || {
-        let mut problems = Vec::new();
-        let mut moved = 0usize;
-        for m in journal.moves.iter().rev() {
-            let staged = match m.in_staging(&m.rel) {
-                Ok(p) => p,
-                Err(e) => {
-                    problems.push(e.to_string());
-                    continue;
-                }
-            };
-            let target = m.data_dir.join(&m.rel);
-            // Moved by the commit: the entry in the target is the one staged (a
-            // rename keeps its identity); anything else there was never moved.
-            let ours = crate::fsx::ident_beneath(&m.data_dir, &m.rel)
-                .map(|id| id.is_some() && id == m.ident);
-            let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged);
-            match (ours, in_staging) {
-                (Err(e), _) | (_, Err(e)) => {
-                    problems.push(format!("{}: {e}", target.display()));
-                    continue;
-                }
-                (Ok(true), Ok(false)) => {
-                    // The commit removes each staging dir once emptied: the move
-                    // back makes it again, beneath the data dir, never through a
-                    // link.
-                    if let Err(e) = m.move_back() {
-                        problems.push(format!("{}: {e}", target.display()));
-                        continue;
-                    }
-                    moved += 1;
-                }
-                (Ok(true), Ok(true)) => {
-                    // A kill is between renames, never inside one: one of the two
-                    // was put there since, and which is the restore's is unknown.
-                    problems.push(format!(
-                        "{} is in the target and {} in staging: the commit had moved it, and something was put in its place since; move one of them away (the other is the restore's or yours) and resume",
-                        target.display(),
-                        m.data_dir.join(&staged).display()
-                    ));
-                    continue;
-                }
-                (Ok(false), _) => {}
-            }
-            m.remove_created();
+    // Each move to the node whose data dir it is in.
+    let mut by_node: Vec<(&Node, Vec<Move>)> = Vec::new();
+    let mut problems = Vec::new();
+    for m in journal.moves {
+        let node = ctx
+            .cluster
+            .nodes
+            .iter()
+            .find(|n| m.node.is_none_or(|i| i == n.index) && n.data_dir == m.data_dir);
+        let Some(node) = node else {
+            problems.push(format!(
+                "{}: no node of this run has that data dir",
+                m.data_dir.join(&m.rel).display()
+            ));
+            continue;
+        };
+        match by_node.iter_mut().find(|(n, _)| n.index == node.index) {
+            Some((_, moves)) => moves.push(m),
+            None => by_node.push((node, vec![m])),
         }
-        (problems, moved)
-    })
-    .await
-    .map_err(|e| Error::State(format!("rollback worker failed: {e}")))?;
-    let (undone, moved) = undone;
-    if !undone.is_empty() {
+    }
+    let mut moved = 0;
+    for (n, moves) in by_node.into_iter().rev() {
+        match crate::node::fs::<RolledBack>(&*ctx.exec(n), n.index, FsOp::RollBack { moves }).await
+        {
+            Ok(r) => {
+                problems.extend(r.problems);
+                moved += r.moved;
+            }
+            Err(e) => problems.push(format!("node {}: {e}", n.index)),
+        }
+    }
+    if !problems.is_empty() {
         return Err(Error::Unfinished(format!(
             "the interrupted commit of run {run} could not be rolled back, so nothing else was done: {}",
-            undone.join("; ")
+            problems.join("; ")
         )));
     }
     if moved > 0 {
@@ -1432,59 +1065,4 @@ async fn undo_manager_restore(ctx: &Arc<RunCtx>) {
             "the node commit failed and the manager state could not be put back: {e}; `cairn manager-snapshot rollback` does it"
         ),
     }
-}
-
-/// Move every planned entry into its data dir, never through a symlink and never
-/// over an existing entry; on any failure move back what was moved, so the target
-/// is as it was. Then remove the emptied staging dirs.
-fn commit_blocking(moves: &[Move], staging: &[(PathBuf, PathBuf)]) -> Result<()> {
-    let mut done: Vec<&Move> = Vec::new();
-    let mut failure = None;
-    for (i, m) in moves.iter().enumerate() {
-        if let Err(e) = crate::failpoint::hit(&format!("commit-rename:{i}")) {
-            failure = Some(e);
-            break;
-        }
-        match m.move_in() {
-            Ok(()) => done.push(m),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                failure = Some(Error::Refused(vec![format!(
-                    "{} appeared in the target while the restore ran; nothing was moved into place",
-                    m.data_dir.join(&m.rel).display()
-                )]));
-                break;
-            }
-            Err(e) => {
-                failure = Some(Error::io("move into place", m.data_dir.join(&m.rel), e));
-                break;
-            }
-        }
-    }
-    if let Some(e) = failure {
-        for m in done.into_iter().rev() {
-            match m.move_back() {
-                Ok(()) => m.remove_created(),
-                Err(err) => {
-                    tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
-                }
-            }
-        }
-        return Err(e);
-    }
-    for m in moves {
-        m.set_created_metadata(false);
-    }
-    for (dir, data_dir) in staging {
-        // What is left: the record, and for a partial restore the empty parents of
-        // the paths moved out (and the unselected rest).
-        match std::fs::remove_dir_all(dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io("remove staging dir", dir, e)),
-        }
-        if let Ok(d) = std::fs::File::open(data_dir) {
-            let _ = d.sync_all();
-        }
-    }
-    Ok(())
 }

@@ -3,7 +3,6 @@
 //! errors retried with backoff, every step given the run's cancellation signal.
 
 pub mod actions;
-mod staged;
 
 use crate::checks::{Disk, RealDisk};
 use crate::cluster::Cluster;
@@ -245,7 +244,7 @@ impl Engine {
         }
         // A data dir swapped for a link since the run began is never followed.
         if ctx.plan.has_action(Action::CheckRestore) {
-            let problems = actions::data_dirs_fit(ctx);
+            let problems = actions::data_dirs_fit(ctx).await;
             if !problems.is_empty() {
                 return Err(Error::Refused(problems));
             }
@@ -646,6 +645,7 @@ impl RunCtx {
         if !node.is_remote() {
             return Box::new(crate::node::Local {
                 store: self.store.clone(),
+                disk: self.disk.clone(),
             });
         }
         Box::new(crate::node::Remote {

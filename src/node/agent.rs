@@ -134,6 +134,24 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
         watch.cancel();
         tracing::warn!("the coordinator went away: cancelling");
     });
+    // A signal (Ctrl-C in a terminal shared with the coordinator, a stopped pod)
+    // cancels too: an upload in flight is aborted, not left open.
+    let on_signal = cancel.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut int), Ok(mut term)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        tracing::warn!("stopped by a signal: cancelling");
+        on_signal.cancel();
+    });
     let beat = tx.clone();
     let beats = tokio::spawn(async move {
         loop {
@@ -147,6 +165,13 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
         let store = req.store.open().await?;
         let local = Local {
             store: store.clone(),
+            disk: Arc::new(crate::checks::RealDisk),
+        };
+        let events = || {
+            Arc::new(Sender {
+                tx: tx.clone(),
+                last_bytes: std::sync::Mutex::new(None),
+            })
         };
         match req.op {
             Op::InspectBackup { node, selection } => {
@@ -159,14 +184,25 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
                 }
                 to_value(&facts)
             }
-            Op::Backup { job } => {
-                let events = Arc::new(Sender {
-                    tx: tx.clone(),
-                    last_bytes: std::sync::Mutex::new(None),
-                });
-                let backed = local.backup(&job, events, &cancel).await?;
-                to_value(&backed)
+            Op::Backup { job } => to_value(&local.backup(&job, events(), &cancel).await?),
+            Op::Fs {
+                fs: super::restore::FsOp::Probe(req),
+            } => {
+                let node = req.node;
+                let v = local.fs(super::restore::FsOp::Probe(req)).await?;
+                let mut probe: super::restore::RestoreProbe =
+                    serde_json::from_value(v).map_err(|e| Error::State(e.to_string()))?;
+                if let Err(e) = store.check().await {
+                    probe.problems.push(format!(
+                        "node {node}: cannot reach the store from the node: {e}"
+                    ));
+                }
+                to_value(&probe)
             }
+            Op::Fs { fs } => local.fs(fs).await,
+            Op::Stage { job } => to_value(&local.stage(&job, events(), &cancel).await?),
+            Op::CheckStaged { job } => to_value(&local.check_staged(&job).await?),
+            Op::HashObject { key } => to_value(&local.hash_object(&key, &cancel).await?),
         }
     }
     .await;

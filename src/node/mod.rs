@@ -10,8 +10,11 @@
 pub mod agent;
 pub mod proto;
 pub mod remote;
+pub mod restore;
+pub mod staged;
 
 use crate::archive::pack;
+use crate::checks::Disk;
 use crate::cluster::{Node, RESERVED_PREFIX, Selection, data_dir_top, hooks};
 use crate::manifest::{self, NodeInfo, ObjectInfo};
 use crate::store::Store;
@@ -22,6 +25,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 pub use remote::Remote;
+use restore::{CheckStagedJob, FsOp, StageJob, StageOutput};
 
 /// How a node reaches the run's store: the store's URL and options (credentials
 /// included — sent to an agent only over its stdin, never stored or printed).
@@ -118,11 +122,60 @@ pub trait NodeExec: Send + Sync {
         events: Arc<dyn Events>,
         cancel: &CancellationToken,
     ) -> Result<Backed>;
+
+    /// A filesystem operation of a restore on the node (see [`FsOp`]).
+    async fn fs(&self, op: FsOp) -> Result<serde_json::Value>;
+
+    /// Download and unpack the node's archive into its staging dir.
+    async fn stage(
+        &self,
+        job: &StageJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<StageOutput>;
+
+    /// Whether a staging dir holds what was staged: `Some(why)` when not.
+    async fn check_staged(&self, job: &CheckStagedJob) -> Result<Option<String>>;
+
+    /// SHA-256 of an object of the store, read where the node reads it.
+    async fn hash_object(&self, key: &str, cancel: &CancellationToken) -> Result<String>;
+}
+
+/// A typed [`NodeExec::fs`].
+pub async fn fs<T: serde::de::DeserializeOwned>(
+    exec: &dyn NodeExec,
+    node: u32,
+    op: FsOp,
+) -> Result<T> {
+    let v = exec.fs(op).await?;
+    serde_json::from_value(v).map_err(|e| Error::Remote {
+        node,
+        message: format!("the node's answer cannot be read: {e}"),
+        exit_code: crate::error::exit::FAILED,
+        transient: false,
+    })
+}
+
+/// SHA-256 of an object, read from the store here.
+pub async fn hash_object(
+    store: &dyn Store,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<String> {
+    crate::store::read_stream(store, key, cancel, |mut r| {
+        let mut h = crate::archive::io::HashingReader::new(&mut r);
+        std::io::copy(&mut h, &mut std::io::sink())
+            .map_err(|e| Error::io("read", std::path::Path::new("object"), e))?;
+        Ok(h.finish().1)
+    })
+    .await
 }
 
 /// The node's data dir is on this machine.
 pub struct Local {
     pub store: Arc<dyn Store>,
+    /// Free space and file systems (a test may stand in for the real disk).
+    pub disk: Arc<dyn Disk>,
 }
 
 #[async_trait::async_trait]
@@ -163,6 +216,30 @@ impl NodeExec for Local {
         let out = work?;
         post?;
         Ok(out)
+    }
+
+    async fn fs(&self, op: FsOp) -> Result<serde_json::Value> {
+        let disk = self.disk.clone();
+        tokio::task::spawn_blocking(move || restore::run_fs(op, &*disk))
+            .await
+            .map_err(|e| Error::State(format!("file system worker failed: {e}")))?
+    }
+
+    async fn stage(
+        &self,
+        job: &StageJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<StageOutput> {
+        restore::stage(&*self.store, job, events, cancel).await
+    }
+
+    async fn check_staged(&self, job: &CheckStagedJob) -> Result<Option<String>> {
+        restore::check_staged(&*self.store, job).await
+    }
+
+    async fn hash_object(&self, key: &str, cancel: &CancellationToken) -> Result<String> {
+        hash_object(&*self.store, key, cancel).await
     }
 }
 

@@ -1,23 +1,24 @@
 //! The agent protocol: JSON lines over the agent's stdin and stdout.
 //!
 //! ```text
-//! agent → {"hello":{"protocol":1,"version":"0.1.0"}}
-//! coord → {"hello":{"protocol":1,"version":"0.1.0"}}
-//! coord → {"op":"backup", …}                      one request, secrets inside
-//! agent → {"beat":null} | {"event":{…}} …         while it works (a beat every 2 s)
-//! agent → {"done":…} | {"failed":{…}}             then it exits
+//! agent → {"hello":{"protocol":2,"version":"0.1.0"}}
+//! coord → {"hello":{"protocol":2,"version":"0.1.0"}}
+//! coord → {"op":"backup", …}                       one request, secrets inside
+//! agent → "beat" | {"event":{…}} …                 while it works (a beat every 2 s)
+//! agent → {"done":…} | {"failed":{…}}              then it exits
 //! ```
 //!
 //! Each side checks the other's protocol number and refuses a mismatch before any
 //! work. Closing the agent's stdin cancels its work (the coordinator went away).
 
+use super::restore::{CheckStagedJob, FsOp, StageJob};
 use super::{BackupJob, NodeEvent, StoreTarget};
 use crate::cluster::{Node, Selection};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// The longest line either side accepts.
 pub const MAX_LINE: usize = 64 << 20;
@@ -59,8 +60,26 @@ pub struct Request {
 #[derive(Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
-    InspectBackup { node: Node, selection: Selection },
-    Backup { job: BackupJob },
+    InspectBackup {
+        node: Node,
+        selection: Selection,
+    },
+    Backup {
+        job: BackupJob,
+    },
+    /// A restore's filesystem work (`{"op":"fs","fs":{"fs":"probe",…}}`).
+    Fs {
+        fs: FsOp,
+    },
+    Stage {
+        job: StageJob,
+    },
+    CheckStaged {
+        job: CheckStagedJob,
+    },
+    HashObject {
+        key: String,
+    },
 }
 
 /// What an agent says while and after it works.
@@ -102,20 +121,46 @@ impl WireError {
         }
     }
 
-    pub fn into_error(self, node: u32) -> Error {
+    /// The error on this side. Pre-flight problems stay problems only for a
+    /// pre-flight request (elsewhere they are the node's failure); an exit code is
+    /// taken only when it is one cairn documents for a failure, never 0; only the
+    /// `cancelled` flag makes a cancellation.
+    pub fn into_error(self, node: u32, preflight: bool) -> Error {
+        use crate::error::exit;
         if self.cancelled {
             return Error::Cancelled;
         }
-        if let Some(p) = self.problems {
-            return Error::Checks(p);
+        if preflight && let Some(p) = self.problems {
+            return Error::Checks(p.into_iter().map(|l| clip(&l)).collect());
         }
+        let exit_code = match self.exit_code {
+            c @ (exit::FAILED
+            | exit::USAGE
+            | exit::CHECK_REFUSED
+            | exit::LOCKED
+            | exit::NOT_FOUND) => c,
+            _ => exit::FAILED,
+        };
         Error::Remote {
             node,
-            message: self.message,
-            exit_code: self.exit_code,
+            message: clip(&crate::redact::redact(&self.message)),
+            exit_code,
             transient: self.transient,
         }
     }
+}
+
+/// A message from a node, cut to a readable length.
+fn clip(s: &str) -> String {
+    const MAX: usize = 2000;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} more bytes)", &s[..end], s.len() - end)
 }
 
 /// One JSON line, with its newline.

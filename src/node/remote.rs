@@ -10,6 +10,7 @@
 
 use super::agent::read_line;
 use super::proto::{self, Greeting, Hello, Op, Reply, Request};
+use super::restore::{CheckStagedJob, FsOp, StageJob, StageOutput};
 use super::{Backed, BackupFacts, BackupJob, Events, NodeEvent, NodeExec, StoreTarget};
 use crate::cluster::{Node, Selection};
 use crate::manifest;
@@ -59,6 +60,7 @@ impl Remote {
         let Some((program, args)) = self.node.exec.split_first() else {
             return Err(self.failed("no exec prefix".into()));
         };
+        let preflight = matches!(op, Op::InspectBackup { .. } | Op::Fs { fs: FsOp::Probe(_) });
         let mut cmd = tokio::process::Command::new(program);
         cmd.args(args)
             .arg(&self.node.agent_path)
@@ -183,7 +185,9 @@ impl Remote {
                         }
                     }
                     Reply::Done(v) => return Ok(Ok(v)),
-                    Reply::Failed(w) => return Ok(Err(w.into_error(self.node.index))),
+                    Reply::Failed(w) => {
+                        return Ok(Err(w.into_error(self.node.index, preflight)));
+                    }
                 }
             }
         };
@@ -211,6 +215,11 @@ impl Remote {
                 let mut text = message;
                 if let Some(code) = status.and_then(|s| s.code()) {
                     text.push_str(&format!(" (exit status {code})"));
+                } else if let Some(sig) = status.and_then(|s| {
+                    use std::os::unix::process::ExitStatusExt;
+                    s.signal()
+                }) {
+                    text.push_str(&format!(" (killed by signal {sig})"));
                 }
                 if !said.is_empty() {
                     text.push_str(&format!(": {said}"));
@@ -246,8 +255,62 @@ impl Remote {
         }) {
             wrong.push(format!("keyspace {k:?} is no directory name"));
         }
+        if let Some(k) = b.node.keyspaces.iter().find(|k| !job.selection.includes(k)) {
+            wrong.push(format!("keyspace {k:?} was not selected"));
+        }
         if b.object.sha256.len() != 64 || !b.object.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
             wrong.push("its SHA-256 is malformed".into());
+        }
+        if b.node.compressed_bytes != b.object.size {
+            wrong.push(format!(
+                "it says {} compressed bytes and an object of {}",
+                b.node.compressed_bytes, b.object.size
+            ));
+        }
+        // Its file list is what a restore will trust: plain relative paths, each
+        // in a keyspace it names, once, with counts that add up.
+        if b.node.file_count != b.node.files.len() as u64 {
+            wrong.push(format!(
+                "it counts {} files and lists {}",
+                b.node.file_count,
+                b.node.files.len()
+            ));
+        }
+        match b
+            .node
+            .files
+            .iter()
+            .try_fold(0u64, |a, f| a.checked_add(f.size))
+        {
+            Some(sum) if sum == b.node.bytes => {}
+            Some(sum) => wrong.push(format!(
+                "its files add up to {sum} bytes, it says {}",
+                b.node.bytes
+            )),
+            None => wrong.push("its file sizes overflow".into()),
+        }
+        let mut seen = std::collections::HashSet::new();
+        for f in &b.node.files {
+            let parts: Vec<&str> = f.path.split('/').collect();
+            let plain = !f.path.is_empty()
+                && parts
+                    .iter()
+                    .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains(['\\', '\0']));
+            if !plain || !b.node.keyspaces.iter().any(|k| k == parts[0]) {
+                wrong.push(format!(
+                    "file {:?} is no plain path in a keyspace it backed up",
+                    f.path
+                ));
+                break;
+            }
+            if !seen.insert(f.path.as_str()) {
+                wrong.push(format!("file {:?} is listed twice", f.path));
+                break;
+            }
+            if f.sha256.len() != 64 || !f.sha256.bytes().all(|c| c.is_ascii_hexdigit()) {
+                wrong.push(format!("the SHA-256 of file {:?} is malformed", f.path));
+                break;
+            }
         }
         if wrong.is_empty() {
             let key = manifest::key(&job.snapshot, &object);
@@ -297,6 +360,58 @@ impl NodeExec for Remote {
             selection: selection.clone(),
         };
         let v = self.call(op, None, &CancellationToken::new()).await?;
+        serde_json::from_value(v)
+            .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))
+    }
+
+    async fn fs(&self, op: FsOp) -> Result<serde_json::Value> {
+        self.call(Op::Fs { fs: op }, None, &CancellationToken::new())
+            .await
+    }
+
+    async fn stage(
+        &self,
+        job: &StageJob,
+        events: Arc<dyn Events>,
+        cancel: &CancellationToken,
+    ) -> Result<StageOutput> {
+        let v = self
+            .call(Op::Stage { job: job.clone() }, Some(&*events), cancel)
+            .await?;
+        let out: StageOutput = serde_json::from_value(v)
+            .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))?;
+        // What is recorded names this node, this staging dir and this run, or
+        // nothing is.
+        if out.node != job.node || out.staging != job.staging || out.token != job.token {
+            return Err(self.failed(
+                "the agent's answer does not hold: it staged another node, dir or run".into(),
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn check_staged(&self, job: &CheckStagedJob) -> Result<Option<String>> {
+        let v = self
+            .call(
+                Op::CheckStaged { job: job.clone() },
+                None,
+                &CancellationToken::new(),
+            )
+            .await?;
+        serde_json::from_value(v)
+            .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))
+    }
+
+    async fn hash_object(&self, key: &str, cancel: &CancellationToken) -> Result<String> {
+        let v = self
+            .call(
+                Op::HashObject {
+                    key: key.to_string(),
+                },
+                None,
+                cancel,
+            )
+            .await?;
         serde_json::from_value(v)
             .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))
     }

@@ -4,6 +4,7 @@
 
 use super::helpers::*;
 use super::servers::{self, AK};
+use cairn::node::proto::PROTOCOL;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -88,8 +89,8 @@ fn s3_params(endpoint: &str, bucket: &str, snapshot: &str, secret: &str) -> Vec<
 }
 
 /// Restore a snapshot onto local dirs and compare with the source, node by node.
-fn restored_equals_source(sb: &Sandbox, params: &[String], n: u32) {
-    let tgt = target_cluster(sb.dir.path(), "tgt", n);
+fn restored_equals_source(sb: &Sandbox, params: &[String], n: u32, target: &str) {
+    let tgt = target_cluster(sb.dir.path(), target, n);
     let mut args = vec![
         "plan".to_string(),
         "start".into(),
@@ -101,7 +102,12 @@ fn restored_equals_source(sb: &Sandbox, params: &[String], n: u32) {
     args.extend(params.iter().cloned());
     let out = sb.run_v(&args);
     assert!(out.status.success(), "restore: {:?}", text(&out));
-    assert_restored(sb, "tgt", n);
+    assert_restored(sb, target, n);
+}
+
+fn ok_v(sb: &Sandbox, args: &[String]) {
+    let out = sb.run_v(args);
+    assert!(out.status.success(), "{args:?}: {:?}", text(&out));
 }
 
 /// Each process's argv and environment, `pid → text`.
@@ -163,18 +169,19 @@ fn backup_through(prefix_kind: &str) {
     let Some(s3) = servers::s3s_fs_keyed(&data, 0, &secret) else {
         return;
     };
-    let sshd;
+    let mut sshd_ref = None;
     let cluster = if prefix_kind == "ssh" {
         let Some(s) = servers::sshd(&sb.path("sshd")) else {
             return;
         };
-        sshd = s;
-        exec_cluster(&sb, 3, 1 << 20, &agent_bin(&sb), ssh_prefix(&sshd))
+        let sshd = sshd_ref.insert(s);
+        exec_cluster(&sb, 3, 1 << 20, &agent_bin(&sb), ssh_prefix(sshd))
     } else {
         exec_cluster(&sb, 3, 1 << 20, &agent_bin(&sb), env_prefix)
     };
     let bin = agent_bin(&sb);
     std::fs::write(sb.path("secret.txt"), format!("{secret}\n")).unwrap();
+    let ssh = prefix_kind == "ssh";
     let backup = |snapshot: &str| -> u64 {
         let mut args = vec![
             "plan".to_string(),
@@ -192,50 +199,12 @@ fn backup_through(prefix_kind: &str) {
             snapshot,
             "@secret.txt",
         ));
-        let mut child = sb
-            .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let coordinator = child.id();
-        let (mut agents_seen, mut ssh_seen, mut last_rchar) = (0, 0, 0u64);
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < deadline, "the backup hangs");
-            if let Some(r) = rchar(coordinator) {
-                last_rchar = r;
-            }
-            for (pid, (cmd, all)) in processes() {
-                if pid == s3.pid() {
-                    continue;
-                }
-                if cmd.starts_with(&format!("{bin} agent")) {
-                    agents_seen += 1;
-                }
-                if cmd.starts_with("ssh ") {
-                    ssh_seen += 1;
-                }
-                assert!(
-                    !all.windows(secret.len()).any(|w| w == secret.as_bytes()),
-                    "process {pid} ({cmd}) holds the secret in its argv or environment"
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "backup: {:?}", text(&out));
-        let (so, se) = text(&out);
-        assert!(!so.contains(&secret) && !se.contains(&secret));
-        assert!(agents_seen > 0, "no agent process was seen");
-        if prefix_kind == "ssh" {
-            assert!(ssh_seen > 0, "no ssh process was seen");
-        }
-        last_rchar
+        watched(&sb, &args, &secret, &bin, s3.pid(), ssh)
     };
     let small = backup("small");
     let mut snapshot = "small";
-    if prefix_kind == "ssh" {
+    let mut added = 0;
+    if ssh {
         let before = node_bytes(&sb, 3);
         for i in 0..3u64 {
             std::fs::write(
@@ -244,7 +213,7 @@ fn backup_through(prefix_kind: &str) {
             )
             .unwrap();
         }
-        let added = node_bytes(&sb, 3) - before;
+        added = node_bytes(&sb, 3) - before;
         // The agents are sshd's children, not the coordinator's: what the
         // coordinator read is its own (and its ssh clients').
         let big = backup("big");
@@ -255,11 +224,104 @@ fn backup_through(prefix_kind: &str) {
         );
         snapshot = "big";
     }
+    // The restore runs on the nodes too: into exec nodes whose data dirs are
+    // fresh, through the same prefix, watched the same way.
+    let restore = |snapshot: &str, target: &str| -> u64 {
+        let mut text = format!("name = \"{target}\"\nagent_path = {bin:?}\n");
+        for i in 0..3u32 {
+            let exec = match &sshd_ref {
+                Some(sshd) => ssh_prefix(sshd)(i),
+                None => env_prefix(i),
+            };
+            text.push_str(&format!(
+                "[[nodes]]\nindex = {i}\ndata_dir = {:?}\nexec = {:?}\n",
+                sb.path(&format!("{target}/node-{i}")).to_str().unwrap(),
+                exec
+            ));
+        }
+        let path = sb.path(&format!("{target}-exec.toml"));
+        std::fs::write(&path, text).unwrap();
+        let mut args = vec![
+            "plan".to_string(),
+            "start".into(),
+            "restore-s3".into(),
+            "-q".into(),
+            "--cluster".into(),
+            path.to_str().unwrap().into(),
+        ];
+        args.extend(s3_params(
+            &s3.endpoint,
+            "nodes-bucket",
+            snapshot,
+            "@secret.txt",
+        ));
+        watched(&sb, &args, &secret, &bin, s3.pid(), ssh)
+    };
+    if ssh {
+        let small = restore("small", "tgt-small");
+        let big = restore(snapshot, "tgt");
+        eprintln!("coordinator rchar: restore small {small}, big {big}");
+        assert!(
+            big.saturating_sub(small) < added / 100,
+            "the coordinator read {small} bytes for the small restore and {big} for the big one, which has {added} more bytes of node data"
+        );
+    } else {
+        restore(snapshot, "tgt");
+    }
+    assert_restored(&sb, "tgt", 3);
+    // And onto this machine's own dirs, as any snapshot restores.
     restored_equals_source(
         &sb,
         &s3_params(&s3.endpoint, "nodes-bucket", snapshot, "@secret.txt"),
         3,
+        "here",
     );
+}
+
+/// Run `cairn args…` to its end while watching every process: none (coordinator,
+/// ssh, agents) holds `secret` in its argv or environment, agents (and ssh
+/// clients) were seen. Returns the coordinator's last `rchar`.
+fn watched(sb: &Sandbox, args: &[String], secret: &str, bin: &str, skip: u32, ssh: bool) -> u64 {
+    let mut child = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let coordinator = child.id();
+    let (mut agents_seen, mut ssh_seen, mut last_rchar) = (0, 0, 0u64);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the run hangs");
+        if let Some(r) = rchar(coordinator) {
+            last_rchar = r;
+        }
+        for (pid, (cmd, all)) in processes() {
+            if pid == skip {
+                continue;
+            }
+            if cmd.starts_with(&format!("{bin} agent")) {
+                agents_seen += 1;
+            }
+            if cmd.starts_with("ssh ") {
+                ssh_seen += 1;
+            }
+            assert!(
+                !all.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                "process {pid} ({cmd}) holds the secret in its argv or environment"
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{args:?}: {:?}", text(&out));
+    let (so, se) = text(&out);
+    assert!(!so.contains(secret) && !se.contains(secret));
+    assert!(agents_seen > 0, "no agent process was seen");
+    if ssh {
+        assert!(ssh_seen > 0, "no ssh process was seen");
+    }
+    last_rchar
 }
 
 #[test]
@@ -361,7 +423,7 @@ impl SshBackup {
         ]);
         assert!(out.status.success(), "resume: {:?}", text(&out));
         assert_eq!(self.open_uploads(), 0);
-        restored_equals_source(sb, &self.params, nodes);
+        restored_equals_source(sb, &self.params, nodes, "tgt");
     }
 }
 
@@ -460,25 +522,20 @@ fn preflight_refuses_another_protocol_and_reports_two_nodes_at_once() {
     assert!(!sb.path("store/s").exists());
 }
 
-/// A restore onto nodes reached with exec is refused before a run is recorded,
-/// and RESTORE_DIR (a directory on this machine) is the way that works.
+/// A restore onto nodes reached with exec runs on their hosts (RESTORE_DIR is
+/// a directory there); the pre-flight reports the clashes of both nodes in one
+/// message and leaves their data dirs as they were; an agent path a shell would
+/// read is refused when the cluster description is read.
 #[test]
-fn restore_onto_exec_nodes_is_refused_and_restore_dir_works() {
+fn restore_onto_exec_nodes_runs_on_their_hosts_and_refuses_clashes_up_front() {
     let sb = Sandbox::new();
     let cluster = exec_cluster(&sb, 2, 1000, &agent_bin(&sb), env_prefix);
     let c = cluster.to_str().unwrap();
-    sb.ok(&[
-        "plan",
-        "start",
-        "backup-local",
-        "-q",
-        "--cluster",
-        c,
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    ok_v(&sb, &start_args("backup-local", &cluster, "s", &[]));
+    // Onto the source nodes themselves: every keyspace exists on both.
+    let before: Vec<_> = (0..2)
+        .map(|i| exact_tree(&sb.path(&format!("src/node-{i}"))))
+        .collect();
     let out = sb.run(&[
         "plan",
         "start",
@@ -490,27 +547,48 @@ fn restore_onto_exec_nodes_is_refused_and_restore_dir_works() {
         "-p",
         "BACKUP_DIR=store",
     ]);
-    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let (_, err) = text(&out);
     assert!(
-        text(&out).1.contains("reached with exec"),
-        "{:?}",
-        text(&out)
+        err.contains("node 0: keyspace(s) already exist")
+            && err.contains("node 1: keyspace(s) already exist"),
+        "{err}"
     );
-    sb.ok(&[
-        "plan",
-        "start",
-        "restore-local",
-        "-q",
-        "--cluster",
-        c,
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-        "-p",
-        "RESTORE_DIR=tgt",
-    ]);
+    for (i, t) in before.iter().enumerate() {
+        assert_eq!(&exact_tree(&sb.path(&format!("src/node-{i}"))), t);
+    }
+    ok_v(
+        &sb,
+        &start_args("restore-local", &cluster, "s", &["RESTORE_DIR=tgt"]),
+    );
     assert_restored(&sb, "tgt", 2);
+    // A second restore there clashes, node by node, and changes nothing.
+    let restored: Vec<_> = (0..2)
+        .map(|i| exact_tree(&sb.path(&format!("tgt/node-{i}"))))
+        .collect();
+    let out = sb.run_v(&start_args(
+        "restore-local",
+        &cluster,
+        "s",
+        &["RESTORE_DIR=tgt"],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    for (i, t) in restored.iter().enumerate() {
+        assert_eq!(&exact_tree(&sb.path(&format!("tgt/node-{i}"))), t);
+    }
+    // An agent path with a space or a semicolon never reaches a shell.
+    for bad in ["/opt/my cairn", "cairn;touch pwned"] {
+        let text_ = std::fs::read_to_string(&cluster).unwrap().replace(
+            &format!("agent_path = {:?}", agent_bin(&sb)),
+            &format!("agent_path = {bad:?}"),
+        );
+        let bad_cluster = sb.path("bad-agent.toml");
+        std::fs::write(&bad_cluster, text_).unwrap();
+        let out = sb.run_v(&start_args("backup-local", &bad_cluster, "s2", &[]));
+        assert_eq!(out.status.code(), Some(2), "{bad}: {:?}", text(&out));
+        assert!(text(&out).1.contains("agent_path"), "{:?}", text(&out));
+        assert!(!sb.path("pwned").exists());
+    }
 }
 
 /// An agent that says hello and then nothing is given up after the cluster's
@@ -521,7 +599,9 @@ fn a_silent_agent_is_given_up_after_the_agent_timeout() {
     let fake = sb.path("hung-cairn");
     std::fs::write(
         &fake,
-        "#!/bin/sh\necho '{\"hello\":{\"protocol\":1,\"version\":\"0.1.0\"}}'\nexec sleep 600\n",
+        format!(
+            "#!/bin/sh\necho '{{\"hello\":{{\"protocol\":{PROTOCOL},\"version\":\"0.1.0\"}}}}'\nexec sleep 600\n"
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
@@ -587,51 +667,164 @@ fn plan_stop_stops_the_agents_on_the_nodes_and_resume_completes() {
     run.resume_and_restore(&sb, 2);
 }
 
-/// An agent whose answer does not hold (an object the store does not have) fails
-/// its step: no manifest is written, the run is not COMPLETE.
+/// An agent whose answer does not hold fails its step: no manifest is written,
+/// the run is not COMPLETE. Forged: an object the store does not have, a file
+/// path that leaves the data dir, counts that do not add up; and failures whose
+/// exit codes would make the coordinator say success or cancelled.
 #[test]
 fn an_agent_answer_the_store_contradicts_is_refused() {
     let sb = Sandbox::new();
     let fake = sb.path("forging-cairn");
     std::fs::write(
         &fake,
-        r#"#!/usr/bin/env python3
-import json, sys
-print(json.dumps({"hello": {"protocol": 1, "version": "0.1.0"}}), flush=True)
+        format!(
+            r#"#!/usr/bin/env python3
+import json, os, sys
+print(json.dumps({{"hello": {{"protocol": {PROTOCOL}, "version": "0.1.0"}}}}), flush=True)
 sys.stdin.readline()
 req = json.loads(sys.stdin.readline())
+mode = os.environ["FORGE"]
+z = "0" * 64
 if req["op"] == "inspect_backup":
-    out = {"keyspaces": ["app"], "problems": [], "loose": [], "version": "0.1.0"}
-else:
-    out = {"node": {"index": 0, "object": "node-0.tar.gz", "keyspaces": ["app"],
-                    "file_count": 1, "bytes": 5, "compressed_bytes": 10, "files": []},
-           "object": {"key": "node-0.tar.gz", "size": 10, "sha256": "0" * 64}}
-print(json.dumps({"done": out}), flush=True)
-"#,
+    print(json.dumps({{"done": {{"keyspaces": ["app"], "problems": [], "loose": [], "version": "0.1.0"}}}}), flush=True)
+    sys.exit(0)
+if mode.startswith("exit"):
+    print(json.dumps({{"failed": {{"message": "it broke", "exit_code": int(mode[4:]), "transient": False}}}}), flush=True)
+    sys.exit(0)
+files = [{{"path": "app/t/a.db", "size": 5, "sha256": z}}]
+count = 1
+if mode == "escape":
+    files = [{{"path": "app/../../../outside.db", "size": 5, "sha256": z}}]
+if mode == "counts":
+    count = 2
+out = {{"node": {{"index": 0, "object": "node-0.tar.gz", "keyspaces": ["app"],
+                "file_count": count, "bytes": 5, "compressed_bytes": 10, "files": files}},
+       "object": {{"key": "node-0.tar.gz", "size": 10, "sha256": z}}}}
+print(json.dumps({{"done": out}}), flush=True)
+"#
+        ),
     )
     .unwrap();
     std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let cluster = exec_cluster(&sb, 1, 1000, fake.to_str().unwrap(), env_prefix);
-    let out = sb.run(&[
-        "plan",
-        "start",
-        "backup-local",
-        "--cluster",
-        cluster.to_str().unwrap(),
-        "-p",
-        "SNAPSHOT_NAME=s",
-        "-p",
-        "BACKUP_DIR=store",
-    ]);
+    let cases = [
+        ("missing", "the store holds no s-missing/node-0.tar.gz"),
+        ("escape", "is no plain path in a keyspace"),
+        ("counts", "it counts 2 files and lists 1"),
+        ("exit0", "it broke"),
+        ("exit130", "it broke"),
+    ];
+    for (run, (mode, says)) in cases.iter().enumerate() {
+        let cluster = exec_cluster(&sb, 1, 1000, fake.to_str().unwrap(), |_| {
+            vec!["env".into(), format!("FORGE={mode}")]
+        });
+        let snap = format!("s-{mode}");
+        let out = sb.run(&[
+            "plan",
+            "start",
+            "backup-local",
+            "--cluster",
+            cluster.to_str().unwrap(),
+            "-p",
+            &format!("SNAPSHOT_NAME={snap}"),
+            "-p",
+            "BACKUP_DIR=store",
+        ]);
+        assert_eq!(out.status.code(), Some(1), "{mode}: {:?}", text(&out));
+        let (_, err) = text(&out);
+        if !mode.starts_with("exit") {
+            assert!(err.contains("the agent's answer does not hold"), "{err}");
+        }
+        assert!(err.contains(says), "{mode}: {err}");
+        assert!(!sb.path(&format!("store/{snap}/manifest.json")).exists());
+        let st = sb.ok(&["plan", "status", &(run + 1).to_string()]);
+        assert!(
+            text(&st).0.contains("backup-local  FAILED"),
+            "{mode}: {:?}",
+            text(&st)
+        );
+    }
+}
+
+/// An agent killed while it stages its node fails the restore: nothing of the
+/// snapshot is in any node's data dir and no staging is left behind; `plan
+/// resume` then restores every node byte-identically.
+#[test]
+fn a_killed_agent_mid_restore_fails_the_run_and_resume_restores_every_node() {
+    let sb = Sandbox::new();
+    let bin = agent_bin(&sb);
+    let cluster = exec_cluster(&sb, 2, 6 << 20, &bin, env_prefix);
+    ok_v(&sb, &start_args("backup-local", &cluster, "s", &[]));
+    let args = start_args(
+        "restore-local",
+        &cluster,
+        "s",
+        &["RESTORE_DIR=tgt", "MAX_BANDWIDTH=1MiB", "STRATEGY=parallel"],
+    );
+    let child = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for an agent that is staging (its staging dir has data), then kill it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let staging_bytes = || -> u64 {
+        (0..2)
+            .filter_map(|i| std::fs::read_dir(sb.path(&format!("tgt/node-{i}"))).ok())
+            .flat_map(|rd| rd.flatten())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".cairn-staging-")
+            })
+            .map(|e| tree(&e.path()).len() as u64)
+            .sum()
+    };
+    loop {
+        assert!(Instant::now() < deadline, "no agent started staging");
+        if staging_bytes() > 0 && !agents_of(&bin).is_empty() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if let Some(pid) = agents_of(&bin).first() {
+        let _ = Command::new("kill")
+            .args(["-KILL", &pid.to_string()])
+            .status();
+    }
+    let out = child.wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
-    let (_, err) = text(&out);
-    assert!(err.contains("the agent's answer does not hold"), "{err}");
-    assert!(err.contains("the store holds no s/node-0.tar.gz"), "{err}");
-    assert!(!sb.path("store/s/manifest.json").exists());
-    let st = sb.ok(&["plan", "status", "1"]);
+    assert!(text(&out).1.contains("agent"), "{:?}", text(&out));
+    // Nothing was moved into place.
+    for i in 0..2 {
+        let left: Vec<String> = std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with(".cairn-staging-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "node {i} holds {left:?} after a failed restore"
+        );
+    }
+    let st = sb.ok(&["plan", "status", "2"]);
     assert!(
-        text(&st).0.starts_with("run 1  backup-local  FAILED"),
+        text(&st).0.starts_with("run 2  restore-local  FAILED"),
         "{:?}",
         text(&st)
     );
+    let out = sb.ok(&["plan", "resume", "2", "-q"]);
+    assert!(out.status.success());
+    assert_restored(&sb, "tgt", 2);
+    for i in 0..2 {
+        let staging: Vec<_> = std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".cairn-"))
+            .collect();
+        assert!(staging.is_empty(), "node {i}: staging left: {staging:?}");
+    }
 }

@@ -1,0 +1,990 @@
+//! A restore's work on a node's disk: look at the target (pre-flight), stage the
+//! node's archive beside its data dir, check what was staged, move it into place,
+//! roll a commit back, and clean up.
+//!
+//! Everything here runs on the node's host — in this process for a local node, in
+//! `cairn agent` for one reached through `exec` — and takes and returns plain data,
+//! so the coordinator decides and records while the node's disk is only touched on
+//! the node. Every path in the data dir is resolved beneath it (never through a
+//! link), see [`crate::fsx`].
+
+use super::{Events, NodeEvent, staged};
+use crate::archive::unpack;
+use crate::checks::Disk;
+use crate::cluster::{Cluster, Node, RESERVED_PREFIX, Selection};
+use crate::engine::actions::OUTPUT_VERSION;
+use crate::manifest::{self, Manifest, NodeInfo, ObjectInfo};
+use crate::store::Store;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// The record of a staged node, inside its staging dir.
+pub const STAGED_RECORD: &str = ".cairn-staged.json";
+
+/// A directory's modification time, to the nanosecond.
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct DirTime {
+    pub path: PathBuf,
+    pub secs: i64,
+    pub nanos: u32,
+}
+
+impl DirTime {
+    pub fn of(path: &Path) -> Option<DirTime> {
+        let m = std::fs::symlink_metadata(path).ok()?;
+        m.is_dir().then(|| {
+            let t = filetime::FileTime::from_last_modification_time(&m);
+            DirTime {
+                path: path.to_path_buf(),
+                secs: t.unix_seconds(),
+                nanos: t.nanoseconds(),
+            }
+        })
+    }
+
+    /// Put the time back, if the path is still a directory (never through a link).
+    pub fn restore(&self) {
+        let Ok(m) = std::fs::symlink_metadata(&self.path) else {
+            return;
+        };
+        if !m.is_dir() {
+            return;
+        }
+        let atime = filetime::FileTime::from_last_access_time(&m);
+        let mtime = filetime::FileTime::from_unix_time(self.secs, self.nanos);
+        let _ = filetime::set_symlink_file_times(&self.path, atime, mtime);
+    }
+}
+
+/// What a stage-node step records, and writes next to the staged data as
+/// [`STAGED_RECORD`]: commit trusts a staging dir only when both agree and the
+/// dir holds exactly what was staged.
+#[derive(Debug, Serialize, Deserialize, PartialEq, Eq, Clone)]
+pub struct StageOutput {
+    pub v: u32,
+    pub token: String,
+    pub node: u32,
+    pub staging: PathBuf,
+    pub object_sha256: String,
+    /// Entries (files, dirs, links) and file bytes in the staging dir.
+    pub entries: u64,
+    pub bytes: u64,
+    /// The digest of every entry's path, kind, mode, size, time, content and link
+    /// target (see [`staged`]).
+    pub tree: String,
+    /// The directories above the paths of a partial restore, with their mode and
+    /// time as staged (the digest leaves their times out: moves change them).
+    #[serde(default)]
+    pub parents: Vec<CreatedDir>,
+}
+
+#[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
+pub struct CreatedDir {
+    pub path: PathBuf,
+    pub mode: u32,
+    pub mtime: i64,
+}
+
+/// One entry the commit moves from a staging dir into its data dir.
+#[derive(Debug, Serialize, Deserialize, Clone)]
+pub struct Move {
+    /// The node whose disk holds it.
+    #[serde(default)]
+    pub node: Option<u32>,
+    pub staging: PathBuf,
+    pub data_dir: PathBuf,
+    pub rel: PathBuf,
+    /// Parents of `rel` inside the data dir that did not exist before the commit
+    /// (a partial restore creates them), with the snapshot's mode and mtime read
+    /// from staging before anything moved: given to the new dirs after the moves,
+    /// removed again (if empty) on rollback.
+    #[serde(default)]
+    pub created: Vec<CreatedDir>,
+    /// The staged entry's (device, inode) before the commit: a rename keeps it, so
+    /// a rollback knows an entry in the target as the one it moved.
+    #[serde(default)]
+    pub ident: Option<(u64, u64)>,
+}
+
+impl Move {
+    /// `parents`: the staged parents' metadata as recorded by the stage step.
+    fn new(
+        node: u32,
+        staging: PathBuf,
+        data_dir: PathBuf,
+        rel: PathBuf,
+        parents: &[CreatedDir],
+    ) -> Move {
+        let created = rel
+            .ancestors()
+            .skip(1)
+            .filter(|a| !a.as_os_str().is_empty())
+            .filter(|a| !crate::fsx::exists_beneath(&data_dir, a).unwrap_or(true))
+            .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
+            .collect();
+        let ident = staging
+            .file_name()
+            .and_then(|name| crate::fsx::ident_beneath(&data_dir, &Path::new(name).join(&rel)).ok())
+            .flatten();
+        Move {
+            node: Some(node),
+            staging,
+            data_dir,
+            rel,
+            created,
+            ident,
+        }
+    }
+
+    /// The staging dir as a path inside the data dir (one name): every move and
+    /// rollback resolves beneath the data dir, so a staging dir swapped for a
+    /// symlink stops it instead of being followed.
+    fn in_staging(&self, rel: &Path) -> std::io::Result<PathBuf> {
+        match self.staging.strip_prefix(&self.data_dir) {
+            Ok(name) if name.components().count() == 1 => Ok(name.join(rel)),
+            _ => Err(std::io::Error::other(format!(
+                "{} is not a staging dir of {}",
+                self.staging.display(),
+                self.data_dir.display()
+            ))),
+        }
+    }
+
+    /// Move the staged entry into the data dir, never through a link, never over
+    /// an existing entry.
+    fn move_in(&self) -> std::io::Result<()> {
+        let from = self.in_staging(&self.rel)?;
+        crate::fsx::rename_beneath(&self.data_dir, &from, &self.data_dir, &self.rel)
+    }
+
+    /// Move the entry back from the data dir into staging.
+    fn move_back(&self) -> std::io::Result<()> {
+        let to = self.in_staging(&self.rel)?;
+        crate::fsx::rename_beneath(&self.data_dir, &self.rel, &self.data_dir, &to)
+    }
+
+    /// Give the created parents (in the data dir, or in staging) the snapshot's
+    /// mode and times, deepest first; never through a link.
+    fn set_created_metadata(&self, in_staging: bool) {
+        for d in &self.created {
+            let rel = if in_staging {
+                match self.in_staging(&d.path) {
+                    Ok(r) => r,
+                    Err(_) => continue,
+                }
+            } else {
+                d.path.clone()
+            };
+            let _ = crate::fsx::set_dir_meta_beneath(&self.data_dir, &rel, d.mode, d.mtime);
+        }
+    }
+
+    /// Remove the parents this move created, deepest first, where empty; their
+    /// staged counterparts get their times back (moving out changed them).
+    fn remove_created(&self) {
+        for d in &self.created {
+            let _ = crate::fsx::remove_empty_dir_beneath(&self.data_dir, &d.path);
+        }
+        self.set_created_metadata(true);
+    }
+}
+
+/// What a restore's pre-flight asks of one node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProbeRequest {
+    pub node: u32,
+    pub data_dir: PathBuf,
+    /// The data dir is RESTORE_DIR's `node-<i>`: a link in its place is refused.
+    pub strict: bool,
+    /// Keyspaces a full restore writes (each must be absent).
+    #[serde(default)]
+    pub keyspaces: Vec<String>,
+    /// Paths a partial restore writes (each must be absent, none below a link).
+    #[serde(default)]
+    pub paths: Vec<String>,
+}
+
+/// What the node says about its target.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RestoreProbe {
+    /// Why the data dir cannot take a restore (a file, a dangling link, …).
+    pub unfit: Vec<String>,
+    /// What refuses this node's restore (clashes, links), one line each.
+    pub problems: Vec<String>,
+    /// The file system holding the data dir (or its nearest existing ancestor).
+    pub filesystem: Option<u64>,
+    pub free: Option<u64>,
+    /// Why the file system or its free space could not be read.
+    pub disk_error: Option<String>,
+    /// The data dir and its parents that do not exist (the restore makes them).
+    pub missing_dirs: Vec<PathBuf>,
+    /// The data dir's modification time, if it is a directory.
+    pub mtime: Option<DirTime>,
+    /// Names of staging dirs in the data dir (this run's or others').
+    pub staging: Vec<String>,
+    /// The cairn version that looked.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// A node's staging: download the node's archive from the snapshot whose manifest
+/// the checks passed, unpack it into a fresh staging dir beside the data dir.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StageJob {
+    pub node: u32,
+    pub data_dir: PathBuf,
+    pub staging: PathBuf,
+    pub snapshot: String,
+    /// The manifest's digest when the checks passed: a different manifest in the
+    /// store is refused (a restore never mixes two versions of a snapshot).
+    pub manifest_sha256: String,
+    pub selection: Selection,
+    pub token: String,
+}
+
+/// Does a staging dir still hold what its step staged?
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckStagedJob {
+    pub node: u32,
+    pub snapshot: String,
+    pub manifest_sha256: String,
+    pub staging: PathBuf,
+    pub out: StageOutput,
+    /// Read every byte again (a resume), or trust the manifest's hashes for files
+    /// whose size and time are as staged.
+    pub read_content: bool,
+    /// The paths of a partial restore (the times of their parents are left out).
+    pub paths: Vec<String>,
+}
+
+/// Filesystem operations on a node, each one request of the agent protocol.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "fs", rename_all = "snake_case")]
+pub enum FsOp {
+    /// Look at the target: returns [`RestoreProbe`].
+    Probe(ProbeRequest),
+    /// Remove a staging dir (a name beginning with the staging prefix, in the data dir).
+    RemoveStaging { data_dir: PathBuf, name: String },
+    /// What the commit would move: returns `Vec<Move>`.
+    PlanMoves {
+        node: u32,
+        staging: PathBuf,
+        data_dir: PathBuf,
+        paths: Vec<String>,
+        parents: Vec<CreatedDir>,
+    },
+    /// Move entries in; on a failure move back what was moved (`first`: the index of
+    /// the first move in the run's journal, for fail points).
+    Commit { moves: Vec<Move>, first: usize },
+    /// After every node committed: created parents get the snapshot's metadata, the
+    /// emptied staging dir goes.
+    FinishCommit {
+        moves: Vec<Move>,
+        data_dir: PathBuf,
+        staging: PathBuf,
+    },
+    /// Move back what a commit moved in: returns [`RolledBack`].
+    RollBack { moves: Vec<Move> },
+    /// A failed restore leaves the target as it was: remove the dirs it made (if
+    /// empty, deepest first) and give the data dir its time back.
+    Undo {
+        made: Vec<PathBuf>,
+        mtime: Option<DirTime>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct RolledBack {
+    pub problems: Vec<String>,
+    pub moved: usize,
+}
+
+fn value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
+    serde_json::to_value(v).map_err(|e| Error::State(e.to_string()))
+}
+
+/// Run a filesystem operation here (blocking).
+pub fn run_fs(op: FsOp, disk: &dyn Disk) -> Result<serde_json::Value> {
+    match op {
+        FsOp::Probe(req) => value(&probe(&req, disk)),
+        FsOp::RemoveStaging { data_dir, name } => {
+            if !name.starts_with(crate::cluster::STAGING_PREFIX) || name.contains('/') {
+                return Err(Error::Usage(format!("{name:?} is no staging dir")));
+            }
+            remove_staging(&data_dir.join(name));
+            value(&())
+        }
+        FsOp::PlanMoves {
+            node,
+            staging,
+            data_dir,
+            paths,
+            parents,
+        } => value(&plan_moves(node, &staging, &data_dir, &paths, &parents)?),
+        FsOp::Commit { moves, first } => value(&commit(&moves, first)?),
+        FsOp::FinishCommit {
+            moves,
+            data_dir,
+            staging,
+        } => value(&finish_commit(&moves, &data_dir, &staging)?),
+        FsOp::RollBack { moves } => value(&roll_back(&moves)),
+        FsOp::Undo { made, mtime } => {
+            let mut made = made;
+            made.sort_by_key(|d| std::cmp::Reverse(d.components().count()));
+            for d in made {
+                let _ = std::fs::remove_dir(&d);
+            }
+            if let Some(t) = mtime {
+                t.restore();
+            }
+            value(&())
+        }
+    }
+}
+
+/// A data dir a restore writes into is a directory, or is missing (it is made).
+/// A link in its place is followed only where the cluster description names it
+/// (a data dir kept on another disk), and must lead somewhere; under RESTORE_DIR
+/// (`strict`), where cairn makes `node-<i>` itself, a link is refused.
+pub fn data_dir_fit(node: u32, d: &Path, strict: bool) -> Vec<String> {
+    let mut problems = Vec::new();
+    let Ok(m) = std::fs::symlink_metadata(d) else {
+        // Missing: the restore makes it, and its missing parents; the nearest one
+        // that exists must be a directory (a dangling link is not).
+        let nearest = d.ancestors().skip(1).find(|a| a.symlink_metadata().is_ok());
+        if let Some(a) = nearest.filter(|a| !a.is_dir()) {
+            problems.push(format!(
+                "node {node}: data dir {} cannot be made: {} is not a directory{}",
+                d.display(),
+                a.display(),
+                if a.is_symlink() {
+                    " (it is a symbolic link to nothing)"
+                } else {
+                    ""
+                }
+            ));
+        }
+        return problems;
+    };
+    if m.is_dir() {
+        return problems;
+    }
+    if !m.file_type().is_symlink() {
+        problems.push(format!("node {node}: {} is not a directory", d.display()));
+        return problems;
+    }
+    let to = std::fs::read_link(d).unwrap_or_default();
+    if strict {
+        problems.push(format!(
+            "node {node}: {} is a symbolic link (to {}): a restore into RESTORE_DIR writes only into directories, never through a link; remove it or choose another RESTORE_DIR",
+            d.display(),
+            to.display(),
+        ));
+    } else if !std::fs::metadata(d).is_ok_and(|m| m.is_dir()) {
+        problems.push(format!(
+            "node {node}: data dir {} is a symbolic link to {}, which is not an existing directory",
+            d.display(),
+            to.display()
+        ));
+    }
+    problems
+}
+
+/// Look at a restore's target on this host.
+pub fn probe(req: &ProbeRequest, disk: &dyn Disk) -> RestoreProbe {
+    let (n, dir) = (req.node, &req.data_dir);
+    let mut out = RestoreProbe {
+        unfit: data_dir_fit(n, dir, req.strict),
+        version: crate::VERSION.to_string(),
+        ..RestoreProbe::default()
+    };
+    let mut d = dir.as_path();
+    while std::fs::symlink_metadata(d).is_err() {
+        out.missing_dirs.push(d.to_path_buf());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    out.mtime = DirTime::of(dir);
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        out.staging = rd
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| name.starts_with(crate::cluster::STAGING_PREFIX))
+            .collect();
+        out.staging.sort();
+    }
+    if !req.paths.is_empty() {
+        // A partial restore never overwrites: each restored path must be absent,
+        // and is never written through a link in the target.
+        let clash: Vec<&str> = req
+            .paths
+            .iter()
+            .map(String::as_str)
+            .filter(|p| std::fs::symlink_metadata(dir.join(p)).is_ok())
+            .collect();
+        for p in &req.paths {
+            let mut at = dir.clone();
+            let parts: Vec<&str> = p.split('/').collect();
+            for part in &parts[..parts.len().saturating_sub(1)] {
+                at.push(part);
+                if at
+                    .symlink_metadata()
+                    .is_ok_and(|m| m.file_type().is_symlink())
+                {
+                    out.problems.push(format!(
+                        "node {n}: {} is a symbolic link: a restore of {p} never writes through a link",
+                        at.display()
+                    ));
+                    break;
+                }
+            }
+        }
+        if !clash.is_empty() {
+            out.problems.push(format!(
+                "node {n}: already present in {}: {} (restore never overwrites; move them away or restore into another directory with RESTORE_DIR)",
+                dir.display(),
+                clash.join(", ")
+            ));
+        }
+    } else {
+        // Anything in a keyspace's place clashes: a dir, a link (dangling or not),
+        // a file; the commit never replaces an entry.
+        let mut clash = Vec::new();
+        for k in &req.keyspaces {
+            match std::fs::symlink_metadata(dir.join(k)) {
+                Ok(_) => clash.push(k.as_str()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => out.problems.push(format!(
+                    "node {n}: cannot tell whether keyspace {k} exists in {}: {e}",
+                    dir.display()
+                )),
+            }
+        }
+        if !clash.is_empty() {
+            out.problems.push(format!(
+                "node {n}: keyspace(s) already exist in {}: {} (restore never overwrites a keyspace; drop or move them first)",
+                dir.display(),
+                clash.join(", ")
+            ));
+        }
+    }
+    match disk
+        .filesystem(dir)
+        .and_then(|fs| Ok((fs, disk.available(dir)?)))
+    {
+        Ok((fs, free)) => {
+            out.filesystem = Some(fs);
+            out.free = Some(free);
+        }
+        Err(e) => {
+            out.disk_error = Some(format!(
+                "node {n}: cannot read the file system or free space of {}: {e}",
+                dir.display()
+            ))
+        }
+    }
+    out
+}
+
+/// What a node's probe asks: the keyspaces (or paths) of the snapshot the
+/// restore writes on it, which must be absent.
+pub fn probe_request(
+    node: &Node,
+    selection: &Selection,
+    strict: bool,
+    m: Option<&Manifest>,
+) -> ProbeRequest {
+    let info = m.and_then(|m| m.node(node.index));
+    let keyspaces = info.map_or_else(Vec::new, |info| {
+        info.keyspaces
+            .iter()
+            .filter(|k| selection.includes_restored(k))
+            .cloned()
+            .collect()
+    });
+    let paths = info.map_or_else(Vec::new, |info| {
+        selection
+            .paths
+            .iter()
+            .filter(|p| info.files.iter().any(|f| crate::cluster::under(&f.path, p)))
+            .cloned()
+            .collect()
+    });
+    ProbeRequest {
+        node: node.index,
+        data_dir: node.data_dir.clone(),
+        strict,
+        keyspaces,
+        paths,
+    }
+}
+
+/// Every node of `cluster` looks at its target through `exec`, all at once. A
+/// node that cannot be asked is a problem of the pre-flight, named.
+pub async fn probe_nodes<'a>(
+    cluster: &'a Cluster,
+    selection: &Selection,
+    strict: bool,
+    m: Option<&Manifest>,
+    exec: impl Fn(&'a Node) -> Box<dyn super::NodeExec>,
+) -> (HashMap<u32, RestoreProbe>, Vec<String>) {
+    let looks = futures::future::join_all(cluster.nodes.iter().map(|n| {
+        let req = probe_request(n, selection, strict, m);
+        let exec = exec(n);
+        async move {
+            (
+                n.index,
+                super::fs::<RestoreProbe>(&*exec, n.index, FsOp::Probe(req)).await,
+            )
+        }
+    }))
+    .await;
+    let mut probes = HashMap::new();
+    let mut problems = Vec::new();
+    for (n, look) in looks {
+        match look {
+            Ok(p) => {
+                probes.insert(n, p);
+            }
+            Err(Error::Checks(p)) => problems.extend(p),
+            Err(e @ Error::Remote { .. }) => problems.push(e.to_string()),
+            Err(e) => problems.push(format!("node {n}: {e}")),
+        }
+    }
+    (probes, problems)
+}
+
+/// Remove a staging dir, if there (logged when it cannot be).
+pub fn remove_staging(dir: &Path) {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(dir = %dir.display(), "could not remove staging dir: {e}"),
+    }
+}
+
+/// The manifest the checks passed, read again from the store, with this node's
+/// entry and object.
+async fn checked_manifest(
+    store: &dyn Store,
+    snapshot: &str,
+    digest: &str,
+    node: u32,
+) -> Result<(NodeInfo, ObjectInfo)> {
+    let m = crate::checks::read_manifest(store, snapshot).await?;
+    if manifest_digest(&m)? != digest {
+        return Err(Error::Refused(vec![format!(
+            "snapshot {snapshot:?} changed in {} since the restore checked it (its manifest is another); a restore never mixes two versions of a snapshot: start a new restore",
+            store.describe()
+        )]));
+    }
+    let info = m
+        .node(node)
+        .ok_or_else(|| Error::Checks(vec![format!("the snapshot has no node {node}")]))?
+        .clone();
+    let object = m
+        .object(&info.object)
+        .ok_or_else(|| Error::archive(&info.object, "not listed in the manifest"))?
+        .clone();
+    Ok((info, object))
+}
+
+/// SHA-256 of a manifest as cairn reads it.
+pub fn manifest_digest(m: &Manifest) -> Result<String> {
+    let bytes = serde_json::to_vec(m).map_err(|e| Error::State(e.to_string()))?;
+    Ok(crate::archive::hex_digest(
+        <sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes),
+    ))
+}
+
+/// Stage a node: its archive downloaded and unpacked into a fresh staging dir,
+/// every file checked against the manifest, then the record written.
+pub async fn stage(
+    store: &dyn Store,
+    job: &StageJob,
+    events: Arc<dyn Events>,
+    cancel: &CancellationToken,
+) -> Result<StageOutput> {
+    let (info, object) =
+        checked_manifest(store, &job.snapshot, &job.manifest_sha256, job.node).await?;
+    if job.staging.parent() != Some(job.data_dir.as_path()) {
+        return Err(Error::Usage(format!(
+            "{} is not a staging dir of {}",
+            job.staging.display(),
+            job.data_dir.display()
+        )));
+    }
+    let staging = job.staging.clone();
+    // A staging dir left by a killed attempt is redone from scratch.
+    let dir = staging.clone();
+    let data_dir = job.data_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        remove_staging(&dir);
+        std::fs::create_dir_all(&data_dir)
+            .map_err(|e| Error::io("create data dir", &data_dir, e))?;
+        // Made here, not found: never a dir (or link) someone put in its place.
+        std::fs::create_dir(&dir).map_err(|e| Error::io("create staging dir", &dir, e))
+    })
+    .await
+    .map_err(|e| Error::State(format!("stage worker failed: {e}")))??;
+    let result = stage_into(store, job, info, object, events, cancel).await;
+    if result.is_err() {
+        let dir = staging.clone();
+        let _ = tokio::task::spawn_blocking(move || remove_staging(&dir)).await;
+    }
+    result
+}
+
+async fn stage_into(
+    store: &dyn Store,
+    job: &StageJob,
+    info: NodeInfo,
+    object: ObjectInfo,
+    events: Arc<dyn Events>,
+    cancel: &CancellationToken,
+) -> Result<StageOutput> {
+    let restoring = info
+        .files
+        .iter()
+        .filter(|f| job.selection.restores_file(&f.path))
+        .try_fold(0u64, |a, f| a.checked_add(f.size))
+        .ok_or_else(|| Error::archive(&object.key, "the file sizes in the manifest overflow"))?;
+    events.event(NodeEvent::Started { total: restoring });
+    let on_bytes = events.clone();
+    let done = read_object(
+        store,
+        &manifest::key(&job.snapshot, &object.key),
+        info.clone(),
+        object,
+        job.selection.clone(),
+        Some(job.staging.clone()),
+        move |done| on_bytes.event(NodeEvent::Bytes { done }),
+        cancel,
+    )
+    .await?;
+    let out = StageOutput {
+        v: OUTPUT_VERSION,
+        token: job.token.clone(),
+        node: job.node,
+        staging: job.staging.clone(),
+        object_sha256: done.object_sha256,
+        entries: 0,
+        bytes: 0,
+        tree: String::new(),
+        parents: Vec::new(),
+    };
+    let dir = job.staging.clone();
+    let paths = job.selection.paths.clone();
+    tokio::task::spawn_blocking(move || {
+        // Unpacking verified every file against the manifest: its hashes stand in
+        // for a second read.
+        let files: HashMap<&str, &str> = info
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.sha256.as_str()))
+            .collect();
+        let above = staged::parents_of(&paths);
+        let tree = staged::tree(
+            &dir,
+            STAGED_RECORD,
+            &staged::Content::Recorded(&files),
+            &above,
+        )
+        .map_err(|e| Error::io("measure", &dir, e))?;
+        let mut parents: Vec<CreatedDir> = above
+            .iter()
+            .filter_map(|a| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::symlink_metadata(dir.join(a)).ok()?;
+                m.is_dir().then(|| CreatedDir {
+                    path: PathBuf::from(a),
+                    mode: m.mode() & 0o777,
+                    mtime: m.mtime(),
+                })
+            })
+            .collect();
+        parents.sort_by(|a, b| a.path.cmp(&b.path));
+        let out = StageOutput {
+            entries: tree.entries,
+            bytes: tree.bytes,
+            tree: tree.digest,
+            parents,
+            ..out
+        };
+        let path = dir.join(STAGED_RECORD);
+        let text = serde_json::to_string(&out).map_err(|e| Error::State(e.to_string()))?;
+        let f = std::fs::File::create(&path).map_err(|e| Error::io("write", &path, e))?;
+        std::io::Write::write_all(&mut &f, text.as_bytes())
+            .and_then(|()| f.sync_all())
+            .map_err(|e| Error::io("write", &path, e))?;
+        Ok::<_, Error>(out)
+    })
+    .await
+    .map_err(|e| Error::State(format!("stage worker failed: {e}")))?
+}
+
+/// Download `key` and unpack (into `root`) or verify it against the manifest.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_object(
+    store: &dyn Store,
+    key: &str,
+    info: NodeInfo,
+    object: ObjectInfo,
+    selection: Selection,
+    root: Option<PathBuf>,
+    on_bytes: impl Fn(u64) + Send + 'static,
+    cancel: &CancellationToken,
+) -> Result<unpack::Unpacked> {
+    let name = key.to_string();
+    crate::store::read_stream(store, key, cancel, move |reader| {
+        let expected = unpack::Expected {
+            object: &name,
+            node: &info,
+            object_size: object.size,
+            object_sha256: &object.sha256,
+        };
+        let mode = match &root {
+            Some(r) => unpack::Mode::Extract(r),
+            None => unpack::Mode::Verify,
+        };
+        unpack::unpack(reader, &expected, &selection, mode, on_bytes)
+    })
+    .await
+}
+
+/// Whether a staging dir still holds what its step staged; `Some(why)` when not.
+pub async fn check_staged(store: &dyn Store, job: &CheckStagedJob) -> Result<Option<String>> {
+    let (info, _) =
+        match checked_manifest(store, &job.snapshot, &job.manifest_sha256, job.node).await {
+            Ok(found) => found,
+            Err(e @ (Error::Refused(_) | Error::Checks(_))) => return Ok(Some(e.to_string())),
+            Err(e) => return Err(e),
+        };
+    let job = job.clone();
+    tokio::task::spawn_blocking(move || {
+        let recorded: HashMap<&str, &str> = info
+            .files
+            .iter()
+            .map(|f| (f.path.as_str(), f.sha256.as_str()))
+            .collect();
+        let content = if job.read_content {
+            staged::Content::Read
+        } else {
+            staged::Content::Recorded(&recorded)
+        };
+        let above = staged::parents_of(&job.paths);
+        staged_ok(&job.staging, &job.out, &content, &above).err()
+    })
+    .await
+    .map_err(|e| Error::State(format!("check worker failed: {e}")))
+}
+
+/// A staging dir holds what its step staged: the dir (not a link), its record
+/// equal to the step's output, and the same tree (see [`staged::tree`]).
+fn staged_ok(
+    dir: &Path,
+    out: &StageOutput,
+    content: &staged::Content<'_>,
+    moving_parents: &HashSet<String>,
+) -> std::result::Result<(), String> {
+    if out.staging != dir {
+        return Err(format!(
+            "staged into {}, but this run stages into {}",
+            out.staging.display(),
+            dir.display()
+        ));
+    }
+    match std::fs::symlink_metadata(dir) {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => return Err(format!("{} is not a directory", dir.display())),
+        Err(e) => return Err(format!("staging dir {}: {e}", dir.display())),
+    }
+    let record = std::fs::read(dir.join(STAGED_RECORD))
+        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
+    let rec: StageOutput = serde_json::from_slice(&record)
+        .map_err(|e| format!("staging record in {}: {e}", dir.display()))?;
+    if &rec != out {
+        return Err(format!(
+            "the staging record in {} is not this step's",
+            dir.display()
+        ));
+    }
+    let tree = staged::tree(dir, STAGED_RECORD, content, moving_parents)
+        .map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
+    if (tree.entries, tree.bytes) != (out.entries, out.bytes) {
+        return Err(format!(
+            "staging dir {} holds {} entries and {} bytes, {} and {} were staged",
+            dir.display(),
+            tree.entries,
+            tree.bytes,
+            out.entries,
+            out.bytes
+        ));
+    }
+    if tree.digest != out.tree {
+        return Err(format!(
+            "staging dir {} no longer holds what was staged (a file's content, mode or time, or a link, changed)",
+            dir.display()
+        ));
+    }
+    Ok(())
+}
+
+/// What the commit moves for one node: each staged keyspace (or, for a partial
+/// restore, each staged path) to the same place in its data dir.
+fn plan_moves(
+    node: u32,
+    staging: &Path,
+    data_dir: &Path,
+    paths: &[String],
+    parents: &[CreatedDir],
+) -> Result<Vec<Move>> {
+    let mut moves = Vec::new();
+    if !paths.is_empty() {
+        for p in paths {
+            if std::fs::symlink_metadata(staging.join(p)).is_ok() {
+                moves.push(Move::new(
+                    node,
+                    staging.to_path_buf(),
+                    data_dir.to_path_buf(),
+                    PathBuf::from(p),
+                    parents,
+                ));
+            }
+        }
+    } else {
+        let rd = match std::fs::read_dir(staging) {
+            Ok(rd) => Some(rd),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(Error::io("list", staging, e)),
+        };
+        for entry in rd.into_iter().flatten() {
+            let entry = entry.map_err(|e| Error::io("list", staging, e))?;
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with(RESERVED_PREFIX) {
+                continue;
+            }
+            moves.push(Move::new(
+                node,
+                staging.to_path_buf(),
+                data_dir.to_path_buf(),
+                PathBuf::from(name),
+                parents,
+            ));
+        }
+    }
+    moves.sort_by(|a, b| a.rel.cmp(&b.rel));
+    Ok(moves)
+}
+
+/// Move every planned entry into its data dir, never through a symlink and never
+/// over an existing entry; on any failure move back what was moved, so the target
+/// is as it was.
+fn commit(moves: &[Move], first: usize) -> Result<()> {
+    let mut done: Vec<&Move> = Vec::new();
+    let mut failure = None;
+    for (i, m) in moves.iter().enumerate() {
+        if let Err(e) = crate::failpoint::hit(&format!("commit-rename:{}", first + i)) {
+            failure = Some(e);
+            break;
+        }
+        match m.move_in() {
+            Ok(()) => done.push(m),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                failure = Some(Error::Refused(vec![format!(
+                    "{} appeared in the target while the restore ran; nothing was moved into place",
+                    m.data_dir.join(&m.rel).display()
+                )]));
+                break;
+            }
+            Err(e) => {
+                failure = Some(Error::io("move into place", m.data_dir.join(&m.rel), e));
+                break;
+            }
+        }
+    }
+    if let Some(e) = failure {
+        for m in done.into_iter().rev() {
+            match m.move_back() {
+                Ok(()) => m.remove_created(),
+                Err(err) => {
+                    tracing::error!(path = %m.data_dir.join(&m.rel).display(), "could not roll back: {err}");
+                }
+            }
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Every node committed: the created parents get the snapshot's metadata and the
+/// staging dir goes (what is left in it: the record, and for a partial restore the
+/// empty parents of the paths moved out, and the unselected rest).
+fn finish_commit(moves: &[Move], data_dir: &Path, staging: &Path) -> Result<()> {
+    for m in moves {
+        m.set_created_metadata(false);
+    }
+    match std::fs::remove_dir_all(staging) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(Error::io("remove staging dir", staging, e)),
+    }
+    if let Ok(d) = std::fs::File::open(data_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Move back, from the journal, what a commit moved into a data dir: only the
+/// entries that are the ones moved (a rename keeps the inode); a place where both
+/// the target and staging hold an entry is reported, never guessed.
+fn roll_back(moves: &[Move]) -> RolledBack {
+    let mut out = RolledBack::default();
+    for m in moves.iter().rev() {
+        let staged = match m.in_staging(&m.rel) {
+            Ok(p) => p,
+            Err(e) => {
+                out.problems.push(e.to_string());
+                continue;
+            }
+        };
+        let target = m.data_dir.join(&m.rel);
+        let ours =
+            crate::fsx::ident_beneath(&m.data_dir, &m.rel).map(|id| id.is_some() && id == m.ident);
+        let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged);
+        match (ours, in_staging) {
+            (Err(e), _) | (_, Err(e)) => {
+                out.problems.push(format!("{}: {e}", target.display()));
+                continue;
+            }
+            (Ok(true), Ok(false)) => {
+                // The commit removes each staging dir once emptied: the move back
+                // makes it again, beneath the data dir, never through a link.
+                if let Err(e) = m.move_back() {
+                    out.problems.push(format!("{}: {e}", target.display()));
+                    continue;
+                }
+                out.moved += 1;
+            }
+            (Ok(true), Ok(true)) => {
+                // A kill is between renames, never inside one: one of the two was
+                // put there since, and which is the restore's is unknown.
+                out.problems.push(format!(
+                    "{} is in the target and {} in staging: the commit had moved it, and something was put in its place since; move one of them away (the other is the restore's or yours) and resume",
+                    target.display(),
+                    m.data_dir.join(&staged).display()
+                ));
+                continue;
+            }
+            (Ok(false), _) => {}
+        }
+        m.remove_created();
+    }
+    out
+}
