@@ -60,7 +60,7 @@ pub enum Error {
     Unfinished(String),
 
     /// A store operation failed.
-    #[error("store {op} {key}: {message}")]
+    #[error("store {op}{}: {message}", if key.is_empty() { String::new() } else { format!(" {key}") })]
     Store {
         op: &'static str,
         key: String,
@@ -199,4 +199,17 @@ impl Error {
             e => e,
         }
     }
+}
+
+/// The innermost cause of an error, in one line ("Connection refused (os error
+/// 111)", "failed to lookup address information: …"): what a user can act on,
+/// without the layers of client internals above it.
+pub fn innermost(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut at = e;
+    while let Some(next) = at.source() {
+        at = next;
+    }
+    let text = at.to_string();
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if text.is_empty() { e.to_string() } else { text }
 }

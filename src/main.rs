@@ -18,12 +18,24 @@ fn main() {
         1 => "info",
         _ => "debug",
     };
+    // The cloud SDKs' own warnings (every credential provider they tried, every
+    // retry) repeat what cairn's one error line says; -vv shows them.
+    let quiet_sdks = if cli.verbose >= 2 {
+        String::new()
+    } else {
+        ",aws_config=error,aws_smithy_runtime=error,aws_smithy_runtime_api=error,azure_core=error"
+            .to_string()
+    };
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAIRN_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{default}{quiet_sdks}")));
+    // Colours only on a terminal, and never with NO_COLOR set (no-color.org).
+    let colour = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| RedactingWriter(std::io::stderr()))
         .with_target(false)
+        .with_ansi(colour)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

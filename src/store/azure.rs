@@ -59,7 +59,10 @@ fn az_err(op: &'static str, key: &str, e: azure_core::Error) -> Error {
                 && code.as_deref() != Some("FeatureNotSupported"),
             format!("HTTP {status} {}", code.unwrap_or_default()),
         ),
-        (azure_core::error::ErrorKind::Io, _) => (true, format!("cannot reach the endpoint: {e}")),
+        (azure_core::error::ErrorKind::Io, _) => (
+            true,
+            format!("cannot reach the endpoint: {}", crate::error::innermost(&e)),
+        ),
         (azure_core::error::ErrorKind::Credential, _) => (
             false,
             format!("cannot get a token for the service principal: {e}"),

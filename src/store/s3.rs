@@ -56,6 +56,24 @@ where
 {
     let status = e.raw_response().map(|r| r.status().as_u16());
     let code = e.code().map(str::to_string);
+    let cause = crate::error::innermost(&e);
+    // No credentials anywhere in the chain: no retry makes some appear.
+    let no_credentials = matches!(&e, SdkError::DispatchFailure(d) if d.is_other() || d.is_user())
+        && DisplayErrorContext(&e)
+            .to_string()
+            .to_ascii_lowercase()
+            .contains("credentials");
+    if no_credentials {
+        return Error::Store {
+            op,
+            key: key.to_string(),
+            message: format!(
+                "no AWS credentials were found (the last provider tried said: {}): give AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or set up the standard chain (environment, ~/.aws/credentials, AWS_PROFILE, an instance or pod role)",
+                crate::redact::redact(&cause)
+            ),
+            transient: false,
+        };
+    }
     let transient = match &e {
         SdkError::TimeoutError(_) | SdkError::DispatchFailure(_) | SdkError::ResponseError(_) => {
             true
@@ -85,8 +103,11 @@ where
     if let Some(m) = e.message() {
         message.push_str(&format!(": {m}"));
     } else if !matches!(e, SdkError::ServiceError(_)) {
-        message.push_str(&format!(": {}", DisplayErrorContext(&e)));
+        // The root cause in one line ("Connection refused", "failed to lookup
+        // address"), not the SDK's nested debug form.
+        message.push_str(&format!(": {cause}"));
     }
+    tracing::debug!("{op} {key}: {}", DisplayErrorContext(&e));
     Error::Store {
         op,
         key: key.to_string(),

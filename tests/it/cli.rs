@@ -366,3 +366,59 @@ fn a_closed_stdout_is_not_a_crash() {
         assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
     }
 }
+
+/// A store that cannot be used fails in one line that says why, with no SDK
+/// internals and no colour codes (stderr is no terminal): missing credentials
+/// fail at once (no retry makes them appear), an endpoint nobody listens on
+/// names the refusal.
+#[test]
+fn store_errors_are_one_clear_line_and_missing_credentials_fail_fast() {
+    let sb = Sandbox::new();
+    let home = sb.path("user-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let base = |c: &mut std::process::Command| {
+        for (k, _) in std::env::vars() {
+            if k.starts_with("AWS_") {
+                c.env_remove(k);
+            }
+        }
+        c.env("HOME", &home)
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .env("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+            .env("AWS_REGION", "us-east-1")
+            .env_remove("NO_COLOR");
+    };
+    let started = std::time::Instant::now();
+    let mut c = sb.command(&["snapshots", "list", "--store", "s3://bkt/p"]);
+    base(&mut c);
+    let out = c.output().unwrap();
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "missing credentials took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("no AWS credentials were found"), "{err}");
+    assert!(!err.contains("retrying"), "{err}");
+
+    let mut c = sb.command(&["snapshots", "list", "--store", "s3://bkt/p"]);
+    base(&mut c);
+    c.env("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+        .env("AWS_SECRET_ACCESS_KEY", "not-a-real-secret-7Qx");
+    let out = c.output().unwrap();
+    let (_, err) = text(&out);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    let last = err.trim().lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "cairn: store list: cannot connect to the S3 endpoint: Connection refused"
+        ),
+        "{err}"
+    );
+    for noise in ["DispatchFailure", "ConnectorError", "\u{1b}["] {
+        assert!(!err.contains(noise), "{noise:?} in {err}");
+    }
+    assert!(!err.contains("not-a-real-secret-7Qx"), "{err}");
+}
