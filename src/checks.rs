@@ -72,7 +72,7 @@ pub async fn backup(
     selection: &Selection,
     store: &dyn Store,
     snapshot: &str,
-    probe_key: &str,
+    probe_key: Option<&str>,
 ) -> Result<()> {
     if let Some(named) = &selection.keyspaces {
         let absent: Vec<&str> = named
@@ -96,13 +96,22 @@ pub async fn backup(
             "snapshot {snapshot:?} already exists and is complete in {}; a complete snapshot is never overwritten: choose another SNAPSHOT_NAME or delete it first",
             store.describe()
         )),
-        Ok(None) => match store.put(probe_key, Bytes::from_static(b"cairn write probe")).await {
-            Ok(()) => {
-                if let Err(e) = store.delete(probe_key).await {
-                    problems.push(format!("store {} is not writable: {e}", store.describe()));
+        // A dry run writes nothing, not even the probe.
+        Ok(None) => match probe_key {
+            None => {}
+            Some(probe_key) => match store
+                .put(probe_key, Bytes::from_static(b"cairn write probe"))
+                .await
+            {
+                Ok(()) => {
+                    if let Err(e) = store.delete(probe_key).await {
+                        problems.push(format!("store {} is not writable: {e}", store.describe()));
+                    }
                 }
-            }
-            Err(e) => problems.push(format!("store {} is not writable: {e}", store.describe())),
+                Err(e) => {
+                    problems.push(format!("store {} is not writable: {e}", store.describe()))
+                }
+            },
         },
         Err(e) => problems.push(format!("store {} is not reachable: {e}", store.describe())),
     }

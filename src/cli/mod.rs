@@ -163,6 +163,10 @@ pub enum PlanCmd {
         /// Remove a stale lock on the snapshot (left by a run that died) first.
         #[arg(long)]
         break_lock: bool,
+        /// Run every pre-flight check and say what would be written where; change
+        /// nothing and record no run (also `-p DRY_RUN=true`).
+        #[arg(long)]
+        dry_run: bool,
         /// A parameter: KEY=VALUE, or KEY=@FILE to read the value from a file.
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<CliParam>,

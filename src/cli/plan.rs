@@ -23,11 +23,32 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             params,
             cluster,
             break_lock,
-        } => not_started_line(
-            g,
-            &plan,
-            start(g, &plan, &params, cluster, break_lock).await,
-        ),
+            dry_run,
+        } => {
+            // DRY_RUN is cairn's, for every plan: taken out before the plan's own
+            // parameters are checked.
+            let mut dry = dry_run;
+            let mut rest = Vec::new();
+            for p in params {
+                if p.key == "DRY_RUN" {
+                    match p.value.trim().to_ascii_lowercase().as_str() {
+                        "true" | "yes" | "1" => dry = true,
+                        "false" | "no" | "0" | "" => {}
+                        v => {
+                            return Err(Error::Params(vec![format!(
+                                "DRY_RUN={v:?}: give true or false"
+                            )]));
+                        }
+                    }
+                } else {
+                    rest.push(p);
+                }
+            }
+            if dry {
+                return dry_run_start(g, &plan, &rest, cluster).await;
+            }
+            not_started_line(g, &plan, start(g, &plan, &rest, cluster, break_lock).await)
+        }
         PlanCmd::Status { run } => status(g, run),
         PlanCmd::History { limit } => history(g, limit),
         PlanCmd::Stop { run } => stop(g, run).await,
@@ -181,6 +202,78 @@ async fn start(
     let engine = engine(g, break_lock)?;
     let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
     finish(g, &engine.state, outcome)
+}
+
+/// `plan start --dry-run`: the pre-flight, and what the run would do.
+async fn dry_run_start(
+    g: &Globals,
+    name: &str,
+    params: &[CliParam],
+    cluster: Option<PathBuf>,
+) -> Result<i32> {
+    let plan = Plan::find(name, g.plans_dir.as_deref())?;
+    let cluster_file = cluster
+        .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
+    let cluster = Cluster::load(&cluster_file)?;
+    let p = crate::engine::preview::preview(
+        plan,
+        params,
+        &ProcessEnv,
+        cluster,
+        std::sync::Arc::new(crate::checks::RealDisk),
+    )
+    .await?;
+    if g.json {
+        STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
+        print_json(&json!({"dry_run": true, "outcome": "success", "preview": p}));
+        return Ok(exit::OK);
+    }
+    let what = match p.kind {
+        crate::spec::RunKind::Restore => "restore",
+        _ => "back up",
+    };
+    crate::out!(
+        "dry run of {}: the checks pass; it would {what} snapshot {} in {} (nothing was changed)",
+        p.plan,
+        p.snapshot,
+        p.store
+    );
+    for n in &p.nodes {
+        let ks = if n.keyspaces.is_empty() {
+            "no keyspace".to_string()
+        } else {
+            format!(
+                "{} keyspace(s) {}",
+                n.keyspaces.len(),
+                n.keyspaces.join(", ")
+            )
+        };
+        let size = match (n.files, n.bytes) {
+            (Some(f), Some(b)) => format!(", {f} file(s), {}", crate::checks::human(b)),
+            _ => String::new(),
+        };
+        let arrow = if p.kind == crate::spec::RunKind::Restore {
+            "into"
+        } else {
+            "from"
+        };
+        crate::out!(
+            "  node {} ({}): {ks}{size} {arrow} {}",
+            n.node,
+            n.via,
+            n.data_dir.display()
+        );
+        for d in &n.creates {
+            crate::out!("    would make {}", d.display());
+        }
+    }
+    if let (Some(f), Some(b)) = (p.files, p.bytes) {
+        crate::out!("  total: {f} file(s), {}", crate::checks::human(b));
+    }
+    if p.manager {
+        crate::out!("  and the manager's state from the snapshot's manager.zip");
+    }
+    Ok(exit::OK)
 }
 
 async fn resume(g: &Globals, run: i64, params: &[CliParam], break_lock: bool) -> Result<i32> {

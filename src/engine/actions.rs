@@ -166,7 +166,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 &ctx.spec.selection,
                 &*ctx.store,
                 &ctx.spec.snapshot,
-                &probe,
+                Some(&probe),
             )
             .await?;
             // The manager snapshot is taken at the end: find out now if it cannot be.

@@ -3,6 +3,7 @@
 //! errors retried with backoff, every step given the run's cancellation signal.
 
 pub mod actions;
+pub mod preview;
 
 use crate::checks::{Disk, RealDisk};
 use crate::cluster::Cluster;
@@ -638,31 +639,41 @@ async fn open_store(spec: &mut RunSpec) -> Result<Arc<dyn Store>> {
     Ok(store)
 }
 
+/// How a run reaches a node's disk: in this process, or through the node's `exec`
+/// prefix and a `cairn agent` on its host.
+pub fn node_exec(
+    node: &crate::cluster::Node,
+    store: &Arc<dyn Store>,
+    spec: &RunSpec,
+    params: &Params,
+    disk: &Arc<dyn Disk>,
+) -> Box<dyn crate::node::NodeExec> {
+    if !node.is_remote() {
+        return Box::new(crate::node::Local {
+            store: store.clone(),
+            disk: disk.clone(),
+        });
+    }
+    Box::new(crate::node::Remote {
+        node: node.clone(),
+        store: store.clone(),
+        target: crate::node::StoreTarget {
+            url: store.url(),
+            options: spec.store_options.clone(),
+            bandwidth: spec.bandwidth,
+        },
+        secrets: params
+            .iter()
+            .filter(|(k, _)| params.is_secret(k))
+            .map(|(_, v)| v.clone())
+            .collect(),
+    })
+}
+
 impl RunCtx {
-    /// How this run reaches a node's disk: in this process, or through the node's
-    /// `exec` prefix and a `cairn agent` on its host.
+    /// How this run reaches a node's disk (see [`node_exec`]).
     pub fn exec(&self, node: &crate::cluster::Node) -> Box<dyn crate::node::NodeExec> {
-        if !node.is_remote() {
-            return Box::new(crate::node::Local {
-                store: self.store.clone(),
-                disk: self.disk.clone(),
-            });
-        }
-        Box::new(crate::node::Remote {
-            node: node.clone(),
-            store: self.store.clone(),
-            target: crate::node::StoreTarget {
-                url: self.store.url(),
-                options: self.spec.store_options.clone(),
-                bandwidth: self.spec.bandwidth,
-            },
-            secrets: self
-                .params
-                .iter()
-                .filter(|(k, _)| self.params.is_secret(k))
-                .map(|(_, v)| v.clone())
-                .collect(),
-        })
+        node_exec(node, &self.store, &self.spec, &self.params, &self.disk)
     }
 
     /// Release the store lock (once).

@@ -422,3 +422,76 @@ fn store_errors_are_one_clear_line_and_missing_credentials_fail_fast() {
     }
     assert!(!err.contains("not-a-real-secret-7Qx"), "{err}");
 }
+
+/// A dry run checks everything a run would and says what it would write where,
+/// and changes nothing: not the target, not the store, not the state home (no run
+/// is recorded). Refused as the run would be, with the same exit code.
+#[test]
+fn a_dry_run_checks_and_reports_but_changes_nothing() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 1000);
+    let args = |plan: &str, cluster: &std::path::Path, snap: &str, extra: &[&str]| {
+        start_args(plan, cluster, snap, extra)
+    };
+    let out = sb.run_v(&args("backup-local", &src, "s", &[]));
+    assert!(out.status.success(), "{:?}", text(&out));
+    let everything = || exact_tree(sb.dir.path());
+    let before = everything();
+
+    // A restore into a new dir: what goes where, how much; nothing made.
+    let mut a = args("restore-local", &src, "s", &["RESTORE_DIR=tgt"]);
+    a.push("--dry-run".into());
+    let out = sb.run_v(&a);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so} {se}");
+    assert!(so.contains("dry run of restore-local"), "{so}");
+    assert!(
+        so.contains("node 0 (local)") && so.contains("node 1 (local)"),
+        "{so}"
+    );
+    assert!(so.contains("keyspace(s) app, metrics"), "{so}");
+    assert!(
+        so.contains("would make") && so.contains("tgt/node-1"),
+        "{so}"
+    );
+    assert!(so.contains("total: "), "{so}");
+    assert!(!sb.path("tgt").exists());
+    assert_eq!(everything(), before, "the dry run changed something");
+
+    // Onto the source itself: refused as the run would be (exit 3), by -p.
+    let out = sb.run_v(&args("restore-local", &src, "s", &["DRY_RUN=true"]));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("already exist"), "{:?}", text(&out));
+    assert_eq!(
+        everything(),
+        before,
+        "the refused dry run changed something"
+    );
+
+    // A backup: the keyspaces it would read; no snapshot, no probe object.
+    let mut a = args("backup-local", &src, "s2", &[]);
+    a.push("--dry-run".into());
+    let out = sb.run_v(&a);
+    let (so, se) = text(&out);
+    assert!(out.status.success(), "{so} {se}");
+    assert!(so.contains("would back up snapshot s2"), "{so}");
+    assert_eq!(everything(), before, "the backup dry run changed something");
+    // And a backup onto a snapshot that exists is refused.
+    let mut a = args("backup-local", &src, "s", &[]);
+    a.push("--dry-run".into());
+    let out = sb.run_v(&a);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    let out = sb.run_v(&args("restore-local", &src, "s", &["DRY_RUN=maybe"]));
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    let h = sb.ok(&["plan", "history"]);
+    assert_eq!(
+        text(&h)
+            .0
+            .lines()
+            .filter(|l| l.contains("restore-local"))
+            .count(),
+        0,
+        "a dry run was recorded: {:?}",
+        text(&h)
+    );
+}
