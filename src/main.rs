@@ -12,6 +12,11 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 fn main() {
     cairn::failpoint::setup();
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(help) = cairn::cli::plan::start_help(&args) {
+        cairn::out!("{help}");
+        std::process::exit(exit::OK);
+    }
     let cli = cairn::cli::Cli::parse();
     let default = match cli.verbose {
         0 => "warn",

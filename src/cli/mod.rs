@@ -57,6 +57,14 @@ pub enum Command {
     /// prefix (ssh, kubectl exec), it reads one request on stdin and answers on
     /// stdout. Not for interactive use.
     Agent,
+    /// Print a shell completion script: `cairn completions bash >
+    /// /etc/bash_completion.d/cairn` (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell to complete in.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `cairn man > /usr/local/share/man/man1/cairn.1`.
+    Man,
 }
 
 /// Where a manager-snapshot command works.
@@ -85,28 +93,35 @@ pub enum ManagerCmd {
     },
     /// List manager snapshots: id, created, version, size, credentials, status.
     List {
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
     /// Save a manager snapshot to a local file (checksum verified).
     Download {
+        /// The manager snapshot's id (as `manager-snapshot list` shows it).
         id: String,
+        /// The file to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
     /// Check a local manager.zip entry by entry, then upload it.
     Upload {
+        /// A manager.zip made by `manager-snapshot download` (or another cairn).
         file: PathBuf,
         /// Id in the store (default: the id in its metadata).
         #[arg(long)]
         id: Option<String>,
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
     /// Restore a manager snapshot: only onto a clean manager unless --force.
     Restore {
+        /// The manager snapshot's id (as `manager-snapshot list` shows it).
         id: String,
         /// Restore over a manager that is not clean; its state is kept as a
         /// pre-restore copy that `rollback` swaps back.
@@ -117,17 +132,21 @@ pub enum ManagerCmd {
     },
     /// Swap the newest pre-restore copy back in.
     Rollback {
+        /// The cluster description whose manager it is (default: cairn's own state).
         #[arg(long, env = "CAIRN_CLUSTER")]
         cluster: Option<PathBuf>,
     },
     /// Delete a manager snapshot from the store.
     Delete {
+        /// The manager snapshot's id (as `manager-snapshot list` shows it).
         id: String,
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
     /// The manager: where its state is, its version, whether it is clean.
     Status {
+        /// The cluster description whose manager it is (default: cairn's own state).
         #[arg(long, env = "CAIRN_CLUSTER")]
         cluster: Option<PathBuf>,
     },
@@ -142,8 +161,11 @@ pub struct RecoverArgs {
     /// objects are all present.
     #[arg(long)]
     pub snapshot: Option<String>,
+    /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
     #[arg(long, env = "CAIRN_STORE")]
     pub store: Option<String>,
+    /// The cluster description (TOML) whose manager (and with --nodes, nodes)
+    /// are rebuilt.
     #[arg(long, env = "CAIRN_CLUSTER")]
     pub cluster: Option<PathBuf>,
     /// Also restore every data node of the cluster description.
@@ -156,9 +178,14 @@ pub enum PlanCmd {
     /// List the available plans.
     List,
     /// Show a plan: parameters, phases, steps.
-    Show { plan: String },
+    Show {
+        /// The plan's name (`cairn plan list`).
+        plan: String,
+    },
     /// Start a run of a plan.
     Start {
+        /// The plan's name (`cairn plan list`); `cairn plan show PLAN` lists its
+        /// parameters.
         plan: String,
         /// Remove a stale lock on the snapshot (left by a run that died) first.
         #[arg(long)]
@@ -175,16 +202,24 @@ pub enum PlanCmd {
         cluster: Option<PathBuf>,
     },
     /// Status of a run (default: the latest).
-    Status { run: Option<i64> },
+    Status {
+        /// The run's number (`cairn plan history`).
+        run: Option<i64>,
+    },
     /// Past runs, newest first.
     History {
+        /// How many runs to show.
         #[arg(long, default_value_t = 20)]
         limit: usize,
     },
     /// Ask a running run to stop; its state is kept for `resume`.
-    Stop { run: i64 },
+    Stop {
+        /// The run's number (`cairn plan history`).
+        run: i64,
+    },
     /// Resume a failed, stopped or killed run; finished steps are not redone.
     Resume {
+        /// The run's number (`cairn plan history`).
         run: i64,
         /// Parameters to give again (secrets are never stored) or to override.
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
@@ -199,6 +234,7 @@ pub enum PlanCmd {
 pub enum SnapshotsCmd {
     /// List snapshots (complete or not) in a store.
     List {
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
     },
@@ -206,7 +242,9 @@ pub enum SnapshotsCmd {
     /// with --read-data (or --sample) download and check every checksum. The result
     /// is recorded in the store (`snapshots list` shows it).
     Verify {
+        /// The snapshot's name (SNAPSHOT_NAME of its backup).
         name: String,
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// Download every object and check every file's SHA-256.
@@ -221,7 +259,9 @@ pub enum SnapshotsCmd {
     },
     /// Delete a snapshot (manifest first).
     Delete {
+        /// The snapshot's name (SNAPSHOT_NAME of its backup).
         name: String,
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// Remove a stale lock on the snapshot first.
@@ -230,6 +270,7 @@ pub enum SnapshotsCmd {
     },
     /// Apply a retention policy: keep what it names, delete the rest.
     Prune {
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// WITHIN[,EVERY:UNTIL]…: keep all younger than WITHIN, then one per EVERY
@@ -255,6 +296,7 @@ pub enum SnapshotsCmd {
     /// The newest complete snapshot and its age; with --max-age, exit 6 when it is
     /// older (monitoring of the recovery point).
     Last {
+        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// e.g. 26h.
@@ -305,6 +347,22 @@ pub async fn run(cli: Cli) -> Result<i32> {
         Command::ManagerSnapshot(cmd) => manager::run(&g, cmd).await,
         Command::Recover(args) => manager::recover(&g, args).await,
         Command::Agent => Ok(crate::node::agent::serve().await),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "cairn", &mut out);
+            crate::out!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(crate::error::exit::OK)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .map_err(|e| Error::State(format!("cannot render the manual page: {e}")))?;
+            crate::out!("{}", String::from_utf8_lossy(&out).trim_end());
+            Ok(crate::error::exit::OK)
+        }
     }
 }
 
@@ -376,4 +434,39 @@ pub fn store_options_from_env() -> std::collections::BTreeMap<String, String> {
 
 pub(crate) fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())
+}
+
+#[cfg(test)]
+mod help_tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// Every command and every argument says what it is: no empty line in any
+    /// `--help`.
+    #[test]
+    fn every_command_and_argument_is_described() {
+        fn walk(cmd: &clap::Command, path: &str, holes: &mut Vec<String>) {
+            let here = format!("{path} {}", cmd.get_name());
+            if cmd.get_about().is_none() && !path.is_empty() {
+                holes.push(format!("{here}: no description"));
+            }
+            for a in cmd.get_arguments() {
+                let id = a.get_id().as_str();
+                if matches!(id, "help" | "version") || a.is_hide_set() {
+                    continue;
+                }
+                if a.get_help().is_none() && a.get_long_help().is_none() {
+                    holes.push(format!("{here} <{id}>: no description"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                if sub.get_name() != "help" {
+                    walk(sub, &here, holes);
+                }
+            }
+        }
+        let mut holes = Vec::new();
+        walk(&Cli::command(), "", &mut holes);
+        assert!(holes.is_empty(), "{}", holes.join("\n"));
+    }
 }

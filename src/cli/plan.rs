@@ -108,18 +108,8 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
         return Ok(exit::OK);
     }
     crate::out!("{} — {}\n\nparameters:", p.name, p.description);
-    for s in &p.params {
-        let mut flags = Vec::new();
-        if s.required {
-            flags.push("required".to_string());
-        }
-        if let Some(d) = &s.default {
-            flags.push(format!("default {d:?}"));
-        }
-        if s.secret {
-            flags.push("secret".to_string());
-        }
-        crate::out!("  {:24} {} [{}]", s.name, s.description, flags.join(", "));
+    for l in param_lines(&p) {
+        crate::out!("{l}");
     }
     crate::out!("\nphases:");
     for ph in &p.phases {
@@ -127,15 +117,31 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
         let steps: Vec<String> = ph
             .steps
             .iter()
-            .map(|s| format!("{} on {:?}", s.action.name(), s.on))
+            .map(|s| {
+                let on = match s.on {
+                    crate::plan::On::Once => "once",
+                    crate::plan::On::EachNode => "on each node",
+                };
+                format!("{} {on}", s.action.name())
+            })
             .collect();
+        let param = |t: &str| {
+            t.strip_prefix("${")
+                .and_then(|t| t.strip_suffix('}'))
+                .map(str::to_string)
+        };
+        let how = match param(strategy) {
+            Some(p) => format!("serial or parallel ({p})"),
+            None => strategy.to_string(),
+        };
         match max {
             Some(m) => crate::out!(
-                "  {:12} {strategy} (max {m}): {}",
+                "  {:12} {how}, at most {} nodes at once: {}",
                 ph.name,
+                param(m).unwrap_or_else(|| m.to_string()),
                 steps.join(", ")
             ),
-            None => crate::out!("  {:12} {strategy}: {}", ph.name, steps.join(", ")),
+            None => crate::out!("  {:12} {how}: {}", ph.name, steps.join(", ")),
         }
     }
     if !p.on_failure.is_empty() {
@@ -447,4 +453,68 @@ async fn stop(g: &Globals, run: i64) -> Result<i32> {
         crate::out!("run {run}: {}", rec.status);
     }
     Ok(exit::OK)
+}
+
+/// A plan's parameters, one or two lines each, as `plan show` and `plan start
+/// PLAN --help` print them.
+pub fn param_lines(p: &Plan) -> Vec<String> {
+    let mut lines = Vec::new();
+    for s in &p.params {
+        let mut flags = Vec::new();
+        match &s.default {
+            _ if s.required => flags.push("required".to_string()),
+            Some(d) if !d.is_empty() => flags.push(format!("default {d}")),
+            _ => flags.push("optional".to_string()),
+        }
+        if s.secret {
+            flags.push("secret: never stored or printed".to_string());
+        }
+        lines.push(format!(
+            "  {:24} {} [{}]",
+            s.name,
+            s.description,
+            flags.join("; ")
+        ));
+        if let Some(re) = &s.pattern {
+            let words = crate::plan::params::describe_pattern(re.as_str());
+            lines.push(format!(
+                "  {:24} {}",
+                "",
+                words.replacen("give ", "value: ", 1)
+            ));
+        }
+    }
+    lines
+}
+
+/// `cairn plan start PLAN --help`: the command's help and the plan's own
+/// parameters (clap cannot know them: they come from the plan file).
+pub fn start_help(args: &[String]) -> Option<String> {
+    let pos = args.iter().position(|a| a == "plan")?;
+    let rest = &args[pos + 1..];
+    if rest.first().map(String::as_str) != Some("start") {
+        return None;
+    }
+    if !rest.iter().any(|a| a == "--help" || a == "-h") {
+        return None;
+    }
+    let name = rest[1..].iter().find(|a| !a.starts_with('-'))?;
+    let dir = args
+        .iter()
+        .position(|a| a == "--plans-dir")
+        .and_then(|i| args.get(i + 1))
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("CAIRN_PLANS").map(PathBuf::from));
+    let plan = Plan::find(name, dir.as_deref()).ok()?;
+    let mut cmd = <crate::cli::Cli as clap::CommandFactory>::command();
+    let start = cmd
+        .find_subcommand_mut("plan")?
+        .find_subcommand_mut("start")?;
+    let mut text = start.render_long_help().to_string();
+    text.push_str(&format!(
+        "\nParameters of plan {} (-p KEY=VALUE; {}):\n",
+        plan.name, plan.description
+    ));
+    text.push_str(&param_lines(&plan).join("\n"));
+    Some(text)
 }

@@ -258,18 +258,14 @@ impl Params {
                 && !value.is_empty()
                 && !re.is_match(&value)
             {
+                let must = describe_pattern(re.as_str());
                 if spec.secret {
-                    problems.push(format!(
-                        "{}: value does not match the pattern {}",
-                        spec.name,
-                        re.as_str()
-                    ));
+                    problems.push(format!("{}: the value is not valid: {must}", spec.name));
                 } else {
                     problems.push(format!(
-                        "{}: value {:?} does not match the pattern {}",
+                        "{}: value {:?} is not valid: {must}",
                         spec.name,
                         shorten(&value),
-                        re.as_str()
                     ));
                 }
                 continue;
@@ -420,8 +416,63 @@ fn expand(template: &str, lookup: impl Fn(&str) -> String) -> String {
     out
 }
 
+/// What a parameter's pattern asks for, in words (the patterns of the shipped
+/// plans); another plan's pattern is shown as it is.
+pub fn describe_pattern(re: &str) -> String {
+    let words = match re {
+        r"^([0-9]+(\.[0-9]+)?\s*([KMG]i?B?|B)?(/s)?)?$" => {
+            "a size or rate such as 100MiB/s, 512KiB or 1GB"
+        }
+        r"^(https?://[^\s]+)?$" => "an http:// or https:// URL",
+        r"^(serial|parallel)$" => "serial or parallel",
+        r"^(true|false)$" => "true or false",
+        r"^(true|false|force)$" => "true, false or force",
+        r"^[0-9, ]*$" => "node indexes separated by commas, e.g. 0,2",
+        r"^[1-9][0-9]*$" => "a whole number, 1 or more",
+        r"^[A-Za-z0-9-]*$" => "letters, digits and -",
+        r"^[A-Za-z0-9.-]*$" => "letters, digits, . and -",
+        r"^[A-Za-z0-9._/-]*$" => "letters, digits and . _ / -",
+        r"^[A-Za-z0-9/+=_-]*$" => "letters, digits and / + = _ -",
+        r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$" => {
+            "1 to 128 letters, digits and . _ -, starting with a letter or digit"
+        }
+        r"^[A-Za-z0-9_, -]*$" => "names (letters, digits, _ and -) separated by commas or spaces",
+        r"^[A-Za-z0-9_./, -]*$" => {
+            "paths (letters, digits, _ . / and -) separated by commas or spaces"
+        }
+        r"^[a-z0-9-]+$" => "lower-case letters, digits and -",
+        r"^[a-z0-9](?:[a-z0-9]|-[a-z0-9]){2,62}$" => {
+            "3 to 63 lower-case letters, digits and single hyphens, not at either end"
+        }
+        r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$" => {
+            "3 to 63 lower-case letters, digits, . and -, starting and ending with a letter or digit"
+        }
+        r"^[a-z0-9]{3,24}$" => "3 to 24 lower-case letters and digits",
+        other => return format!("it must match the pattern {other}"),
+    };
+    format!("give {words}")
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_pattern_of_the_shipped_plans_has_words() {
+        for plan in crate::plan::Plan::list(None).expect("plans") {
+            for p in &plan.params {
+                if let Some(re) = &p.pattern {
+                    let words = super::describe_pattern(re.as_str());
+                    assert!(
+                        words.starts_with("give "),
+                        "{} {}: {}",
+                        plan.name,
+                        p.name,
+                        re.as_str()
+                    );
+                }
+            }
+        }
+    }
+
     use super::*;
 
     fn spec(name: &str, required: bool, default: Option<&str>, secret: bool) -> ParamSpec {

@@ -495,3 +495,54 @@ fn a_dry_run_checks_and_reports_but_changes_nothing() {
         text(&h)
     );
 }
+
+/// Help that answers: `plan start PLAN --help` lists the plan's parameters with
+/// what each value must be; a bad value is explained in words, not as a regex;
+/// completions and a manual page come from the same command tree.
+#[test]
+fn help_lists_plan_parameters_and_completions_and_man_are_printed() {
+    let sb = Sandbox::new();
+    let out = sb.ok(&["plan", "start", "restore-s3", "--help"]);
+    let (so, _) = text(&out);
+    assert!(so.contains("--dry-run"), "{so}");
+    assert!(so.contains("Parameters of plan restore-s3"), "{so}");
+    assert!(
+        so.contains("SNAPSHOT_NAME") && so.contains("[required]"),
+        "{so}"
+    );
+    assert!(so.contains("value: serial or parallel"), "{so}");
+    assert!(!so.contains("[default \"\"]"), "{so}");
+
+    let out = sb.ok(&["plan", "show", "restore-s3"]);
+    let (so, _) = text(&out);
+    assert!(!so.contains("EachNode") && !so.contains(" on Once"), "{so}");
+    assert!(so.contains("stage-node on each node"), "{so}");
+
+    let src = source_cluster(sb.dir.path(), 1, 10);
+    let out = sb.run_v(&start_args(
+        "backup-local",
+        &src,
+        "s",
+        &["STRATEGY=sideways"],
+    ));
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    let (_, se) = text(&out);
+    assert!(
+        se.contains("STRATEGY: value \"sideways\" is not valid: give serial or parallel"),
+        "{se}"
+    );
+    assert!(!se.contains("^("), "{se}");
+
+    for shell in ["bash", "zsh", "fish"] {
+        let out = sb.ok(&["completions", shell]);
+        let (so, _) = text(&out);
+        assert!(
+            so.contains("snapshots") && so.contains("manager-snapshot"),
+            "{shell}: {so}"
+        );
+    }
+    let out = sb.ok(&["man"]);
+    let (so, _) = text(&out);
+    assert!(so.contains(".TH cairn 1"), "{so}");
+    assert!(!sb.path("home").exists(), "help made a state home");
+}
