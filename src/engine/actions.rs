@@ -872,10 +872,10 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             .iter()
             .map(|(id, why)| format!("{id}: {why}"))
             .collect();
-        return Err(Error::State(format!(
-            "nothing was moved into place: staged data is missing ({}); those steps are marked to be redone by `cairn plan resume {run}`",
+        return Err(Error::Refused(vec![format!(
+            "nothing was moved into place: staged data is missing or changed ({}); those steps are marked to be redone by `cairn plan resume {run}`",
             lines.join("; ")
-        )));
+        )]));
     }
     // The staged parents' metadata as recorded when staged (their times in
     // staging are not trusted: moves change them).
@@ -907,6 +907,21 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             parents: parents.remove(&n.index).unwrap_or_default(),
         };
         let moves: Vec<Move> = crate::node::fs(&*ctx.exec(n), n.index, op).await?;
+        // Nothing is journaled that was not asked for: this node, its staging
+        // dir and data dir, a plain relative entry of what is restored.
+        if let Some(bad) = moves.iter().find(|m| !move_fits(ctx, n, m)) {
+            return Err(Error::Remote {
+                node: n.index,
+                message: format!(
+                    "the node's answer does not hold: it would move {} from {} into {}, which this restore does not",
+                    bad.rel.display(),
+                    bad.staging.display(),
+                    bad.data_dir.display()
+                ),
+                exit_code: crate::error::exit::FAILED,
+                transient: false,
+            });
+        }
         plan.push((n, moves));
     }
     let journal = encode(&CommitJournal {
@@ -927,7 +942,7 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             first,
         };
         first += moves.len();
-        if let Err(e) = crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await {
+        if let Err(e) = crate::node::fs_until::<()>(&*ctx.exec(n), n.index, op, &ctx.cancel).await {
             failure = Some((i, e));
             break;
         }
@@ -968,6 +983,29 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
         crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
     }
     Ok(())
+}
+
+/// Whether a move a node planned is one this restore makes.
+fn move_fits(ctx: &RunCtx, n: &Node, m: &Move) -> bool {
+    let plain = |p: &Path| {
+        !p.as_os_str().is_empty()
+            && p.components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+    };
+    let paths = &ctx.spec.selection.paths;
+    let wanted = if paths.is_empty() {
+        m.rel.components().count() == 1 && !m.rel.to_string_lossy().starts_with(RESERVED_PREFIX)
+    } else {
+        paths.iter().any(|p| Path::new(p) == m.rel)
+    };
+    m.node == Some(n.index)
+        && m.staging == staging_dir(ctx, n)
+        && m.data_dir == n.data_dir
+        && plain(&m.rel)
+        && wanted
+        && m.created
+            .iter()
+            .all(|c| plain(&c.path) && c.path != m.rel && m.rel.starts_with(&c.path))
 }
 
 /// A commit that a kill interrupted is rolled back from its journal: what was moved

@@ -199,7 +199,7 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
                 }
                 to_value(&probe)
             }
-            Op::Fs { fs } => local.fs(fs).await,
+            Op::Fs { fs } => local.fs_until(fs, &cancel).await,
             Op::Stage { job } => to_value(&local.stage(&job, events(), &cancel).await?),
             Op::CheckStaged { job } => to_value(&local.check_staged(&job).await?),
             Op::HashObject { key } => to_value(&local.hash_object(&key, &cancel).await?),

@@ -123,8 +123,14 @@ pub trait NodeExec: Send + Sync {
         cancel: &CancellationToken,
     ) -> Result<Backed>;
 
-    /// A filesystem operation of a restore on the node (see [`FsOp`]).
-    async fn fs(&self, op: FsOp) -> Result<serde_json::Value>;
+    /// A filesystem operation of a restore on the node (see [`FsOp`]); a commit
+    /// stops between moves when `cancel` fires (and moves back what it moved).
+    async fn fs_until(&self, op: FsOp, cancel: &CancellationToken) -> Result<serde_json::Value>;
+
+    /// [`NodeExec::fs_until`], never cancelled (checks, rollbacks, clean-up).
+    async fn fs(&self, op: FsOp) -> Result<serde_json::Value> {
+        self.fs_until(op, &CancellationToken::new()).await
+    }
 
     /// Download and unpack the node's archive into its staging dir.
     async fn stage(
@@ -147,7 +153,17 @@ pub async fn fs<T: serde::de::DeserializeOwned>(
     node: u32,
     op: FsOp,
 ) -> Result<T> {
-    let v = exec.fs(op).await?;
+    fs_until(exec, node, op, &CancellationToken::new()).await
+}
+
+/// A typed [`NodeExec::fs_until`].
+pub async fn fs_until<T: serde::de::DeserializeOwned>(
+    exec: &dyn NodeExec,
+    node: u32,
+    op: FsOp,
+    cancel: &CancellationToken,
+) -> Result<T> {
+    let v = exec.fs_until(op, cancel).await?;
     serde_json::from_value(v).map_err(|e| Error::Remote {
         node,
         message: format!("the node's answer cannot be read: {e}"),
@@ -218,9 +234,9 @@ impl NodeExec for Local {
         Ok(out)
     }
 
-    async fn fs(&self, op: FsOp) -> Result<serde_json::Value> {
-        let disk = self.disk.clone();
-        tokio::task::spawn_blocking(move || restore::run_fs(op, &*disk))
+    async fn fs_until(&self, op: FsOp, cancel: &CancellationToken) -> Result<serde_json::Value> {
+        let (disk, cancel) = (self.disk.clone(), cancel.clone());
+        tokio::task::spawn_blocking(move || restore::run_fs(op, &*disk, &cancel))
             .await
             .map_err(|e| Error::State(format!("file system worker failed: {e}")))?
     }

@@ -25,6 +25,9 @@ use tokio_util::sync::CancellationToken;
 /// How long reaching the node and starting the agent may take.
 pub const CONNECT: Duration = Duration::from_secs(60);
 
+/// How long a cancelled agent has to clean up and answer before it is killed.
+pub const CANCEL_GRACE: Duration = Duration::from_secs(20);
+
 pub struct Remote {
     pub node: Node,
     /// The run's store as the coordinator opened it: to abort an upload a dead
@@ -114,7 +117,7 @@ impl Remote {
         };
         let mut stdout = BufReader::new(stdout);
         let silence = Duration::from_secs(self.node.agent_timeout_secs);
-        let exchange = async {
+        let handshake = async {
             // Hello first, both ways.
             let line = tokio::time::timeout(CONNECT, read_line(&mut stdout, 4096))
                 .await
@@ -145,7 +148,7 @@ impl Remote {
             let ours = Hello::ours();
             if theirs.protocol != ours.protocol {
                 // An answer, not a breakdown: refused before any work.
-                return Ok(Err(Error::Checks(vec![format!(
+                return Ok(Some(Error::Checks(vec![format!(
                     "node {}: the agent (cairn {}) speaks agent protocol {}, this cairn ({}) speaks {}: install the same cairn release on the coordinator and the nodes",
                     self.node.index, theirs.version, theirs.protocol, ours.version, ours.protocol
                 )])));
@@ -162,6 +165,18 @@ impl Remote {
                 .await
                 .and(stdin.flush().await)
                 .map_err(|e| format!("cannot talk to the agent: {e}"))?;
+            Ok(None)
+        };
+        // A refusal before any work (another protocol) is the answer itself.
+        let early = tokio::select! {
+            r = handshake => r,
+            () = cancel.cancelled() => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(Error::Cancelled);
+            }
+        };
+        let replies = async {
             loop {
                 let line = tokio::time::timeout(silence, read_line(&mut stdout, proto::MAX_LINE))
                     .await
@@ -191,12 +206,27 @@ impl Remote {
                 }
             }
         };
-        let result = tokio::select! {
-            r = exchange => r,
-            () = cancel.cancelled() => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(Error::Cancelled);
+        let result = match early {
+            Ok(Some(refused)) => Ok(Err(refused)),
+            Err(message) => Err(message),
+            Ok(None) => {
+                tokio::pin!(replies);
+                tokio::select! {
+                    r = &mut replies => r,
+                    () = cancel.cancelled() => {
+                        // Closing its stdin tells the agent its coordinator went:
+                        // it stops, cleans up (aborts its upload, moves back what
+                        // a commit moved) and answers. Only one that does not is
+                        // killed — and a kill of `ssh` alone would leave the
+                        // agent on the node working while a resume starts.
+                        drop(stdin);
+                        let _ = tokio::time::timeout(CANCEL_GRACE, &mut replies).await;
+                        let _ = child.start_kill();
+                        let _ = child.wait().await;
+                        log.abort();
+                        return Err(Error::Cancelled);
+                    }
+                }
             }
         };
         match result {
@@ -364,9 +394,8 @@ impl NodeExec for Remote {
             .map_err(|e| self.failed(format!("the agent's answer cannot be read: {e}")))
     }
 
-    async fn fs(&self, op: FsOp) -> Result<serde_json::Value> {
-        self.call(Op::Fs { fs: op }, None, &CancellationToken::new())
-            .await
+    async fn fs_until(&self, op: FsOp, cancel: &CancellationToken) -> Result<serde_json::Value> {
+        self.call(Op::Fs { fs: op }, None, cancel).await
     }
 
     async fn stage(

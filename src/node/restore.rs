@@ -80,6 +80,11 @@ pub struct StageOutput {
     /// time as staged (the digest leaves their times out: moves change them).
     #[serde(default)]
     pub parents: Vec<CreatedDir>,
+    /// Every staged file's inode and change time (see [`staged::Tree::changes`]):
+    /// the check before the commit, which trusts the manifest's hashes, refuses a
+    /// file written since it was staged even when its size and mtime were put back.
+    #[serde(default)]
+    pub changes: String,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -308,7 +313,7 @@ fn value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
 }
 
 /// Run a filesystem operation here (blocking).
-pub fn run_fs(op: FsOp, disk: &dyn Disk) -> Result<serde_json::Value> {
+pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<serde_json::Value> {
     match op {
         FsOp::Probe(req) => value(&probe(&req, disk)),
         FsOp::RemoveStaging { data_dir, name } => {
@@ -325,7 +330,7 @@ pub fn run_fs(op: FsOp, disk: &dyn Disk) -> Result<serde_json::Value> {
             paths,
             parents,
         } => value(&plan_moves(node, &staging, &data_dir, &paths, &parents)?),
-        FsOp::Commit { moves, first } => value(&commit(&moves, first)?),
+        FsOp::Commit { moves, first } => value(&commit(&moves, first, cancel)?),
         FsOp::FinishCommit {
             moves,
             data_dir,
@@ -678,6 +683,7 @@ async fn stage_into(
         bytes: 0,
         tree: String::new(),
         parents: Vec::new(),
+        changes: String::new(),
     };
     let dir = job.staging.clone();
     let paths = job.selection.paths.clone();
@@ -690,11 +696,13 @@ async fn stage_into(
             .map(|f| (f.path.as_str(), f.sha256.as_str()))
             .collect();
         let above = staged::parents_of(&paths);
+        let moved: HashSet<String> = paths.iter().cloned().collect();
         let tree = staged::tree(
             &dir,
             STAGED_RECORD,
             &staged::Content::Recorded(&files),
             &above,
+            &moved,
         )
         .map_err(|e| Error::io("measure", &dir, e))?;
         let mut parents: Vec<CreatedDir> = above
@@ -714,6 +722,7 @@ async fn stage_into(
             entries: tree.entries,
             bytes: tree.bytes,
             tree: tree.digest,
+            changes: tree.changes,
             parents,
             ..out
         };
@@ -779,7 +788,8 @@ pub async fn check_staged(store: &dyn Store, job: &CheckStagedJob) -> Result<Opt
             staged::Content::Recorded(&recorded)
         };
         let above = staged::parents_of(&job.paths);
-        staged_ok(&job.staging, &job.out, &content, &above).err()
+        let moved: HashSet<String> = job.paths.iter().cloned().collect();
+        staged_ok(&job.staging, &job.out, &content, &above, &moved).err()
     })
     .await
     .map_err(|e| Error::State(format!("check worker failed: {e}")))
@@ -792,6 +802,7 @@ fn staged_ok(
     out: &StageOutput,
     content: &staged::Content<'_>,
     moving_parents: &HashSet<String>,
+    moved: &HashSet<String>,
 ) -> std::result::Result<(), String> {
     if out.staging != dir {
         return Err(format!(
@@ -815,7 +826,7 @@ fn staged_ok(
             dir.display()
         ));
     }
-    let tree = staged::tree(dir, STAGED_RECORD, content, moving_parents)
+    let tree = staged::tree(dir, STAGED_RECORD, content, moving_parents, moved)
         .map_err(|e| format!("staging dir {}: {e}", dir.display()))?;
     if (tree.entries, tree.bytes) != (out.entries, out.bytes) {
         return Err(format!(
@@ -825,6 +836,18 @@ fn staged_ok(
             tree.bytes,
             out.entries,
             out.bytes
+        ));
+    }
+    // Without reading the bytes again, a changed inode or change time is a file
+    // written (or replaced) since it was staged. A resume reads every byte
+    // instead: a rollback's moves change times legitimately.
+    if matches!(content, staged::Content::Recorded(_))
+        && !out.changes.is_empty()
+        && tree.changes != out.changes
+    {
+        return Err(format!(
+            "staging dir {} no longer holds what was staged (a file was written or replaced since)",
+            dir.display()
         ));
     }
     if tree.digest != out.tree {
@@ -886,10 +909,16 @@ fn plan_moves(
 /// Move every planned entry into its data dir, never through a symlink and never
 /// over an existing entry; on any failure move back what was moved, so the target
 /// is as it was.
-fn commit(moves: &[Move], first: usize) -> Result<()> {
+fn commit(moves: &[Move], first: usize, cancel: &CancellationToken) -> Result<()> {
     let mut done: Vec<&Move> = Vec::new();
     let mut failure = None;
     for (i, m) in moves.iter().enumerate() {
+        // Stopped, or the coordinator went away: no further move, and back out
+        // what was moved (a resume must not race a commit still going on).
+        if cancel.is_cancelled() {
+            failure = Some(Error::Cancelled);
+            break;
+        }
         if let Err(e) = crate::failpoint::hit(&format!("commit-rename:{}", first + i)) {
             failure = Some(e);
             break;
@@ -927,6 +956,19 @@ fn commit(moves: &[Move], first: usize) -> Result<()> {
 /// staging dir goes (what is left in it: the record, and for a partial restore the
 /// empty parents of the paths moved out, and the unselected rest).
 fn finish_commit(moves: &[Move], data_dir: &Path, staging: &Path) -> Result<()> {
+    // The staging dir goes only when every move is in place: the entry in the
+    // target is the one staged (a rename keeps its identity).
+    for m in moves {
+        let there = crate::fsx::ident_beneath(&m.data_dir, &m.rel)
+            .map_err(|e| Error::io("check", m.data_dir.join(&m.rel), e))?;
+        if there.is_none() || (m.ident.is_some() && there != m.ident) {
+            return Err(Error::State(format!(
+                "{} is not the entry the commit moved there; the staging dir {} is kept",
+                m.data_dir.join(&m.rel).display(),
+                staging.display()
+            )));
+        }
+    }
     for m in moves {
         m.set_created_metadata(false);
     }

@@ -30,6 +30,11 @@ pub struct Tree {
     pub entries: u64,
     pub bytes: u64,
     pub digest: String,
+    /// Every file's inode change time and inode (the files a commit moves
+    /// themselves left out: a rename changes their ctime). A write that puts the
+    /// size and mtime back still changes the ctime: this is what tells, without
+    /// reading the bytes again, that a file changed since it was staged.
+    pub changes: String,
 }
 
 /// Sum up the tree below `dir`, leaving out `skip` at its top (the record), and
@@ -39,24 +44,30 @@ pub fn tree(
     skip: &str,
     content: &Content<'_>,
     moving_parents: &HashSet<String>,
+    moved: &HashSet<String>,
 ) -> io::Result<Tree> {
     let mut t = Walk {
         hasher: Sha256::new(),
+        changes: Sha256::new(),
         entries: 0,
         bytes: 0,
         content,
         moving_parents,
+        moved,
     };
     t.dir(dir, "", Some(skip))?;
     Ok(Tree {
         entries: t.entries,
         bytes: t.bytes,
         digest: crate::archive::hex_digest(t.hasher),
+        changes: crate::archive::hex_digest(t.changes),
     })
 }
 
 struct Walk<'a> {
     hasher: Sha256,
+    changes: Sha256,
+    moved: &'a HashSet<String>,
     entries: u64,
     bytes: u64,
     content: &'a Content<'a>,
@@ -117,6 +128,11 @@ impl Walk<'_> {
                     .ok_or_else(|| invalid(format!("{rel} is not a file of the snapshot")))?,
                 Content::Read => hash_file(abs)?,
             };
+            if !self.moved.contains(rel) {
+                self.changes.update(
+                    format!("{rel}\0{} {} {}\n", m.ino(), m.ctime(), m.ctime_nsec()).as_bytes(),
+                );
+            }
             format!("f {mode:o} {owner} {} {} {sha}", m.len(), m.mtime())
         } else if ft.is_symlink() {
             let target = std::fs::read_link(abs)?;
@@ -191,35 +207,48 @@ mod tests {
         let h = sha(b"hello");
         let files: HashMap<&str, &str> = [("ks/t/a", h.as_str())].into_iter().collect();
         let none = HashSet::new();
-        let recorded = tree(root, ".rec", &Content::Recorded(&files), &none).expect("tree");
+        let recorded = tree(root, ".rec", &Content::Recorded(&files), &none, &none).expect("tree");
         assert_eq!(recorded.entries, 4);
         assert_eq!(recorded.bytes, 5);
         // Reading the files gives the same digest while they are unchanged.
         assert_eq!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
 
-        // Same size, other bytes, time put back: only the content read sees it.
+        // Same size, other bytes, time put back: the content read sees it, and
+        // without a read the inode change time does.
         let mtime = std::fs::metadata(root.join("ks/t/a"))
             .expect("stat")
             .mtime();
+        std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(root.join("ks/t/a"), b"HELLO").expect("write");
         let t = filetime::FileTime::from_unix_time(mtime, 0);
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
+        let unread = tree(root, ".rec", &Content::Recorded(&files), &none, &none).expect("tree");
+        assert_eq!(unread.digest, recorded.digest);
+        assert_ne!(unread.changes, recorded.changes);
+        // A file a commit moves itself is left out of the change times.
+        let moved: HashSet<String> = ["ks/t/a".to_string()].into_iter().collect();
         assert_eq!(
-            tree(root, ".rec", &Content::Recorded(&files), &none).expect("tree"),
-            recorded
+            tree(root, ".rec", &Content::Read, &none, &moved)
+                .expect("tree")
+                .changes,
+            tree(root, ".rec", &Content::Read, &none, &moved)
+                .expect("tree")
+                .changes
         );
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
         std::fs::write(root.join("ks/t/a"), b"hello").expect("write");
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
         assert_eq!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
-            recorded
+            tree(root, ".rec", &Content::Read, &none, &none)
+                .expect("tree")
+                .digest,
+            recorded.digest
         );
 
         // A mode, a time, a link target, a name: each changes the digest.
@@ -227,7 +256,7 @@ mod tests {
         std::fs::set_permissions(root.join("ks/t/a"), std::fs::Permissions::from_mode(0o600))
             .expect("chmod");
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
         std::fs::set_permissions(root.join("ks/t/a"), std::fs::Permissions::from_mode(0o644))
@@ -235,20 +264,20 @@ mod tests {
         let t2 = filetime::FileTime::from_unix_time(mtime + 1, 0);
         filetime::set_file_times(root.join("ks/t/a"), t2, t2).expect("times");
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
         filetime::set_file_times(root.join("ks/t/a"), t, t).expect("times");
         std::fs::remove_file(root.join("ks/t/l")).expect("rm");
         std::os::unix::fs::symlink("b", root.join("ks/t/l")).expect("symlink");
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
         std::fs::remove_file(root.join("ks/t/l")).expect("rm");
         std::os::unix::fs::symlink("a", root.join("ks/t/m")).expect("symlink");
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             recorded
         );
         // A directory's time, a file's other hard link.
@@ -257,26 +286,26 @@ mod tests {
         let dt = filetime::FileTime::from_last_modification_time(
             &std::fs::metadata(root.join("ks")).expect("stat"),
         );
-        let before = tree(root, ".rec", &Content::Read, &none).expect("tree");
+        let before = tree(root, ".rec", &Content::Read, &none, &none).expect("tree");
         let old = filetime::FileTime::from_unix_time(1_000, 0);
         filetime::set_file_times(root.join("ks"), old, old).expect("times");
         assert_ne!(
-            tree(root, ".rec", &Content::Read, &none).expect("tree"),
+            tree(root, ".rec", &Content::Read, &none, &none).expect("tree"),
             before
         );
         let above: HashSet<String> = parents_of(&["ks/t".to_string()]);
-        let with_ks = tree(root, ".rec", &Content::Read, &above).expect("tree");
+        let with_ks = tree(root, ".rec", &Content::Read, &above, &HashSet::new()).expect("tree");
         filetime::set_file_times(root.join("ks"), dt, dt).expect("times");
         assert_eq!(
-            tree(root, ".rec", &Content::Read, &above).expect("tree"),
+            tree(root, ".rec", &Content::Read, &above, &HashSet::new()).expect("tree"),
             with_ks,
             "the time of a dir above a restored path is left out"
         );
         std::fs::hard_link(root.join("ks/t/a"), root.join("outside")).expect("link");
-        assert!(tree(root, ".rec", &Content::Read, &none).is_err());
+        assert!(tree(root, ".rec", &Content::Read, &none, &none).is_err());
         std::fs::remove_file(root.join("outside")).expect("rm");
         // A file the snapshot does not have is refused outright.
         std::fs::write(root.join("ks/t/extra"), b"x").expect("write");
-        assert!(tree(root, ".rec", &Content::Recorded(&files), &none).is_err());
+        assert!(tree(root, ".rec", &Content::Recorded(&files), &none, &none).is_err());
     }
 }

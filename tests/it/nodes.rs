@@ -828,3 +828,94 @@ fn a_killed_agent_mid_restore_fails_the_run_and_resume_restores_every_node() {
         assert!(staging.is_empty(), "node {i}: staging left: {staging:?}");
     }
 }
+
+/// A staged file rewritten before the commit — same size, its mtime put back —
+/// is caught before anything moves (its inode change time differs): the run is
+/// refused with the target untouched, and `plan resume` stages it again and
+/// restores every node byte-identically.
+#[test]
+fn a_staged_file_changed_before_the_commit_is_never_committed() {
+    let sb = Sandbox::new();
+    let bin = agent_bin(&sb);
+    let cluster = exec_cluster(&sb, 2, 4 << 20, &bin, env_prefix);
+    ok_v(&sb, &start_args("backup-local", &cluster, "s", &[]));
+    let args = start_args(
+        "restore-local",
+        &cluster,
+        "s",
+        &["RESTORE_DIR=tgt", "MAX_BANDWIDTH=1MiB", "STRATEGY=serial"],
+    );
+    let child = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let staging_of = |i: u32| {
+        std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
+            .ok()?
+            .flatten()
+            .find(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(".cairn-staging-")
+            })
+            .map(|e| e.path())
+    };
+    // Node 0 is staged (its record is written) while node 1 stages.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let staged0 = loop {
+        assert!(Instant::now() < deadline, "node 0 was never staged");
+        if let (Some(s0), Some(_)) = (staging_of(0), staging_of(1))
+            && s0.join(".cairn-staged.json").exists()
+        {
+            break s0;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let victim = staged0.join("app/orders-2/grown.db");
+    let victim = if victim.exists() {
+        victim
+    } else {
+        let t = tree(&staged0);
+        let rel = t
+            .keys()
+            .find(|k| k.ends_with(".db"))
+            .expect("a staged data file")
+            .clone();
+        staged0.join(rel)
+    };
+    let before = std::fs::metadata(&victim).unwrap();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    bytes[0] ^= 0x55;
+    std::fs::write(&victim, &bytes).unwrap();
+    let mtime = filetime::FileTime::from_last_modification_time(&before);
+    filetime::set_file_mtime(&victim, mtime).unwrap();
+    assert_eq!(std::fs::metadata(&victim).unwrap().len(), before.len());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("no longer holds what was staged"),
+        "{:?}",
+        text(&out)
+    );
+    for i in 0..2 {
+        let left: Vec<String> = std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.starts_with(".cairn-"))
+                    .collect()
+            })
+            .unwrap_or_default();
+        assert!(
+            left.is_empty(),
+            "node {i} holds {left:?} after a refused commit"
+        );
+    }
+    ok_v(
+        &sb,
+        &["plan".into(), "resume".into(), "2".into(), "-q".into()],
+    );
+    assert_restored(&sb, "tgt", 2);
+}
