@@ -25,6 +25,10 @@ pub struct Manifest {
     /// The manager snapshot (`manager.zip`) of this snapshot, if it holds one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manager: Option<ManagerInfo>,
+    /// Tags given at backup time (`-p TAGS=pre-upgrade`): `snapshots prune` leaves
+    /// a tagged snapshot alone unless `--tag` selects it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -45,6 +45,49 @@ pub struct Policy {
     pub keep_last: usize,
     /// Incomplete snapshots older than this are deleted.
     pub grace: Duration,
+    /// Which snapshots the policy applies to (each cluster on its own).
+    pub scope: Scope,
+}
+
+/// The snapshots a prune applies its policy to; every other one is kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Scope {
+    /// Only snapshots with this tag (without: only untagged snapshots).
+    pub tag: Option<String>,
+    /// Snapshots with any of these tags are always kept.
+    pub keep_tags: Vec<String>,
+    /// Only this cluster's snapshots.
+    pub cluster: Option<String>,
+}
+
+impl Scope {
+    fn narrowed(&self) -> bool {
+        self.tag.is_some() || self.cluster.is_some()
+    }
+
+    /// Why a complete snapshot is outside the scope, if it is.
+    fn outside(&self, s: &SnapshotSummary) -> Option<String> {
+        if let Some(c) = &self.cluster
+            && s.cluster.as_deref() != Some(c.as_str())
+        {
+            return Some(format!(
+                "of cluster {}, not {c} (--cluster)",
+                s.cluster.as_deref().unwrap_or("?")
+            ));
+        }
+        if let Some(t) = s.tags.iter().find(|t| self.keep_tags.contains(t)) {
+            return Some(format!("tagged {t} (--keep-tag)"));
+        }
+        match &self.tag {
+            None if !s.tags.is_empty() => Some(format!(
+                "tagged {}: a tagged snapshot is pruned only by `snapshots prune --tag {}`",
+                s.tags.join(", "),
+                s.tags[0]
+            )),
+            Some(t) if !s.tags.contains(t) => Some(format!("not tagged {t} (--tag)")),
+            _ => None,
+        }
+    }
 }
 
 fn duration(text: &str) -> Result<Duration> {
@@ -95,6 +138,7 @@ impl Policy {
             tiers,
             keep_last,
             grace: duration(grace)?,
+            scope: Scope::default(),
         })
     }
 }
@@ -164,6 +208,14 @@ pub fn decide(
             ));
             continue;
         }
+        if !s.complete && p.scope.narrowed() {
+            // Whose it is cannot be told before its manifest is written.
+            out.push(keep(
+                &s.name,
+                "incomplete, of an unknown cluster and tags; this prune is limited by --tag or --cluster".into(),
+            ));
+            continue;
+        }
         if !s.complete {
             let age = s
                 .modified
@@ -190,11 +242,39 @@ pub fn decide(
             .as_deref()
             .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
             .map(|t| t.with_timezone(&Utc));
+        if let Some(why) = p.scope.outside(s) {
+            out.push(keep(&s.name, why));
+            continue;
+        }
         match finished {
             Some(t) => complete.push((s, t)),
             None => out.push(keep(&s.name, "finish time unreadable".into())),
         }
     }
+    // Each cluster on its own: another cluster's snapshots never make one of
+    // this cluster's redundant, and each keeps its newest.
+    let mut clusters: std::collections::BTreeMap<String, Vec<Dated<'_>>> = Default::default();
+    for d in complete {
+        clusters
+            .entry(d.0.cluster.clone().unwrap_or_default())
+            .or_default()
+            .push(d);
+    }
+    for (cluster, complete) in clusters {
+        decide_cluster(&cluster, complete, p, now, &mut out);
+    }
+    out.sort_by(|a, b| a.snapshot.cmp(&b.snapshot));
+    out
+}
+
+/// The policy over one cluster's complete snapshots in scope.
+fn decide_cluster(
+    cluster: &str,
+    mut complete: Vec<Dated<'_>>,
+    p: &Policy,
+    now: DateTime<Utc>,
+    out: &mut Vec<Decision>,
+) {
     complete.sort_by(|a, b| b.1.cmp(&a.1).then(b.0.name.cmp(&a.0.name)));
     // (tier, window) → candidates, newest first.
     let mut windows: std::collections::BTreeMap<(usize, i64), Vec<Dated<'_>>> = Default::default();
@@ -203,7 +283,7 @@ pub fn decide(
         if i == 0 {
             out.push(keep(
                 &s.name,
-                "the newest complete snapshot (never pruned)".into(),
+                format!("the newest complete snapshot of cluster {cluster} (never pruned)"),
             ));
         } else if i < p.keep_last {
             out.push(keep(
@@ -259,8 +339,6 @@ pub fn decide(
             ));
         }
     }
-    out.sort_by(|a, b| a.snapshot.cmp(&b.snapshot));
-    out
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -22,6 +22,9 @@ pub struct SnapshotSummary {
     /// How long the backup took (from the manifest's times).
     pub duration_secs: Option<i64>,
     pub cluster: Option<String>,
+    /// Tags given at backup time.
+    #[serde(default)]
+    pub tags: Vec<String>,
     pub nodes: Option<usize>,
     /// Uncompressed data bytes (from the manifest).
     pub bytes: Option<u64>,
@@ -123,6 +126,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             finished_at: None,
             duration_secs: None,
             cluster: None,
+            tags: Vec::new(),
             nodes: None,
             bytes: None,
             stored_bytes,
@@ -146,6 +150,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
                         _ => None,
                     };
                     s.cluster = Some(m.cluster.name.clone());
+                    s.tags = m.tags.clone();
                     s.nodes = Some(m.cluster.nodes.len());
                     s.bytes = Some(m.total_bytes());
                 }

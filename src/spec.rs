@@ -88,6 +88,9 @@ pub struct RunSpec {
     pub restore_manager: RestoreManager,
     /// A backup's `MANAGER_CREDENTIALS`.
     pub manager_credentials: bool,
+    /// A backup's tags, written into its manifest.
+    #[serde(default)]
+    pub tags: Vec<String>,
     /// Bytes per second for the whole run (tunable on resume).
     pub bandwidth: Option<u64>,
     /// Phases with their strategies (tunable on resume).
@@ -232,6 +235,25 @@ pub fn compile(
             RestoreManager::No
         }
     };
+    let tags: Vec<String> = {
+        let mut v: Vec<String> = split_list(&params.expand(&t.tags))
+            .map(str::to_string)
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    if let Some(bad) = tags.iter().find(|t| {
+        t.len() > 64
+            || !t
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_-".contains(c))
+    }) {
+        problems.push(format!(
+            "TAGS: {:?} is not a tag (up to 64 letters, digits, _ and -)",
+            crate::plan::params::shorten(bad)
+        ));
+    }
     let manager_credentials = match params.expand(&t.manager_credentials).trim() {
         "" | "false" => false,
         "true" => true,
@@ -327,6 +349,7 @@ pub fn compile(
         restore_dir,
         restore_manager,
         manager_credentials,
+        tags,
         bandwidth,
         steps: expand_steps(plan, &run_cluster),
         phases,
@@ -427,6 +450,7 @@ impl RunSpec {
             self.manager_credentials.to_string(),
             other.manager_credentials.to_string(),
         );
+        diff("TAGS", self.tags.join(","), other.tags.join(","));
         let ids = |s: &RunSpec| s.steps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
         if ids(self) != ids(other) {
             out.push("steps: the plan or the cluster's nodes changed".into());

@@ -292,6 +292,18 @@ pub enum SnapshotsCmd {
         /// The time to judge ages against (RFC 3339; for tests and what-ifs).
         #[arg(long, hide = true)]
         now: Option<String>,
+        /// Apply the policy to the snapshots with this tag (`-p TAGS=…` at backup
+        /// time); without it, tagged snapshots are kept and only untagged ones are
+        /// pruned.
+        #[arg(long)]
+        tag: Option<String>,
+        /// Always keep snapshots with this tag (repeatable).
+        #[arg(long)]
+        keep_tag: Vec<String>,
+        /// Only this cluster's snapshots (by the name in its description); each
+        /// cluster is pruned on its own in any case.
+        #[arg(long)]
+        cluster: Option<String>,
     },
     /// The newest complete snapshot and its age; with --max-age, exit 6 when it is
     /// older (monitoring of the recovery point).

@@ -194,8 +194,16 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             dry_run,
             break_lock,
             now,
+            tag,
+            keep_tag,
+            cluster,
         } => {
-            let policy = Policy::parse(&policy, keep_last, &grace)?;
+            let mut policy = Policy::parse(&policy, keep_last, &grace)?;
+            policy.scope = retention::Scope {
+                tag,
+                keep_tags: keep_tag,
+                cluster,
+            };
             let now = now_or(now)?;
             let store = open(&url).await?;
             let report = retention::prune(store.clone(), &policy, now, dry_run, break_lock).await?;

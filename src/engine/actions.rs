@@ -782,6 +782,7 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         },
         objects,
         manager,
+        tags: ctx.spec.tags.clone(),
     };
     // Every object must be there with its size before the snapshot is declared complete.
     let missing = checks::objects_present(&*ctx.store, &ctx.spec.snapshot, &m).await;

@@ -151,6 +151,7 @@ pub struct TargetTemplate {
     pub restore_dir: String,
     pub restore_manager: String,
     pub manager_credentials: String,
+    pub tags: String,
     pub store_options: std::collections::BTreeMap<String, String>,
 }
 
@@ -331,6 +332,7 @@ impl Plan {
             "target.manager_credentials",
             &mut problems,
         );
+        declared(&raw.target.tags, "target.tags", &mut problems);
         for (k, v) in &raw.target.store_options {
             declared(v, &format!("target.store_options.{k}"), &mut problems);
         }
@@ -424,6 +426,7 @@ impl Plan {
                 restore_dir: raw.target.restore_dir,
                 restore_manager: raw.target.restore_manager,
                 manager_credentials: raw.target.manager_credentials,
+                tags: raw.target.tags,
                 store_options: raw.target.store_options,
             },
             phases,

@@ -62,6 +62,10 @@ pub struct RawTarget {
     /// A backup's "include the manager's credentials": true, false.
     #[serde(default)]
     pub manager_credentials: String,
+    /// A backup's tags (`${TAGS}`): names that keep a snapshot out of the default
+    /// retention (see `snapshots prune --tag`).
+    #[serde(default)]
+    pub tags: String,
     /// Backend options (endpoint, credentials…), each a template.
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

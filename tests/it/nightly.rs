@@ -510,3 +510,120 @@ fn last_reports_the_newest_complete_snapshot_and_its_age() {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["stale"], true);
 }
+
+/// A complete synthetic snapshot of `cluster` with `tags`, finished at `t`.
+fn synthetic_of(store: &Path, name: &str, t: DateTime<Utc>, cluster: &str, tags: &[&str]) {
+    let mut m = serde_json::json!({
+        "format_version": 1, "cairn_version": "0.1.0", "snapshot": name, "plan": "backup-local",
+        "started_at": t.to_rfc3339(), "finished_at": t.to_rfc3339(),
+        "cluster": {"name": cluster, "nodes": []}, "objects": []
+    });
+    if !tags.is_empty() {
+        m["tags"] = serde_json::json!(tags);
+    }
+    std::fs::create_dir_all(store.join(name)).unwrap();
+    std::fs::write(store.join(name).join("manifest.json"), m.to_string()).unwrap();
+}
+
+/// Retention per cluster and by tag: a short policy never deletes the only
+/// snapshot of another cluster, nor a hand-made tagged one; `--tag` applies the
+/// policy to the tagged ones (each cluster on its own), `--keep-tag` keeps them,
+/// `--cluster` limits the prune to one cluster. A backup's TAGS reach its manifest
+/// and `snapshots list --json`.
+#[test]
+fn prune_works_per_cluster_and_leaves_tagged_snapshots_unless_asked() {
+    let sb = Sandbox::new();
+    let store = sb.path("store");
+    let now = Utc.with_ymd_and_hms(2026, 11, 20, 0, 0, 0).unwrap();
+    let ago = |h: i64| now - Duration::hours(h);
+    synthetic_of(&store, "a-1", ago(24), "alpha", &[]);
+    synthetic_of(&store, "a-2", ago(48), "alpha", &[]);
+    synthetic_of(&store, "a-3", ago(72), "alpha", &[]);
+    synthetic_of(&store, "b-1", ago(96), "beta", &[]);
+    synthetic_of(&store, "a-up-1", ago(100), "alpha", &["pre-upgrade"]);
+    synthetic_of(&store, "a-up-2", ago(200), "alpha", &["pre-upgrade"]);
+    synthetic_of(&store, "b-up-1", ago(300), "beta", &["pre-upgrade"]);
+    let prune = |extra: &[&str]| {
+        let mut a = vec![
+            "snapshots",
+            "prune",
+            "--store",
+            "store",
+            "--policy",
+            "1h",
+            "--keep-last",
+            "1",
+            "--now",
+            "2026-11-20T00:00:00Z",
+        ];
+        a.extend_from_slice(extra);
+        let out = sb.ok(&a);
+        text(&out).0
+    };
+    let set = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>();
+
+    // Untagged, each cluster on its own: alpha keeps its newest, beta its only one.
+    let said = prune(&[]);
+    assert!(
+        said.contains("newest complete snapshot of cluster beta"),
+        "{said}"
+    );
+    assert!(
+        said.contains("a pre-upgrade") || said.contains("tagged pre-upgrade"),
+        "{said}"
+    );
+    assert_eq!(
+        names_in(&store),
+        set(&["a-1", "b-1", "a-up-1", "a-up-2", "b-up-1"])
+    );
+
+    // Limited to beta and kept tags: nothing of alpha's or of the tag goes.
+    prune(&["--tag", "pre-upgrade", "--cluster", "beta"]);
+    prune(&["--tag", "pre-upgrade", "--keep-tag", "pre-upgrade"]);
+    assert_eq!(
+        names_in(&store),
+        set(&["a-1", "b-1", "a-up-1", "a-up-2", "b-up-1"])
+    );
+
+    // The tag's own policy: alpha's older tagged snapshot goes, beta's stays.
+    prune(&["--tag", "pre-upgrade"]);
+    assert_eq!(names_in(&store), set(&["a-1", "b-1", "a-up-1", "b-up-1"]));
+
+    // A real backup carries its tags.
+    let src = source_cluster(sb.dir.path(), 1, 10);
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "-q",
+        "--cluster",
+        src.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=tagged",
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        "TAGS=pre-upgrade, audit",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(store.join("tagged/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(m["tags"], serde_json::json!(["audit", "pre-upgrade"]));
+    let out = sb.ok(&["snapshots", "list", "--store", "store", "--json"]);
+    assert!(text(&out).0.contains("\"audit\""), "{:?}", text(&out));
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "--cluster",
+        src.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=bad-tag",
+        "-p",
+        "BACKUP_DIR=store",
+        "-p",
+        "TAGS=no/slash",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+}
