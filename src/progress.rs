@@ -21,6 +21,8 @@ pub enum Event<'a> {
         status: Status,
         error: Option<&'a str>,
     },
+    /// The run ended (whatever its outcome): nothing more is drawn for it.
+    RunFinished,
     /// A step is retried after a transient error.
     Retry {
         step: &'a str,

@@ -4,7 +4,7 @@ use crate::checks::human;
 use crate::progress::{Event, Progress};
 use crate::redact::redact;
 use crate::state::Status;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
@@ -44,7 +44,11 @@ impl Progress for Bars {
                     .println(format!("run {run}: {plan} snapshot {snapshot}"));
             }
             Event::StepStarted { step, total } => {
-                self.multi.set_draw_target(ProgressDrawTarget::stderr());
+                // A retried step keeps its one bar, started again.
+                if let Some(old) = bars.remove(step) {
+                    old.finish_and_clear();
+                    self.multi.remove(&old);
+                }
                 let bar = self.multi.add(ProgressBar::new(total.unwrap_or(0)));
                 let style = ProgressStyle::with_template(
                     "{prefix:28} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
@@ -67,12 +71,22 @@ impl Progress for Bars {
             } => {
                 if let Some(b) = bars.remove(step) {
                     b.finish_and_clear();
+                    self.multi.remove(&b);
                 }
                 let line = match error {
                     Some(e) => format!("{step}: {status}: {}", redact(e)),
                     None => format!("{step}: {status}"),
                 };
                 let _ = self.multi.println(line);
+            }
+            Event::RunFinished => {
+                // No bar outlives its run (a step that ended without a final
+                // state: cancelled, or its run stopped).
+                for (_, b) in bars.drain() {
+                    b.finish_and_clear();
+                    self.multi.remove(&b);
+                }
+                let _ = self.multi.clear();
             }
             Event::Retry {
                 step,
@@ -152,6 +166,7 @@ impl Progress for Lines {
                     None => crate::say!("{step}: {status}"),
                 }
             }
+            Event::RunFinished => steps.clear(),
             Event::Retry {
                 step,
                 attempt,

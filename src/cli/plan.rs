@@ -299,6 +299,7 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             "status": rec.status, "error": rec.error,
             "started_at": rec.created_at, "finished_at": rec.finished_at,
             "exit_code": outcome.error.as_ref().map_or(exit::OK, Error::exit_code),
+            "summary": outcome.summary,
         }));
     } else if outcome.error.is_none() {
         crate::out!(
@@ -309,6 +310,9 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             rec.snapshot,
             rec.store
         );
+        if let Some(s) = &outcome.summary {
+            crate::out!("  {}", summary_line(s));
+        }
     } else if outcome.status == Status::Refused {
         crate::say!(
             "run {} REFUSED by its pre-flight checks; nothing was changed",
@@ -517,4 +521,26 @@ pub fn start_help(args: &[String]) -> Option<String> {
     ));
     text.push_str(&param_lines(&plan).join("\n"));
     Some(text)
+}
+
+/// `3 nodes, 1204 files, 1.2 GiB of data, 412.3 MiB stored (34 %), 12.4 s, 99.1 MiB/s`
+fn summary_line(s: &crate::engine::Summary) -> String {
+    let ratio = if s.bytes > 0 {
+        format!(" ({:.0} %)", s.stored_bytes as f64 * 100.0 / s.bytes as f64)
+    } else {
+        String::new()
+    };
+    let rate = if s.duration_secs > 0.0 {
+        crate::checks::human((s.bytes as f64 / s.duration_secs) as u64) + "/s"
+    } else {
+        "-".into()
+    };
+    format!(
+        "{} node(s), {} file(s), {} of data, {} stored{ratio}, {:.1} s, {rate}",
+        s.nodes,
+        s.files,
+        crate::checks::human(s.bytes),
+        crate::checks::human(s.stored_bytes),
+        s.duration_secs
+    )
 }

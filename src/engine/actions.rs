@@ -1105,3 +1105,46 @@ async fn undo_manager_restore(ctx: &Arc<RunCtx>) {
         ),
     }
 }
+
+/// What a complete backup or restore moved (see [`super::Summary`]).
+pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
+    let run = ctx.run_id;
+    let steps = ctx.state.call(move |s| s.steps(run)).await.ok()?;
+    if ctx.plan.has_action(Action::BackupNode) {
+        let outs = outputs::<NodeOutput>(&steps, Action::BackupNode).ok()?;
+        return Some(super::Summary {
+            nodes: outs.len(),
+            files: outs.iter().map(|o| o.node.file_count).sum(),
+            bytes: outs.iter().map(|o| o.node.bytes).sum(),
+            stored_bytes: outs.iter().map(|o| o.object.size).sum(),
+            duration_secs: secs,
+        });
+    }
+    if ctx.plan.has_action(Action::StageNode) {
+        let m = ctx.manifest().await.ok()?;
+        let mut s = super::Summary {
+            nodes: 0,
+            files: 0,
+            bytes: 0,
+            stored_bytes: 0,
+            duration_secs: secs,
+        };
+        for n in &ctx.cluster.nodes {
+            let Some(info) = m.node(n.index) else {
+                continue;
+            };
+            s.nodes += 1;
+            for f in info
+                .files
+                .iter()
+                .filter(|f| ctx.spec.selection.restores_file(&f.path))
+            {
+                s.files += 1;
+                s.bytes = s.bytes.saturating_add(f.size);
+            }
+            s.stored_bytes += m.object(&info.object).map_or(0, |o| o.size);
+        }
+        return Some(s);
+    }
+    None
+}

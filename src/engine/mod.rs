@@ -79,6 +79,19 @@ pub struct Outcome {
     pub run_id: i64,
     pub status: Status,
     pub error: Option<Error>,
+    /// What a complete backup or restore moved, for the final summary line.
+    pub summary: Option<Summary>,
+}
+
+/// A finished run in figures: data bytes (uncompressed), bytes in the store (the
+/// node objects), nodes, and this process's time on the run.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub nodes: usize,
+    pub files: u64,
+    pub bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_secs: f64,
 }
 
 impl Outcome {
@@ -405,6 +418,7 @@ impl Engine {
     }
 
     async fn execute(&self, ctx: Arc<RunCtx>) -> Result<Outcome> {
+        let began = std::time::Instant::now();
         let run_id = ctx.run_id;
         self.state.set_run_status(run_id, Status::Running, None)?;
         tracing::info!(run = run_id, plan = %ctx.spec.plan, snapshot = %ctx.spec.snapshot, store = %ctx.store.describe(), "run started");
@@ -469,10 +483,17 @@ impl Engine {
         ctx.release_lock().await;
         self.state.set_run_status(run_id, status, msg.as_deref())?;
         tracing::info!(run = run_id, status = %status, "run finished");
+        let summary = if status == Status::Complete {
+            actions::summary(&ctx, began.elapsed().as_secs_f64()).await
+        } else {
+            None
+        };
+        self.progress.event(Event::RunFinished);
         Ok(Outcome {
             run_id,
             status,
             error,
+            summary,
         })
     }
 

@@ -546,3 +546,76 @@ fn help_lists_plan_parameters_and_completions_and_man_are_printed() {
     assert!(so.contains(".TH cairn 1"), "{so}");
     assert!(!sb.path("home").exists(), "help made a state home");
 }
+
+/// On a terminal (tmux), a parallel three-node backup draws its bars and leaves
+/// none behind: the screen at the end holds the run's lines and the summary,
+/// no frozen bar.
+#[test]
+fn a_parallel_backup_on_a_terminal_leaves_no_bar_and_ends_with_a_summary() {
+    let Some(tmux) = super::servers::tool("CAIRN_TEST_TMUX") else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 3, 3 << 20);
+    let socket = format!("cairn-test-{}", std::process::id());
+    let script = sb.path("run.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\ncd {dir:?}\nCAIRN_HOME={home:?} {bin:?} plan start backup-local --cluster {src:?} -p SNAPSHOT_NAME=s -p BACKUP_DIR=store -p STRATEGY=parallel -p MAX_CONCURRENCY=3 -p MAX_BANDWIDTH=4MiB\necho \"exit-$?-done\"\nsleep 60\n",
+            dir = sb.dir.path(),
+            home = sb.path("home"),
+            bin = env!("CARGO_BIN_EXE_cairn"),
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let tm = |args: &[&str]| {
+        std::process::Command::new(&tmux)
+            .args(["-L", &socket])
+            .args(args)
+            .env_remove("NO_COLOR")
+            .output()
+            .unwrap()
+    };
+    let started = tm(&[
+        "new-session",
+        "-d",
+        "-x",
+        "160",
+        "-y",
+        "50",
+        "-s",
+        "t",
+        script.to_str().unwrap(),
+    ]);
+    assert!(started.status.success(), "{:?}", text(&started));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut saw_bar = false;
+    let screen = loop {
+        let out = tm(&["capture-pane", "-p", "-t", "t"]);
+        let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+        saw_bar |= screen.contains("] ") && screen.contains("backup/backup-node");
+        if screen.contains("-done") {
+            break screen;
+        }
+        if std::time::Instant::now() > deadline {
+            tm(&["kill-server"]);
+            panic!("the backup did not end:\n{screen}");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    tm(&["kill-server"]);
+    assert!(screen.contains("exit-0-done"), "{screen}");
+    assert!(saw_bar, "no progress bar was drawn on the terminal");
+    assert!(
+        screen.contains("3 node(s),") && screen.contains("stored"),
+        "{screen}"
+    );
+    for line in screen.lines() {
+        assert!(
+            !(line.contains('[') && line.contains("] ") && line.contains("eta")),
+            "a bar was left on the screen: {line:?}\n{screen}"
+        );
+    }
+}
