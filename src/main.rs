@@ -6,7 +6,7 @@ use clap::Parser;
 
 /// jemalloc: glibc's allocator raises its mmap threshold after the first multi-MiB
 /// part is freed and then keeps freed parts in per-thread arenas, which doubled the
-/// peak RSS of a backup (measured in README, "Memory").
+/// peak RSS of a backup (measured in docs/benchmarks.md).
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
