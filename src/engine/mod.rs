@@ -549,14 +549,22 @@ impl Engine {
         let mut attempt = 1u32;
         loop {
             self.save(ctx, step, Status::Running, None, None).await?;
-            let result = tokio::select! {
-                r = async {
-                    crate::failpoint::hit(&format!("before:{}", step.id))?;
-                    let out = actions::run(ctx, step).await?;
-                    crate::failpoint::hit(&format!("after:{}", step.id))?;
-                    Ok(out)
-                } => r,
-                _ = ctx.cancel.cancelled() => Err(Error::Cancelled),
+            let work = async {
+                crate::failpoint::hit(&format!("before:{}", step.id))?;
+                let out = actions::run(ctx, step).await?;
+                crate::failpoint::hit(&format!("after:{}", step.id))?;
+                Ok(out)
+            };
+            // A commit is never dropped halfway: it sees the cancellation itself,
+            // and moves back what it moved on every node before it returns, so a
+            // cancelled restore leaves the target as it was.
+            let result = if step.action == Action::CommitRestore {
+                work.await
+            } else {
+                tokio::select! {
+                    r = work => r,
+                    _ = ctx.cancel.cancelled() => Err(Error::Cancelled),
+                }
             };
             match result {
                 Ok(output) => {

@@ -312,8 +312,42 @@ fn value<T: Serialize>(v: &T) -> Result<serde_json::Value> {
     serde_json::to_value(v).map_err(|e| Error::State(e.to_string()))
 }
 
+/// An exclusive lock (flock) on a data dir, held while a restore changes it on
+/// this host: an agent still finishing its work for a coordinator that died (its
+/// rollback going on) and the agent of a resume never move entries at the same
+/// time — the second waits. `None` when the dir does not exist.
+fn lock_data_dir(dir: &Path) -> Result<Option<std::fs::File>> {
+    let f = match std::fs::File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(Error::io("open", dir, e)),
+    };
+    if fs4::FileExt::try_lock(&f).is_ok() {
+        return Ok(Some(f));
+    }
+    tracing::warn!(
+        dir = %dir.display(),
+        "another cairn is changing this data dir (an earlier agent finishing its work); waiting for it"
+    );
+    fs4::FileExt::lock(&f).map_err(|e| Error::io("lock", dir, e))?;
+    Ok(Some(f))
+}
+
 /// Run a filesystem operation here (blocking).
 pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<serde_json::Value> {
+    let locked = match &op {
+        FsOp::Commit { moves, .. } | FsOp::RollBack { moves } => {
+            moves.first().map(|m| m.data_dir.clone())
+        }
+        FsOp::FinishCommit { data_dir, .. } | FsOp::RemoveStaging { data_dir, .. } => {
+            Some(data_dir.clone())
+        }
+        FsOp::Probe(_) | FsOp::PlanMoves { .. } | FsOp::Undo { .. } => None,
+    };
+    let _lock = match &locked {
+        Some(dir) => lock_data_dir(dir)?,
+        None => None,
+    };
     match op {
         FsOp::Probe(req) => value(&probe(&req, disk)),
         FsOp::RemoveStaging { data_dir, name } => {
@@ -963,7 +997,7 @@ fn finish_commit(moves: &[Move], data_dir: &Path, staging: &Path) -> Result<()> 
             .map_err(|e| Error::io("check", m.data_dir.join(&m.rel), e))?;
         if there.is_none() || (m.ident.is_some() && there != m.ident) {
             return Err(Error::State(format!(
-                "{} is not the entry the commit moved there; the staging dir {} is kept",
+                "{} is not the entry the commit moved there; the staging dir {} was not removed",
                 m.data_dir.join(&m.rel).display(),
                 staging.display()
             )));
@@ -1029,4 +1063,36 @@ fn roll_back(moves: &[Move]) -> RolledBack {
         m.remove_created();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The agent of a resume waits for an agent still working in the same data
+    /// dir (one whose coordinator died mid-commit) instead of racing it.
+    #[test]
+    fn a_second_agent_waits_for_the_first_in_a_data_dir() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let held = lock_data_dir(dir.path()).expect("lock").expect("a dir");
+        let path = dir.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let waiter = std::thread::spawn(move || {
+            let lock = lock_data_dir(&path).expect("lock");
+            tx.send(std::time::Instant::now()).expect("send");
+            drop(lock);
+        });
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        assert!(rx.try_recv().is_err(), "the second lock did not wait");
+        let released = std::time::Instant::now();
+        drop(held);
+        let got = rx.recv().expect("recv");
+        assert!(got >= released);
+        waiter.join().expect("join");
+        assert!(
+            lock_data_dir(&dir.path().join("missing"))
+                .expect("ok")
+                .is_none()
+        );
+    }
 }

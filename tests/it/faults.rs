@@ -598,3 +598,68 @@ fn a_rollback_that_cannot_tell_which_entry_is_the_restores_refuses() {
     assert_restored(&sb, "tgt", 1);
     assert_no_leftovers(&sb, "tgt", 1);
 }
+
+/// `plan stop` while the commit moves entries in: the commit is not dropped
+/// halfway — it stops between moves and moves back what it moved, on every node —
+/// so the CANCELLED run leaves the target as it was, and a resume completes.
+#[test]
+fn a_restore_stopped_mid_commit_leaves_the_target_as_it_was() {
+    let sb = Sandbox::new();
+    backed_up(&sb, "home", 2, &[]);
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    std::fs::create_dir_all(sb.path("tgt/node-0")).unwrap();
+    std::fs::create_dir_all(sb.path("tgt/node-1")).unwrap();
+    let before = [0, 1].map(|i| exact_tree(&sb.path(&format!("tgt/node-{i}"))));
+    let args = start_args("restore-local", &tgt, "s", &[]);
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    let child = sb
+        .command(&a)
+        .env("CAIRN_HOME", sb.path("home"))
+        .env("FAILPOINTS", "commit-rename:2=sleep(3000)")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The commit has moved two entries in and sleeps before the third.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commit never began"
+        );
+        let moved = [0, 1]
+            .iter()
+            .flat_map(|i| std::fs::read_dir(sb.path(&format!("tgt/node-{i}"))).unwrap())
+            .flatten()
+            .filter(|e| !e.file_name().to_string_lossy().starts_with(".cairn"))
+            .count();
+        if moved >= 2 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = cairn(&sb, "home", None, &["plan", "stop", "2"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{:?}", text(&out));
+    assert!(status(&sb, "home", 2).contains("CANCELLED"));
+    for (i, t) in before.iter().enumerate() {
+        let now: std::collections::BTreeMap<_, _> = exact_tree(&sb.path(&format!("tgt/node-{i}")))
+            .into_iter()
+            .filter(|(k, _)| !k.starts_with(".cairn-staging-"))
+            .collect();
+        let was: std::collections::BTreeMap<_, _> = t
+            .iter()
+            .filter(|(k, _)| !k.starts_with(".cairn-staging-"))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        assert_eq!(
+            now.keys().collect::<Vec<_>>(),
+            was.keys().collect::<Vec<_>>(),
+            "node {i}: the cancelled commit left entries in the target"
+        );
+    }
+    let out = cairn(&sb, "home", None, &["plan", "resume", "2", "-q"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_restored(&sb, "tgt", 2);
+}
