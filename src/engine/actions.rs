@@ -845,24 +845,30 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
     // missing one is marked to be staged again, never skipped.
     let run = ctx.run_id;
     let records = ctx.state.call(move |s| s.steps(run)).await?;
-    let mut missing = Vec::new();
-    for s in ctx
-        .spec
-        .steps
-        .iter()
-        .filter(|s| s.action == Action::StageNode)
-    {
-        let rec = records.iter().find(|r| r.id == s.id);
-        let ok = match rec {
-            Some(r) if r.status == Status::Complete => {
-                effects_hold(ctx, s, r.output.as_deref(), Depth::Metadata).await
-            }
-            _ => Err("it has not completed".to_string()),
-        };
-        if let Err(why) = ok {
-            missing.push((s.id.clone(), why));
-        }
-    }
+    // Every node checks its own staging at once (one round trip, not one per node).
+    let checks = futures::future::join_all(
+        ctx.spec
+            .steps
+            .iter()
+            .filter(|s| s.action == Action::StageNode)
+            .map(|s| {
+                let rec = records.iter().find(|r| r.id == s.id);
+                async move {
+                    let ok = match rec {
+                        Some(r) if r.status == Status::Complete => {
+                            effects_hold(ctx, s, r.output.as_deref(), Depth::Metadata).await
+                        }
+                        _ => Err("it has not completed".to_string()),
+                    };
+                    (s.id.clone(), ok)
+                }
+            }),
+    )
+    .await;
+    let missing: Vec<(String, String)> = checks
+        .into_iter()
+        .filter_map(|(id, ok)| ok.err().map(|why| (id, why)))
+        .collect();
     if !missing.is_empty() {
         let ids: Vec<String> = missing.iter().map(|m| m.0.clone()).collect();
         let why = "its staged data was gone when the commit began";
@@ -899,15 +905,19 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
     let mut nodes: Vec<&Node> = ctx.cluster.nodes.iter().collect();
     nodes.sort_by(|a, b| a.data_dir.cmp(&b.data_dir));
     let mut plan: Vec<(&Node, Vec<Move>)> = Vec::new();
-    for n in nodes {
+    let planned = futures::future::join_all(nodes.iter().map(|n| {
         let op = FsOp::PlanMoves {
             node: n.index,
             staging: staging_dir(ctx, n),
             data_dir: n.data_dir.clone(),
             paths: ctx.spec.selection.paths.clone(),
-            parents: parents.remove(&n.index).unwrap_or_default(),
+            parents: parents.get(&n.index).cloned().unwrap_or_default(),
         };
-        let moves: Vec<Move> = crate::node::fs(&*ctx.exec(n), n.index, op).await?;
+        async move { crate::node::fs::<Vec<Move>>(&*ctx.exec(n), n.index, op).await }
+    }))
+    .await;
+    for (n, moves) in nodes.into_iter().zip(planned) {
+        let moves = moves?;
         // Nothing is journaled that was not asked for: this node, its staging
         // dir and data dir, a plain relative entry of what is restored.
         if let Some(bad) = moves.iter().find(|m| !move_fits(ctx, n, m)) {
@@ -975,15 +985,17 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
         undo_manager_restore(ctx).await;
         return Err(e);
     }
-    for (n, moves) in &plan {
+    // Every node committed: each finishes (metadata, staging removed) at once.
+    let finished = futures::future::join_all(plan.iter().map(|(n, moves)| {
         let op = FsOp::FinishCommit {
             moves: moves.clone(),
             data_dir: n.data_dir.clone(),
             staging: staging_dir(ctx, n),
         };
-        crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
-    }
-    Ok(())
+        async move { crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await }
+    }))
+    .await;
+    finished.into_iter().collect()
 }
 
 /// Whether a move a node planned is one this restore makes.

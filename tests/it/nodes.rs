@@ -752,20 +752,7 @@ print(json.dumps({{"done": out}}), flush=True)
 fn a_killed_agent_mid_restore_fails_the_run_and_resume_restores_every_node() {
     let sb = Sandbox::new();
     let bin = agent_bin(&sb);
-    let cluster = exec_cluster(&sb, 2, 6 << 20, &bin, env_prefix);
-    ok_v(&sb, &start_args("backup-local", &cluster, "s", &[]));
-    let args = start_args(
-        "restore-local",
-        &cluster,
-        "s",
-        &["RESTORE_DIR=tgt", "MAX_BANDWIDTH=1MiB", "STRATEGY=parallel"],
-    );
-    let child = sb
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_exec_restore(&sb, &bin, 6 << 20, "parallel");
     // Wait for an agent that is staging (its staging dir has data), then kill it.
     let deadline = Instant::now() + Duration::from_secs(120);
     let staging_bytes = || -> u64 {
@@ -796,20 +783,7 @@ fn a_killed_agent_mid_restore_fails_the_run_and_resume_restores_every_node() {
     assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
     assert!(text(&out).1.contains("agent"), "{:?}", text(&out));
     // Nothing was moved into place.
-    for i in 0..2 {
-        let left: Vec<String> = std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.starts_with(".cairn-staging-"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        assert!(
-            left.is_empty(),
-            "node {i} holds {left:?} after a failed restore"
-        );
-    }
+    assert_nothing_moved(&sb, 2);
     let st = sb.ok(&["plan", "status", "2"]);
     assert!(
         text(&st).0.starts_with("run 2  restore-local  FAILED"),
@@ -837,20 +811,7 @@ fn a_killed_agent_mid_restore_fails_the_run_and_resume_restores_every_node() {
 fn a_staged_file_changed_before_the_commit_is_never_committed() {
     let sb = Sandbox::new();
     let bin = agent_bin(&sb);
-    let cluster = exec_cluster(&sb, 2, 4 << 20, &bin, env_prefix);
-    ok_v(&sb, &start_args("backup-local", &cluster, "s", &[]));
-    let args = start_args(
-        "restore-local",
-        &cluster,
-        "s",
-        &["RESTORE_DIR=tgt", "MAX_BANDWIDTH=1MiB", "STRATEGY=serial"],
-    );
-    let child = sb
-        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = slow_exec_restore(&sb, &bin, 4 << 20, "serial");
     let staging_of = |i: u32| {
         std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
             .ok()?
@@ -899,7 +860,36 @@ fn a_staged_file_changed_before_the_commit_is_never_committed() {
         "{:?}",
         text(&out)
     );
-    for i in 0..2 {
+    assert_nothing_moved(&sb, 2);
+    ok_v(
+        &sb,
+        &["plan".into(), "resume".into(), "2".into(), "-q".into()],
+    );
+    assert_restored(&sb, "tgt", 2);
+}
+
+/// A restore-local of a fresh two-node exec cluster (env prefix, `extra` bytes a
+/// node) into RESTORE_DIR=tgt at 1 MiB/s, running: a window to act in.
+fn slow_exec_restore(sb: &Sandbox, bin: &str, extra: usize, strategy: &str) -> std::process::Child {
+    let cluster = exec_cluster(sb, 2, extra, bin, env_prefix);
+    ok_v(sb, &start_args("backup-local", &cluster, "s", &[]));
+    let strategy = format!("STRATEGY={strategy}");
+    let args = start_args(
+        "restore-local",
+        &cluster,
+        "s",
+        &["RESTORE_DIR=tgt", "MAX_BANDWIDTH=1MiB", &strategy],
+    );
+    sb.command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// No node of `tgt` holds anything but cairn's own (staging) entries.
+fn assert_nothing_moved(sb: &Sandbox, nodes: u32) {
+    for i in 0..nodes {
         let left: Vec<String> = std::fs::read_dir(sb.path(&format!("tgt/node-{i}")))
             .map(|rd| {
                 rd.flatten()
@@ -910,12 +900,7 @@ fn a_staged_file_changed_before_the_commit_is_never_committed() {
             .unwrap_or_default();
         assert!(
             left.is_empty(),
-            "node {i} holds {left:?} after a refused commit"
+            "node {i} holds {left:?} after a failed restore"
         );
     }
-    ok_v(
-        &sb,
-        &["plan".into(), "resume".into(), "2".into(), "-q".into()],
-    );
-    assert_restored(&sb, "tgt", 2);
 }
