@@ -153,11 +153,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                         problems.extend(facts.problems);
                         found.extend(facts.keyspaces);
                     }
-                    Err(Error::Checks(p)) => problems.extend(p),
-                    Err(e) => problems.push(match e {
-                        Error::Remote { .. } => e.to_string(),
-                        e => format!("node {}: {e}", n.index),
-                    }),
+                    Err(e) => problems.extend(crate::node::problems_of(n.index, e)),
                 }
             }
             checks::backup(

@@ -177,9 +177,7 @@ pub async fn preview(
                             creates: Vec::new(),
                         });
                     }
-                    Err(Error::Checks(p)) => problems.extend(p),
-                    Err(e @ Error::Remote { .. }) => problems.push(e.to_string()),
-                    Err(e) => problems.push(format!("node {}: {e}", n.index)),
+                    Err(e) => problems.extend(crate::node::problems_of(n.index, e)),
                 }
             }
             checks::backup(

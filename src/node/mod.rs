@@ -147,6 +147,16 @@ pub trait NodeExec: Send + Sync {
     async fn hash_object(&self, key: &str, cancel: &CancellationToken) -> Result<String>;
 }
 
+/// A node that could not be asked in a pre-flight, as lines of its report: its
+/// own problems, or the one error naming it.
+pub fn problems_of(node: u32, e: Error) -> Vec<String> {
+    match e {
+        Error::Checks(p) => p,
+        e @ Error::Remote { .. } => vec![e.to_string()],
+        e => vec![format!("node {node}: {e}")],
+    }
+}
+
 /// A typed [`NodeExec::fs`].
 pub async fn fs<T: serde::de::DeserializeOwned>(
     exec: &dyn NodeExec,

@@ -591,9 +591,7 @@ pub async fn probe_nodes<'a>(
             Ok(p) => {
                 probes.insert(n, p);
             }
-            Err(Error::Checks(p)) => problems.extend(p),
-            Err(e @ Error::Remote { .. }) => problems.push(e.to_string()),
-            Err(e) => problems.push(format!("node {n}: {e}")),
+            Err(e) => problems.extend(super::problems_of(n, e)),
         }
     }
     (probes, problems)
