@@ -47,6 +47,7 @@ pub mod archive;
 pub mod checks;
 pub mod cli;
 pub mod cluster;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod failpoint;

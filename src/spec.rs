@@ -9,8 +9,9 @@
 //! store options that hold them are rebuilt from the parameters at each start.
 
 use crate::cluster::{Cluster, RESERVED_PREFIX, Selection, split_list};
+use crate::config::{Config, StoreArg};
 use crate::plan::params::{Params, Source};
-use crate::plan::{Action, On, Plan, Strategy};
+use crate::plan::{Action, On, Plan, STORE_PARAM, Strategy};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -101,6 +102,10 @@ pub struct RunSpec {
     pub token: String,
     /// Where each parameter's value came from (shown by `plan status`).
     pub param_sources: BTreeMap<String, Source>,
+    /// The `cairn.toml` whose store profile placed the store (read again by a
+    /// resume that names none).
+    #[serde(default)]
+    pub config: Option<PathBuf>,
     /// Backend options with secrets: rebuilt from the parameters, never stored.
     #[serde(skip)]
     pub store_options: BTreeMap<String, String>,
@@ -167,9 +172,17 @@ pub fn compile(
     params: &Params,
     cluster: &Cluster,
     token: String,
+    config: &Config,
 ) -> Result<(RunSpec, Cluster)> {
     let mut problems = Vec::new();
     let t = &plan.target;
+    let (store, store_options, config_used) = match place_store(plan, params, config) {
+        Ok(placed) => placed,
+        Err(e) => {
+            problems.extend(e);
+            Default::default()
+        }
+    };
 
     let snapshot = params.expand(&t.snapshot);
     if let Err(e) = check_snapshot_name(&snapshot) {
@@ -333,16 +346,12 @@ pub fn compile(
             // RESTORE_DIR is a directory on each node's own host.
         }
     }
-    let store_options = t
-        .store_options
-        .iter()
-        .map(|(k, v)| (k.clone(), params.expand(v)))
-        .collect();
     let spec = RunSpec {
         version: SPEC_VERSION,
         plan: plan.name.clone(),
         kind,
-        store: params.expand(&t.store),
+        store,
+        config: config_used,
         snapshot,
         selection,
         nodes,
@@ -358,6 +367,68 @@ pub fn compile(
         store_options,
     };
     Ok((spec, run_cluster))
+}
+
+/// Where a run's store is and how it is reached: a store profile (`STORE=NAME`),
+/// else the plan's own templates. Also the config file whose profile was used.
+type Placed = (String, BTreeMap<String, String>, Option<PathBuf>);
+
+fn place_store(
+    plan: &Plan,
+    params: &Params,
+    config: &Config,
+) -> std::result::Result<Placed, Vec<String>> {
+    let flat = |e: Error| match e {
+        Error::Params(p) => p,
+        e => vec![e.to_string()],
+    };
+    let named = params.get(STORE_PARAM);
+    if plan.implicit_store && !named.is_empty() {
+        let p = config.store(named).map_err(flat)?;
+        let want = crate::config::scheme_of(&plan.target.store);
+        if p.scheme() != want {
+            let other = crate::plan::SHIPPED.iter().find_map(|(n, text)| {
+                let o = Plan::parse(n, text).ok()?;
+                (o.implicit_store
+                    && o.is_backup() == plan.is_backup()
+                    && crate::config::scheme_of(&o.target.store) == p.scheme())
+                .then_some(o.name)
+            });
+            return Err(vec![format!(
+                "STORE={named} is a {} store ({}), and plan {} works on {want} stores{}",
+                p.scheme(),
+                p.url,
+                plan.name,
+                other
+                    .map(|o| format!(": use plan {o} with STORE={named}"))
+                    .unwrap_or_default()
+            )]);
+        }
+        return Ok((
+            p.url.clone(),
+            p.options().map_err(flat)?,
+            config.path.clone(),
+        ));
+    }
+    let text = params.expand(&plan.target.store);
+    let options = plan
+        .target
+        .store_options
+        .iter()
+        .map(|(k, v)| (k.clone(), params.expand(v)))
+        .collect();
+    // A plan that takes the store itself (`STORE=URL`) takes a profile name too.
+    if !plan.implicit_store && crate::config::is_profile_name(&text) {
+        return match config.store_arg(&text).map_err(flat)? {
+            StoreArg::Profile(p) => Ok((
+                p.url.clone(),
+                p.options().map_err(flat)?,
+                config.path.clone(),
+            )),
+            StoreArg::Url(u) => Ok((u, options, None)),
+        };
+    }
+    Ok((text, options, None))
 }
 
 /// The concrete steps of a plan for a cluster, in execution order.

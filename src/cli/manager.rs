@@ -9,7 +9,7 @@ use crate::error::exit;
 use crate::manager::{Manager, catalog};
 use crate::plan::Plan;
 use crate::plan::params::{CliParam, ProcessEnv};
-use crate::store::{self, Store};
+use crate::store::Store;
 use crate::{Error, Result};
 use serde_json::json;
 use std::path::Path;
@@ -21,9 +21,9 @@ fn manager(g: &Globals, cluster: Option<&Path>) -> Result<Manager> {
     Manager::resolve(c.as_ref(), cluster, &g.home)
 }
 
-async fn open(url: Option<String>) -> Result<Arc<dyn Store>> {
+async fn open(g: &Globals, url: Option<String>, cluster: Option<&Path>) -> Result<Arc<dyn Store>> {
     let url = url.ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
-    store::open(&url, &super::store_options_from_env()).await
+    g.open_store(&url, cluster).await
 }
 
 fn yes_no(b: Option<bool>) -> &'static str {
@@ -44,7 +44,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             at,
         } => {
             let m = manager(g, at.cluster.as_deref())?;
-            let store = open(at.store).await?;
+            let store = open(g, at.store, at.cluster.as_deref()).await?;
             let id = id.unwrap_or_else(catalog::default_id);
             let s = catalog::create(
                 &*store,
@@ -70,7 +70,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             Ok(exit::OK)
         }
         ManagerCmd::List { store } => {
-            let store = open(store).await?;
+            let store = open(g, store, None).await?;
             let list = catalog::list(&*store).await?;
             if g.json {
                 print_json(&json!(list));
@@ -109,7 +109,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             Ok(exit::OK)
         }
         ManagerCmd::Download { id, output, store } => {
-            let store = open(store).await?;
+            let store = open(g, store, None).await?;
             let s = catalog::download(&*store, &id, &output, &cancel).await?;
             if g.json {
                 print_json(&json!({"id": id, "file": output, "size": s.size}));
@@ -123,7 +123,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             Ok(exit::OK)
         }
         ManagerCmd::Upload { file, id, store } => {
-            let store = open(store).await?;
+            let store = open(g, store, None).await?;
             let s = catalog::upload(&*store, &file, id.as_deref(), &cancel).await?;
             if g.json {
                 print_json(&json!(s));
@@ -139,7 +139,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
         }
         ManagerCmd::Restore { id, force, at } => {
             let m = manager(g, at.cluster.as_deref())?;
-            let store = open(at.store).await?;
+            let store = open(g, at.store, at.cluster.as_deref()).await?;
             let r = catalog::restore(&*store, &id, &m, force, Arc::new(RealDisk), &cancel).await?;
             if g.json {
                 print_json(&json!(r));
@@ -185,7 +185,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             Ok(exit::OK)
         }
         ManagerCmd::Delete { id, store } => {
-            let store = open(store).await?;
+            let store = open(g, store, None).await?;
             catalog::delete(&*store, &id).await?;
             if g.json {
                 print_json(&json!({"deleted": id}));
@@ -231,7 +231,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     let url = a
         .store
         .ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
-    let store = store::open(&url, &super::store_options_from_env()).await?;
+    let store = g.open_store(&url, a.cluster.as_deref()).await?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let cluster = a.cluster.as_deref().map(Cluster::load).transpose()?;

@@ -23,6 +23,10 @@ pub struct Cli {
     /// Directory of the run-state store.
     #[arg(long, global = true, env = "CAIRN_HOME")]
     pub home: Option<PathBuf>,
+    /// The config file with named stores (default: cairn.toml next to the cluster
+    /// description, else in the user's config dir).
+    #[arg(long, global = true, env = "CAIRN_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Extra plans directory (its plans override the shipped ones of the same name).
     #[arg(long, global = true, env = "CAIRN_PLANS")]
     pub plans_dir: Option<PathBuf>,
@@ -70,7 +74,7 @@ pub enum Command {
 /// Where a manager-snapshot command works.
 #[derive(Debug, clap::Args)]
 pub struct At {
-    /// The store: file:///path, s3://bucket/prefix, az://container/prefix.
+    /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix, az://container/prefix.
     #[arg(long, env = "CAIRN_STORE")]
     pub store: Option<String>,
     /// The cluster description; without one (or without its [manager]) the manager
@@ -93,7 +97,7 @@ pub enum ManagerCmd {
     },
     /// List manager snapshots: id, created, version, size, credentials, status.
     List {
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
@@ -104,7 +108,7 @@ pub enum ManagerCmd {
         /// The file to write.
         #[arg(short = 'o', long = "output")]
         output: PathBuf,
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
@@ -115,7 +119,7 @@ pub enum ManagerCmd {
         /// Id in the store (default: the id in its metadata).
         #[arg(long)]
         id: Option<String>,
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
@@ -140,7 +144,7 @@ pub enum ManagerCmd {
     Delete {
         /// The manager snapshot's id (as `manager-snapshot list` shows it).
         id: String,
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
     },
@@ -161,7 +165,7 @@ pub struct RecoverArgs {
     /// objects are all present.
     #[arg(long)]
     pub snapshot: Option<String>,
-    /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+    /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
     #[arg(long, env = "CAIRN_STORE")]
     pub store: Option<String>,
     /// The cluster description (TOML) whose manager (and with --nodes, nodes)
@@ -234,7 +238,7 @@ pub enum PlanCmd {
 pub enum SnapshotsCmd {
     /// List snapshots (complete or not) in a store.
     List {
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
     },
@@ -244,7 +248,7 @@ pub enum SnapshotsCmd {
     Verify {
         /// The snapshot's name (SNAPSHOT_NAME of its backup).
         name: String,
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// Download every object and check every file's SHA-256.
@@ -261,7 +265,7 @@ pub enum SnapshotsCmd {
     Delete {
         /// The snapshot's name (SNAPSHOT_NAME of its backup).
         name: String,
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// Remove a stale lock on the snapshot first.
@@ -270,7 +274,7 @@ pub enum SnapshotsCmd {
     },
     /// Apply a retention policy: keep what it names, delete the rest.
     Prune {
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// WITHIN[,EVERY:UNTIL]…: keep all younger than WITHIN, then one per EVERY
@@ -308,7 +312,7 @@ pub enum SnapshotsCmd {
     /// The newest complete snapshot and its age; with --max-age, exit 6 when it is
     /// older (monitoring of the recovery point).
     Last {
-        /// The store: file:///path, s3://bucket/prefix or az://container/prefix.
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: String,
         /// e.g. 26h.
@@ -323,11 +327,39 @@ pub enum SnapshotsCmd {
 pub struct Globals {
     pub home: PathBuf,
     pub plans_dir: Option<PathBuf>,
+    /// `--config`: the file of store profiles, when named.
+    pub config: Option<PathBuf>,
     pub json: bool,
     pub quiet: bool,
 }
 
 impl Globals {
+    /// The store profiles: `--config`, else `cairn.toml` next to `cluster`, else
+    /// the user's config dir.
+    pub fn config(&self, cluster: Option<&std::path::Path>) -> Result<crate::config::Config> {
+        crate::config::Config::discover(self.config.as_deref(), cluster)
+    }
+
+    /// Open the store a `--store` argument names: a store profile (a bare word
+    /// defined in `cairn.toml`), a URL or a directory. URLs and paths take their
+    /// backend options from the environment; a profile brings its own.
+    pub async fn open_store(
+        &self,
+        arg: &str,
+        cluster: Option<&std::path::Path>,
+    ) -> Result<std::sync::Arc<dyn crate::store::Store>> {
+        use crate::config::{StoreArg, is_profile_name};
+        let placed = if is_profile_name(arg) {
+            self.config(cluster)?.store_arg(arg)?
+        } else {
+            StoreArg::Url(arg.to_string())
+        };
+        match placed {
+            StoreArg::Profile(p) => crate::store::open(&p.url, &p.options()?).await,
+            StoreArg::Url(u) => crate::store::open(&u, &store_options_from_env()).await,
+        }
+    }
+
     pub fn state(&self) -> Result<StateStore> {
         let new = !self.home.join("state.db").exists();
         let s = StateStore::open(&self.home)?;
@@ -350,6 +382,7 @@ pub async fn run(cli: Cli) -> Result<i32> {
     let g = Globals {
         home: cli.home.unwrap_or_else(StateStore::default_home),
         plans_dir: cli.plans_dir,
+        config: cli.config.filter(|c| !c.as_os_str().is_empty()),
         json: cli.json,
         quiet: cli.quiet,
     };

@@ -202,10 +202,13 @@ async fn start(
     let cluster_file = cluster
         .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
     let cluster = Cluster::load(&cluster_file)?;
+    let config = g.config(Some(&cluster_file))?;
     // Bad parameters are refused before a state home is made or opened.
-    let checked = crate::plan::params::Params::resolve(&plan.params, params, &ProcessEnv)?;
-    crate::spec::compile(&plan, &checked, &cluster, String::new())?;
-    let engine = engine(g, break_lock)?;
+    let checked = plan.resolve_params(params, &[], &ProcessEnv)?;
+    crate::spec::compile(&plan, &checked, &cluster, String::new(), &config)?;
+    let mut engine = engine(g, break_lock)?;
+    engine.config = config;
+    engine.config_given = g.config.is_some();
     let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
     finish(g, &engine.state, outcome)
 }
@@ -221,12 +224,14 @@ async fn dry_run_start(
     let cluster_file = cluster
         .ok_or_else(|| usage("no cluster description: pass --cluster FILE or set CAIRN_CLUSTER"))?;
     let cluster = Cluster::load(&cluster_file)?;
+    let config = g.config(Some(&cluster_file))?;
     let p = crate::engine::preview::preview(
         plan,
         params,
         &ProcessEnv,
         cluster,
         std::sync::Arc::new(crate::checks::RealDisk),
+        &config,
     )
     .await?;
     if g.json {
@@ -283,7 +288,9 @@ async fn dry_run_start(
 }
 
 async fn resume(g: &Globals, run: i64, params: &[CliParam], break_lock: bool) -> Result<i32> {
-    let engine = engine(g, break_lock)?;
+    let mut engine = engine(g, break_lock)?;
+    engine.config = g.config(None)?;
+    engine.config_given = g.config.is_some();
     let outcome = engine.resume(run, params, &ProcessEnv).await?;
     finish(g, &engine.state, outcome)
 }

@@ -7,7 +7,7 @@ use crate::error::exit;
 use crate::lock::{self, Mode, Request, Settings};
 use crate::retention::{self, Policy};
 use crate::snapshots::{self, VerifyMode};
-use crate::store::{self, Store};
+use crate::store::Store;
 use crate::{Error, Result};
 use chrono::{DateTime, Utc};
 use serde_json::json;
@@ -15,8 +15,8 @@ use std::sync::Arc;
 
 /// Open a store these commands read: one that does not exist is an error (exit
 /// 5), not an empty list.
-async fn open(url: &str) -> Result<Arc<dyn Store>> {
-    let store = store::open(url, &super::store_options_from_env()).await?;
+async fn open(g: &Globals, arg: &str) -> Result<Arc<dyn Store>> {
+    let store = g.open_store(arg, None).await?;
     if !store.exists().await? {
         return Err(Error::NotFound(format!(
             "store {} does not exist (check --store; a backup creates it)",
@@ -69,7 +69,7 @@ async fn locked<T>(
 pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
     match cmd {
         SnapshotsCmd::List { store: url } => {
-            let store = open(&url).await?;
+            let store = open(g, &url).await?;
             let mut list = snapshots::list(&*store).await?;
             // Oldest first, the newest last (where the eye lands); no time last.
             list.sort_by(|a, b| {
@@ -132,7 +132,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 (true, None) => VerifyMode::ReadData,
                 (false, None) => VerifyMode::Metadata,
             };
-            let store = open(&url).await?;
+            let store = open(g, &url).await?;
             let cancel = tokio_util::sync::CancellationToken::new();
             cancel_on_signals(cancel.clone());
             let report = locked(
@@ -169,7 +169,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             store: url,
             break_lock,
         } => {
-            let store = open(&url).await?;
+            let store = open(g, &url).await?;
             let n = locked(
                 &store,
                 &name,
@@ -205,7 +205,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 cluster,
             };
             let now = now_or(now)?;
-            let store = open(&url).await?;
+            let store = open(g, &url).await?;
             let report = retention::prune(store.clone(), &policy, now, dry_run, break_lock).await?;
             if g.json {
                 print_json(&json!(report));
@@ -258,7 +258,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 })
                 .transpose()?;
             let now = now_or(now)?;
-            let store = open(&url).await?;
+            let store = open(g, &url).await?;
             let list = snapshots::list(&*store).await?;
             let Some((s, t)) = retention::newest_complete(&list) else {
                 return Err(Error::NotFound(format!(

@@ -7,6 +7,7 @@ pub mod preview;
 
 use crate::checks::{Disk, RealDisk};
 use crate::cluster::Cluster;
+use crate::config::Config;
 use crate::manifest::Manifest;
 use crate::plan::params::{CliParam, Env, Params};
 use crate::plan::{Action, Plan, Strategy};
@@ -111,6 +112,11 @@ pub struct Engine {
     pub retry: RetryPolicy,
     /// Remove a stale lock on the snapshot (`--break-lock`).
     pub break_lock: bool,
+    /// Store profiles (`cairn.toml`) for `STORE=NAME`.
+    pub config: Config,
+    /// Whether `config` was named (`--config`): a resume then reads it rather than
+    /// the file the run started with.
+    pub config_given: bool,
 }
 
 impl Engine {
@@ -122,6 +128,8 @@ impl Engine {
             cancel: CancellationToken::new(),
             retry: RetryPolicy::default(),
             break_lock: false,
+            config: Config::default(),
+            config_given: false,
         }
     }
 
@@ -134,9 +142,9 @@ impl Engine {
         env: &dyn Env,
         cluster: Cluster,
     ) -> Result<Outcome> {
-        let params = Params::resolve(&plan.params, cli, env)?;
+        let params = plan.resolve_params(cli, &[], env)?;
         let token = spec::new_token(self.state.path());
-        let (mut spec, run_cluster) = spec::compile(&plan, &params, &cluster, token)?;
+        let (mut spec, run_cluster) = spec::compile(&plan, &params, &cluster, token, &self.config)?;
         let store = open_store(&mut spec).await?;
         let ctx = self
             .prepare(plan, spec, params, cluster, run_cluster, store, None)
@@ -210,11 +218,17 @@ impl Engine {
         };
         let stored = RunSpec::from_json(spec_json)?;
         let plan = Plan::parse(&format!("run {run_id} plan {}", rec.plan), &rec.plan_source)?;
-        let params = Params::resolve_with(&plan.params, cli, &rec.params.non_secret(), env)?;
+        let params = plan.resolve_params(cli, &rec.params.non_secret(), env)?;
         let cluster: Cluster = serde_json::from_str(&rec.cluster_json)
             .map_err(|e| Error::State(format!("run {run_id}: stored cluster: {e}")))?;
+        // The profile is read again from the file the run started with, unless
+        // another is named now.
+        let config = match (&stored.config, self.config_given) {
+            (Some(path), false) => Config::load(path)?,
+            _ => self.config.clone(),
+        };
         let (mut spec, run_cluster) =
-            spec::compile(&plan, &params, &cluster, stored.token.clone())?;
+            spec::compile(&plan, &params, &cluster, stored.token.clone(), &config)?;
         let store = open_store(&mut spec).await?;
         // Compared as stored: secrets masked on both sides.
         let changed = stored.fixed_differences(&RunSpec::from_json(&spec.to_json()?)?);

@@ -7,7 +7,7 @@ use crate::checks::Disk;
 use crate::cluster::{Cluster, Node};
 use crate::node::restore::{RestoreProbe, probe_nodes};
 use crate::plan::Plan;
-use crate::plan::params::{CliParam, Env, Params};
+use crate::plan::params::{CliParam, Env};
 use crate::spec::{self, RunKind};
 use crate::{Error, Result, checks};
 use serde::Serialize;
@@ -59,9 +59,10 @@ pub async fn preview(
     env: &dyn Env,
     cluster: Cluster,
     disk: Arc<dyn Disk>,
+    config: &crate::config::Config,
 ) -> Result<Preview> {
-    let params = Params::resolve(&plan.params, cli, env)?;
-    let (mut spec, run_cluster) = spec::compile(&plan, &params, &cluster, String::new())?;
+    let params = plan.resolve_params(cli, &[], env)?;
+    let (mut spec, run_cluster) = spec::compile(&plan, &params, &cluster, String::new(), config)?;
     let store = open_store(&mut spec).await?;
     let exec = |n: &Node| node_exec(n, &store, &spec, &params, &disk);
     let mut preview = Preview {

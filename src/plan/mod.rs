@@ -166,7 +166,16 @@ pub struct Plan {
     pub on_failure: Vec<StepSpec>,
     /// The file text, kept so a resumed run uses the plan it started with.
     pub source: String,
+    /// Parameters that only say where the store is and how to reach it (bucket,
+    /// region, credentials…): a store profile (`-p STORE=NAME`) replaces them.
+    pub store_params: std::collections::BTreeSet<String>,
+    /// Whether `STORE` is cairn's (a profile name for any plan) rather than
+    /// declared by the plan itself (`recover-nodes`: a URL or a profile name).
+    pub implicit_store: bool,
 }
+
+/// The parameter that names a store profile, in every plan.
+pub const STORE_PARAM: &str = "STORE";
 
 /// Plans compiled into the binary, so `cairn` works from any directory.
 pub const SHIPPED: &[(&str, &str)] = &[
@@ -406,6 +415,63 @@ impl Plan {
             });
         }
         let on_failure = parse_steps(raw.on_failure, "on_failure", &mut problems);
+        // The parameters that only place the store: referenced by the store URL or
+        // its options and nowhere else.
+        let mut store_params: std::collections::BTreeSet<String> =
+            params::references(&raw.target.store).into_iter().collect();
+        for v in raw.target.store_options.values() {
+            store_params.extend(params::references(v));
+        }
+        let elsewhere = [
+            &raw.target.snapshot,
+            &raw.target.keyspaces,
+            &raw.target.bandwidth,
+            &raw.target.paths,
+            &raw.target.nodes,
+            &raw.target.restore_dir,
+            &raw.target.restore_manager,
+            &raw.target.manager_credentials,
+            &raw.target.tags,
+        ];
+        for t in elsewhere {
+            for r in params::references(t) {
+                store_params.remove(&r);
+            }
+        }
+        for ph in &phases {
+            let (st, max) = ph.strategy_template();
+            for r in params::references(st)
+                .into_iter()
+                .chain(max.map(params::references).unwrap_or_default())
+            {
+                store_params.remove(&r);
+            }
+        }
+        let implicit_store = !params.iter().any(|p| p.name == STORE_PARAM);
+        if implicit_store {
+            store_params.remove(STORE_PARAM);
+            let replaces: Vec<&str> = params
+                .iter()
+                .filter(|p| store_params.contains(&p.name))
+                .map(|p| p.name.as_str())
+                .collect();
+            params.push(ParamSpec {
+                name: STORE_PARAM.into(),
+                description: if replaces.is_empty() {
+                    "A named store from cairn.toml ([stores.NAME])".into()
+                } else {
+                    format!(
+                        "A named store from cairn.toml ([stores.NAME]), instead of {}",
+                        replaces.join(", ")
+                    )
+                },
+                required: false,
+                default: Some(String::new()),
+                pattern: Regex::new(crate::config::PROFILE_PATTERN).ok(),
+                secret: false,
+                env: false,
+            });
+        }
         if !problems.is_empty() {
             return Err(Error::Plan {
                 file: file.into(),
@@ -432,7 +498,64 @@ impl Plan {
             phases,
             on_failure,
             source: source.to_string(),
+            store_params,
+            implicit_store,
         })
+    }
+
+    /// Resolve this plan's parameters (see [`Params::resolve_with`]). With a store
+    /// profile (`-p STORE=NAME`, or kept from the run being resumed) the store's
+    /// own parameters are not asked for, and giving one as well is refused: two
+    /// answers to "where is the store" would each be half used.
+    pub fn resolve_params(
+        &self,
+        cli: &[params::CliParam],
+        stored: &[params::CliParam],
+        env: &dyn params::Env,
+    ) -> Result<Params> {
+        let profile = cli
+            .iter()
+            .chain(stored)
+            .find(|p| p.key == STORE_PARAM)
+            .is_some_and(|p| !p.value.is_empty());
+        if !(self.implicit_store && profile) {
+            return Params::resolve_with(&self.params, cli, stored, env).map_err(|e| match e {
+                // A missing bucket or directory: a store profile would do too.
+                Error::Params(problems) if self.implicit_store => Error::Params(
+                    problems
+                        .into_iter()
+                        .map(|p| {
+                            let store_missing = p.starts_with("missing required")
+                                && self.store_params.iter().any(|s| p.contains(s.as_str()));
+                            if store_missing {
+                                format!("{p} (or STORE=NAME, a store profile of cairn.toml)")
+                            } else {
+                                p
+                            }
+                        })
+                        .collect(),
+                ),
+                e => e,
+            });
+        }
+        let clash: Vec<&str> = cli
+            .iter()
+            .filter(|p| self.store_params.contains(&p.key))
+            .map(|p| p.key.as_str())
+            .collect();
+        if !clash.is_empty() {
+            return Err(Error::Params(vec![format!(
+                "STORE names a store profile, which says where the store is and how to reach it; {} cannot be given with it (leave STORE out to use them)",
+                clash.join(", ")
+            )]));
+        }
+        let specs: Vec<ParamSpec> = self
+            .params
+            .iter()
+            .filter(|s| !self.store_params.contains(&s.name))
+            .cloned()
+            .collect();
+        Params::resolve_with(&specs, cli, stored, env)
     }
 
     /// Whether this plan writes a snapshot (true) or restores one (false).
@@ -464,5 +587,59 @@ mod tests {
         let msg = Plan::parse("x.toml", text).expect_err("refuse").to_string();
         assert!(msg.contains("${NOPE}"), "{msg}");
         assert!(msg.contains("frobnicate"), "{msg}");
+    }
+
+    #[test]
+    fn store_parameters_are_those_that_only_place_the_store() {
+        let p = Plan::find("backup-s3", None).expect("plan");
+        let got: Vec<&str> = p.store_params.iter().map(String::as_str).collect();
+        assert_eq!(
+            got,
+            [
+                "AWS_ACCESS_KEY_ID",
+                "AWS_REGION",
+                "AWS_SECRET_ACCESS_KEY",
+                "AWS_SESSION_TOKEN",
+                "S3_BUCKET_NAME",
+                "S3_ENDPOINT_URL",
+                "S3_PREFIX"
+            ]
+        );
+        assert!(p.implicit_store);
+        assert!(
+            p.params
+                .iter()
+                .any(|s| s.name == STORE_PARAM && !s.required)
+        );
+        // With a profile, the bucket and region are not asked for; without, they are.
+        let env = std::collections::BTreeMap::new();
+        let cli = |kv: &[(&str, &str)]| -> Vec<params::CliParam> {
+            kv.iter()
+                .map(|(k, v)| params::CliParam {
+                    key: k.to_string(),
+                    value: v.to_string(),
+                })
+                .collect()
+        };
+        p.resolve_params(
+            &cli(&[("SNAPSHOT_NAME", "s"), ("STORE", "prod")]),
+            &[],
+            &env,
+        )
+        .expect("a profile replaces the store parameters");
+        let msg = p
+            .resolve_params(&cli(&[("SNAPSHOT_NAME", "s")]), &[], &env)
+            .expect_err("no store")
+            .to_string();
+        assert!(
+            msg.contains("S3_BUCKET_NAME") && msg.contains("STORE=NAME"),
+            "{msg}"
+        );
+        // recover-nodes declares STORE itself (a URL or a profile name).
+        assert!(
+            !Plan::find("recover-nodes", None)
+                .expect("plan")
+                .implicit_store
+        );
     }
 }

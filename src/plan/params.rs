@@ -119,33 +119,40 @@ impl Env for BTreeMap<String, String> {
     }
 }
 
+/// A value read from a file (`-p KEY=@FILE`, a store profile's `*_file`): a
+/// bounded read (a pipe or `/dev/zero` ends), UTF-8, one trailing newline dropped.
+pub fn read_file_value(key: &str, path: &Path) -> Result<String, String> {
+    use std::io::Read;
+    let shown = path.display();
+    let cannot = |e: std::io::Error| format!("{key}: cannot read value from file {shown}: {e}");
+    let file = std::fs::File::open(path).map_err(cannot)?;
+    if file.metadata().map_err(cannot)?.is_dir() {
+        return Err(format!("{key}: the value file {shown} is a directory"));
+    }
+    // Read at most one byte more than accepted: a size from stat says nothing
+    // for a pipe or a device (`@/dev/zero` would never end).
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_VALUE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > MAX_FILE_VALUE {
+        return Err(format!(
+            "{key}: the value file {shown} holds more than {MAX_FILE_VALUE} bytes, the most accepted"
+        ));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("{key}: the value file {shown} is not UTF-8 text"))?;
+    // One trailing newline is an artefact of `echo > file`, not part of the value.
+    let text = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    Ok(text.to_string())
+}
+
 fn read_value(key: &str, raw: &str) -> Result<(String, Source), String> {
     if let Some(path) = raw.strip_prefix('@') {
-        use std::io::Read;
-        let cannot = |e: std::io::Error| format!("{key}: cannot read value from file {path}: {e}");
-        let file = std::fs::File::open(Path::new(path)).map_err(cannot)?;
-        if file.metadata().map_err(cannot)?.is_dir() {
-            return Err(format!("{key}: the value file {path} is a directory"));
-        }
-        // Read at most one byte more than accepted: a size from stat says nothing
-        // for a pipe or a device (`@/dev/zero` would never end).
-        let mut bytes = Vec::new();
-        file.take(MAX_FILE_VALUE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(cannot)?;
-        if bytes.len() as u64 > MAX_FILE_VALUE {
-            return Err(format!(
-                "{key}: the value file {path} holds more than {MAX_FILE_VALUE} bytes, the most accepted"
-            ));
-        }
-        let text = String::from_utf8(bytes)
-            .map_err(|_| format!("{key}: the value file {path} is not UTF-8 text"))?;
-        // One trailing newline is an artefact of `echo > file`, not part of the value.
-        let text = text
-            .strip_suffix('\n')
-            .map(|t| t.strip_suffix('\r').unwrap_or(t))
-            .unwrap_or(&text);
-        Ok((text.to_string(), Source::File))
+        Ok((read_file_value(key, Path::new(path))?, Source::File))
     } else {
         Ok((raw.to_string(), Source::Cli))
     }
@@ -435,6 +442,9 @@ pub fn describe_pattern(re: &str) -> String {
         r"^[A-Za-z0-9/+=_-]*$" => "letters, digits and / + = _ -",
         r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$" => {
             "1 to 128 letters, digits and . _ -, starting with a letter or digit"
+        }
+        r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$" => {
+            "a store profile name: 1 to 64 letters, digits, _ and -, starting with a letter or digit"
         }
         r"^[A-Za-z0-9_, -]*$" => "names (letters, digits, _ and -) separated by commas or spaces",
         r"^[A-Za-z0-9_./, -]*$" => {

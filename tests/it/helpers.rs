@@ -32,6 +32,9 @@ impl Sandbox {
             .env_remove("CAIRN_CLUSTER")
             .env_remove("CAIRN_PLANS")
             .env_remove("CAIRN_STORE")
+            .env_remove("CAIRN_CONFIG")
+            // Never the caller's own store profiles.
+            .env("XDG_CONFIG_HOME", self.path("xdg-config"))
             .env_remove("RUST_LOG");
         c
     }
@@ -307,4 +310,21 @@ pub fn start_args(plan: &str, cluster: &Path, snap: &str, extra: &[&str]) -> Vec
         v.push(p);
     }
     v
+}
+
+/// A lock on `snapshot` in a directory store, held by a process of another host
+/// (its liveness unknowable here) with the given heartbeat (Unix seconds).
+pub fn lock_file(store: &Path, snapshot: &str, purpose: &str, heartbeat: i64) {
+    let dir = store.join(format!(".cairn-locks/{snapshot}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("other-host-1.json"),
+        serde_json::json!({
+            "token": "other-host-1", "snapshot": snapshot, "mode": "exclusive",
+            "purpose": purpose, "owner": "plan backup-local", "host": "other-host",
+            "pid": 4242, "created_at": "2026-11-20T00:00:00Z", "heartbeat": heartbeat
+        })
+        .to_string(),
+    )
+    .unwrap();
 }

@@ -10,6 +10,7 @@ mod integrity;
 mod manager;
 mod nightly;
 mod nodes;
+mod profiles;
 mod remote;
 mod resume;
 mod roundtrip;

@@ -1,7 +1,9 @@
 //! Nightly operations: retention, locks, verification, partial restore, templates,
 //! the --json summary line and `snapshots last`.
 
-use crate::it::helpers::{Sandbox, source_cluster, target_cluster, text, tree, wait_until_running};
+use crate::it::helpers::{
+    Sandbox, lock_file, source_cluster, target_cluster, text, tree, wait_until_running,
+};
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -28,21 +30,6 @@ fn names_in(store: &Path) -> BTreeSet<String> {
         .map(|e| e.unwrap().file_name().to_str().unwrap().to_string())
         .filter(|n| !n.starts_with(".cairn"))
         .collect()
-}
-
-fn lock_file(store: &Path, snapshot: &str, purpose: &str, heartbeat: i64) {
-    let dir = store.join(format!(".cairn-locks/{snapshot}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("other-host-1.json"),
-        serde_json::json!({
-            "token": "other-host-1", "snapshot": snapshot, "mode": "exclusive",
-            "purpose": purpose, "owner": "plan backup-local", "host": "other-host",
-            "pid": 4242, "created_at": "2026-11-20T00:00:00Z", "heartbeat": heartbeat
-        })
-        .to_string(),
-    )
-    .unwrap();
 }
 
 #[test]
