@@ -100,7 +100,7 @@ impl StoreProfile {
             let key = format!("stores.{}.{opt}", self.name);
             let value = match from {
                 SecretFrom::Inline(v) => v.clone(),
-                SecretFrom::File(p) => match read_file_value(&format!("{key}_file"), p) {
+                SecretFrom::File(p) => match read_secret_file(&format!("{key}_file"), p) {
                     Ok(v) => v,
                     Err(e) => {
                         problems.push(e);
@@ -123,6 +123,28 @@ impl StoreProfile {
             Err(Error::Params(problems))
         }
     }
+}
+
+/// A secret from a file a profile names: a regular file (a FIFO would block),
+/// one line (trailing whitespace dropped; a second line or a control character
+/// would silently make another credential).
+fn read_secret_file(key: &str, path: &Path) -> std::result::Result<String, String> {
+    match std::fs::metadata(path) {
+        Ok(m) if !m.is_file() => {
+            return Err(format!("{key}: {} is not a regular file", path.display()));
+        }
+        _ => {}
+    }
+    let v = read_file_value(key, path)?;
+    let v = v.trim_end().to_string();
+    if v.chars().any(char::is_control) {
+        crate::redact::register(&v);
+        return Err(format!(
+            "{key}: {} holds more than one line or a control character; a secret is one line",
+            path.display()
+        ));
+    }
+    Ok(v)
 }
 
 /// `s3`, `az` or `file` for a store URL or template (a plain path is `file`).
@@ -203,7 +225,12 @@ impl Config {
         let bad = |message: String| Error::Usage(format!("{}: {message}", path.display()));
         let text = crate::fsx::read_small_text(&path, crate::fsx::MAX_DESCRIPTION)
             .map_err(|e| bad(format!("cannot read: {e}")))?;
-        let raw: RawConfig = toml::from_str(&text).map_err(|e| bad(one_line(&e.to_string())))?;
+        // Values of secret keys are registered before anything can quote them, and
+        // errors name the line and column, never the line itself.
+        let table: toml::Table = toml::from_str(&text).map_err(|e| bad(located(&text, &e)))?;
+        register_secret_values(&toml::Value::Table(table.clone()), false);
+        let raw = RawConfig::deserialize(toml::Value::Table(table))
+            .map_err(|e| bad(redacted_message(&e)))?;
         let private = {
             use std::os::unix::fs::PermissionsExt;
             std::fs::metadata(&path)
@@ -327,12 +354,56 @@ fn user_config_dir() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".config"))
 }
 
-fn one_line(s: &str) -> String {
-    s.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c == ' '))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// Keys whose values are secrets, and (a typo of them) anything that looks like
+/// one: their values are masked in every message.
+fn secret_key(k: &str) -> bool {
+    let k = k.to_ascii_lowercase();
+    [
+        "secret",
+        "key",
+        "token",
+        "password",
+        "passphrase",
+        "credential",
+    ]
+    .iter()
+    .any(|w| k.contains(w))
+        && !k.ends_with("_file")
+        && k != "access_key_id"
+}
+
+fn register_secret_values(v: &toml::Value, secret: bool) {
+    match v {
+        toml::Value::Table(t) => {
+            for (k, v) in t {
+                register_secret_values(v, secret || secret_key(k));
+            }
+        }
+        toml::Value::Array(a) => a.iter().for_each(|v| register_secret_values(v, secret)),
+        toml::Value::String(s) if secret => crate::redact::register(s),
+        other if secret => crate::redact::register(&other.to_string()),
+        _ => {}
+    }
+}
+
+/// A syntax error as "line L, column C: what", without the source line (which
+/// may hold a secret).
+fn located(text: &str, e: &toml::de::Error) -> String {
+    let msg = e.message().trim().to_string();
+    match e.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("line {line}, column {col}: {msg}")
+        }
+        None => msg,
+    }
+}
+
+/// A type error of a value: the message without the value it quotes.
+fn redacted_message(e: &toml::de::Error) -> String {
+    crate::redact::redact(e.message().trim())
 }
 
 fn profile(
@@ -345,25 +416,42 @@ fn profile(
     let at = format!("stores.{name}");
     if !is_profile_name(name) {
         problems.push(format!(
-            "{at}: a profile name is letters, digits, _ and - (it is used as --store {name})"
+            "stores.{name:?}: a profile name is 1 to 64 letters, digits, _ and -, starting with a letter or digit (it is used as --store NAME)"
         ));
     }
     let url = r.url.trim().to_string();
+    // The URL is not echoed in these messages: a mistaken one may hold a password.
     if url.is_empty() {
         problems.push(format!("{at}.url is empty"));
+        return Err(problems);
     }
-    if url.contains("${") {
-        problems.push(format!("{at}.url: templates are not expanded here"));
+    if url.contains('$') || url.starts_with('~') {
+        problems.push(format!(
+            "{at}.url: cairn expands no ~ or $VARIABLE here; write the path out"
+        ));
+        return Err(problems);
     }
-    let scheme = scheme_of(&url);
-    if url.contains("://")
-        && !["s3://", "az://", "file://"]
-            .iter()
-            .any(|p| url.starts_with(p))
+    let known = ["s3://", "az://", "file://"];
+    if (url.contains("://") && !known.iter().any(|p| url.starts_with(p)))
+        || (url.starts_with("file:") && !url.starts_with("file://"))
     {
         problems.push(format!(
-            "{at}.url: {url:?} is not a store URL (s3://bucket/prefix, az://container/prefix, file:///dir or a directory)"
+            "{at}.url is not a store URL: s3://bucket/prefix, az://container/prefix, file:///dir or a directory (schemes in lower case)"
         ));
+        return Err(problems);
+    }
+    let scheme = scheme_of(&url);
+    if matches!(scheme, "s3" | "az")
+        && url
+            .split_once("://")
+            .map(|(_, rest)| rest.split('/').next().unwrap_or(""))
+            .is_some_and(|host| host.contains(['@', ':']) || host.is_empty())
+    {
+        crate::redact::register(&url);
+        problems.push(format!(
+            "{at}.url: the bucket or container is missing or holds credentials (user:password@); name secrets with the *_file keys"
+        ));
+        return Err(problems);
     }
     // A relative directory is relative to the file that names it, not to wherever
     // cairn happens to run.
@@ -518,5 +606,47 @@ mod tests {
         );
         let msg = Config::load(&p).expect_err("unknown key").to_string();
         assert!(msg.contains("bucket"), "{msg}");
+    }
+
+    #[test]
+    fn no_message_quotes_a_secret_of_a_broken_file() {
+        let d = tempfile::tempdir().expect("tempdir");
+        for body in [
+            "secret_acess_key = \"quoted-secret-1\"",
+            "secret_access_key = \"quoted-secret-1",
+            "secret_access_key = 98765432109876",
+            "key = [\"quoted-secret-1\"]",
+        ] {
+            let text = format!("[stores.prod]\nurl = \"s3://b/p\"\n{body}\n");
+            let p = write(d.path(), &text, 0o600);
+            let msg = crate::redact::redact(&Config::load(&p).expect_err(body).to_string());
+            assert!(
+                !msg.contains("quoted-secret-1") && !msg.contains("98765432109876"),
+                "{body}: {msg}"
+            );
+        }
+        // A URL with credentials in it is refused without being echoed.
+        let p = write(
+            d.path(),
+            "[stores.x]\nurl = \"s3://u:pw-in-url-77@b/p\"\n",
+            0o600,
+        );
+        let msg = crate::redact::redact(&Config::load(&p).expect_err("userinfo").to_string());
+        assert!(!msg.contains("pw-in-url-77"), "{msg}");
+        // A secret file of two lines would sign with another credential.
+        std::fs::write(d.path().join("two"), "first-line-secret\nsecond\n").expect("write");
+        let p = write(
+            d.path(),
+            "[stores.x]\nurl = \"s3://b/p\"\nsecret_access_key_file = \"two\"\n",
+            0o644,
+        );
+        let c = Config::load(&p).expect("load");
+        let msg = c
+            .store("x")
+            .expect("x")
+            .options()
+            .expect_err("two lines")
+            .to_string();
+        assert!(msg.contains("more than one line"), "{msg}");
     }
 }

@@ -420,11 +420,33 @@ fn place_store(
     // A plan that takes the store itself (`STORE=URL`) takes a profile name too.
     if !plan.implicit_store && crate::config::is_profile_name(&text) {
         return match config.store_arg(&text).map_err(flat)? {
-            StoreArg::Profile(p) => Ok((
-                p.url.clone(),
-                p.options().map_err(flat)?,
-                config.path.clone(),
-            )),
+            StoreArg::Profile(p) => {
+                // The profile says how to reach the store: the plan's own store
+                // parameters given as well would be silently dropped.
+                let given: Vec<&str> = plan
+                    .store_params
+                    .iter()
+                    .filter(|k| k.as_str() != STORE_PARAM)
+                    .filter(|k| {
+                        matches!(
+                            params.sources().get(k.as_str()),
+                            Some(Source::Cli | Source::File)
+                        )
+                    })
+                    .map(String::as_str)
+                    .collect();
+                if !given.is_empty() {
+                    return Err(vec![format!(
+                        "STORE={text} names a store profile, which says how to reach the store; {} cannot be given with it",
+                        given.join(", ")
+                    )]);
+                }
+                Ok((
+                    p.url.clone(),
+                    p.options().map_err(flat)?,
+                    config.path.clone(),
+                ))
+            }
             StoreArg::Url(u) => Ok((u, options, None)),
         };
     }

@@ -29,6 +29,8 @@ impl LocalStore {
     pub fn new(root: impl AsRef<Path>) -> Result<LocalStore> {
         let root = std::path::absolute(root.as_ref())
             .map_err(|e| Error::io("resolve store dir", root.as_ref(), e))?;
+        // One spelling per directory (`a/./b/` is `a/b`): a resume compares it.
+        let root = root.components().collect();
         Ok(LocalStore { root })
     }
 

@@ -209,6 +209,27 @@ fn a_resume_reads_the_profile_its_run_started_with_and_refuses_a_moved_store() {
     assert!(out.status.success(), "{:?}", text(&out));
     assert_restored(&sb, "tgt", 2);
 
+    // recover-nodes takes a URL or a profile as STORE; with a profile its store
+    // parameters would be dropped, so giving one is refused.
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "recover-nodes",
+        "--dry-run",
+        "--config",
+        config.to_str().unwrap(),
+        "--cluster",
+        tgt.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=snap",
+        "-p",
+        "STORE=nas",
+        "-p",
+        "AWS_REGION=us-east-1",
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("AWS_REGION cannot be given"), "{:?}", text(&out));
+
     // `--store NAME` that is a directory here and a profile is ambiguous; a bare
     // word that is neither is refused rather than becoming a new directory.
     std::fs::create_dir_all(sb.path("nas")).unwrap();
