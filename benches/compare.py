@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """End-to-end comparison, one run, same data: cairn backup-local / restore-local
-versus `tar czf` (and `tar xzf`) on a generated node.
+versus `tar czf` (and `tar xzf`) on a generated node; with `age` installed, also
+cairn with client-side encryption (ENCRYPT_TO / AGE_IDENTITY) versus
+`tar cz | age -R` (and `age -d | tar xz`).
 
     python3 benches/compare.py [--mib 256] [--reps 3] [--out bench-out]
 
@@ -35,6 +37,13 @@ def main():
     def record(name, r):
         results.setdefault(name, []).append(r)
 
+    age = shutil.which("age")
+    key = os.path.join(a.out, "key.txt")
+    recipients = os.path.join(a.out, "recipients.txt")
+    if age:
+        subprocess.run(["age-keygen", "-o", key], check=True, capture_output=True)
+        with open(recipients, "w") as f:
+            f.write(subprocess.run(["age-keygen", "-y", key], check=True, capture_output=True, text=True).stdout)
     for rep in range(a.reps):
         store = os.path.join(a.out, "store")
         r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
@@ -49,6 +58,26 @@ def main():
         record("cairn restore", r)
         shutil.rmtree(tgt)
         shutil.rmtree(f"{store}/b{rep}")
+        if age:
+            r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
+                     "-p", f"SNAPSHOT_NAME=e{rep}", "-p", f"BACKUP_DIR={store}", "-p", f"ENCRYPT_TO=@{recipients}"], env=env)
+            r["size"] = os.path.getsize(f"{store}/e{rep}/node-0.tar.gz")
+            record("cairn backup age", r)
+            r = run([cairn, "-q", "plan", "start", "restore-local", "--cluster", os.path.join(a.out, f"tgt{rep}.toml"),
+                     "-p", f"SNAPSHOT_NAME=e{rep}", "-p", f"BACKUP_DIR={store}", "-p", f"AGE_IDENTITY=@{key}"], env=env)
+            record("cairn restore age", r)
+            shutil.rmtree(tgt)
+            shutil.rmtree(f"{store}/e{rep}")
+            enc = os.path.join(a.out, "tar.tgz.age")
+            r = run(["sh", "-c", f"tar cz -C {node} app | {age} -R {recipients} -o {enc}"])
+            r["size"] = os.path.getsize(enc)
+            record("tar cz | age", r)
+            x = os.path.join(a.out, "x")
+            os.makedirs(x)
+            r = run(["sh", "-c", f"{age} -d -i {key} {enc} | tar xz -C {x}"])
+            record("age -d | tar xz", r)
+            shutil.rmtree(x)
+            os.remove(enc)
         tgz = os.path.join(a.out, "tar.tgz")
         r = run(["tar", "czf", tgz, "-C", node, "app"])
         r["size"] = os.path.getsize(tgz)
@@ -75,6 +104,11 @@ def main():
     print(f"\nbackup  cairn/tar czf throughput ratio: {b['mib_s'] / t['mib_s']:.2f}")
     print(f"restore cairn/tar xzf throughput ratio: {r['mib_s'] / x['mib_s']:.2f} (cairn also verifies every SHA-256 and stages)")
     print(f"compressed size cairn/gzip -6: {b['size'] / t['size']:.3f}")
+    if "cairn backup age" in summary:
+        be, re_ = summary["cairn backup age"], summary["cairn restore age"]
+        print(f"\nencryption cost, same run: backup {be['mib_s'] / b['mib_s']:.2f}x, restore {re_['mib_s'] / r['mib_s']:.2f}x the unencrypted throughput")
+        print(f"backup  cairn age/tar cz | age throughput ratio: {be['mib_s'] / summary['tar cz | age']['mib_s']:.2f}")
+        print(f"restore cairn age/age -d | tar xz throughput ratio: {re_['mib_s'] / summary['age -d | tar xz']['mib_s']:.2f}")
     with open(os.path.join(a.out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
 

@@ -152,17 +152,27 @@ pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) ->
     problems
 }
 
-/// The snapshot a restore reads: the store answers, and the snapshot is there
-/// with its manifest (a missing one is "not found", exit 5, here as in verify and
+/// The snapshot a restore reads, opened (see [`Manifest::open`]): the store
+/// answers, and the snapshot is there with its manifest (a missing one is "not found", exit 5, here as in verify and
 /// delete; the run is still recorded as refused by its pre-flight).
-pub async fn restore_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest> {
+pub async fn restore_manifest(
+    store: &dyn Store,
+    snapshot: &str,
+    keys: Option<&crate::crypt::Keys>,
+) -> Result<Manifest> {
     store
         .check()
         .await
         .map_err(|e| Error::Checks(vec![e.to_string()]))?;
-    match read_manifest(store, snapshot).await {
+    // An encrypted snapshot is opened here, in the pre-flight: a missing or wrong
+    // identity is refused before anything is written.
+    match read_manifest(store, snapshot)
+        .await
+        .and_then(|m| m.open(keys))
+    {
         Ok(m) => Ok(m),
         Err(e @ Error::NotFound(_)) => Err(e),
+        Err(Error::Refused(p) | Error::Checks(p)) => Err(Error::Checks(p)),
         Err(e) => Err(Error::Checks(vec![e.to_string()])),
     }
 }

@@ -63,6 +63,11 @@ struct RawStore {
     authority_host: Option<String>,
     // Both
     endpoint: Option<String>,
+    // The cloud's own protections
+    sse: Option<String>,
+    sse_kms_key_id: Option<String>,
+    storage_class: Option<String>,
+    access_tier: Option<String>,
 }
 
 /// Where a secret of a profile comes from.
@@ -468,7 +473,11 @@ fn profile(
     };
     let mut options = BTreeMap::new();
     let mut secrets = BTreeMap::new();
-    let plain: [(&str, Option<String>, &[&str]); 7] = [
+    let plain: [(&str, Option<String>, &[&str]); 11] = [
+        ("sse", r.sse, &["s3"]),
+        ("sse_kms_key_id", r.sse_kms_key_id, &["s3"]),
+        ("storage_class", r.storage_class, &["s3"]),
+        ("access_tier", r.access_tier, &["az"]),
         ("region", r.region, &["s3"]),
         ("access_key_id", r.access_key_id, &["s3"]),
         ("account", r.account, &["az"]),

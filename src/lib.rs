@@ -48,6 +48,7 @@ pub mod checks;
 pub mod cli;
 pub mod cluster;
 pub mod config;
+pub mod crypt;
 pub mod engine;
 pub mod error;
 pub mod failpoint;

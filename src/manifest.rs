@@ -29,6 +29,19 @@ pub struct Manifest {
     /// a tagged snapshot alone unless `--tag` selects it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tags: Vec<String>,
+    /// Client-side encryption: how, and the private part — keyspaces, file names
+    /// and hashes — sealed for the same recipients. Those fields are empty in the
+    /// clear part; [`Manifest::open`] gives them back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<Encryption>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Encryption {
+    pub scheme: crate::crypt::Scheme,
+    /// The whole manifest (without this field), an armored age file.
+    pub private: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -139,6 +152,57 @@ impl Manifest {
                 .map_err(|_| bad(format!("bad object key {:?}", o.key)))?;
         }
         Ok(m)
+    }
+
+    /// This manifest with its private part sealed for `to`: what an encrypted
+    /// snapshot stores.
+    pub fn seal(&self, to: &crate::crypt::EncryptTo) -> Result<Manifest> {
+        let mut full = self.clone();
+        full.encryption = None;
+        let private = to.seal(&full.to_bytes()?)?;
+        let mut outer = full;
+        for n in &mut outer.cluster.nodes {
+            n.keyspaces.clear();
+            n.files.clear();
+        }
+        outer.encryption = Some(Encryption {
+            scheme: to.scheme(),
+            private,
+        });
+        Ok(outer)
+    }
+
+    /// The whole manifest: itself when not encrypted, else its private part opened
+    /// with `keys` and checked against the clear part. Without keys, or with keys
+    /// that do not fit, an encrypted snapshot is refused naming it.
+    pub fn open(&self, keys: Option<&crate::crypt::Keys>) -> Result<Manifest> {
+        let Some(enc) = &self.encryption else {
+            return Ok(self.clone());
+        };
+        let name = key(&self.snapshot, MANIFEST);
+        let Some(keys) = keys else {
+            return Err(Error::Refused(vec![format!(
+                "snapshot {:?} is encrypted ({}): give its identity (AGE_IDENTITY=@key.txt or AGE_PASSPHRASE=@file to a plan, --identity FILE or --passphrase-file FILE to a command)",
+                self.snapshot,
+                enc.scheme.describe()
+            )]));
+        };
+        let bytes = keys.open(&enc.private, &name)?;
+        let mut inner = Manifest::from_bytes(&self.snapshot, &bytes)?;
+        let mut clear = inner.clone();
+        for n in &mut clear.cluster.nodes {
+            n.keyspaces.clear();
+            n.files.clear();
+        }
+        clear.encryption = self.encryption.clone();
+        if inner.encryption.is_some() || &clear != self {
+            return Err(Error::archive(
+                name,
+                "its sealed part does not match its clear part (altered)",
+            ));
+        }
+        inner.encryption = self.encryption.clone();
+        Ok(inner)
     }
 
     pub fn node(&self, index: u32) -> Option<&NodeInfo> {

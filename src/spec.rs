@@ -102,6 +102,16 @@ pub struct RunSpec {
     pub token: String,
     /// Where each parameter's value came from (shown by `plan status`).
     pub param_sources: BTreeMap<String, Source>,
+    /// Client-side encryption of a backup (`ENCRYPT_TO`, `ENCRYPT_PASSPHRASE`):
+    /// how, without any secret.
+    #[serde(default)]
+    pub encryption: Option<crate::crypt::Scheme>,
+    /// What a backup encrypts to (a passphrase is secret: rebuilt, never stored).
+    #[serde(skip)]
+    pub encrypt_to: Option<crate::crypt::EncryptTo>,
+    /// What opens an encrypted snapshot (`AGE_IDENTITY`, `AGE_PASSPHRASE`): secret.
+    #[serde(skip)]
+    pub keys: Option<crate::crypt::Keys>,
     /// The `cairn.toml` whose store profile placed the store (read again by a
     /// resume that names none).
     #[serde(default)]
@@ -333,6 +343,45 @@ pub fn compile(
         return Err(Error::Params(problems));
     }
 
+    let encrypt_to = {
+        let to = params.expand(&t.encrypt_to);
+        let pass = params.expand(&t.encrypt_passphrase);
+        match (to.trim().is_empty(), pass.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                problems.push("give ENCRYPT_TO or ENCRYPT_PASSPHRASE, not both".into());
+                None
+            }
+            (false, true) => match crate::crypt::EncryptTo::recipients(&to) {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+            (true, false) => Some(crate::crypt::EncryptTo::Passphrase(pass)),
+        }
+    };
+    let keys = {
+        let id = params.expand(&t.age_identity);
+        let pass = params.expand(&t.age_passphrase);
+        match (id.trim().is_empty(), pass.is_empty()) {
+            (true, true) => None,
+            (false, false) => {
+                problems.push("give AGE_IDENTITY or AGE_PASSPHRASE, not both".into());
+                None
+            }
+            (false, true) => match crate::crypt::Keys::identities(&id) {
+                Ok(k) => Some(k),
+                Err(e) => {
+                    problems.push(e);
+                    None
+                }
+            },
+            (true, false) => Some(crate::crypt::Keys::Passphrase(pass)),
+        }
+    };
+
     let mut run_cluster = cluster.clone();
     if let Some(wanted) = &nodes {
         run_cluster.nodes.retain(|n| wanted.contains(&n.index));
@@ -351,6 +400,9 @@ pub fn compile(
         plan: plan.name.clone(),
         kind,
         store,
+        encryption: encrypt_to.as_ref().map(crate::crypt::EncryptTo::scheme),
+        encrypt_to,
+        keys,
         config: config_used,
         snapshot,
         selection,
@@ -544,6 +596,11 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        diff(
+            "encryption (ENCRYPT_TO, ENCRYPT_PASSPHRASE: a passphrase is never stored, give it again)",
+            format!("{:?}", self.encryption),
+            format!("{:?}", other.encryption),
+        );
         let ids = |s: &RunSpec| s.steps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
         if ids(self) != ids(other) {
             out.push("steps: the plan or the cluster's nodes changed".into());

@@ -131,3 +131,50 @@ impl<R: Read> Read for HashingReader<R> {
         Ok(n)
     }
 }
+
+/// What a [`TapReader`] saw: its size and SHA-256, readable after the reader was
+/// handed to a layer that does not give it back (decryption).
+#[derive(Clone, Default)]
+pub struct Tap(std::sync::Arc<std::sync::Mutex<(Sha256, u64)>>);
+
+impl Tap {
+    pub fn finish(&self) -> (u64, String) {
+        let g = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        (g.1, super::hex_digest(g.0.clone()))
+    }
+}
+
+/// A `Read` that hashes and counts into a [`Tap`].
+pub struct TapReader<R> {
+    inner: R,
+    tap: Tap,
+}
+
+impl<R: Read> TapReader<R> {
+    pub fn new(inner: R) -> (Self, Tap) {
+        let tap = Tap::default();
+        (
+            TapReader {
+                inner,
+                tap: tap.clone(),
+            },
+            tap,
+        )
+    }
+}
+
+impl<R: Read> Read for TapReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        let mut g = match self.tap.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        g.0.update(&out[..n]);
+        g.1 += n as u64;
+        Ok(n)
+    }
+}

@@ -11,7 +11,6 @@
 //! In [`Mode::Extract`] files go into a fresh directory the caller owns (a staging
 //! dir); on error the caller removes it, so nothing outside is ever written.
 
-use super::io::HashingReader;
 use crate::cluster::Selection;
 use crate::manifest::{FileInfo, NodeInfo};
 use crate::{Error, Result};
@@ -44,6 +43,8 @@ pub struct Expected<'a> {
     pub node: &'a NodeInfo,
     pub object_size: u64,
     pub object_sha256: &'a str,
+    /// The object is an age file: what opens it.
+    pub keys: Option<&'a crate::crypt::Keys>,
 }
 
 /// Unpack (or verify) a node archive read from `reader`. `select` limits which
@@ -71,8 +72,13 @@ pub fn unpack<R: Read>(
         Mode::Verify => None,
     };
 
-    let hashing = HashingReader::new(reader);
-    let gz = flate2::read::MultiGzDecoder::new(hashing);
+    // The checksum is of the stored bytes: of the ciphertext when encrypted.
+    let (tapped, tap) = super::io::TapReader::new(reader);
+    let plain: Box<dyn Read> = match expected.keys {
+        None => Box::new(tapped),
+        Some(keys) => Box::new(keys.reader(tapped, object)?),
+    };
+    let gz = flate2::read::MultiGzDecoder::new(plain);
     let mut archive = tar::Archive::new(gz);
     let mut seen: HashSet<String> = HashSet::new();
     let mut files_seen: HashSet<String> = HashSet::new();
@@ -246,7 +252,8 @@ pub fn unpack<R: Read>(
     // the object checksum covers every byte.
     let mut gz = archive.into_inner();
     io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
-    let (size, sha, _) = gz.into_inner().finish();
+    drop(gz);
+    let (size, sha) = tap.finish();
     out.object_size = size;
     out.object_sha256 = sha;
     if size != expected.object_size || out.object_sha256 != expected.object_sha256 {

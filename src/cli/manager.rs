@@ -108,9 +108,15 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        ManagerCmd::Download { id, output, store } => {
+        ManagerCmd::Download {
+            id,
+            output,
+            store,
+            keys,
+        } => {
+            let keys = keys.keys()?;
             let store = open(g, store, None).await?;
-            let s = catalog::download(&*store, &id, &output, &cancel).await?;
+            let s = catalog::download(&*store, &id, &output, keys.as_ref(), &cancel).await?;
             if g.json {
                 print_json(&json!({"id": id, "file": output, "size": s.size}));
             } else {
@@ -137,10 +143,25 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
             }
             Ok(exit::OK)
         }
-        ManagerCmd::Restore { id, force, at } => {
+        ManagerCmd::Restore {
+            id,
+            force,
+            at,
+            keys,
+        } => {
+            let keys = keys.keys()?;
             let m = manager(g, at.cluster.as_deref())?;
             let store = open(g, at.store, at.cluster.as_deref()).await?;
-            let r = catalog::restore(&*store, &id, &m, force, Arc::new(RealDisk), &cancel).await?;
+            let r = catalog::restore(
+                &*store,
+                &id,
+                &m,
+                force,
+                Arc::new(RealDisk),
+                keys.as_ref(),
+                &cancel,
+            )
+            .await?;
             if g.json {
                 print_json(&json!(r));
             } else {
@@ -228,6 +249,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
 }
 
 pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
+    let keys = a.keys.keys()?;
     let url = a
         .store
         .ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
@@ -281,7 +303,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     if let Some(c) = cluster.as_ref().filter(|_| a.nodes) {
         // Every node check passes before the manager is touched.
         let sel = Selection::default();
-        let m = crate::checks::restore_manifest(&*store, &choice.snapshot).await?;
+        let m = crate::checks::restore_manifest(&*store, &choice.snapshot, keys.as_ref()).await?;
         let (probes, mut problems) =
             crate::node::restore::probe_nodes(c, &sel, false, Some(&m), |n| {
                 if n.is_remote() {
@@ -318,6 +340,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
         &m,
         true,
         Arc::new(RealDisk),
+        keys.as_ref(),
         &cancel,
     )
     .await?;
@@ -331,7 +354,9 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
         let plan = Plan::find("recover-nodes", None)?;
         let mut engine = Engine::new(g.state()?, progress(g.quiet || g.json));
         engine.cancel = cancel.clone();
-        let params = vec![
+        engine.config = g.config(a.cluster.as_deref())?;
+        engine.config_given = g.config.is_some();
+        let mut params = vec![
             CliParam {
                 key: "STORE".into(),
                 value: url.clone(),
@@ -341,6 +366,17 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
                 value: choice.snapshot.clone(),
             },
         ];
+        match &keys {
+            Some(crate::crypt::Keys::Identities(text)) => params.push(CliParam {
+                key: "AGE_IDENTITY".into(),
+                value: text.clone(),
+            }),
+            Some(crate::crypt::Keys::Passphrase(text)) => params.push(CliParam {
+                key: "AGE_PASSPHRASE".into(),
+                value: text.clone(),
+            }),
+            None => {}
+        }
         let outcome = engine.start(plan, &params, &ProcessEnv, c).await?;
         let id = outcome.run_id;
         if let Some(e) = outcome.error {

@@ -71,6 +71,44 @@ pub enum Command {
     Man,
 }
 
+/// What opens an encrypted snapshot (client-side age encryption).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyArgs {
+    /// An age identity file (AGE-SECRET-KEY-1… lines, as age-keygen writes them)
+    /// that opens an encrypted snapshot.
+    #[arg(long, value_name = "FILE", env = "CAIRN_AGE_IDENTITY")]
+    pub identity: Option<PathBuf>,
+    /// A file holding the passphrase an encrypted snapshot was made with.
+    #[arg(long, value_name = "FILE", conflicts_with = "identity")]
+    pub passphrase_file: Option<PathBuf>,
+}
+
+impl KeyArgs {
+    /// The keys named, read (bounded) and registered as secrets.
+    pub fn keys(&self) -> Result<Option<crate::crypt::Keys>> {
+        use crate::plan::params::read_file_value;
+        let read = |what: &str, p: &PathBuf| -> Result<String> {
+            let v = read_file_value(what, p).map_err(Error::Usage)?;
+            crate::redact::register(&v);
+            Ok(v)
+        };
+        if let Some(p) = &self.identity {
+            let text = read("--identity", p)?;
+            return crate::crypt::Keys::identities(&text)
+                .map(Some)
+                .map_err(|e| Error::Usage(e.replace("AGE_IDENTITY", "--identity")));
+        }
+        if let Some(p) = &self.passphrase_file {
+            let text = read("--passphrase-file", p)?;
+            if text.is_empty() {
+                return Err(Error::Usage("--passphrase-file: the file is empty".into()));
+            }
+            return Ok(Some(crate::crypt::Keys::Passphrase(text)));
+        }
+        Ok(None)
+    }
+}
+
 /// Where a manager-snapshot command works.
 #[derive(Debug, clap::Args)]
 pub struct At {
@@ -111,6 +149,8 @@ pub enum ManagerCmd {
         /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
         #[arg(long, env = "CAIRN_STORE")]
         store: Option<String>,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Check a local manager.zip entry by entry, then upload it.
     Upload {
@@ -133,6 +173,8 @@ pub enum ManagerCmd {
         force: bool,
         #[command(flatten)]
         at: At,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Swap the newest pre-restore copy back in.
     Rollback {
@@ -175,6 +217,8 @@ pub struct RecoverArgs {
     /// Also restore every data node of the cluster description.
     #[arg(long)]
     pub nodes: bool,
+    #[command(flatten)]
+    pub keys: KeyArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,6 +304,8 @@ pub enum SnapshotsCmd {
         /// Remove a stale lock on the snapshot first.
         #[arg(long)]
         break_lock: bool,
+        #[command(flatten)]
+        keys: KeyArgs,
     },
     /// Delete a snapshot (manifest first).
     Delete {

@@ -123,7 +123,9 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             read_data,
             sample,
             break_lock,
+            keys,
         } => {
+            let keys = keys.keys()?;
             let mode = match (read_data, sample) {
                 (_, Some(p)) if !(p > 0.0 && p <= 100.0) => {
                     return Err(usage("--sample takes a percentage in (0, 100]"));
@@ -141,7 +143,14 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 Mode::Shared,
                 "verify",
                 break_lock,
-                snapshots::verify(&*store, &name, mode, progress(g.quiet || g.json), &cancel),
+                snapshots::verify(
+                    &*store,
+                    &name,
+                    mode,
+                    keys.as_ref(),
+                    progress(g.quiet || g.json),
+                    &cancel,
+                ),
             )
             .await?;
             let ok = report.problems.is_empty();
@@ -156,6 +165,9 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                     report.files,
                     human(report.bytes)
                 );
+                if let Some(note) = &report.note {
+                    crate::out!("  {note}");
+                }
             } else {
                 crate::out!("snapshot {name}: {} problem(s)", report.problems.len());
                 for p in &report.problems {

@@ -214,7 +214,8 @@ pub async fn data_dirs_fit(ctx: &Arc<RunCtx>) -> Vec<String> {
 }
 
 async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
-    let m = checks::restore_manifest(&*ctx.store, &ctx.spec.snapshot).await?;
+    let m =
+        checks::restore_manifest(&*ctx.store, &ctx.spec.snapshot, ctx.spec.keys.as_ref()).await?;
     let (mut probes, mut unreachable) = probe_nodes(ctx, Some(&m)).await;
     let mut unfit: Vec<String> = Vec::new();
     for n in &ctx.cluster.nodes {
@@ -472,6 +473,7 @@ pub async fn effects_hold(
                 out,
                 read_content: depth == Depth::Content,
                 paths: ctx.spec.selection.paths.clone(),
+                keys: ctx.spec.keys.clone(),
             };
             return match ctx.exec(node).check_staged(&job).await {
                 Ok(None) => Ok(()),
@@ -506,6 +508,15 @@ pub async fn effects_hold(
                 object.sha256
             ));
         }
+    }
+    // A passphrase is not stored: the one given to this resume must open what
+    // the earlier attempt encrypted, or the object is made again with it (a
+    // snapshot under two passphrases would open with neither).
+    if let Some(crate::crypt::EncryptTo::Passphrase(p)) = &ctx.spec.encrypt_to {
+        let keys = crate::crypt::Keys::Passphrase(p.clone());
+        keys.opens_object(&*ctx.store, &key, &ctx.cancel)
+            .await
+            .map_err(|e| format!("object {key}: {e}"))?;
     }
     Ok(())
 }
@@ -567,6 +578,7 @@ async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
         include_credentials,
         progress: ctx.progress.clone(),
         step: &step.id,
+        encrypt: ctx.spec.encrypt_to.clone(),
     };
     let (meta, size, sha256) = crate::manager::catalog::write_object(
         &*ctx.store,
@@ -614,6 +626,7 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
         &target,
         force,
         ctx.disk.clone(),
+        ctx.spec.keys.as_ref(),
         &ctx.cancel,
     )
     .await?;
@@ -640,6 +653,7 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         phase: step.phase.clone(),
         hook_params: hook_params(ctx),
         leftover_upload,
+        encrypt: ctx.spec.encrypt_to.clone(),
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),
@@ -779,6 +793,7 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         objects,
         manager,
         tags: ctx.spec.tags.clone(),
+        encryption: None,
     };
     // Every object must be there with its size before the snapshot is declared complete.
     let missing = checks::objects_present(&*ctx.store, &ctx.spec.snapshot, &m).await;
@@ -803,7 +818,11 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
             ctx.spec.snapshot
         )]));
     }
-    ctx.store.put(&key, m.to_bytes()?.into()).await
+    let stored = match &ctx.spec.encrypt_to {
+        Some(to) => m.seal(to)?,
+        None => m,
+    };
+    ctx.store.put(&key, stored.to_bytes()?.into()).await
 }
 
 /// `<data_dir>/.cairn-staging-<token>`: on the target file system, so moving into
@@ -822,6 +841,7 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
         manifest_sha256: manifest_digest(m)?,
         selection: ctx.spec.selection.clone(),
         token: ctx.spec.token.clone(),
+        keys: ctx.spec.keys.clone(),
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),

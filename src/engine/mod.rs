@@ -69,7 +69,11 @@ impl RunCtx {
     /// The manifest of the snapshot being restored (read once per process).
     pub async fn manifest(&self) -> Result<&Manifest> {
         self.manifest
-            .get_or_try_init(|| crate::checks::read_manifest(&*self.store, &self.spec.snapshot))
+            .get_or_try_init(|| async {
+                crate::checks::read_manifest(&*self.store, &self.spec.snapshot)
+                    .await?
+                    .open(self.spec.keys.as_ref())
+            })
             .await
     }
 }
@@ -705,10 +709,19 @@ pub fn node_exec(
             options: spec.store_options.clone(),
             bandwidth: spec.bandwidth,
         },
+        // Secret parameters, and the secrets a store profile brought (not
+        // parameters): the agent masks them all in what it prints.
         secrets: params
             .iter()
             .filter(|(k, _)| params.is_secret(k))
             .map(|(_, v)| v.clone())
+            .chain(
+                spec.store_options
+                    .iter()
+                    .filter(|(k, _)| crate::store::SECRET_OPTIONS.contains(&k.as_str()))
+                    .map(|(_, v)| v.clone()),
+            )
+            .filter(|v| !v.is_empty())
             .collect(),
     })
 }

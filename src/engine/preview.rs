@@ -77,7 +77,7 @@ pub async fn preview(
     };
     match spec.kind {
         RunKind::Restore => {
-            let m = checks::restore_manifest(&*store, &spec.snapshot).await?;
+            let m = checks::restore_manifest(&*store, &spec.snapshot, spec.keys.as_ref()).await?;
             let (probes, mut problems) = probe_nodes(
                 &run_cluster,
                 &spec.selection,

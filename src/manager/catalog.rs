@@ -9,7 +9,7 @@ use super::format::Metadata;
 use super::restore::{self, Report};
 use super::zipfile::{self, Header};
 use super::{Kind, Manager};
-use crate::archive::io::HashingReader;
+use crate::archive::io::TapReader;
 use crate::checks::Disk;
 use crate::manifest::{self, MANIFEST, ManagerInfo};
 use crate::progress::{Event, Progress};
@@ -116,6 +116,8 @@ pub struct Target<'a> {
     pub progress: Arc<dyn Progress>,
     /// The progress step's name.
     pub step: &'a str,
+    /// Encrypt the zip (age) to these recipients or this passphrase.
+    pub encrypt: Option<crate::crypt::EncryptTo>,
 }
 
 /// Stream a snapshot of `m` to `t.key` (blocking work on worker threads); returns
@@ -144,11 +146,17 @@ pub async fn write_object(
         include_credentials,
     };
     let (progress, step) = (t.progress, t.step.to_string());
+    let (encrypt, key) = (t.encrypt, t.key.to_string());
     upload_stream(store, t.key, expected, cancel, on_started, move |sink| {
-        let (meta, _) = zipfile::write(&prepared, &header, sink, |done| {
-            progress.event(Event::Bytes { step: &step, done })
-        })?;
-        Ok(meta)
+        let progress = |done| progress.event(Event::Bytes { step: &step, done });
+        match &encrypt {
+            None => Ok(zipfile::write(&prepared, &header, sink, progress)?.0),
+            Some(to) => {
+                let (meta, w) = zipfile::write(&prepared, &header, to.wrap(sink)?, progress)?;
+                w.finish().map_err(|e| Error::io("encrypt", &key, e))?;
+                Ok(meta)
+            }
+        }
     })
     .await
 }
@@ -185,6 +193,7 @@ pub async fn create(
         include_credentials,
         progress: progress.clone(),
         step: &step,
+        encrypt: None,
     };
     let written = write_object(store, m, target, cancel, |_| {}).await;
     progress.event(Event::StepFinished {
@@ -328,21 +337,40 @@ pub async fn download_into(
     size: Option<u64>,
     sha256: Option<&str>,
     out: &Path,
+    keys: Option<&crate::crypt::Keys>,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let (name, sha256, out) = (
+    let (name, sha256, out, keys) = (
         key.to_string(),
         sha256.map(str::to_string),
         out.to_path_buf(),
+        keys.cloned(),
     );
     crate::store::read_stream(store, key, cancel, move |reader| {
         let mut f = std::fs::File::create(&out).map_err(|e| Error::io("create", &out, e))?;
         // One byte past the recorded size is enough to know it is too large.
         let limit = size.map_or(u64::MAX, |s| s.saturating_add(1));
-        let mut r = HashingReader::new(std::io::Read::take(reader, limit));
-        std::io::copy(&mut r, &mut f).map_err(|e| Error::io("write", &out, e))?;
+        // Checked as stored (the ciphertext of an encrypted one), written as read.
+        let (tapped, tap) = TapReader::new(std::io::Read::take(reader, limit));
+        // Keys open an age file; an object that is none is read as is (a clear
+        // snapshot restored by a command that was given keys anyway).
+        let mut tapped = std::io::BufReader::new(tapped);
+        let age = std::io::BufRead::fill_buf(&mut tapped)
+            .map(|b| b.starts_with(AGE_MAGIC))
+            .map_err(|e| Error::archive(&name, format!("cannot be read: {e}")))?;
+        let mut r: Box<dyn std::io::Read> = match &keys {
+            Some(k) if age => Box::new(k.reader(tapped, &name)?),
+            _ => Box::new(tapped),
+        };
+        std::io::copy(&mut r, &mut f).map_err(|e| match &keys {
+            Some(_) if e.kind() != std::io::ErrorKind::StorageFull => {
+                Error::archive(&name, format!("cannot be decrypted: {e}"))
+            }
+            _ => Error::io("write", &out, e),
+        })?;
         f.sync_all().map_err(|e| Error::io("sync", &out, e))?;
-        let (n, got, _) = r.finish();
+        drop(r);
+        let (n, got) = tap.finish();
         if size.is_some_and(|s| s != n) {
             return Err(Error::archive(
                 &name,
@@ -361,10 +389,13 @@ pub async fn download_into(
 }
 
 /// `cairn manager-snapshot download ID -o FILE`: never overwrites `out`.
+/// An encrypted one is decrypted with `keys`, else written as stored (an age file
+/// the `age` tool opens).
 pub async fn download(
     store: &dyn Store,
     id: &str,
     out: &Path,
+    keys: Option<&crate::crypt::Keys>,
     cancel: &CancellationToken,
 ) -> Result<Status> {
     let loc = locate(store, id).await?;
@@ -388,6 +419,7 @@ pub async fn download(
         loc.status.size,
         loc.status.sha256.as_deref(),
         tmp.path(),
+        keys,
         cancel,
     )
     .await?;
@@ -465,6 +497,7 @@ pub async fn restore(
     m: &Manager,
     force: bool,
     disk: Arc<dyn Disk>,
+    keys: Option<&crate::crypt::Keys>,
     cancel: &CancellationToken,
 ) -> Result<Report> {
     // Refuse a dirty manager before downloading anything.
@@ -473,10 +506,22 @@ pub async fn restore(
     if let Some(v) = &loc.status.manager_version {
         restore::check_version(m, v)?;
     }
-    restore_key(store, &loc.key, &loc.status, m, force, disk, cancel).await
+    restore_key(store, &loc.key, &loc.status, m, force, disk, keys, cancel).await
+}
+
+/// How an age file begins.
+const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
+
+/// Whether a file is an age file (its first line is age's).
+fn is_age_file(path: &Path) -> bool {
+    let mut head = [0u8; AGE_MAGIC.len()];
+    std::fs::File::open(path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
+        .is_ok_and(|()| head == AGE_MAGIC)
 }
 
 /// Restore the zip at `key` (expected size and checksum from `status`).
+#[allow(clippy::too_many_arguments)]
 pub async fn restore_key(
     store: &dyn Store,
     key: &str,
@@ -484,6 +529,7 @@ pub async fn restore_key(
     m: &Manager,
     force: bool,
     disk: Arc<dyn Disk>,
+    keys: Option<&crate::crypt::Keys>,
     cancel: &CancellationToken,
 ) -> Result<Report> {
     let tmp = restore::download_file(m)?;
@@ -493,9 +539,15 @@ pub async fn restore_key(
         status.size,
         status.sha256.as_deref(),
         tmp.path(),
+        keys,
         cancel,
     )
     .await?;
+    if keys.is_none() && is_age_file(tmp.path()) {
+        return Err(Error::Refused(vec![format!(
+            "{key} is encrypted: give its identity (AGE_IDENTITY=@key.txt to a plan, --identity FILE to a command)"
+        )]));
+    }
     let m = m.clone();
     tokio::task::spawn_blocking(move || {
         let r = restore::restore_file(&m, tmp.path(), force, &*disk);

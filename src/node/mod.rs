@@ -81,6 +81,9 @@ pub struct BackupJob {
     pub hook_params: Vec<(String, String)>,
     /// A multipart upload a killed attempt of this step left open: aborted first.
     pub leftover_upload: Option<String>,
+    /// Encrypt the archive (age) to these recipients or this passphrase.
+    #[serde(default)]
+    pub encrypt: Option<crate::crypt::EncryptTo>,
 }
 
 /// What a node's backup wrote: its manifest entry and its object.
@@ -358,6 +361,7 @@ async fn stream_node(
     tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
     let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
     let on_bytes = events.clone();
+    let (encrypt, key_name) = (job.encrypt.clone(), key.clone());
     let (files, size, sha256) = crate::store::upload_stream(
         store,
         &key,
@@ -367,10 +371,16 @@ async fn stream_node(
             events.event(NodeEvent::UploadId { id: id.to_string() });
         },
         move |sink| {
-            let (files, _) = pack::pack(&scan, sink, |done| {
-                on_bytes.event(NodeEvent::Bytes { done });
-            })?;
-            Ok(files)
+            let progress = |done| on_bytes.event(NodeEvent::Bytes { done });
+            match &encrypt {
+                None => Ok(pack::pack(&scan, sink, progress)?.0),
+                Some(to) => {
+                    // tar → gzip → age: the object is an age file of a .tar.gz.
+                    let (files, w) = pack::pack(&scan, to.wrap(sink)?, progress)?;
+                    w.finish().map_err(|e| Error::io("encrypt", &key_name, e))?;
+                    Ok(files)
+                }
+            }
         },
     )
     .await?;

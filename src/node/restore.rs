@@ -249,6 +249,9 @@ pub struct StageJob {
     pub manifest_sha256: String,
     pub selection: Selection,
     pub token: String,
+    /// What opens an encrypted snapshot (secret: sent over the agent's stdin only).
+    #[serde(default)]
+    pub keys: Option<crate::crypt::Keys>,
 }
 
 /// Does a staging dir still hold what its step staged?
@@ -264,6 +267,9 @@ pub struct CheckStagedJob {
     pub read_content: bool,
     /// The paths of a partial restore (the times of their parents are left out).
     pub paths: Vec<String>,
+    /// What opens an encrypted snapshot's manifest.
+    #[serde(default)]
+    pub keys: Option<crate::crypt::Keys>,
 }
 
 /// Filesystem operations on a node, each one request of the agent protocol.
@@ -613,8 +619,13 @@ async fn checked_manifest(
     snapshot: &str,
     digest: &str,
     node: u32,
-) -> Result<(NodeInfo, ObjectInfo)> {
-    let m = crate::checks::read_manifest(store, snapshot).await?;
+    keys: Option<&crate::crypt::Keys>,
+) -> Result<(NodeInfo, ObjectInfo, Option<crate::crypt::Keys>)> {
+    let m = crate::checks::read_manifest(store, snapshot)
+        .await?
+        .open(keys)?;
+    // The objects of an encrypted snapshot are age files: the keys open them.
+    let keys = keys.filter(|_| m.encryption.is_some());
     if manifest_digest(&m)? != digest {
         return Err(Error::Refused(vec![format!(
             "snapshot {snapshot:?} changed in {} since the restore checked it (its manifest is another); a restore never mixes two versions of a snapshot: start a new restore",
@@ -629,7 +640,7 @@ async fn checked_manifest(
         .object(&info.object)
         .ok_or_else(|| Error::archive(&info.object, "not listed in the manifest"))?
         .clone();
-    Ok((info, object))
+    Ok((info, object, keys.cloned()))
 }
 
 /// SHA-256 of a manifest as cairn reads it.
@@ -648,8 +659,14 @@ pub async fn stage(
     events: Arc<dyn Events>,
     cancel: &CancellationToken,
 ) -> Result<StageOutput> {
-    let (info, object) =
-        checked_manifest(store, &job.snapshot, &job.manifest_sha256, job.node).await?;
+    let (info, object, keys) = checked_manifest(
+        store,
+        &job.snapshot,
+        &job.manifest_sha256,
+        job.node,
+        job.keys.as_ref(),
+    )
+    .await?;
     if job.staging.parent() != Some(job.data_dir.as_path()) {
         return Err(Error::Usage(format!(
             "{} is not a staging dir of {}",
@@ -670,7 +687,7 @@ pub async fn stage(
     })
     .await
     .map_err(|e| Error::State(format!("stage worker failed: {e}")))??;
-    let result = stage_into(store, job, info, object, events, cancel).await;
+    let result = stage_into(store, job, info, object, keys, events, cancel).await;
     if result.is_err() {
         let dir = staging.clone();
         let _ = tokio::task::spawn_blocking(move || remove_staging(&dir)).await;
@@ -683,6 +700,7 @@ async fn stage_into(
     job: &StageJob,
     info: NodeInfo,
     object: ObjectInfo,
+    keys: Option<crate::crypt::Keys>,
     events: Arc<dyn Events>,
     cancel: &CancellationToken,
 ) -> Result<StageOutput> {
@@ -701,6 +719,7 @@ async fn stage_into(
         object,
         job.selection.clone(),
         Some(job.staging.clone()),
+        keys,
         move |done| on_bytes.event(NodeEvent::Bytes { done }),
         cancel,
     )
@@ -779,6 +798,7 @@ pub async fn read_object(
     object: ObjectInfo,
     selection: Selection,
     root: Option<PathBuf>,
+    keys: Option<crate::crypt::Keys>,
     on_bytes: impl Fn(u64) + Send + 'static,
     cancel: &CancellationToken,
 ) -> Result<unpack::Unpacked> {
@@ -789,6 +809,7 @@ pub async fn read_object(
             node: &info,
             object_size: object.size,
             object_sha256: &object.sha256,
+            keys: keys.as_ref(),
         };
         let mode = match &root {
             Some(r) => unpack::Mode::Extract(r),
@@ -801,12 +822,19 @@ pub async fn read_object(
 
 /// Whether a staging dir still holds what its step staged; `Some(why)` when not.
 pub async fn check_staged(store: &dyn Store, job: &CheckStagedJob) -> Result<Option<String>> {
-    let (info, _) =
-        match checked_manifest(store, &job.snapshot, &job.manifest_sha256, job.node).await {
-            Ok(found) => found,
-            Err(e @ (Error::Refused(_) | Error::Checks(_))) => return Ok(Some(e.to_string())),
-            Err(e) => return Err(e),
-        };
+    let (info, _, _) = match checked_manifest(
+        store,
+        &job.snapshot,
+        &job.manifest_sha256,
+        job.node,
+        job.keys.as_ref(),
+    )
+    .await
+    {
+        Ok(found) => found,
+        Err(e @ (Error::Refused(_) | Error::Checks(_))) => return Ok(Some(e.to_string())),
+        Err(e) => return Err(e),
+    };
     let job = job.clone();
     tokio::task::spawn_blocking(move || {
         let recorded: HashMap<&str, &str> = info

@@ -152,6 +152,10 @@ pub struct TargetTemplate {
     pub restore_manager: String,
     pub manager_credentials: String,
     pub tags: String,
+    pub encrypt_to: String,
+    pub encrypt_passphrase: String,
+    pub age_identity: String,
+    pub age_passphrase: String,
     pub store_options: std::collections::BTreeMap<String, String>,
 }
 
@@ -342,6 +346,22 @@ impl Plan {
             &mut problems,
         );
         declared(&raw.target.tags, "target.tags", &mut problems);
+        declared(&raw.target.encrypt_to, "target.encrypt_to", &mut problems);
+        declared(
+            &raw.target.encrypt_passphrase,
+            "target.encrypt_passphrase",
+            &mut problems,
+        );
+        declared(
+            &raw.target.age_identity,
+            "target.age_identity",
+            &mut problems,
+        );
+        declared(
+            &raw.target.age_passphrase,
+            "target.age_passphrase",
+            &mut problems,
+        );
         for (k, v) in &raw.target.store_options {
             declared(v, &format!("target.store_options.{k}"), &mut problems);
         }
@@ -432,6 +452,10 @@ impl Plan {
             &raw.target.restore_manager,
             &raw.target.manager_credentials,
             &raw.target.tags,
+            &raw.target.encrypt_to,
+            &raw.target.encrypt_passphrase,
+            &raw.target.age_identity,
+            &raw.target.age_passphrase,
         ];
         for t in elsewhere {
             for r in params::references(t) {
@@ -493,6 +517,10 @@ impl Plan {
                 restore_manager: raw.target.restore_manager,
                 manager_credentials: raw.target.manager_credentials,
                 tags: raw.target.tags,
+                encrypt_to: raw.target.encrypt_to,
+                encrypt_passphrase: raw.target.encrypt_passphrase,
+                age_identity: raw.target.age_identity,
+                age_passphrase: raw.target.age_passphrase,
                 store_options: raw.target.store_options,
             },
             phases,
@@ -602,7 +630,10 @@ mod tests {
                 "AWS_SESSION_TOKEN",
                 "S3_BUCKET_NAME",
                 "S3_ENDPOINT_URL",
-                "S3_PREFIX"
+                "S3_PREFIX",
+                "SSE",
+                "SSE_KMS_KEY_ID",
+                "STORAGE_CLASS"
             ]
         );
         assert!(p.implicit_store);

@@ -66,6 +66,18 @@ pub struct RawTarget {
     /// retention (see `snapshots prune --tag`).
     #[serde(default)]
     pub tags: String,
+    /// A backup's age recipients (`${ENCRYPT_TO}`: age1… lines).
+    #[serde(default)]
+    pub encrypt_to: String,
+    /// A backup's passphrase to encrypt with instead (`${ENCRYPT_PASSPHRASE}`).
+    #[serde(default)]
+    pub encrypt_passphrase: String,
+    /// A restore's age identity file text (`${AGE_IDENTITY}`).
+    #[serde(default)]
+    pub age_identity: String,
+    /// A restore's passphrase (`${AGE_PASSPHRASE}`).
+    #[serde(default)]
+    pub age_passphrase: String,
     /// Backend options (endpoint, credentials…), each a template.
     #[serde(default)]
     pub store_options: BTreeMap<String, String>,

@@ -34,6 +34,8 @@ pub struct AzureStore {
     prefix: String,
     endpoint: Option<String>,
     retry: RetryConfig,
+    /// Access tier of the data blobs (`ACCESS_TIER`).
+    tier: Option<azure_storage_blobs::prelude::AccessTier>,
 }
 
 impl std::fmt::Debug for AzureStore {
@@ -142,6 +144,19 @@ impl AzureStore {
         let container_client = ClientBuilder::with_location(location, credentials)
             .retry(azure_core::RetryOptions::none())
             .container_client(container);
+        use azure_storage_blobs::prelude::AccessTier;
+        let tier = match option(options, "access_tier") {
+            None => None,
+            Some("Hot") => Some(AccessTier::Hot),
+            Some("Cool") => Some(AccessTier::Cool),
+            Some("Cold") => Some(AccessTier::Cold),
+            // Archive blobs cannot be read without rehydrating them first.
+            Some(other) => {
+                return Err(Error::Params(vec![format!(
+                    "ACCESS_TIER={other:?}: give Hot, Cool or Cold (Archive blobs cannot be restored without rehydration)"
+                )]));
+            }
+        };
         Ok(AzureStore {
             container: container_client,
             account,
@@ -149,6 +164,7 @@ impl AzureStore {
             prefix,
             endpoint,
             retry: RetryConfig::default(),
+            tier,
         })
     }
 
@@ -216,9 +232,11 @@ impl MultipartUpload for AzureUpload {
                 .collect(),
         };
         with_retries(self.store.retry, "azure put block list", || async {
-            self.blob
-                .put_block_list(list.clone())
-                .await
+            let mut put = self.blob.put_block_list(list.clone());
+            if let Some(t) = self.store.tier {
+                put = put.access_tier(t);
+            }
+            put.await
                 .map_err(|e| az_err("put block list", &self.key, e))
         })
         .await?;

@@ -139,6 +139,10 @@ pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<d
     Ok(Arc::new(local::LocalStore::new(url)?))
 }
 
+/// Backend options that hold secrets.
+pub const SECRET_OPTIONS: [&str; 4] =
+    ["secret_access_key", "session_token", "key", "client_secret"];
+
 /// A non-empty backend option (`store_options` of a plan; empty means absent).
 pub fn option<'a>(options: &'a BTreeMap<String, String>, key: &str) -> Option<&'a str> {
     options

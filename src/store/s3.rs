@@ -37,6 +37,63 @@ pub struct S3Store {
     region: String,
     endpoint: Option<String>,
     retry: RetryConfig,
+    /// Server-side encryption asked of every object (`SSE`, `SSE_KMS_KEY_ID`).
+    sse: Option<aws_sdk_s3::types::ServerSideEncryption>,
+    kms_key: Option<String>,
+    /// Storage class of the data objects (`STORAGE_CLASS`).
+    storage_class: Option<aws_sdk_s3::types::StorageClass>,
+}
+
+/// The cloud's own protections asked by the options: server-side encryption
+/// (`sse` = `aws:kms` with an optional `sse_kms_key_id`, or `AES256`) and a storage
+/// class for the data objects — only classes read at once: a snapshot in GLACIER
+/// or DEEP_ARCHIVE could not be restored without a thaw first.
+type Protections = (
+    Option<aws_sdk_s3::types::ServerSideEncryption>,
+    Option<String>,
+    Option<aws_sdk_s3::types::StorageClass>,
+);
+
+fn protections(options: &std::collections::BTreeMap<String, String>) -> Result<Protections> {
+    use aws_sdk_s3::types::{ServerSideEncryption, StorageClass};
+    let mut problems = Vec::new();
+    let sse = match option(options, "sse") {
+        None => None,
+        Some("aws:kms") => Some(ServerSideEncryption::AwsKms),
+        Some("AES256") => Some(ServerSideEncryption::Aes256),
+        Some(other) => {
+            problems.push(format!("SSE={other:?}: give aws:kms or AES256"));
+            None
+        }
+    };
+    let kms_key = option(options, "sse_kms_key_id").map(str::to_string);
+    if kms_key.is_some() && sse != Some(ServerSideEncryption::AwsKms) {
+        problems.push("SSE_KMS_KEY_ID needs SSE=aws:kms".into());
+    }
+    const READABLE: [&str; 6] = [
+        "STANDARD",
+        "STANDARD_IA",
+        "ONEZONE_IA",
+        "INTELLIGENT_TIERING",
+        "GLACIER_IR",
+        "REDUCED_REDUNDANCY",
+    ];
+    let storage_class = match option(options, "storage_class") {
+        None => None,
+        Some(c) if READABLE.contains(&c) => Some(StorageClass::from(c)),
+        Some(c) => {
+            problems.push(format!(
+                "STORAGE_CLASS={c:?}: give a class read at once ({}); GLACIER and DEEP_ARCHIVE objects cannot be restored without a thaw",
+                READABLE.join(", ")
+            ));
+            None
+        }
+    };
+    if problems.is_empty() {
+        Ok((sse, kms_key, storage_class))
+    } else {
+        Err(Error::Params(problems))
+    }
 }
 
 impl std::fmt::Debug for S3Store {
@@ -175,6 +232,7 @@ impl S3Store {
         if let Some(ep) = &endpoint {
             conf = conf.endpoint_url(ep).force_path_style(true);
         }
+        let (sse, kms_key, storage_class) = protections(options)?;
         Ok(S3Store {
             client: Client::from_conf(conf.build()),
             bucket: bucket.to_string(),
@@ -182,6 +240,9 @@ impl S3Store {
             region,
             endpoint,
             retry: RetryConfig::default(),
+            sse,
+            kms_key,
+            storage_class,
         })
     }
 
@@ -390,6 +451,8 @@ impl Store for S3Store {
                 .put_object()
                 .bucket(&self.bucket)
                 .key(&full)
+                .set_server_side_encryption(self.sse.clone())
+                .set_ssekms_key_id(self.kms_key.clone())
                 .body(AwsStream::from(data.clone()))
                 .send()
                 .await
@@ -406,6 +469,9 @@ impl Store for S3Store {
                 .create_multipart_upload()
                 .bucket(&self.bucket)
                 .key(&full)
+                .set_server_side_encryption(self.sse.clone())
+                .set_ssekms_key_id(self.kms_key.clone())
+                .set_storage_class(self.storage_class.clone())
                 .send()
                 .await
                 .map_err(|e| sdk_err("start upload", key, e))

@@ -39,6 +39,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             node: &node,
             object_size: c.size,
             object_sha256: &c.sha256,
+            keys: None,
         };
         let file = std::fs::File::open(dir.join(&c.object)).unwrap();
         let result = unpack(
@@ -93,6 +94,7 @@ fn truncated_and_garbage_objects_are_refused() {
             node: &node,
             object_size: 0,
             object_sha256: "",
+            keys: None,
         };
         let err = unpack(
             &bad[..],

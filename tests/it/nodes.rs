@@ -14,7 +14,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_cairn");
 
 /// This build's binary under a path of the sandbox's own, so that a test finds
 /// its own agents among the processes of tests running beside it.
-fn agent_bin(sb: &Sandbox) -> String {
+pub(super) fn agent_bin(sb: &Sandbox) -> String {
     let p = sb.path("bin/cairn");
     if !p.exists() {
         std::fs::create_dir_all(sb.path("bin")).unwrap();
@@ -33,7 +33,7 @@ fn agents_of(bin: &str) -> Vec<u32> {
 }
 
 /// A source cluster of `n` nodes whose node `i` is reached with `exec(i)`.
-fn exec_cluster(
+pub(super) fn exec_cluster(
     sb: &Sandbox,
     n: u32,
     extra: usize,
@@ -69,7 +69,7 @@ fn ssh_prefix(sshd: &servers::Sshd) -> impl Fn(u32) -> Vec<String> + '_ {
     }
 }
 
-fn env_prefix(_: u32) -> Vec<String> {
+pub(super) fn env_prefix(_: u32) -> Vec<String> {
     vec!["env".into(), "X=1".into()]
 }
 

@@ -228,7 +228,11 @@ fn a_resume_reads_the_profile_its_run_started_with_and_refuses_a_moved_store() {
         "AWS_REGION=us-east-1",
     ]);
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
-    assert!(text(&out).1.contains("AWS_REGION cannot be given"), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("AWS_REGION cannot be given"),
+        "{:?}",
+        text(&out)
+    );
 
     // `--store NAME` that is a directory here and a profile is ambiguous; a bare
     // word that is neither is refused rather than becoming a new directory.
