@@ -178,3 +178,62 @@ impl<R: Read> Read for TapReader<R> {
         Ok(n)
     }
 }
+
+/// Read `inner` on a thread of `scope`, 256 KiB at a time, a few reads ahead: a
+/// stage of a pipeline (decryption) runs beside the one that consumes it.
+pub fn read_ahead<'scope, R: Read + Send + 'scope>(
+    scope: &'scope std::thread::Scope<'scope, '_>,
+    mut inner: R,
+) -> AheadReader {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    scope.spawn(move || {
+        loop {
+            let mut buf = vec![0u8; 256 << 10];
+            match inner.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(buf)).is_err() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    break;
+                }
+            }
+        }
+    });
+    AheadReader {
+        rx,
+        current: Vec::new(),
+        at: 0,
+    }
+}
+
+/// The reading end of [`read_ahead`].
+pub struct AheadReader {
+    rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: Vec<u8>,
+    at: usize,
+}
+
+impl Read for AheadReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.at == self.current.len() {
+            match self.rx.recv() {
+                Ok(chunk) => {
+                    self.current = chunk?;
+                    self.at = 0;
+                }
+                // The sender is gone: the end of the stream.
+                Err(_) => return Ok(0),
+            }
+        }
+        let n = out.len().min(self.current.len() - self.at);
+        out[..n].copy_from_slice(&self.current[self.at..self.at + n]);
+        self.at += n;
+        Ok(n)
+    }
+}

@@ -50,8 +50,32 @@ pub struct Expected<'a> {
 /// Unpack (or verify) a node archive read from `reader`. `select` limits which
 /// keyspaces are extracted; the others are still read so the object checksum covers
 /// the whole object.
-pub fn unpack<R: Read>(
+pub fn unpack<R: Read + Send>(
     reader: R,
+    expected: &Expected<'_>,
+    select: &Selection,
+    mode: Mode<'_>,
+    progress: impl FnMut(u64),
+) -> Result<Unpacked> {
+    // The checksum is of the stored bytes: of the ciphertext when encrypted.
+    let (tapped, tap) = super::io::TapReader::new(reader);
+    match expected.keys {
+        None => unpack_plain(tapped, &tap, expected, select, mode, progress),
+        Some(keys) => {
+            // The header is read (and a key that does not fit refused) here; the
+            // chunks are decrypted on a thread of their own, beside gunzip and tar.
+            let decrypting = keys.reader(tapped, expected.object)?;
+            std::thread::scope(|s| {
+                let plain = super::io::read_ahead(s, decrypting);
+                unpack_plain(plain, &tap, expected, select, mode, progress)
+            })
+        }
+    }
+}
+
+fn unpack_plain<P: Read>(
+    plain: P,
+    tap: &super::io::Tap,
     expected: &Expected<'_>,
     select: &Selection,
     mode: Mode<'_>,
@@ -72,12 +96,6 @@ pub fn unpack<R: Read>(
         Mode::Verify => None,
     };
 
-    // The checksum is of the stored bytes: of the ciphertext when encrypted.
-    let (tapped, tap) = super::io::TapReader::new(reader);
-    let plain: Box<dyn Read> = match expected.keys {
-        None => Box::new(tapped),
-        Some(keys) => Box::new(keys.reader(tapped, object)?),
-    };
     let gz = flate2::read::MultiGzDecoder::new(plain);
     let mut archive = tar::Archive::new(gz);
     let mut seen: HashSet<String> = HashSet::new();
