@@ -386,8 +386,20 @@ fn encrypted_round_trips_on_s3_and_azure_leave_no_plaintext_on_the_servers() {
     ] {
         let mut b = params.clone();
         b.push(format!("ENCRYPT_TO=@{}", rec.display()));
+        if kind == "azure" {
+            b.push("ACCESS_TIER=Cool".into());
+        }
         let out = start(&sb, &format!("backup-{kind}"), &src, &b);
         assert!(out.status.success(), "{kind}: {:?}", text(&out));
+        if kind == "azure" {
+            // The tier reaches the service (Azurite's view of the blob).
+            let tier = rt().block_on(servers::blob_tier(
+                &az.endpoint,
+                &container,
+                "enc/node-0.tar.gz",
+            ));
+            assert_eq!(tier.as_deref(), Some("Cool"));
+        }
         let found = no_plaintext(data);
         assert!(found.is_empty(), "{kind}: {found:?}");
         let tgt = target_cluster(sb.dir.path(), &format!("tgt-{kind}"), 2);

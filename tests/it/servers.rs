@@ -291,3 +291,20 @@ pub async fn fresh_container(endpoint: &str) -> String {
     .expect("create container");
     name
 }
+
+/// The access tier Azurite reports for a blob.
+pub async fn blob_tier(endpoint: &str, container: &str, blob: &str) -> Option<String> {
+    let creds = azure_storage::StorageCredentials::access_key(AZ_ACCOUNT, AZ_KEY.to_string());
+    let props = azure_storage_blobs::prelude::ClientBuilder::with_location(
+        azure_storage::CloudLocation::Custom {
+            account: AZ_ACCOUNT.to_string(),
+            uri: endpoint.to_string(),
+        },
+        creds,
+    )
+    .blob_client(container, blob)
+    .get_properties()
+    .await
+    .expect("blob properties");
+    props.blob.properties.access_tier.map(|t| format!("{t:?}"))
+}
