@@ -339,48 +339,24 @@ pub fn compile(
         }
     }
 
+    let encrypt_to = one_of(
+        ("ENCRYPT_TO", params.expand(&t.encrypt_to)),
+        ("ENCRYPT_PASSPHRASE", params.expand(&t.encrypt_passphrase)),
+        crate::crypt::EncryptTo::recipients,
+        crate::crypt::EncryptTo::Passphrase,
+        &mut problems,
+    );
+    let keys = one_of(
+        ("AGE_IDENTITY", params.expand(&t.age_identity)),
+        ("AGE_PASSPHRASE", params.expand(&t.age_passphrase)),
+        crate::crypt::Keys::identities,
+        crate::crypt::Keys::Passphrase,
+        &mut problems,
+    );
+
     if !problems.is_empty() {
         return Err(Error::Params(problems));
     }
-
-    let encrypt_to = {
-        let to = params.expand(&t.encrypt_to);
-        let pass = params.expand(&t.encrypt_passphrase);
-        match (to.trim().is_empty(), pass.is_empty()) {
-            (true, true) => None,
-            (false, false) => {
-                problems.push("give ENCRYPT_TO or ENCRYPT_PASSPHRASE, not both".into());
-                None
-            }
-            (false, true) => match crate::crypt::EncryptTo::recipients(&to) {
-                Ok(e) => Some(e),
-                Err(e) => {
-                    problems.push(e);
-                    None
-                }
-            },
-            (true, false) => Some(crate::crypt::EncryptTo::Passphrase(pass)),
-        }
-    };
-    let keys = {
-        let id = params.expand(&t.age_identity);
-        let pass = params.expand(&t.age_passphrase);
-        match (id.trim().is_empty(), pass.is_empty()) {
-            (true, true) => None,
-            (false, false) => {
-                problems.push("give AGE_IDENTITY or AGE_PASSPHRASE, not both".into());
-                None
-            }
-            (false, true) => match crate::crypt::Keys::identities(&id) {
-                Ok(k) => Some(k),
-                Err(e) => {
-                    problems.push(e);
-                    None
-                }
-            },
-            (true, false) => Some(crate::crypt::Keys::Passphrase(pass)),
-        }
-    };
 
     let mut run_cluster = cluster.clone();
     if let Some(wanted) = &nodes {
@@ -419,6 +395,26 @@ pub fn compile(
         store_options,
     };
     Ok((spec, run_cluster))
+}
+
+/// Keys given one of two ways (recipients or a passphrase, an identity or a
+/// passphrase), or neither; both is refused.
+fn one_of<T>(
+    (a_name, a): (&str, String),
+    (b_name, b): (&str, String),
+    parse_a: impl FnOnce(&str) -> std::result::Result<T, String>,
+    make_b: impl FnOnce(String) -> T,
+    problems: &mut Vec<String>,
+) -> Option<T> {
+    match (a.trim().is_empty(), b.is_empty()) {
+        (true, true) => None,
+        (false, false) => {
+            problems.push(format!("give {a_name} or {b_name}, not both"));
+            None
+        }
+        (false, true) => parse_a(&a).map_err(|e| problems.push(e)).ok(),
+        (true, false) => Some(make_b(b)),
+    }
 }
 
 /// Where a run's store is and how it is reached: a store profile (`STORE=NAME`),

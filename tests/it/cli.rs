@@ -728,6 +728,39 @@ fn the_exit_code_table_holds_command_by_command() {
         ),
         (
             2,
+            start(
+                "backup-local",
+                &cluster,
+                &["SNAPSHOT_NAME=x", "BACKUP_DIR=store", "ENCRYPT_TO=age1nope"],
+            ),
+        ),
+        (
+            2,
+            start(
+                "backup-local",
+                &cluster,
+                &[
+                    "SNAPSHOT_NAME=x",
+                    "BACKUP_DIR=store",
+                    "ENCRYPT_TO=age1nope",
+                    "ENCRYPT_PASSPHRASE=long enough",
+                ],
+            ),
+        ),
+        (
+            2,
+            start(
+                "restore-local",
+                &tgt,
+                &[
+                    "SNAPSHOT_NAME=snap",
+                    "BACKUP_DIR=store",
+                    "AGE_IDENTITY=not a key file",
+                ],
+            ),
+        ),
+        (
+            2,
             s(&[
                 "snapshots",
                 "prune",
