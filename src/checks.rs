@@ -189,7 +189,20 @@ pub async fn restore(
     m: &Manifest,
     probes: &std::collections::HashMap<u32, RestoreProbe>,
 ) -> Result<()> {
-    let mut problems = objects_present(store, snapshot, m).await;
+    // The objects this restore reads: a partial restore (NODES) is not stopped by
+    // a damaged object of a node it leaves alone — salvaging the others is what
+    // it is for. The manager snapshot is checked when the whole cluster is.
+    let mut needed = m.clone();
+    if cluster.partial {
+        let nodes: BTreeSet<&str> = cluster
+            .nodes
+            .iter()
+            .filter_map(|n| m.node(n.index))
+            .map(|n| n.object.as_str())
+            .collect();
+        needed.objects.retain(|o| nodes.contains(o.key.as_str()));
+    }
+    let mut problems = objects_present(store, snapshot, &needed).await;
     let want: BTreeSet<u32> = m.cluster.nodes.iter().map(|n| n.index).collect();
     let have: BTreeSet<u32> = cluster.nodes.iter().map(|n| n.index).collect();
     if cluster.partial {

@@ -68,11 +68,20 @@ impl EncryptTo {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
-            if age::x25519::Recipient::from_str(line).is_err() {
+            if line.to_ascii_uppercase().starts_with("AGE-SECRET-KEY-") {
+                // A private key given by mistake: masked everywhere from now on,
+                // and never stored (the run is refused before it is recorded).
+                crate::redact::register(line);
                 return Err(format!(
-                    "ENCRYPT_TO line {}: {:?} is not an age recipient (age1…, as age-keygen prints it)",
-                    i + 1,
-                    crate::plan::params::shorten(line)
+                    "ENCRYPT_TO line {} is a secret key (AGE-SECRET-KEY-…), not a recipient: give the public key (age-keygen -y key.txt), and keep the secret key off this machine",
+                    i + 1
+                ));
+            }
+            if age::x25519::Recipient::from_str(line).is_err() {
+                // Not echoed: a mistaken line may be anything.
+                return Err(format!(
+                    "ENCRYPT_TO line {} is not an age recipient (one age1… key per line, as age-keygen -y prints it)",
+                    i + 1
                 ));
             }
             keys.push(line.to_string());

@@ -40,7 +40,8 @@ pub struct Manifest {
 #[serde(deny_unknown_fields)]
 pub struct Encryption {
     pub scheme: crate::crypt::Scheme,
-    /// The whole manifest (without this field), an armored age file.
+    /// The whole manifest (this field with an empty `private`), an armored age
+    /// file.
     pub private: String,
 }
 
@@ -158,7 +159,11 @@ impl Manifest {
     /// snapshot stores.
     pub fn seal(&self, to: &crate::crypt::EncryptTo) -> Result<Manifest> {
         let mut full = self.clone();
-        full.encryption = None;
+        // The sealed part names its own scheme: the clear one is checked against it.
+        full.encryption = Some(Encryption {
+            scheme: to.scheme(),
+            private: String::new(),
+        });
         let private = to.seal(&full.to_bytes()?)?;
         let mut outer = full;
         for n in &mut outer.cluster.nodes {
@@ -195,7 +200,11 @@ impl Manifest {
             n.files.clear();
         }
         clear.encryption = self.encryption.clone();
-        if inner.encryption.is_some() || &clear != self {
+        let sealed_scheme = Some(Encryption {
+            scheme: enc.scheme.clone(),
+            private: String::new(),
+        });
+        if inner.encryption != sealed_scheme || &clear != self {
             return Err(Error::archive(
                 name,
                 "its sealed part does not match its clear part (altered)",

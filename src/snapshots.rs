@@ -205,16 +205,35 @@ pub async fn verify(
     let outer: Manifest = checks::read_manifest(store, name).await?;
     // An encrypted snapshot without its key: every object's stored bytes are
     // still checked against the manifest, the files inside them cannot be.
-    let sealed = outer.encryption.is_some() && keys.is_none();
-    let m = if sealed { outer } else { outer.open(keys)? };
+    let mut sealed = outer.encryption.is_some() && keys.is_none();
+    // A key that does not fit is the caller's problem (refused, nothing
+    // recorded); a sealed part that disagrees with the clear part is the
+    // snapshot's, and the failed verification is recorded.
+    let mut altered = None;
+    let m = if sealed {
+        outer
+    } else {
+        match outer.open(keys) {
+            Ok(m) => m,
+            Err(e @ Error::Archive { .. }) => {
+                altered = Some(e.to_string());
+                sealed = true;
+                outer
+            }
+            Err(e) => return Err(e),
+        }
+    };
     // Keys open the objects of an encrypted snapshot; a clear one's are read as is.
     let keys = keys.filter(|_| m.encryption.is_some());
     let mut report = VerifyReport {
         snapshot: name.to_string(),
-        mode: match mode {
-            VerifyMode::Metadata => "metadata",
-            VerifyMode::ReadData => "read-data",
-            VerifyMode::Sample(_) => "sample",
+        mode: match (mode, sealed) {
+            (VerifyMode::Metadata, _) => "metadata",
+            // What was read is recorded as it was: the stored bytes only.
+            (VerifyMode::ReadData, true) => "read-data (encrypted: stored bytes)",
+            (VerifyMode::Sample(_), true) => "sample (encrypted: stored bytes)",
+            (VerifyMode::ReadData, false) => "read-data",
+            (VerifyMode::Sample(_), false) => "sample",
         }
         .into(),
         objects: m.objects.len(),
@@ -224,7 +243,8 @@ pub async fn verify(
         problems: checks::objects_present(store, name, &m).await,
         note: None,
     };
-    if sealed && mode != VerifyMode::Metadata {
+    report.problems.extend(altered);
+    if sealed && keys.is_none() && mode != VerifyMode::Metadata {
         report.note = Some(
             "encrypted snapshot: objects checked byte for byte against the manifest, the files inside them not (give --identity or --passphrase-file)"
                 .into(),

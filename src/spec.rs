@@ -339,6 +339,27 @@ pub fn compile(
         }
     }
 
+    // A key parameter given but empty (an empty @file) is refused: it would
+    // otherwise mean "no encryption".
+    for (name, template) in [
+        ("ENCRYPT_TO", &t.encrypt_to),
+        ("ENCRYPT_PASSPHRASE", &t.encrypt_passphrase),
+        ("AGE_IDENTITY", &t.age_identity),
+        ("AGE_PASSPHRASE", &t.age_passphrase),
+    ] {
+        let given = matches!(
+            params.sources().get(name),
+            Some(Source::Cli | Source::File | Source::Env)
+        );
+        if given
+            && crate::plan::params::references(template)
+                .iter()
+                .any(|r| r == name)
+            && params.expand(template).trim().is_empty()
+        {
+            problems.push(format!("{name} is given but empty"));
+        }
+    }
     let encrypt_to = one_of(
         ("ENCRYPT_TO", params.expand(&t.encrypt_to)),
         ("ENCRYPT_PASSPHRASE", params.expand(&t.encrypt_passphrase)),
@@ -592,10 +613,14 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        let enc = |e: &Option<crate::crypt::Scheme>| {
+            e.as_ref()
+                .map_or_else(|| "none".to_string(), crate::crypt::Scheme::describe)
+        };
         diff(
             "encryption (ENCRYPT_TO, ENCRYPT_PASSPHRASE: a passphrase is never stored, give it again)",
-            format!("{:?}", self.encryption),
-            format!("{:?}", other.encryption),
+            enc(&self.encryption),
+            enc(&other.encryption),
         );
         let ids = |s: &RunSpec| s.steps.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
         if ids(self) != ids(other) {

@@ -64,7 +64,17 @@ pub fn unpack<R: Read + Send>(
         Some(keys) => {
             // The header is read (and a key that does not fit refused) here; the
             // chunks are decrypted on a thread of their own, beside gunzip and tar.
-            let decrypting = keys.reader(tapped, expected.object)?;
+            // The keys opened the manifest: an object they do not open is damaged
+            // or was replaced, not a question of keys (exit 1, not 3).
+            let decrypting = keys
+                .reader(tapped, expected.object)
+                .map_err(|e| match e {
+                    Error::Refused(_) => Error::archive(
+                        expected.object,
+                        "its age header does not open with the key that opened the manifest (damaged or replaced)",
+                    ),
+                    e => e,
+                })?;
             std::thread::scope(|s| {
                 let plain = super::io::read_ahead(s, decrypting);
                 unpack_plain(plain, &tap, expected, select, mode, progress)

@@ -216,6 +216,14 @@ pub async fn data_dirs_fit(ctx: &Arc<RunCtx>) -> Vec<String> {
 async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
     let m =
         checks::restore_manifest(&*ctx.store, &ctx.spec.snapshot, ctx.spec.keys.as_ref()).await?;
+    if ctx.spec.keys.is_some() && m.encryption.is_none() {
+        // Said, not refused: a key given for a clear snapshot is harmless, but a
+        // snapshot expected to be encrypted that is not may have been replaced.
+        crate::say!(
+            "cairn: warning: snapshot {:?} is not encrypted; the identity given was not used",
+            ctx.spec.snapshot
+        );
+    }
     let (mut probes, mut unreachable) = probe_nodes(ctx, Some(&m)).await;
     let mut unfit: Vec<String> = Vec::new();
     for n in &ctx.cluster.nodes {

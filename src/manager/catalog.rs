@@ -513,7 +513,7 @@ pub async fn restore(
 const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
 
 /// Whether a file is an age file (its first line is age's).
-fn is_age_file(path: &Path) -> bool {
+pub fn is_age_file(path: &Path) -> bool {
     let mut head = [0u8; AGE_MAGIC.len()];
     std::fs::File::open(path)
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))

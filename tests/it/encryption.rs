@@ -516,3 +516,149 @@ fn nodes_reached_with_exec_encrypt_and_decrypt_on_their_hosts() {
     assert!(out.status.success(), "{:?}", text(&out));
     assert_restored(&sb, "tgt", 2);
 }
+
+#[test]
+fn key_mistakes_are_refused_and_tampering_is_recorded() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 20_000);
+    let (key, rec) = keys(sb.dir.path(), "main");
+    let (_, other_rec) = keys(sb.dir.path(), "other");
+    std::fs::write(sb.path("empty"), "").unwrap();
+    // A secret key where the recipients go, an empty file, a junk line: each is
+    // refused (never a clear backup), the key never echoed nor stored.
+    let secret = std::fs::read_to_string(&key).unwrap();
+    let secret = secret.lines().last().unwrap().to_string();
+    for bad in [
+        format!("ENCRYPT_TO=@{}", key.display()),
+        "ENCRYPT_TO=@empty".to_string(),
+        "ENCRYPT_PASSPHRASE=@empty".to_string(),
+        "ENCRYPT_TO=age1 age1".to_string(),
+    ] {
+        let out = start(
+            &sb,
+            "backup-local",
+            &src,
+            &[
+                "SNAPSHOT_NAME=bad".into(),
+                "BACKUP_DIR=store".into(),
+                bad.clone(),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{bad}: {:?}", text(&out));
+        let (o, e) = text(&out);
+        assert!(
+            !o.contains(&secret) && !e.contains(&secret),
+            "{bad}: secret echoed"
+        );
+        assert!(!sb.path("store/bad").exists(), "{bad}: a backup ran");
+    }
+    assert!(
+        !sb.path("home").exists()
+            || !std::fs::read_dir(sb.path("home")).unwrap().any(|f| {
+                std::fs::read(f.unwrap().path())
+                    .unwrap()
+                    .windows(secret.len())
+                    .any(|w| w == secret.as_bytes())
+            })
+    );
+
+    let out = start(
+        &sb,
+        "backup-local",
+        &src,
+        &[
+            "SNAPSHOT_NAME=s".into(),
+            "BACKUP_DIR=store".into(),
+            format!("ENCRYPT_TO=@{}", rec.display()),
+        ],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    let id = format!("AGE_IDENTITY=@{}", key.display());
+    let key_s = key.to_str().unwrap();
+
+    // A damaged node object does not stop a partial restore of the other node.
+    let obj1 = sb.path("store/s/node-1.tar.gz");
+    let good1 = std::fs::read(&obj1).unwrap();
+    std::fs::write(&obj1, &good1[..good1.len() / 2]).unwrap();
+    let part = target_cluster(sb.dir.path(), "part", 2);
+    let out = start(
+        &sb,
+        "restore-local",
+        &part,
+        &[
+            "SNAPSHOT_NAME=s".into(),
+            "BACKUP_DIR=store".into(),
+            "NODES=0".into(),
+            id.clone(),
+        ],
+    );
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        without(tree(&sb.path("src/node-0")), &["system"]),
+        tree(&sb.path("part/node-0"))
+    );
+    // A damaged age header, with the key that opened the manifest, is damage
+    // (exit 1, named), not a wrong key.
+    let mut flipped = good1.clone();
+    flipped[40] ^= 0x01;
+    std::fs::write(&obj1, &flipped).unwrap();
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        "store",
+        "--read-data",
+        "--identity",
+        key_s,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("node-1.tar.gz") && text(&out).0.contains("damaged"),
+        "{:?}",
+        text(&out)
+    );
+    std::fs::write(&obj1, &good1).unwrap();
+
+    // The clear part names other recipients than the sealed part: altered, and
+    // the failed verification is what the store records.
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        "store",
+        "--identity",
+        key_s,
+    ]);
+    let mpath = sb.path("store/s/manifest.json");
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    let other_pub = std::fs::read_to_string(&other_rec).unwrap();
+    let other_pub = other_pub.lines().last().unwrap();
+    m["encryption"]["scheme"]["recipients"] = serde_json::json!([other_pub]);
+    std::fs::write(&mpath, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        "store",
+        "--identity",
+        key_s,
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(text(&out).0.contains("altered"), "{:?}", text(&out));
+    let record: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.path("store/.cairn-verify/s.json")).unwrap())
+            .unwrap();
+    assert_eq!(record["ok"], false, "{record}");
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    let out = start(
+        &sb,
+        "restore-local",
+        &tgt,
+        &["SNAPSHOT_NAME=s".into(), "BACKUP_DIR=store".into(), id],
+    );
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(!sb.path("tgt").exists());
+}
