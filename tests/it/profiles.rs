@@ -257,3 +257,72 @@ fn a_resume_reads_the_profile_its_run_started_with_and_refuses_a_moved_store() {
     assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
     assert!(text(&out).1.contains("cairn.toml"), "{:?}", text(&out));
 }
+
+#[test]
+fn a_profile_and_encryption_reach_nodes_on_other_hosts() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(server) = servers::s3s_fs(data.path(), 0) else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let bucket = rt().block_on(servers::fresh_bucket(&server.endpoint));
+    let bin = super::nodes::agent_bin(&sb);
+    let cluster = super::nodes::exec_cluster(&sb, 2, 1000, &bin, super::nodes::env_prefix);
+    std::fs::write(sb.path("aws-secret"), format!("{SK}\n")).unwrap();
+    write_config(
+        &sb.path("cairn.toml"),
+        &format!(
+            "[stores.prod]\nurl = \"s3://{bucket}/p\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\naccess_key_id = \"{AK}\"\nsecret_access_key_file = \"aws-secret\"\n",
+            server.endpoint
+        ),
+    );
+    let id = age::x25519::Identity::generate();
+    std::fs::write(sb.path("recipients.txt"), format!("{}\n", id.to_public())).unwrap();
+    {
+        use age::secrecy::ExposeSecret;
+        std::fs::write(
+            sb.path("key.txt"),
+            format!("{}\n", id.to_string().expose_secret()),
+        )
+        .unwrap();
+    }
+    let c = cluster.to_str().unwrap();
+    // The agents get the profile's key over their stdin only; every output is clean.
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-s3",
+        "-q",
+        "--cluster",
+        c,
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "STORE=prod",
+        "-p",
+        "ENCRYPT_TO=@recipients.txt",
+    ]);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(!o.contains(SK) && !e.contains(SK));
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "restore-s3",
+        "-q",
+        "--cluster",
+        c,
+        "-p",
+        "SNAPSHOT_NAME=s",
+        "-p",
+        "STORE=prod",
+        "-p",
+        "RESTORE_DIR=tgt",
+        "-p",
+        "AGE_IDENTITY=@key.txt",
+    ]);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(!o.contains(SK) && !e.contains(SK));
+    assert_restored(&sb, "tgt", 2);
+}
