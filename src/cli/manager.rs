@@ -258,7 +258,9 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
     let url = a
         .store
         .ok_or_else(|| usage("no store: pass --store URL or set CAIRN_STORE"))?;
-    let store = g.open_store(&url, a.cluster.as_deref()).await?;
+    let (store, options) = g
+        .open_store_with_options(&url, a.cluster.as_deref())
+        .await?;
     let cancel = CancellationToken::new();
     cancel_on_signals(cancel.clone());
     let cluster = a.cluster.as_deref().map(Cluster::load).transpose()?;
@@ -317,10 +319,14 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
                         store: store.clone(),
                         target: crate::node::StoreTarget {
                             url: store.url(),
-                            options: Default::default(),
+                            options: options.clone(),
                             bandwidth: None,
                         },
-                        secrets: Vec::new(),
+                        secrets: options
+                            .iter()
+                            .filter(|(k, _)| crate::store::SECRET_OPTIONS.contains(&k.as_str()))
+                            .map(|(_, v)| v.clone())
+                            .collect(),
                     })
                 } else {
                     Box::new(crate::node::Local {

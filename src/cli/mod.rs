@@ -394,16 +394,30 @@ impl Globals {
         arg: &str,
         cluster: Option<&std::path::Path>,
     ) -> Result<std::sync::Arc<dyn crate::store::Store>> {
+        Ok(self.open_store_with_options(arg, cluster).await?.0)
+    }
+
+    /// [`Globals::open_store`], and the backend options it was opened with (for
+    /// node agents, which open it again on their hosts).
+    pub async fn open_store_with_options(
+        &self,
+        arg: &str,
+        cluster: Option<&std::path::Path>,
+    ) -> Result<(
+        std::sync::Arc<dyn crate::store::Store>,
+        std::collections::BTreeMap<String, String>,
+    )> {
         use crate::config::{StoreArg, is_profile_name};
         let placed = if is_profile_name(arg) {
             self.config(cluster)?.store_arg(arg)?
         } else {
             StoreArg::Url(arg.to_string())
         };
-        match placed {
-            StoreArg::Profile(p) => crate::store::open(&p.url, &p.options()?).await,
-            StoreArg::Url(u) => crate::store::open(&u, &store_options_from_env()).await,
-        }
+        let (url, options) = match placed {
+            StoreArg::Profile(p) => (p.url.clone(), p.options()?),
+            StoreArg::Url(u) => (u, store_options_from_env()),
+        };
+        Ok((crate::store::open(&url, &options).await?, options))
     }
 
     pub fn state(&self) -> Result<StateStore> {

@@ -171,6 +171,17 @@ impl Cluster {
         if raw.nodes.is_empty() {
             return Err(err("no [[nodes]]: a cluster needs at least one node".into()));
         }
+        // Retention and listing group snapshots by this name: "src " and "src"
+        // would be two clusters.
+        if raw.name.trim().is_empty()
+            || raw.name.trim() != raw.name
+            || raw.name.chars().any(char::is_control)
+        {
+            return Err(err(format!(
+                "name {:?} is empty or has spaces at an end or control characters; snapshots are grouped by it",
+                crate::plan::params::shorten(&raw.name)
+            )));
+        }
         let agent_timeout_secs = match &raw.agent_timeout {
             None => default_agent_timeout(),
             Some(t) => match humantime::parse_duration(t) {
@@ -494,6 +505,22 @@ mod tests {
             Selection::parse("")
                 .with_paths(".cairn-staging-1/x")
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn a_name_with_spaces_at_an_end_is_refused() {
+        for name in ["src ", " src", "", "a\tb"] {
+            let text = format!("name = {name:?}\n[[nodes]]\nindex = 0\ndata_dir = \"/d\"\n");
+            let e = Cluster::parse("c.toml", &text, Path::new("/")).expect_err(name);
+            assert!(e.to_string().contains("grouped"), "{name:?}: {e}");
+        }
+        let ok = "name = \"src\"\n[[nodes]]\nindex = 0\ndata_dir = \"/d\"\n";
+        assert_eq!(
+            Cluster::parse("c.toml", ok, Path::new("/"))
+                .expect("ok")
+                .name,
+            "src"
         );
     }
 }

@@ -1051,3 +1051,72 @@ fn a_failed_node_commit_puts_the_restored_manager_back() {
         "only the intruder"
     );
 }
+
+/// `recover --nodes` onto nodes reached with `exec`, from a store named by a
+/// profile on a real S3 server: the node probes get the profile's options (they
+/// were sent none), and the manager and nodes are rebuilt.
+#[test]
+fn recover_onto_exec_nodes_from_an_s3_profile() {
+    use crate::it::servers::{self, AK, SK};
+    let data = tempfile::tempdir().unwrap();
+    let Some(server) = servers::s3s_fs(data.path(), 0) else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let bucket = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(servers::fresh_bucket(&server.endpoint));
+    std::fs::write(sb.path("aws-secret"), format!("{SK}\n")).unwrap();
+    std::fs::write(
+        sb.path("cairn.toml"),
+        format!(
+            "[stores.prod]\nurl = \"s3://{bucket}/p\"\nregion = \"us-east-1\"\nendpoint = \"{}\"\naccess_key_id = \"{AK}\"\nsecret_access_key_file = \"aws-secret\"\n",
+            server.endpoint
+        ),
+    )
+    .unwrap();
+    let (src, state) = cluster_with_manager(&sb, 10_000);
+    sb.ok(&[
+        "plan",
+        "start",
+        "backup-s3",
+        "-q",
+        "--cluster",
+        s(&src),
+        "-p",
+        "SNAPSHOT_NAME=s1",
+        "-p",
+        "STORE=prod",
+    ]);
+    let bin = super::nodes::agent_bin(&sb);
+    let new_state = sb.path("rebuilt/mgr");
+    let mut t = format!("name = \"tgt\"\nagent_path = {bin:?}\n");
+    for i in 0..2 {
+        t.push_str(&format!(
+            "[[nodes]]\nindex = {i}\ndata_dir = {:?}\nexec = [\"env\", \"X=1\"]\n",
+            sb.path(&format!("tgt/node-{i}"))
+        ));
+    }
+    t.push_str(&format!(
+        "[manager]\nstate_dir = {new_state:?}\nversion = \"2.3.0\"\n"
+    ));
+    let nc = sb.path("tgt.toml");
+    std::fs::write(&nc, t).unwrap();
+    let out = sb.run(&[
+        "recover",
+        "--force",
+        "--store",
+        "prod",
+        "--cluster",
+        s(&nc),
+        "--nodes",
+    ]);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(!o.contains(SK) && !e.contains(SK));
+    assert_eq!(
+        files(&new_state),
+        without_prefix(files(&state), "credentials/")
+    );
+    assert_restored(&sb, "tgt", 2);
+}

@@ -210,7 +210,9 @@ fn a_second_backup_of_the_same_snapshot_is_refused_while_the_first_runs() {
     let src = source_cluster(sb.dir.path(), 2, 6 << 20);
     let dir = sb.path("store");
     let mut first = backup_args(src.to_str().unwrap(), "nightly", dir.to_str().unwrap());
-    first.extend(["-p".into(), "MAX_BANDWIDTH=3MiB/s".into(), "-q".into()]);
+    // Slow enough (about 6 s a node) that a busy machine's status polls see
+    // node 0 running: at 3 MiB/s a poll could miss its two seconds.
+    first.extend(["-p".into(), "MAX_BANDWIDTH=1MiB/s".into(), "-q".into()]);
     let mut child = sb.command(&refs(&first)).spawn().unwrap();
     wait_until_running(&sb, 1, "backup/backup-node/node-0");
     // Another machine (its own state home) starts the same backup.
