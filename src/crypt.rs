@@ -16,6 +16,17 @@ use serde::{Deserialize, Serialize};
 use std::io::{Read, Write};
 use std::str::FromStr;
 
+/// How an age file begins.
+pub const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
+
+/// Whether a file is an age file (its first line is age's).
+pub fn is_age_file(path: &std::path::Path) -> bool {
+    let mut head = [0u8; AGE_MAGIC.len()];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok_and(|()| head == AGE_MAGIC)
+}
+
 /// What a backup encrypts to.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]

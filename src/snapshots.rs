@@ -355,27 +355,21 @@ fn sample(nodes: &[manifest::NodeInfo], percent: f64) -> Vec<&manifest::NodeInfo
     chosen.into_iter().map(|i| &nodes[i]).collect()
 }
 
-/// The object's stored bytes are those the manifest records (size, SHA-256).
+/// The object's stored bytes are those the manifest records: its SHA-256, read
+/// with the same reader a resume uses (the size was checked by its listing).
 async fn object_intact(
     store: &dyn Store,
     key: &str,
     object: &manifest::ObjectInfo,
     cancel: &CancellationToken,
 ) -> Result<()> {
-    let name = key.to_string();
-    let (size, sha) = crate::store::read_stream(store, key, cancel, move |r| {
-        let (mut tapped, tap) = crate::archive::io::TapReader::new(r);
-        std::io::copy(&mut tapped, &mut std::io::sink())
-            .map_err(|e| Error::archive(&name, format!("cannot be read: {e}")))?;
-        Ok(tap.finish())
-    })
-    .await?;
-    if size != object.size || sha != object.sha256 {
+    let sha = crate::node::hash_object(store, key, cancel).await?;
+    if sha != object.sha256 {
         return Err(Error::archive(
             key,
             format!(
-                "object is {size} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
-                object.size, object.sha256
+                "object has SHA-256 {sha}, the manifest says {}",
+                object.sha256
             ),
         ));
     }

@@ -125,7 +125,7 @@ pub async fn run(g: &Globals, cmd: ManagerCmd) -> Result<i32> {
                     output.display(),
                     human(s.size.unwrap_or(0))
                 );
-                if keys.is_none() && catalog::is_age_file(&output) {
+                if keys.is_none() && crate::crypt::is_age_file(&output) {
                     crate::out!(
                         "  it is encrypted, saved as stored (an age file): `age -d -i key.txt` opens it, or download again with --identity"
                     );

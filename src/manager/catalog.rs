@@ -356,7 +356,7 @@ pub async fn download_into(
         // snapshot restored by a command that was given keys anyway).
         let mut tapped = std::io::BufReader::new(tapped);
         let age = std::io::BufRead::fill_buf(&mut tapped)
-            .map(|b| b.starts_with(AGE_MAGIC))
+            .map(|b| b.starts_with(crate::crypt::AGE_MAGIC))
             .map_err(|e| Error::archive(&name, format!("cannot be read: {e}")))?;
         let mut r: Box<dyn std::io::Read> = match &keys {
             Some(k) if age => Box::new(k.reader(tapped, &name)?),
@@ -509,17 +509,6 @@ pub async fn restore(
     restore_key(store, &loc.key, &loc.status, m, force, disk, keys, cancel).await
 }
 
-/// How an age file begins.
-const AGE_MAGIC: &[u8] = b"age-encryption.org/v1";
-
-/// Whether a file is an age file (its first line is age's).
-pub fn is_age_file(path: &Path) -> bool {
-    let mut head = [0u8; AGE_MAGIC.len()];
-    std::fs::File::open(path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut head))
-        .is_ok_and(|()| head == AGE_MAGIC)
-}
-
 /// Restore the zip at `key` (expected size and checksum from `status`).
 #[allow(clippy::too_many_arguments)]
 pub async fn restore_key(
@@ -543,7 +532,7 @@ pub async fn restore_key(
         cancel,
     )
     .await?;
-    if keys.is_none() && is_age_file(tmp.path()) {
+    if keys.is_none() && crate::crypt::is_age_file(tmp.path()) {
         return Err(Error::Refused(vec![format!(
             "{key} is encrypted: give its identity (AGE_IDENTITY=@key.txt to a plan, --identity FILE to a command)"
         )]));
