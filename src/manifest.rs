@@ -34,6 +34,18 @@ pub struct Manifest {
     /// clear part; [`Manifest::open`] gives them back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encryption: Option<Encryption>,
+    /// Service artifacts (the schema): each is an object of `objects` too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ArtifactInfo {
+    /// Its name in the cluster description (`schema`).
+    pub name: String,
+    /// Its object, relative to the snapshot folder (`schema.cql`).
+    pub object: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -85,6 +97,16 @@ pub struct FileInfo {
     pub path: String,
     pub size: u64,
     pub sha256: String,
+    /// Owner on the backed-up node: numbers, and names where the node knew them
+    /// (a restore sets the owner by name where the target knows it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

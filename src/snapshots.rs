@@ -281,6 +281,7 @@ pub async fn verify(
             Selection::default(),
             None,
             keys.cloned(),
+            None,
             {
                 let (progress, step) = (progress.clone(), format!("verify/node-{}", node.index));
                 move |done| progress.event(crate::progress::Event::Bytes { step: &step, done })

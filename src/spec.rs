@@ -89,6 +89,10 @@ pub struct RunSpec {
     pub restore_manager: RestoreManager,
     /// A backup's `MANAGER_CREDENTIALS`.
     pub manager_credentials: bool,
+    /// A restore's `RESTORE_SCHEMA`: load the snapshot's artifacts before any data
+    /// is moved in.
+    #[serde(default)]
+    pub restore_schema: bool,
     /// A backup's tags, written into its manifest.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -277,6 +281,17 @@ pub fn compile(
             crate::plan::params::shorten(bad)
         ));
     }
+    let restore_schema = match params.expand(&t.restore_schema).trim() {
+        "" | "false" => false,
+        "true" => true,
+        other => {
+            problems.push(format!(
+                "RESTORE_SCHEMA {:?} is neither true nor false",
+                crate::plan::params::shorten(other)
+            ));
+            false
+        }
+    };
     let manager_credentials = match params.expand(&t.manager_credentials).trim() {
         "" | "false" => false,
         "true" => true,
@@ -407,6 +422,7 @@ pub fn compile(
         restore_dir,
         restore_manager,
         manager_credentials,
+        restore_schema,
         tags,
         bandwidth,
         steps: expand_steps(plan, &run_cluster),
@@ -613,6 +629,11 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        diff(
+            "RESTORE_SCHEMA",
+            self.restore_schema.to_string(),
+            other.restore_schema.to_string(),
+        );
         let enc = |e: &Option<crate::crypt::Scheme>| {
             e.as_ref()
                 .map_or_else(|| "none".to_string(), crate::crypt::Scheme::describe)
@@ -627,6 +648,11 @@ impl RunSpec {
             out.push("steps: the plan or the cluster's nodes changed".into());
         }
         out
+    }
+
+    /// `<data_dir>/.cairn-snap-<token>`: a backup's point-in-time snapshot.
+    pub fn snap_name(&self) -> String {
+        format!("{}{}", crate::cluster::SNAP_PREFIX, self.token)
     }
 
     /// `<data_dir>/.cairn-staging-<token>`.

@@ -4,6 +4,7 @@
 //! crash produces the same object, and serial and parallel runs the same bytes.
 
 use super::io::HashingReader;
+use crate::cluster::Excludes;
 use crate::manifest::FileInfo;
 use crate::{Error, Result};
 use std::io::{self, Read, Write};
@@ -42,13 +43,54 @@ pub struct Scan {
     /// that is a symlink (its data would be dropped), a link a restore would refuse
     /// (absolute, or out of the node).
     pub refused: Vec<String>,
+    /// Entries left out by the exclusion patterns (a directory counts once).
+    pub excluded: u64,
+    /// User and group names of the owners found, looked up once each.
+    pub names: Names,
 }
 
-/// Walk `keyspaces` of `data_dir` in sorted order.
-pub fn scan(data_dir: &Path, keyspaces: &[String]) -> Result<Scan> {
+/// uid/gid → name on this host (through the system's user database).
+#[derive(Debug, Clone, Default)]
+pub struct Names {
+    users: std::collections::HashMap<u32, Option<String>>,
+    groups: std::collections::HashMap<u32, Option<String>>,
+}
+
+impl Names {
+    fn learn(&mut self, uid: u32, gid: u32) {
+        self.users.entry(uid).or_insert_with(|| {
+            nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        });
+        self.groups.entry(gid).or_insert_with(|| {
+            nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        });
+    }
+
+    pub fn user(&self, uid: u32) -> Option<&str> {
+        self.users.get(&uid).and_then(|n| n.as_deref())
+    }
+
+    pub fn group(&self, gid: u32) -> Option<&str> {
+        self.groups.get(&gid).and_then(|n| n.as_deref())
+    }
+}
+
+/// Walk `keyspaces` of `data_dir` in sorted order, leaving out what `excludes`
+/// matches.
+pub fn scan(data_dir: &Path, keyspaces: &[String], excludes: &Excludes) -> Result<Scan> {
     let mut out = Scan::default();
     for ks in keyspaces {
-        walk(&data_dir.join(ks), ks, &mut out)?;
+        if excludes.excludes(ks) {
+            out.excluded += 1;
+            continue;
+        }
+        walk(&data_dir.join(ks), ks, excludes, &mut out)?;
     }
     // A link that resolves through another link is refused by a restore (that is
     // how a chain escapes a check on its text): refuse it here, not later.
@@ -72,7 +114,7 @@ pub fn scan(data_dir: &Path, keyspaces: &[String]) -> Result<Scan> {
     Ok(out)
 }
 
-fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
+fn walk(abs: &Path, rel: &str, excludes: &Excludes, out: &mut Scan) -> Result<()> {
     let meta = std::fs::symlink_metadata(abs).map_err(|e| Error::io("stat", abs, e))?;
     let ft = meta.file_type();
     let kind = if ft.is_dir() {
@@ -107,6 +149,7 @@ fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
             .push(format!("{rel}: not a file, directory or symlink"));
         return Ok(());
     };
+    out.names.learn(meta.uid(), meta.gid());
     out.entries.push(ScanEntry {
         abs: abs.to_path_buf(),
         rel: rel.to_string(),
@@ -138,7 +181,12 @@ fn walk(abs: &Path, rel: &str, out: &mut Scan) -> Result<()> {
         }
         children.sort();
         for name in children {
-            walk(&abs.join(&name), &format!("{rel}/{name}"), out)?;
+            let child = format!("{rel}/{name}");
+            if excludes.excludes(&child) {
+                out.excluded += 1;
+                continue;
+            }
+            walk(&abs.join(&name), &child, excludes, out)?;
         }
     }
     Ok(())
@@ -180,7 +228,7 @@ impl<R: Read> Read for Exact<R> {
     }
 }
 
-fn header(e: &ScanEntry, kind: tar::EntryType, size: u64) -> tar::Header {
+fn header(e: &ScanEntry, kind: tar::EntryType, size: u64, names: &Names) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_size(size);
@@ -188,6 +236,14 @@ fn header(e: &ScanEntry, kind: tar::EntryType, size: u64) -> tar::Header {
     h.set_mtime(u64::try_from(e.mtime).unwrap_or(0));
     h.set_uid(e.uid);
     h.set_gid(e.gid);
+    // Names too (as tar does), so a restore can map them on another host; a name
+    // too long for the header is left out (the number stays).
+    if let Some(u) = u32::try_from(e.uid).ok().and_then(|u| names.user(u)) {
+        let _ = h.set_username(u);
+    }
+    if let Some(g) = u32::try_from(e.gid).ok().and_then(|g| names.group(g)) {
+        let _ = h.set_groupname(g);
+    }
     h
 }
 
@@ -234,12 +290,12 @@ pub fn pack<W: Write>(
     for e in &scan.entries {
         match &e.kind {
             Kind::Dir => {
-                let mut h = header(e, tar::EntryType::Directory, 0);
+                let mut h = header(e, tar::EntryType::Directory, 0, &scan.names);
                 tar.append_data(&mut h, format!("{}/", e.rel), io::empty())
                     .map_err(|err| wrap(&e.abs, err))?;
             }
             Kind::Symlink { target } => {
-                let mut h = header(e, tar::EntryType::Symlink, 0);
+                let mut h = header(e, tar::EntryType::Symlink, 0, &scan.names);
                 tar.append_link(&mut h, &e.rel, target)
                     .map_err(|err| wrap(&e.abs, err))?;
             }
@@ -257,16 +313,21 @@ pub fn pack<W: Write>(
                     last: 0,
                     report: &mut progress,
                 });
-                let mut h = header(e, tar::EntryType::Regular, *size);
+                let mut h = header(e, tar::EntryType::Regular, *size, &scan.names);
                 tar.append_data(&mut h, &e.rel, &mut reader)
                     .map_err(|err| wrap(&e.abs, err))?;
                 let (n, sha256, _) = reader.finish();
                 done += n;
                 progress(done);
+                let (uid, gid) = (u32::try_from(e.uid).ok(), u32::try_from(e.gid).ok());
                 files.push(FileInfo {
                     path: e.rel.clone(),
                     size: n,
                     sha256,
+                    uid,
+                    gid,
+                    user: uid.and_then(|u| scan.names.user(u)).map(str::to_string),
+                    group: gid.and_then(|g| scan.names.group(g)).map(str::to_string),
                 });
             }
         }
@@ -291,7 +352,7 @@ mod tests {
         let f = dir.path().join("ks/t/data.db");
         std::fs::create_dir_all(f.parent().expect("parent")).expect("mkdir");
         std::fs::write(&f, b"0123456789").expect("write");
-        let scan = scan(dir.path(), &["ks".to_string()]).expect("scan");
+        let scan = scan(dir.path(), &["ks".to_string()], &Excludes::default()).expect("scan");
         std::fs::write(&f, b"0123456789 and more written by a live service").expect("grow");
         let err = pack(&scan, Vec::new(), |_| {}).expect_err("must fail");
         assert!(err.to_string().contains("grew"), "{err}");
@@ -309,11 +370,55 @@ mod tests {
             .expect("link");
         std::os::unix::fs::symlink("/etc/passwd", dir.path().join("ks/t/abs")).expect("link");
         std::os::unix::fs::symlink("data.db", dir.path().join("ks/t/ok")).expect("link");
-        let s = scan(dir.path(), &["ks".to_string(), "ks2".to_string()]).expect("scan");
+        let s = scan(
+            dir.path(),
+            &["ks".to_string(), "ks2".to_string()],
+            &Excludes::default(),
+        )
+        .expect("scan");
         let text = s.refused.join("\n");
         assert!(text.contains("keyspace ks2"), "{text}");
         assert!(text.contains("table ks/t2"), "{text}");
         assert!(text.contains("ks/t/abs"), "{text}");
         assert_eq!(s.refused.len(), 3, "{text}");
+    }
+
+    #[test]
+    fn the_default_patterns_leave_out_logs_temporaries_and_cassandras_own_snapshots() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        for f in [
+            "ks/t-1/nb-1-big-Data.db",
+            "ks/t-1/nb-2-big-Data.db-tmp-x",
+            "ks/t-1/nb-3-tmp-big-Data.db",
+            "ks/t-1/snapshots/s1/nb-1-big-Data.db",
+            "ks/t-1/backups/nb-1-big-Data.db",
+            "ks/t-1/sub/snapshots/kept.db",
+            "ks/CommitLog-7-1.log",
+            "commitlog/CommitLog-7-2.log",
+        ] {
+            let p = dir.path().join(f);
+            std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+            std::fs::write(&p, b"x").expect("write");
+        }
+        let ex = crate::cluster::Capture::default()
+            .excludes()
+            .expect("patterns");
+        let s = scan(
+            dir.path(),
+            &["ks".to_string(), "commitlog".to_string()],
+            &ex,
+        )
+        .expect("scan");
+        let files: Vec<&str> = s
+            .entries
+            .iter()
+            .filter(|e| matches!(e.kind, Kind::File { .. }))
+            .map(|e| e.rel.as_str())
+            .collect();
+        assert_eq!(
+            files,
+            ["ks/t-1/nb-1-big-Data.db", "ks/t-1/sub/snapshots/kept.db"]
+        );
+        assert_eq!(s.excluded, 6);
     }
 }

@@ -45,6 +45,139 @@ pub struct Expected<'a> {
     pub object_sha256: &'a str,
     /// The object is an age file: what opens it.
     pub keys: Option<&'a crate::crypt::Keys>,
+    /// Who owns what is extracted (`None`: whoever extracts).
+    pub owners: Option<&'a Owners>,
+}
+
+/// Who owns restored entries: a fixed `user:group` from the target's cluster
+/// description, else the snapshot's owner by name where this host knows the name,
+/// else by number. Only root may give files away; anyone else keeps them (warned
+/// once).
+#[derive(Debug)]
+pub struct Owners {
+    fixed: (Option<u32>, Option<u32>),
+    cache: std::sync::Mutex<OwnerCache>,
+    root: bool,
+}
+
+#[derive(Debug, Default)]
+struct OwnerCache {
+    users: HashMap<String, Option<u32>>,
+    groups: HashMap<String, Option<u32>>,
+    warned: bool,
+}
+
+impl Owners {
+    /// `owner`: `user:group` of the target's description (names or numbers, looked
+    /// up on this host).
+    pub fn new(owner: Option<&str>) -> Result<Owners> {
+        let mut fixed = (None, None);
+        if let Some(text) = owner {
+            let (u, g) = crate::cluster::parse_owner(text).map_err(Error::Usage)?;
+            let uid = match u.parse::<u32>() {
+                Ok(n) => n,
+                Err(_) => nix::unistd::User::from_name(&u)
+                    .ok()
+                    .flatten()
+                    .map(|x| x.uid.as_raw())
+                    .ok_or_else(|| {
+                        Error::Usage(format!(
+                            "owner {text:?}: there is no user {u:?} on this host"
+                        ))
+                    })?,
+            };
+            let gid = match &g {
+                None => None,
+                Some(g) => Some(match g.parse::<u32>() {
+                    Ok(n) => n,
+                    Err(_) => nix::unistd::Group::from_name(g)
+                        .ok()
+                        .flatten()
+                        .map(|x| x.gid.as_raw())
+                        .ok_or_else(|| {
+                            Error::Usage(format!(
+                                "owner {text:?}: there is no group {g:?} on this host"
+                            ))
+                        })?,
+                }),
+            };
+            fixed = (Some(uid), gid);
+        }
+        Ok(Owners {
+            fixed,
+            cache: Default::default(),
+            root: nix::unistd::geteuid().is_root(),
+        })
+    }
+
+    /// The owner an entry with this header gets.
+    fn of(&self, h: &tar::Header) -> (Option<u32>, Option<u32>) {
+        let mut c = match self.cache.lock() {
+            Ok(c) => c,
+            Err(p) => p.into_inner(),
+        };
+        let uid = self.fixed.0.or_else(|| {
+            let by_name = h
+                .username()
+                .ok()
+                .flatten()
+                .filter(|n| !n.is_empty())
+                .and_then(|n| {
+                    *c.users.entry(n.to_string()).or_insert_with(|| {
+                        nix::unistd::User::from_name(n)
+                            .ok()
+                            .flatten()
+                            .map(|u| u.uid.as_raw())
+                    })
+                });
+            by_name.or_else(|| h.uid().ok().and_then(|u| u32::try_from(u).ok()))
+        });
+        let gid = match self.fixed {
+            (Some(_), Some(g)) => Some(g),
+            (Some(_), None) => None,
+            _ => {
+                let by_name = h
+                    .groupname()
+                    .ok()
+                    .flatten()
+                    .filter(|n| !n.is_empty())
+                    .and_then(|n| {
+                        *c.groups.entry(n.to_string()).or_insert_with(|| {
+                            nix::unistd::Group::from_name(n)
+                                .ok()
+                                .flatten()
+                                .map(|g| g.gid.as_raw())
+                        })
+                    });
+                by_name.or_else(|| h.gid().ok().and_then(|g| u32::try_from(g).ok()))
+            }
+        };
+        (uid, gid)
+    }
+
+    /// Give `path` (never followed: a link itself) the owner its header asks.
+    fn apply(&self, path: &Path, h: &tar::Header) -> Result<()> {
+        let (uid, gid) = self.of(h);
+        let r = std::os::unix::fs::lchown(path, uid, gid);
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if !self.root && e.kind() == io::ErrorKind::PermissionDenied => {
+                let mut c = match self.cache.lock() {
+                    Ok(c) => c,
+                    Err(p) => p.into_inner(),
+                };
+                if !c.warned {
+                    c.warned = true;
+                    tracing::warn!(
+                        "restoring as a user other than root: files keep this user as their owner, not the snapshot's ({})",
+                        path.display()
+                    );
+                }
+                Ok(())
+            }
+            Err(e) => Err(Error::io("set the owner of", path, e)),
+        }
+    }
 }
 
 /// Unpack (or verify) a node archive read from `reader`. `select` limits which
@@ -112,7 +245,7 @@ fn unpack_plain<P: Read>(
     let mut files_seen: HashSet<String> = HashSet::new();
     let mut links: HashSet<String> = HashSet::new();
     let mut link_targets: Vec<(String, PathBuf)> = Vec::new();
-    let mut dirs: Vec<(PathBuf, u32, i64)> = Vec::new();
+    let mut dirs: Vec<(PathBuf, u32, i64, tar::Header)> = Vec::new();
     let mut out = Unpacked::default();
     let mut buf = vec![0u8; 256 << 10];
 
@@ -151,6 +284,7 @@ fn unpack_plain<P: Read>(
             )));
         }
         let header = entry.header();
+        let owner_header = header.clone();
         let kind = header.entry_type();
         // Only permission bits: setuid, setgid and sticky are dropped.
         let perm = header.mode().map_err(corrupt)? & 0o777;
@@ -175,7 +309,7 @@ fn unpack_plain<P: Read>(
             tar::EntryType::Directory => {
                 if let Some(dest) = dest {
                     create_dir(&dest)?;
-                    dirs.push((dest, perm, mtime));
+                    dirs.push((dest, perm, mtime, owner_header.clone()));
                 }
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
@@ -229,6 +363,9 @@ fn unpack_plain<P: Read>(
                     )));
                 }
                 if let (Some(f), Some(d)) = (file, dest.as_ref()) {
+                    if let Some(o) = expected.owners {
+                        o.apply(d, &owner_header)?;
+                    }
                     f.set_permissions(std::fs::Permissions::from_mode(perm))
                         .map_err(|e| Error::io("chmod", d, e))?;
                     let t = filetime::FileTime::from_unix_time(mtime, 0);
@@ -262,6 +399,9 @@ fn unpack_plain<P: Read>(
                     }
                     std::os::unix::fs::symlink(&target, &dest)
                         .map_err(|e| Error::io("create symlink", &dest, e))?;
+                    if let Some(o) = expected.owners {
+                        o.apply(&dest, &owner_header)?;
+                    }
                 }
             }
             tar::EntryType::Link => {
@@ -314,7 +454,10 @@ fn unpack_plain<P: Read>(
     }
     // Directory modes and times last (deepest first), once their contents exist.
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
-    for (dir, perm, mtime) in dirs {
+    for (dir, perm, mtime, h) in dirs {
+        if let Some(o) = expected.owners {
+            o.apply(&dir, &h)?;
+        }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(perm | 0o700))
             .map_err(|e| Error::io("chmod", &dir, e))?;
         let t = filetime::FileTime::from_unix_time(mtime, 0);

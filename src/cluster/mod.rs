@@ -39,6 +39,41 @@ struct RawCluster {
     #[serde(default)]
     nodes: Vec<RawNode>,
     manager: Option<RawManager>,
+    /// How a node's files are captured: `hardlink` (default), `service`, `none`.
+    snapshot: Option<String>,
+    /// Patterns left out of every backup, added to [`DEFAULT_EXCLUDE`].
+    #[serde(default)]
+    exclude: Vec<String>,
+    /// `false`: only `exclude`, without the default patterns.
+    default_exclude: Option<bool>,
+    /// The service's own snapshot (`snapshot = "service"`).
+    service_snapshot: Option<RawServiceSnapshot>,
+    /// Owner of restored files, `user:group` (names or numbers).
+    owner: Option<String>,
+    /// Run on each node after a restore, per restored table (every node's
+    /// default; a node's own `post_restore` wins).
+    #[serde(default)]
+    post_restore: Vec<String>,
+    /// Service artifacts: commands whose output is stored beside the node archives.
+    #[serde(default)]
+    artifacts: std::collections::BTreeMap<String, RawArtifact>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServiceSnapshot {
+    create: Vec<String>,
+    #[serde(default)]
+    cleanup: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawArtifact {
+    dump: Vec<String>,
+    #[serde(default)]
+    load: Vec<String>,
+    file: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -63,6 +98,7 @@ struct RawNode {
     #[serde(default)]
     exec: Vec<String>,
     agent_path: Option<String>,
+    post_restore: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -81,6 +117,144 @@ pub struct Cluster {
     /// Secret parameters the hooks need in their environment (others are withheld).
     #[serde(default)]
     pub hook_secrets: Vec<String>,
+    /// How a node's files are captured for a backup.
+    #[serde(default)]
+    pub capture: Capture,
+    /// Owner of restored files (`user:group`), instead of the snapshot's.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// Service artifacts (e.g. the schema), dumped once per backup.
+    #[serde(default)]
+    pub artifacts: Vec<Artifact>,
+}
+
+/// What a backup reads a node from.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// cairn hard-links every selected file into `<data_dir>/.cairn-snap-<run>/`
+    /// on every node before any upload, and reads from there.
+    #[default]
+    Hardlink,
+    /// A hook makes the service's own snapshot (`nodetool snapshot`): cairn reads
+    /// `<ks>/<table>/snapshots/<name>/` as `<ks>/<table>/`.
+    Service,
+    /// The live data dir: only for a stopped service.
+    None,
+}
+
+impl SnapshotMode {
+    pub fn name(self) -> &'static str {
+        match self {
+            SnapshotMode::Hardlink => "hardlink",
+            SnapshotMode::Service => "service",
+            SnapshotMode::None => "none",
+        }
+    }
+}
+
+/// Files never immutable under a running Cassandra (commit logs, logs, files being
+/// written), and its own snapshots and incremental backups inside table dirs.
+/// A pattern without `/` matches an entry's name at any depth; with `/`, its path
+/// from the keyspace on (`*` stays inside one path component).
+pub const DEFAULT_EXCLUDE: &[&str] = &[
+    "commitlog",
+    "*.log",
+    "*-tmp-*",
+    "*/*/snapshots",
+    "*/*/backups",
+];
+
+/// How a node's files are captured: the snapshot mode and what is left out.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Capture {
+    pub mode: SnapshotMode,
+    /// Every pattern left out (the defaults included when they apply).
+    pub exclude: Vec<String>,
+    /// `snapshot = "service"`: argv making the service's snapshot (`{snapshot}` is
+    /// the snapshot's name) and argv removing it.
+    #[serde(default)]
+    pub service_create: Vec<String>,
+    #[serde(default)]
+    pub service_cleanup: Vec<String>,
+}
+
+impl Default for Capture {
+    fn default() -> Self {
+        Capture {
+            mode: SnapshotMode::Hardlink,
+            exclude: DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect(),
+            service_create: Vec::new(),
+            service_cleanup: Vec::new(),
+        }
+    }
+}
+
+impl Capture {
+    /// The compiled exclusion patterns.
+    pub fn excludes(&self) -> Result<Excludes> {
+        Excludes::new(&self.exclude)
+    }
+}
+
+/// Compiled exclusion patterns (see [`DEFAULT_EXCLUDE`]).
+#[derive(Debug, Clone)]
+pub struct Excludes {
+    names: globset::GlobSet,
+    paths: globset::GlobSet,
+}
+
+impl Default for Excludes {
+    fn default() -> Self {
+        Excludes {
+            names: globset::GlobSet::empty(),
+            paths: globset::GlobSet::empty(),
+        }
+    }
+}
+
+impl Excludes {
+    pub fn new(patterns: &[String]) -> Result<Excludes> {
+        let mut names = globset::GlobSetBuilder::new();
+        let mut paths = globset::GlobSetBuilder::new();
+        for p in patterns {
+            let glob = globset::GlobBuilder::new(p.trim_end_matches('/'))
+                .literal_separator(true)
+                .build()
+                .map_err(|e| Error::Usage(format!("exclude pattern {p:?}: {e}")))?;
+            if p.trim_end_matches('/').contains('/') {
+                paths.add(glob);
+            } else {
+                names.add(glob);
+            }
+        }
+        let build = |b: globset::GlobSetBuilder| {
+            b.build()
+                .map_err(|e| Error::Usage(format!("exclude patterns: {e}")))
+        };
+        Ok(Excludes {
+            names: build(names)?,
+            paths: build(paths)?,
+        })
+    }
+
+    /// Whether the entry at `rel` (`/`-separated, from the keyspace on) is left out.
+    pub fn excludes(&self, rel: &str) -> bool {
+        let name = rel.rsplit('/').next().unwrap_or(rel);
+        self.names.is_match(name) || self.paths.is_match(rel)
+    }
+}
+
+/// A service artifact: `dump` is run once per backup (on the first node's host)
+/// and its output stored as `<snapshot>/<file>`; a restore with `RESTORE_SCHEMA`
+/// runs `load` with `{file}` replaced by a local copy, before any data is moved in.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Artifact {
+    pub name: String,
+    pub file: String,
+    pub dump: Vec<String>,
+    #[serde(default)]
+    pub load: Vec<String>,
 }
 
 /// `[manager]`: where the manager keeps its state and which version it runs.
@@ -124,6 +298,11 @@ pub struct Node {
     /// up as hung.
     #[serde(default = "default_agent_timeout")]
     pub agent_timeout_secs: u64,
+    /// argv run on the node after a restore moved its data in, once per restored
+    /// table: `{keyspace}`, `{table}` (the name without its id), `{dir}` (the
+    /// table's dir) are replaced (e.g. `nodetool import {keyspace} {table} {dir}`).
+    #[serde(default)]
+    pub post_restore: Vec<String>,
 }
 
 fn default_agent_path() -> String {
@@ -199,7 +378,15 @@ impl Cluster {
             if !seen.insert(n.index) {
                 return Err(err(format!("node index {} appears twice", n.index)));
             }
-            for (what, argv) in [("pre_hook", &n.pre_hook), ("post_hook", &n.post_hook)] {
+            let post_restore = n
+                .post_restore
+                .clone()
+                .unwrap_or_else(|| raw.post_restore.clone());
+            for (what, argv) in [
+                ("pre_hook", &n.pre_hook),
+                ("post_hook", &n.post_hook),
+                ("post_restore", &post_restore),
+            ] {
                 if argv.first().is_some_and(|a| a.is_empty()) {
                     return Err(err(format!(
                         "node {}: {what} has an empty program",
@@ -251,6 +438,7 @@ impl Cluster {
                 exec: n.exec,
                 agent_path,
                 agent_timeout_secs,
+                post_restore,
             });
         }
         nodes.sort_by_key(|n| n.index);
@@ -280,6 +468,98 @@ impl Cluster {
                 })
             }
         };
+        let mode = match raw.snapshot.as_deref() {
+            None | Some("hardlink") => SnapshotMode::Hardlink,
+            Some("service") => SnapshotMode::Service,
+            Some("none") => SnapshotMode::None,
+            Some(other) => {
+                return Err(err(format!(
+                    "snapshot {:?} is none of hardlink (the default), service, none",
+                    crate::plan::params::shorten(other)
+                )));
+            }
+        };
+        let (service_create, service_cleanup) = match (mode, raw.service_snapshot) {
+            (SnapshotMode::Service, Some(s)) => {
+                if s.create.first().is_none_or(|a| a.is_empty())
+                    || s.cleanup.first().is_some_and(|a| a.is_empty())
+                {
+                    return Err(err(
+                        "[service_snapshot] create (and cleanup, when given) need a program".into(),
+                    ));
+                }
+                (s.create, s.cleanup)
+            }
+            (SnapshotMode::Service, None) => {
+                return Err(err(
+                    "snapshot = \"service\" needs [service_snapshot] create = [\"nodetool\", \"snapshot\", \"-t\", \"{snapshot}\"] (and cleanup)".into(),
+                ));
+            }
+            (_, Some(_)) => {
+                return Err(err(
+                    "[service_snapshot] is only read with snapshot = \"service\"".into(),
+                ));
+            }
+            (_, None) => (Vec::new(), Vec::new()),
+        };
+        let mut exclude: Vec<String> = if raw.default_exclude.unwrap_or(true) {
+            DEFAULT_EXCLUDE.iter().map(|s| s.to_string()).collect()
+        } else {
+            Vec::new()
+        };
+        exclude.extend(raw.exclude);
+        let capture = Capture {
+            mode,
+            exclude,
+            service_create,
+            service_cleanup,
+        };
+        capture.excludes().map_err(|e| err(e.to_string()))?;
+        if let Some(o) = &raw.owner {
+            parse_owner(o).map_err(err)?;
+        }
+        let mut artifacts = Vec::new();
+        for (name, a) in raw.artifacts {
+            let file = a.file.unwrap_or_else(|| {
+                if name == "schema" {
+                    "schema.cql".into()
+                } else {
+                    format!("{name}.out")
+                }
+            });
+            let plain = |s: &str| {
+                !s.is_empty()
+                    && s.len() <= 64
+                    && s.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                    && !s.starts_with('.')
+            };
+            if !plain(&name) || !plain(&file) {
+                return Err(err(format!(
+                    "artifact {:?} (file {:?}): names are letters, digits, . _ - (not first .), at most 64",
+                    crate::plan::params::shorten(&name),
+                    crate::plan::params::shorten(&file)
+                )));
+            }
+            if file == "manifest.json" || file.starts_with("node-") || file.starts_with("manager") {
+                return Err(err(format!(
+                    "artifact {name}: file {file:?} is a name cairn's own objects use"
+                )));
+            }
+            if a.dump.first().is_none_or(|p| p.is_empty())
+                || a.load.first().is_some_and(|p| p.is_empty())
+            {
+                return Err(err(format!(
+                    "artifact {name}: dump (and load, when given) need a program"
+                )));
+            }
+            artifacts.push(Artifact {
+                name,
+                file,
+                dump: a.dump,
+                load: a.load,
+            });
+        }
         Ok(Cluster {
             name: raw.name,
             nodes,
@@ -287,6 +567,9 @@ impl Cluster {
             source: None,
             partial: false,
             hook_secrets: raw.hook_secrets,
+            capture,
+            owner: raw.owner,
+            artifacts,
         })
     }
 
@@ -406,6 +689,31 @@ pub fn split_list(text: &str) -> impl Iterator<Item = &str> {
 /// The name prefix of a restore's staging dir inside a data dir.
 pub const STAGING_PREFIX: &str = ".cairn-staging-";
 
+/// The name prefix of a backup's point-in-time snapshot inside a data dir.
+pub const SNAP_PREFIX: &str = ".cairn-snap-";
+
+/// `user:group` (or `user`), names or numbers; checked for form only (the names
+/// are looked up on the node's host).
+pub fn parse_owner(text: &str) -> std::result::Result<(String, Option<String>), String> {
+    let ok = |s: &str| {
+        !s.is_empty()
+            && s.len() <= 64
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+    };
+    let (u, g) = match text.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (text, None),
+    };
+    if !ok(u) || g.is_some_and(|g| !ok(g)) {
+        return Err(format!(
+            "owner {:?} is not user:group (names or numbers)",
+            crate::plan::params::shorten(text)
+        ));
+    }
+    Ok((u.to_string(), g.map(str::to_string)))
+}
+
 /// What the top of a data dir holds, each list sorted.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DataDirTop {
@@ -436,7 +744,7 @@ pub fn data_dir_top(data_dir: &Path) -> Result<DataDirTop> {
             || (ft.is_symlink() && std::fs::metadata(entry.path()).is_ok_and(|m| m.is_dir()));
         let lossy = entry.file_name().to_string_lossy().into_owned();
         if lossy.starts_with(RESERVED_PREFIX) {
-            if !lossy.starts_with(STAGING_PREFIX) {
+            if !lossy.starts_with(STAGING_PREFIX) && !lossy.starts_with(SNAP_PREFIX) {
                 out.foreign_reserved.push(lossy);
             }
             continue;

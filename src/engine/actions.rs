@@ -135,14 +135,27 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
             // Every node looks at itself, on its own host, all at once; every
             // problem of every node is reported together.
             let looks = futures::future::join_all(ctx.cluster.nodes.iter().map(|n| async move {
-                (n, ctx.exec(n).inspect_backup(n, &ctx.spec.selection).await)
+                (
+                    n,
+                    ctx.exec(n)
+                        .inspect_backup(n, &ctx.spec.selection, &ctx.cluster.capture)
+                        .await,
+                )
             }))
             .await;
             let mut problems = Vec::new();
             let mut found = std::collections::BTreeSet::new();
+            let mut stale = Vec::new();
             for (n, look) in looks {
                 match look {
                     Ok(facts) => {
+                        stale.extend(
+                            facts
+                                .snaps
+                                .iter()
+                                .filter(|s| **s != ctx.spec.snap_name())
+                                .map(|s| (n, s.clone())),
+                        );
                         if !facts.loose.is_empty() {
                             tracing::warn!(
                                 node = n.index,
@@ -155,6 +168,9 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                     }
                     Err(e) => problems.extend(crate::node::problems_of(n.index, e)),
                 }
+            }
+            if problems.is_empty() && !stale.is_empty() {
+                clean_dead_snapshots(ctx, &stale).await?;
             }
             checks::backup(
                 problems,
@@ -185,7 +201,332 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
         Action::BackupManager => backup_manager(ctx, step).await.map(Some),
         Action::RestoreManager => restore_manager(ctx).await,
         Action::DiscardStaging => discard_staging(ctx).await.map(|()| None),
+        Action::SnapshotNode => snapshot_node(ctx, node()?).await.map(Some),
+        Action::DropSnapshots => drop_snapshots(ctx).await.map(|()| None),
+        Action::BackupSchema => backup_schema(ctx, step).await.map(Some),
+        Action::RestoreSchema => restore_schema(ctx).await.map(Some),
+        Action::LoadTables => load_tables(ctx).await.map(Some),
     }
+}
+
+/// A table dir's name without its id (`orders-3c4d…` → `orders`).
+fn table_name(dir: &str) -> &str {
+    match dir.rsplit_once('-') {
+        Some((name, id))
+            if !name.is_empty() && !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            name
+        }
+        _ => dir,
+    }
+}
+
+/// After the commit: each node's `post_restore` once per restored table, on the
+/// node's host (`nodetool import` loads it into the running service). A failure
+/// fails the run with the data in place; its resume runs this step again.
+async fn load_tables(ctx: &Arc<RunCtx>) -> Result<String> {
+    let m = ctx.manifest().await?.clone();
+    let mut loaded = 0usize;
+    for n in &ctx.cluster.nodes {
+        if n.post_restore.is_empty() {
+            continue;
+        }
+        let Some(info) = m.node(n.index) else {
+            continue;
+        };
+        let tables: std::collections::BTreeSet<(String, String)> = info
+            .files
+            .iter()
+            .filter(|f| ctx.spec.selection.restores_file(&f.path))
+            .filter_map(|f| {
+                let mut parts = f.path.split('/');
+                let (ks, table) = (parts.next()?, parts.next()?);
+                parts.next()?;
+                Some((ks.to_string(), table.to_string()))
+            })
+            .collect();
+        for (ks, table) in tables {
+            let dir = n.data_dir.join(&ks).join(&table);
+            let argv: Vec<String> =
+                crate::node::capture::expand(&n.post_restore, &ctx.spec.snapshot)
+                    .iter()
+                    .map(|a| {
+                        a.replace("{keyspace}", &ks)
+                            .replace("{table}", table_name(&table))
+                            .replace("{dir}", &dir.to_string_lossy())
+                    })
+                    .collect();
+            let job = crate::node::command::CommandJob {
+                node: n.index,
+                what: format!("post_restore of {ks}/{table}"),
+                argv,
+                env: hook_params(ctx),
+                input_hex: None,
+            };
+            let _: crate::node::command::CommandOut =
+                crate::node::fs_until(&*ctx.exec(n), n.index, FsOp::Command(job), &ctx.cancel)
+                    .await?;
+            loaded += 1;
+        }
+    }
+    encode(&serde_json::json!({ "v": OUTPUT_VERSION, "tables": loaded }))
+}
+
+/// What a backup's schema step stored.
+#[derive(Debug, Serialize, Deserialize)]
+struct SchemaOutput {
+    v: u32,
+    artifacts: Vec<StoredArtifact>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredArtifact {
+    name: String,
+    object: ObjectInfo,
+}
+
+/// The node whose host runs the service's commands: the run's first node.
+fn command_node(ctx: &RunCtx) -> Result<&Node> {
+    ctx.cluster
+        .nodes
+        .first()
+        .ok_or_else(|| Error::State("the run has no node to run the service's commands on".into()))
+}
+
+/// Run each artifact's dump once, on the first node's host, and store its output
+/// beside the node archives (encrypted like them).
+async fn backup_schema(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
+    let mut stored = Vec::new();
+    for a in &ctx.cluster.artifacts {
+        let node = command_node(ctx)?;
+        let job = crate::node::command::CommandJob {
+            node: node.index,
+            what: format!("{} dump", a.name),
+            argv: crate::node::capture::expand(&a.dump, &ctx.spec.snapshot),
+            env: hook_params(ctx),
+            input_hex: None,
+        };
+        let out: crate::node::command::CommandOut = crate::node::fs_until(
+            &*ctx.exec(node),
+            node.index,
+            FsOp::Command(job),
+            &ctx.cancel,
+        )
+        .await?;
+        let bytes = hex::decode(&out.stdout_hex)
+            .map_err(|e| Error::State(format!("the {} dump's output: {e}", a.name)))?;
+        if bytes.is_empty() {
+            return Err(Error::Hook {
+                hook: "service command",
+                node: node.index,
+                message: format!(
+                    "the {} dump printed nothing; a snapshot without it could not be restored as asked",
+                    a.name
+                ),
+            });
+        }
+        let body = match &ctx.spec.encrypt_to {
+            None => bytes,
+            Some(to) => {
+                use std::io::Write;
+                let mut w = to.wrap(Vec::new())?;
+                w.write_all(&bytes)
+                    .map_err(|e| Error::io("encrypt", Path::new(&a.file), e))?;
+                w.finish()
+                    .map_err(|e| Error::io("encrypt", Path::new(&a.file), e))?
+            }
+        };
+        let object = ObjectInfo {
+            key: a.file.clone(),
+            size: body.len() as u64,
+            sha256: {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&body))
+            },
+        };
+        let key = manifest::key(&ctx.spec.snapshot, &a.file);
+        ctx.store.put(&key, body.into()).await?;
+        tracing::info!(step = %step.id, artifact = %a.name, key, bytes = object.size, "artifact stored");
+        stored.push(StoredArtifact {
+            name: a.name.clone(),
+            object,
+        });
+    }
+    encode(&SchemaOutput {
+        v: OUTPUT_VERSION,
+        artifacts: stored,
+    })
+}
+
+/// With `RESTORE_SCHEMA=true`: each artifact of the snapshot is read, checked
+/// against the manifest and given to the target's load command (on the first
+/// node's host), before any node's data is moved in. A failed load fails the run
+/// with the target untouched.
+async fn restore_schema(ctx: &Arc<RunCtx>) -> Result<String> {
+    if !ctx.spec.restore_schema {
+        return encode(&serde_json::json!({ "v": OUTPUT_VERSION, "loaded": [] }));
+    }
+    let m = ctx.manifest().await?.clone();
+    let plan = schema_plan(ctx, &m).map_err(Error::Checks)?;
+    let mut loaded = Vec::new();
+    for (art, a) in plan {
+        let object = m
+            .object(&art.object)
+            .ok_or_else(|| Error::archive(&art.object, "not listed in the manifest's objects"))?;
+        let key = manifest::key(&ctx.spec.snapshot, &art.object);
+        let body = crate::store::get_bytes(&*ctx.store, &key, 64 << 20).await?;
+        let sha = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&body))
+        };
+        if body.len() as u64 != object.size || sha != object.sha256 {
+            return Err(Error::archive(
+                &art.object,
+                format!(
+                    "is {} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
+                    body.len(),
+                    object.size,
+                    object.sha256
+                ),
+            ));
+        }
+        let plain = match (&m.encryption, &ctx.spec.keys) {
+            (None, _) => body.to_vec(),
+            (Some(_), Some(keys)) => {
+                use std::io::Read;
+                let mut r = keys.reader(&body[..], &art.object)?;
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).map_err(|e| {
+                    Error::archive(&art.object, format!("cannot be decrypted: {e}"))
+                })?;
+                v
+            }
+            (Some(_), None) => {
+                return Err(Error::Refused(vec![format!(
+                    "snapshot {:?} is encrypted: give AGE_IDENTITY or AGE_PASSPHRASE",
+                    ctx.spec.snapshot
+                )]));
+            }
+        };
+        let node = command_node(ctx)?;
+        let job = crate::node::command::CommandJob {
+            node: node.index,
+            what: format!("{} load", a.name),
+            argv: crate::node::capture::expand(&a.load, &ctx.spec.snapshot),
+            env: hook_params(ctx),
+            input_hex: Some(hex::encode(&plain)),
+        };
+        let _: crate::node::command::CommandOut = crate::node::fs_until(
+            &*ctx.exec(node),
+            node.index,
+            FsOp::Command(job),
+            &ctx.cancel,
+        )
+        .await?;
+        tracing::info!(artifact = %a.name, "artifact loaded");
+        loaded.push(a.name.clone());
+    }
+    encode(&serde_json::json!({ "v": OUTPUT_VERSION, "loaded": loaded }))
+}
+
+/// The artifacts a `RESTORE_SCHEMA=true` restore loads, each with the target's
+/// declaration; or every reason it cannot.
+fn schema_plan<'a>(
+    ctx: &'a RunCtx,
+    m: &Manifest,
+) -> std::result::Result<Vec<(manifest::ArtifactInfo, &'a crate::cluster::Artifact)>, Vec<String>> {
+    if m.artifacts.is_empty() {
+        return Err(vec![format!(
+            "RESTORE_SCHEMA=true, but snapshot {:?} holds no schema (its cluster description declared no [artifacts])",
+            ctx.spec.snapshot
+        )]);
+    }
+    let mut out = Vec::new();
+    let mut problems = Vec::new();
+    for art in &m.artifacts {
+        match ctx.cluster.artifacts.iter().find(|a| a.name == art.name) {
+            Some(a) if !a.load.is_empty() => out.push((art.clone(), a)),
+            _ => problems.push(format!(
+                "RESTORE_SCHEMA=true, but the target's cluster description has no load command for artifact {:?} ([artifacts.{}] load = [...])",
+                art.name, art.name
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(out)
+    } else {
+        Err(problems)
+    }
+}
+
+/// What a node's snapshot step made.
+#[derive(Debug, Serialize, Deserialize)]
+struct SnapOutput {
+    v: u32,
+    mode: String,
+    #[serde(default)]
+    taken: crate::node::capture::Taken,
+}
+
+fn take_job(ctx: &RunCtx, node: &Node) -> crate::node::capture::TakeSnapshot {
+    crate::node::capture::TakeSnapshot {
+        node: node.index,
+        data_dir: node.data_dir.clone(),
+        name: ctx.spec.snap_name(),
+        selection: ctx.spec.selection.clone(),
+        capture: ctx.cluster.capture.clone(),
+        snapshot: ctx.spec.snapshot.clone(),
+        env: hook_params(ctx),
+    }
+}
+
+/// Take a node's point-in-time snapshot on its host (the phase runs every node
+/// at once: no upload starts before every node has its snapshot).
+async fn snapshot_node(ctx: &Arc<RunCtx>, node: &Node) -> Result<String> {
+    let mode = ctx.cluster.capture.mode;
+    let taken = if mode == crate::cluster::SnapshotMode::None {
+        Default::default()
+    } else {
+        let op = FsOp::TakeSnapshot(take_job(ctx, node));
+        crate::node::fs_until(&*ctx.exec(node), node.index, op, &ctx.cancel).await?
+    };
+    encode(&SnapOutput {
+        v: OUTPUT_VERSION,
+        mode: mode.name().into(),
+        taken,
+    })
+}
+
+/// Remove this run's snapshots from every node, all at once; what cannot be
+/// removed is named (a resume or the next run of this home removes it).
+async fn drop_snapshots(ctx: &Arc<RunCtx>) -> Result<()> {
+    if ctx.cluster.capture.mode == crate::cluster::SnapshotMode::None {
+        return Ok(());
+    }
+    let results = futures::future::join_all(ctx.cluster.nodes.iter().map(|n| async move {
+        let t = take_job(ctx, n);
+        let op = FsOp::DropSnapshot(crate::node::capture::DropSnapshot {
+            node: n.index,
+            data_dir: t.data_dir,
+            name: t.name,
+            capture: t.capture,
+            snapshot: t.snapshot,
+            env: t.env,
+        });
+        (
+            n.index,
+            crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await,
+        )
+    }))
+    .await;
+    let mut first = None;
+    for (i, r) in results {
+        if let Err(e) = r {
+            tracing::warn!(node = i, "could not remove the run's snapshot: {e}");
+            first.get_or_insert(e);
+        }
+    }
+    first.map_or(Ok(()), Err)
 }
 
 /// Every node looks at its target, on its own host, all at once.
@@ -256,6 +597,9 @@ async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
         let m_ = manager_of(ctx)?;
         check_manager_restore(&m, &m_, force)?;
     }
+    if ctx.spec.restore_schema {
+        schema_plan(ctx, &m).map_err(Error::Checks)?;
+    }
     let manifest_sha256 = manifest_digest(&m)?;
     // The stage steps use the manifest the checks validated: read once.
     let _ = ctx.manifest.set(m);
@@ -283,6 +627,23 @@ async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
 /// empty. The stage steps are marked to be redone first, in one transaction, so
 /// the record never claims staged data that is gone.
 async fn discard_staging(ctx: &Arc<RunCtx>) -> Result<()> {
+    // A run that failed after its commit completed (loading the tables into the
+    // service) has its data in place and nothing staged: nothing to discard, and
+    // its stage steps stay done (a resume must not stage again what is in place).
+    let run = ctx.run_id;
+    let committed = ctx
+        .state
+        .call(move |s| s.steps(run))
+        .await?
+        .iter()
+        .any(|s| s.action == Action::CommitRestore.name() && s.status == Status::Complete);
+    if committed {
+        tracing::info!(
+            run,
+            "the restore's data is in place; nothing staged to discard"
+        );
+        return Ok(());
+    }
     let stage_steps: Vec<String> = ctx
         .spec
         .steps
@@ -429,6 +790,68 @@ async fn clean_dead_staging(
     Ok(removed)
 }
 
+/// Snapshots that runs of this state home left on nodes and no longer need (the
+/// run failed, was cancelled or was killed, and was never resumed) pin files the
+/// service has deleted: removed, the runs' snapshot steps marked to be redone
+/// first. A snapshot of a running run, or of a run this home does not know, is
+/// left alone and named in a warning.
+async fn clean_dead_snapshots(ctx: &Arc<RunCtx>, stale: &[(&Node, String)]) -> Result<()> {
+    let runs = ctx.state.call(|s| s.runs(10_000)).await?;
+    let owners: HashMap<String, (i64, Status, String, Vec<String>)> = runs
+        .into_iter()
+        .filter_map(|r| {
+            let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
+            let steps = spec
+                .steps
+                .iter()
+                .filter(|s| s.action == Action::SnapshotNode)
+                .map(|s| s.id.clone())
+                .collect();
+            Some((
+                spec.snap_name(),
+                (r.id, r.status, spec.snapshot.clone(), steps),
+            ))
+        })
+        .collect();
+    for (n, name) in stale {
+        let path = n.data_dir.join(name);
+        match owners.get(name) {
+            Some((run, status, snapshot, steps))
+                if !matches!(status, Status::Running | Status::Pending) =>
+            {
+                let (run, steps) = (*run, steps.clone());
+                let why = format!("its node snapshots were removed by run {}", ctx.run_id);
+                ctx.state
+                    .call(move |s| s.set_pending(run, &steps, &why))
+                    .await?;
+                tracing::warn!(node = n.index, dir = %path.display(), "removing the snapshot run {run} ({status}) left");
+                let mut t = take_job(ctx, n);
+                t.snapshot = snapshot.clone();
+                let op = FsOp::DropSnapshot(crate::node::capture::DropSnapshot {
+                    node: n.index,
+                    data_dir: t.data_dir,
+                    name: name.clone(),
+                    capture: t.capture,
+                    snapshot: t.snapshot,
+                    env: t.env,
+                });
+                crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
+            }
+            Some((run, status, _, _)) => tracing::warn!(
+                node = n.index,
+                dir = %path.display(),
+                "run {run} ({status}) is taking a snapshot of this node too"
+            ),
+            None => tracing::warn!(
+                node = n.index,
+                dir = %path.display(),
+                "a snapshot of a run this state home does not know is in the data dir; left alone (remove it if no backup is running)"
+            ),
+        }
+    }
+    Ok(())
+}
+
 /// How closely [`effects_hold`] looks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Depth {
@@ -458,6 +881,20 @@ pub async fn effects_hold(
                 .object
         }
         Action::StageNode => {
+            // Staged data has served once the commit moved it in (its staging dir
+            // is gone then): the commit's own record stands for it.
+            let committed = ctx
+                .state
+                .steps(ctx.run_id)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .any(|r| {
+                    r.action == Action::CommitRestore.name()
+                        && r.status == crate::state::Status::Complete
+                });
+            if committed {
+                return Ok(());
+            }
             let out = decode::<StageOutput>(&step.id, output).map_err(|e| e.to_string())?;
             let node = step
                 .node
@@ -489,8 +926,67 @@ pub async fn effects_hold(
                 Err(e) => Err(e.to_string()),
             };
         }
+        Action::SnapshotNode => {
+            // A snapshot has served once its node's backup is done; until then it
+            // must still be on the node, complete.
+            let node = step
+                .node
+                .and_then(|i| ctx.cluster.node(i))
+                .ok_or_else(|| format!("step {} has no node", step.id))?;
+            if ctx.cluster.capture.mode == crate::cluster::SnapshotMode::None {
+                return Ok(());
+            }
+            let backed_up = ctx
+                .state
+                .steps(ctx.run_id)
+                .map_err(|e| e.to_string())?
+                .iter()
+                .any(|r| {
+                    r.action == Action::BackupNode.name()
+                        && r.target == format!("node-{}", node.index)
+                        && r.status == crate::state::Status::Complete
+                });
+            if backed_up {
+                return Ok(());
+            }
+            let op = FsOp::SnapshotExists {
+                data_dir: node.data_dir.clone(),
+                name: ctx.spec.snap_name(),
+            };
+            return match crate::node::fs::<bool>(&*ctx.exec(node), node.index, op).await {
+                Ok(true) => Ok(()),
+                Ok(false) => Err(format!(
+                    "the snapshot of node {} is gone (removed after a failure): taken again",
+                    node.index
+                )),
+                Err(e) => Err(e.to_string()),
+            };
+        }
+        Action::BackupSchema => {
+            let out = decode::<SchemaOutput>(&step.id, output).map_err(|e| e.to_string())?;
+            for a in &out.artifacts {
+                object_holds(ctx, None, &a.object, depth).await?;
+            }
+            return Ok(());
+        }
         _ => return Ok(()),
     };
+    object_holds(
+        ctx,
+        step.node.and_then(|i| ctx.cluster.node(i)),
+        &object,
+        depth,
+    )
+    .await
+}
+
+/// Whether an object a step wrote is in the store as it was written.
+async fn object_holds(
+    ctx: &Arc<RunCtx>,
+    node: Option<&Node>,
+    object: &ObjectInfo,
+    depth: Depth,
+) -> std::result::Result<(), String> {
     let key = manifest::key(&ctx.spec.snapshot, &object.key);
     match ctx.store.head(&key).await {
         Ok(Some(meta)) if meta.size == object.size => {}
@@ -505,7 +1001,7 @@ pub async fn effects_hold(
     }
     if depth == Depth::Content {
         // A node's object is read again on its node, never through this machine.
-        let sha = match step.node.and_then(|i| ctx.cluster.node(i)) {
+        let sha = match node {
             Some(n) => ctx.exec(n).hash_object(&key, &ctx.cancel).await,
             None => crate::node::hash_object(&*ctx.store, &key, &ctx.cancel).await,
         }
@@ -662,6 +1158,8 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         hook_params: hook_params(ctx),
         leftover_upload,
         encrypt: ctx.spec.encrypt_to.clone(),
+        capture: ctx.cluster.capture.clone(),
+        snap_name: ctx.spec.snap_name(),
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),
@@ -785,6 +1283,16 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         objects.push(out.object);
         manager = Some(out.manager);
     }
+    let mut artifacts = Vec::new();
+    for out in outputs::<SchemaOutput>(&steps, Action::BackupSchema)? {
+        for a in out.artifacts {
+            artifacts.push(manifest::ArtifactInfo {
+                name: a.name,
+                object: a.object.key.clone(),
+            });
+            objects.push(a.object);
+        }
+    }
     nodes.sort_by_key(|n| n.index);
     objects.sort_by(|a, b| a.key.cmp(&b.key));
     let m = Manifest {
@@ -802,6 +1310,7 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         manager,
         tags: ctx.spec.tags.clone(),
         encryption: None,
+        artifacts,
     };
     // Every object must be there with its size before the snapshot is declared complete.
     let missing = checks::objects_present(&*ctx.store, &ctx.spec.snapshot, &m).await;
@@ -850,6 +1359,7 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
         selection: ctx.spec.selection.clone(),
         token: ctx.spec.token.clone(),
         keys: ctx.spec.keys.clone(),
+        owner: ctx.cluster.owner.clone(),
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),

@@ -490,7 +490,11 @@ impl Engine {
             (Some(_), false) => Status::Failed,
         };
         if status == Status::Failed {
-            self.run_on_failure(&ctx).await;
+            self.run_on_failure(&ctx, false).await;
+        } else if status == Status::Cancelled {
+            // A cancelled run keeps what a resume reuses (staged data), but no
+            // node keeps a snapshot pinning files the service has deleted.
+            self.run_on_failure(&ctx, true).await;
         }
         let error = match (failure, cancelled) {
             (Some(_), true) => Some(Error::Cancelled),
@@ -660,8 +664,11 @@ impl Engine {
             .await
     }
 
-    async fn run_on_failure(&self, ctx: &Arc<RunCtx>) {
+    async fn run_on_failure(&self, ctx: &Arc<RunCtx>, snapshots_only: bool) {
         for spec in &ctx.plan.on_failure {
+            if snapshots_only && spec.action != Action::DropSnapshots {
+                continue;
+            }
             let step = StepRef {
                 id: format!("on-failure/{}", spec.action.name()),
                 phase: "on-failure".into(),

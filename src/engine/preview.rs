@@ -154,7 +154,8 @@ pub async fn preview(
             let looks = futures::future::join_all(run_cluster.nodes.iter().map(|n| {
                 let e = exec(n);
                 let sel = spec.selection.clone();
-                async move { (n, e.inspect_backup(n, &sel).await) }
+                let capture = run_cluster.capture.clone();
+                async move { (n, e.inspect_backup(n, &sel, &capture).await) }
             }))
             .await;
             let mut problems = Vec::new();

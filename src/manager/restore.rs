@@ -350,6 +350,9 @@ mod tests {
             source: None,
             partial: false,
             hook_secrets: Vec::new(),
+            capture: Default::default(),
+            owner: None,
+            artifacts: Vec::new(),
         };
         Manager::resolve(Some(&cluster), None, dir).expect("manager")
     }

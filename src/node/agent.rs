@@ -174,8 +174,12 @@ async fn run(tx: &mpsc::UnboundedSender<Reply>) -> Result<serde_json::Value> {
             })
         };
         match req.op {
-            Op::InspectBackup { node, selection } => {
-                let mut facts = local.inspect_backup(&node, &selection).await?;
+            Op::InspectBackup {
+                node,
+                selection,
+                capture,
+            } => {
+                let mut facts = local.inspect_backup(&node, &selection, &capture).await?;
                 if let Err(e) = store.check().await {
                     facts.problems.push(format!(
                         "node {}: cannot reach the store from the node: {e}",

@@ -8,6 +8,8 @@
 //! node's data goes between its disk and the store, never through the coordinator.
 
 pub mod agent;
+pub mod capture;
+pub mod command;
 pub mod proto;
 pub mod remote;
 pub mod restore;
@@ -15,7 +17,7 @@ pub mod staged;
 
 use crate::archive::pack;
 use crate::checks::Disk;
-use crate::cluster::{Node, RESERVED_PREFIX, Selection, data_dir_top, hooks};
+use crate::cluster::{Capture, Node, RESERVED_PREFIX, Selection, data_dir_top, hooks};
 use crate::manifest::{self, NodeInfo, ObjectInfo};
 use crate::store::Store;
 use crate::{Error, Result};
@@ -68,6 +70,9 @@ pub struct BackupFacts {
     pub loose: Vec<String>,
     /// The cairn version that looked.
     pub version: String,
+    /// Point-in-time snapshots (`.cairn-snap-*`) of any run in the data dir.
+    #[serde(default)]
+    pub snaps: Vec<String>,
 }
 
 /// One node's backup: what to archive and where to put it.
@@ -84,6 +89,37 @@ pub struct BackupJob {
     /// Encrypt the archive (age) to these recipients or this passphrase.
     #[serde(default)]
     pub encrypt: Option<crate::crypt::EncryptTo>,
+    /// How the node is captured (snapshot mode, what is left out).
+    #[serde(default)]
+    pub capture: crate::cluster::Capture,
+    /// The run's snapshot dir in the data dir (`.cairn-snap-<token>`).
+    #[serde(default)]
+    pub snap_name: String,
+}
+
+impl BackupJob {
+    fn take(&self) -> capture::TakeSnapshot {
+        capture::TakeSnapshot {
+            node: self.node.index,
+            data_dir: self.node.data_dir.clone(),
+            name: self.snap_name.clone(),
+            selection: self.selection.clone(),
+            capture: self.capture.clone(),
+            snapshot: self.snapshot.clone(),
+            env: self.hook_params.clone(),
+        }
+    }
+
+    fn drop_job(&self) -> capture::DropSnapshot {
+        capture::DropSnapshot {
+            node: self.node.index,
+            data_dir: self.node.data_dir.clone(),
+            name: self.snap_name.clone(),
+            capture: self.capture.clone(),
+            snapshot: self.snapshot.clone(),
+            env: self.hook_params.clone(),
+        }
+    }
 }
 
 /// What a node's backup wrote: its manifest entry and its object.
@@ -116,7 +152,12 @@ pub trait Events: Send + Sync {
 pub trait NodeExec: Send + Sync {
     /// Backup pre-flight on the node: data dir, keyspaces, what the archive would
     /// refuse, and whether the node reaches the store.
-    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts>;
+    async fn inspect_backup(
+        &self,
+        node: &Node,
+        selection: &Selection,
+        capture: &Capture,
+    ) -> Result<BackupFacts>;
 
     /// Run the node's hooks and stream its archive into the store.
     async fn backup(
@@ -209,9 +250,14 @@ pub struct Local {
 
 #[async_trait::async_trait]
 impl NodeExec for Local {
-    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts> {
-        let (node, selection) = (node.clone(), selection.clone());
-        tokio::task::spawn_blocking(move || inspect_backup(&node, &selection))
+    async fn inspect_backup(
+        &self,
+        node: &Node,
+        selection: &Selection,
+        capture: &Capture,
+    ) -> Result<BackupFacts> {
+        let (node, selection, capture) = (node.clone(), selection.clone(), capture.clone());
+        tokio::task::spawn_blocking(move || inspect_backup(&node, &selection, &capture))
             .await
             .map_err(|e| Error::State(format!("scan worker failed: {e}")))
     }
@@ -232,7 +278,19 @@ impl NodeExec for Local {
             cancel,
         )
         .await?;
-        let work = stream_node(&*self.store, job, events, cancel).await;
+        let mut work = stream_node(&*self.store, job, events, cancel).await;
+        // The snapshot has served: it goes now (a failed upload keeps it for the
+        // step's retry; the run's failure removes it).
+        if work.is_ok() && job.capture.mode != crate::cluster::SnapshotMode::None {
+            let drop = job.drop_job();
+            let dropped = tokio::task::spawn_blocking(move || capture::drop_snapshot(&drop))
+                .await
+                .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))
+                .and_then(|r| r);
+            if let Err(e) = dropped {
+                work = Err(e);
+            }
+        }
         let post = hooks::run(
             hooks::Which::Post,
             node,
@@ -273,7 +331,7 @@ impl NodeExec for Local {
 }
 
 /// Backup pre-flight of one node, on its host (blocking).
-pub fn inspect_backup(node: &Node, selection: &Selection) -> BackupFacts {
+pub fn inspect_backup(node: &Node, selection: &Selection, capture: &Capture) -> BackupFacts {
     let mut facts = BackupFacts {
         version: crate::VERSION.to_string(),
         ..BackupFacts::default()
@@ -307,7 +365,14 @@ pub fn inspect_backup(node: &Node, selection: &Selection) -> BackupFacts {
         .cloned()
         .collect();
     // What the archive would drop or a restore would refuse is refused now.
-    match pack::scan(&node.data_dir, &selected) {
+    let excludes = match capture.excludes() {
+        Ok(x) => x,
+        Err(e) => {
+            facts.problems.push(format!("node {n}: {e}"));
+            return facts;
+        }
+    };
+    match pack::scan(&node.data_dir, &selected, &excludes) {
         Ok(scan) => facts
             .problems
             .extend(scan.refused.into_iter().map(|p| format!("node {n}: {p}"))),
@@ -315,6 +380,7 @@ pub fn inspect_backup(node: &Node, selection: &Selection) -> BackupFacts {
     }
     facts.keyspaces = top.keyspaces;
     facts.loose = top.loose;
+    facts.snaps = capture::list(&node.data_dir);
     facts
 }
 
@@ -327,14 +393,25 @@ async fn stream_node(
     cancel: &CancellationToken,
 ) -> Result<Backed> {
     let node = &job.node;
-    let data_dir = node.data_dir.clone();
     let selection = job.selection.clone();
+    let (capture, take) = (job.capture.clone(), job.take());
     let scan = tokio::task::spawn_blocking(move || {
-        let keyspaces: Vec<String> = crate::cluster::keyspaces_on_disk(&data_dir)?
+        // Read from the run's snapshot; a plan without a snapshot phase (or a
+        // redone step whose snapshot went) takes it here.
+        let root = match capture.mode {
+            crate::cluster::SnapshotMode::None => take.data_dir.clone(),
+            _ => {
+                if !capture::exists(&take.data_dir, &take.name)? {
+                    capture::take(&take)?;
+                }
+                take.data_dir.join(&take.name)
+            }
+        };
+        let keyspaces: Vec<String> = crate::cluster::keyspaces_on_disk(&root)?
             .into_iter()
             .filter(|k| selection.includes(k))
             .collect();
-        let scan = pack::scan(&data_dir, &keyspaces)?;
+        let scan = pack::scan(&root, &keyspaces, &capture.excludes()?)?;
         if !scan.refused.is_empty() {
             return Err(Error::Checks(scan.refused));
         }

@@ -18,7 +18,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
 /// Bumped whenever a message changes shape.
-pub const PROTOCOL: u32 = 2;
+pub const PROTOCOL: u32 = 3;
 
 /// The longest line either side accepts.
 pub const MAX_LINE: usize = 64 << 20;
@@ -63,6 +63,8 @@ pub enum Op {
     InspectBackup {
         node: Node,
         selection: Selection,
+        #[serde(default)]
+        capture: crate::cluster::Capture,
     },
     Backup {
         job: BackupJob,

@@ -12,7 +12,7 @@ use super::agent::read_line;
 use super::proto::{self, Greeting, Hello, Op, Reply, Request};
 use super::restore::{CheckStagedJob, FsOp, StageJob, StageOutput};
 use super::{Backed, BackupFacts, BackupJob, Events, NodeEvent, NodeExec, StoreTarget};
-use crate::cluster::{Node, Selection};
+use crate::cluster::{Capture, Node, Selection};
 use crate::manifest;
 use crate::store::Store;
 use crate::{Error, Result};
@@ -384,10 +384,16 @@ impl Events for Watch<'_> {
 
 #[async_trait::async_trait]
 impl NodeExec for Remote {
-    async fn inspect_backup(&self, node: &Node, selection: &Selection) -> Result<BackupFacts> {
+    async fn inspect_backup(
+        &self,
+        node: &Node,
+        selection: &Selection,
+        capture: &Capture,
+    ) -> Result<BackupFacts> {
         let op = Op::InspectBackup {
             node: node.clone(),
             selection: selection.clone(),
+            capture: capture.clone(),
         };
         let v = self.call(op, None, &CancellationToken::new()).await?;
         serde_json::from_value(v)

@@ -252,6 +252,10 @@ pub struct StageJob {
     /// What opens an encrypted snapshot (secret: sent over the agent's stdin only).
     #[serde(default)]
     pub keys: Option<crate::crypt::Keys>,
+    /// The target's `owner = "user:group"` for every restored entry (else the
+    /// snapshot's owners, by name where this host knows them).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// Does a staging dir still hold what its step staged?
@@ -306,6 +310,16 @@ pub enum FsOp {
         made: Vec<PathBuf>,
         mtime: Option<DirTime>,
     },
+    /// A backup's point-in-time snapshot of the node: returns
+    /// [`super::capture::Taken`].
+    TakeSnapshot(super::capture::TakeSnapshot),
+    /// Remove it (and the service's own): returns `()`.
+    DropSnapshot(super::capture::DropSnapshot),
+    /// Whether it exists, complete: returns `bool`.
+    SnapshotExists { data_dir: PathBuf, name: String },
+    /// A service command (schema dump or load): returns
+    /// [`super::command::CommandOut`].
+    Command(super::command::CommandJob),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
@@ -348,7 +362,13 @@ pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<s
         FsOp::FinishCommit { data_dir, .. } | FsOp::RemoveStaging { data_dir, .. } => {
             Some(data_dir.clone())
         }
-        FsOp::Probe(_) | FsOp::PlanMoves { .. } | FsOp::Undo { .. } => None,
+        FsOp::Probe(_)
+        | FsOp::PlanMoves { .. }
+        | FsOp::Undo { .. }
+        | FsOp::TakeSnapshot(_)
+        | FsOp::DropSnapshot(_)
+        | FsOp::SnapshotExists { .. }
+        | FsOp::Command(_) => None,
     };
     let _lock = match &locked {
         Some(dir) => lock_data_dir(dir)?,
@@ -356,6 +376,12 @@ pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<s
     };
     match op {
         FsOp::Probe(req) => value(&probe(&req, disk)),
+        FsOp::TakeSnapshot(job) => value(&super::capture::take(&job)?),
+        FsOp::Command(job) => value(&super::command::run(&job)?),
+        FsOp::DropSnapshot(job) => value(&super::capture::drop_snapshot(&job)?),
+        FsOp::SnapshotExists { data_dir, name } => {
+            value(&super::capture::exists(&data_dir, &name)?)
+        }
         FsOp::RemoveStaging { data_dir, name } => {
             if !name.starts_with(crate::cluster::STAGING_PREFIX) || name.contains('/') {
                 return Err(Error::Usage(format!("{name:?} is no staging dir")));
@@ -720,6 +746,7 @@ async fn stage_into(
         job.selection.clone(),
         Some(job.staging.clone()),
         keys,
+        Some(unpack::Owners::new(job.owner.as_deref())?),
         move |done| on_bytes.event(NodeEvent::Bytes { done }),
         cancel,
     )
@@ -799,6 +826,7 @@ pub async fn read_object(
     selection: Selection,
     root: Option<PathBuf>,
     keys: Option<crate::crypt::Keys>,
+    owners: Option<unpack::Owners>,
     on_bytes: impl Fn(u64) + Send + 'static,
     cancel: &CancellationToken,
 ) -> Result<unpack::Unpacked> {
@@ -810,6 +838,7 @@ pub async fn read_object(
             object_size: object.size,
             object_sha256: &object.sha256,
             keys: keys.as_ref(),
+            owners: owners.as_ref(),
         };
         let mode = match &root {
             Some(r) => unpack::Mode::Extract(r),

@@ -35,10 +35,20 @@ pub enum Action {
     BackupManager,
     /// With `RESTORE_MANAGER=true|force`: verify and swap in `<snapshot>/manager.zip`.
     RestoreManager,
+    /// Take one node's point-in-time snapshot (every node of the phase at once).
+    SnapshotNode,
+    /// Remove the run's snapshots from every node (used on failure).
+    DropSnapshots,
+    /// Dump the cluster's artifacts (the schema) into the snapshot.
+    BackupSchema,
+    /// With `RESTORE_SCHEMA=true`: load the artifacts before any data is moved in.
+    RestoreSchema,
+    /// Run each node's `post_restore` per restored table (e.g. `nodetool import`).
+    LoadTables,
 }
 
 impl Action {
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 14] = [
         Action::CheckBackup,
         Action::BackupNode,
         Action::WriteManifest,
@@ -48,6 +58,11 @@ impl Action {
         Action::DiscardStaging,
         Action::BackupManager,
         Action::RestoreManager,
+        Action::SnapshotNode,
+        Action::DropSnapshots,
+        Action::BackupSchema,
+        Action::RestoreSchema,
+        Action::LoadTables,
     ];
 
     pub fn name(self) -> &'static str {
@@ -61,12 +76,17 @@ impl Action {
             Action::DiscardStaging => "discard-staging",
             Action::BackupManager => "backup-manager",
             Action::RestoreManager => "restore-manager",
+            Action::SnapshotNode => "snapshot-node",
+            Action::DropSnapshots => "drop-snapshots",
+            Action::BackupSchema => "backup-schema",
+            Action::RestoreSchema => "restore-schema",
+            Action::LoadTables => "load-tables",
         }
     }
 
     fn allowed_on(self) -> On {
         match self {
-            Action::BackupNode | Action::StageNode => On::EachNode,
+            Action::BackupNode | Action::StageNode | Action::SnapshotNode => On::EachNode,
             _ => On::Once,
         }
     }
@@ -151,6 +171,7 @@ pub struct TargetTemplate {
     pub restore_dir: String,
     pub restore_manager: String,
     pub manager_credentials: String,
+    pub restore_schema: String,
     pub tags: String,
     pub encrypt_to: String,
     pub encrypt_passphrase: String,
@@ -345,6 +366,11 @@ impl Plan {
             "target.manager_credentials",
             &mut problems,
         );
+        declared(
+            &raw.target.restore_schema,
+            "target.restore_schema",
+            &mut problems,
+        );
         declared(&raw.target.tags, "target.tags", &mut problems);
         declared(&raw.target.encrypt_to, "target.encrypt_to", &mut problems);
         declared(
@@ -451,6 +477,7 @@ impl Plan {
             &raw.target.restore_dir,
             &raw.target.restore_manager,
             &raw.target.manager_credentials,
+            &raw.target.restore_schema,
             &raw.target.tags,
             &raw.target.encrypt_to,
             &raw.target.encrypt_passphrase,
@@ -516,6 +543,7 @@ impl Plan {
                 restore_dir: raw.target.restore_dir,
                 restore_manager: raw.target.restore_manager,
                 manager_credentials: raw.target.manager_credentials,
+                restore_schema: raw.target.restore_schema,
                 tags: raw.target.tags,
                 encrypt_to: raw.target.encrypt_to,
                 encrypt_passphrase: raw.target.encrypt_passphrase,

@@ -62,6 +62,9 @@ pub struct RawTarget {
     /// A backup's "include the manager's credentials": true, false.
     #[serde(default)]
     pub manager_credentials: String,
+    /// A restore's "load the service's schema first": true, false.
+    #[serde(default)]
+    pub restore_schema: String,
     /// A backup's tags (`${TAGS}`): names that keep a snapshot out of the default
     /// retention (see `snapshots prune --tag`).
     #[serde(default)]

@@ -40,6 +40,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             object_size: c.size,
             object_sha256: &c.sha256,
             keys: None,
+            owners: None,
         };
         let file = std::fs::File::open(dir.join(&c.object)).unwrap();
         let result = unpack(
@@ -95,6 +96,7 @@ fn truncated_and_garbage_objects_are_refused() {
             object_size: 0,
             object_sha256: "",
             keys: None,
+            owners: None,
         };
         let err = unpack(
             &bad[..],

@@ -8,6 +8,7 @@ mod cli;
 mod encryption;
 mod faults;
 mod integrity;
+mod live;
 mod manager;
 mod nightly;
 mod nodes;

@@ -692,6 +692,13 @@ z = "0" * 64
 if req["op"] == "inspect_backup":
     print(json.dumps({{"done": {{"keyspaces": ["app"], "problems": [], "loose": [], "version": "0.1.0"}}}}), flush=True)
     sys.exit(0)
+if req["op"] == "fs":
+    # The snapshot's own operations answer honestly: the forgery is the backup's.
+    kind = req["fs"]["fs"]
+    answer = {{"take_snapshot": {{"files": 1, "bytes": 5, "excluded": 0, "secs": 0.0}},
+              "snapshot_exists": True}}.get(kind)
+    print(json.dumps({{"done": answer}}), flush=True)
+    sys.exit(0)
 if mode.startswith("exit"):
     print(json.dumps({{"failed": {{"message": "it broke", "exit_code": int(mode[4:]), "transient": False}}}}), flush=True)
     sys.exit(0)

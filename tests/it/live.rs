@@ -1,0 +1,646 @@
+//! A live service: point-in-time snapshots (hard links, or the service's own),
+//! what is left out, file owners, the schema artifact.
+
+use super::helpers::*;
+use std::collections::BTreeSet;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The `.cairn-snap-*` dirs in a data dir.
+fn snaps(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(".cairn-snap-"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A live table: new SSTables written as `-tmp-` files and renamed (as Cassandra
+/// does), the oldest deleted (compaction), a commit log appended to. Every state
+/// of the table dir (its set of files) is recorded, in order.
+struct Live {
+    stop: Arc<AtomicBool>,
+    states: Arc<Mutex<Vec<BTreeSet<String>>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+fn sstable(k: u64) -> Vec<u8> {
+    noise(10_000 + k, 30_000)
+}
+
+impl Live {
+    fn start(data_dir: &Path) -> Live {
+        let table = data_dir.join("app/live-9");
+        let log = data_dir.join("commitlog/CommitLog-7-1.log");
+        std::fs::create_dir_all(&table).unwrap();
+        std::fs::create_dir_all(log.parent().unwrap()).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let states = Arc::new(Mutex::new(vec![BTreeSet::new()]));
+        let (s, st) = (stop.clone(), states.clone());
+        let thread = std::thread::spawn(move || {
+            let mut alive: std::collections::VecDeque<String> = Default::default();
+            let mut k = 0u64;
+            while !s.load(Ordering::SeqCst) {
+                k += 1;
+                let name = format!("nb-{k}-big-Data.db");
+                let tmp = table.join(format!("nb-{k}-tmp-big-Data.db"));
+                std::fs::write(&tmp, sstable(k)).unwrap();
+                std::fs::rename(&tmp, table.join(&name)).unwrap();
+                alive.push_back(name);
+                st.lock().unwrap().push(alive.iter().cloned().collect());
+                if alive.len() > 4 {
+                    let old = alive.pop_front().unwrap();
+                    std::fs::remove_file(table.join(&old)).unwrap();
+                    st.lock().unwrap().push(alive.iter().cloned().collect());
+                }
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .unwrap();
+                writeln!(f, "mutation {k}").unwrap();
+                std::thread::sleep(Duration::from_millis(15));
+            }
+        });
+        // A few states before any backup starts.
+        while states.lock().unwrap().len() < 8 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Live {
+            stop,
+            states,
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(mut self) -> Vec<BTreeSet<String>> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+        self.states.lock().unwrap().clone()
+    }
+}
+
+/// The restored live table: each file's bytes are the ones written under its
+/// name (nothing torn), and its set of files is a state the table was in.
+fn assert_a_recorded_state(restored: &Path, states: &[BTreeSet<String>]) -> usize {
+    let table = restored.join("app/live-9");
+    let mut got = BTreeSet::new();
+    for e in std::fs::read_dir(&table).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            !name.contains("-tmp-"),
+            "a file being written was restored: {name}"
+        );
+        let k: u64 = name
+            .strip_prefix("nb-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected file {name}"));
+        assert_eq!(
+            std::fs::read(table.join(&name)).unwrap(),
+            sstable(k),
+            "{name} torn"
+        );
+        got.insert(name);
+    }
+    states.iter().position(|s| *s == got).unwrap_or_else(|| {
+        panic!(
+            "the restored table {got:?} was never the table's state (last: {:?})",
+            states.last()
+        )
+    })
+}
+
+fn restore_into(sb: &Sandbox, snapshot: &str, target: &str, n: u32, extra: &[&str]) -> PathBuf {
+    let tgt = target_cluster(sb.dir.path(), target, n);
+    let mut args = start_args("restore-local", &tgt, snapshot, extra);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "restore failed: {o}\n{e}");
+    sb.path(target)
+}
+
+#[test]
+fn a_live_node_is_backed_up_as_of_its_snapshot_and_no_snapshot_stays_behind() {
+    let sb = Sandbox::new();
+    let cluster = source_cluster(sb.dir.path(), 2, 600_000);
+    let node0 = sb.path("src/node-0");
+    let live = Live::start(&node0);
+    // A parallel backup, slow enough that the table changes many times after the
+    // snapshots were taken and while node 0 is uploaded.
+    let out = sb.run_v(&start_args(
+        "backup-local",
+        &cluster,
+        "live",
+        &["STRATEGY=parallel", "MAX_BANDWIDTH=300KiB/s"],
+    ));
+    let states = live.stop();
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "backup failed: {o}\n{e}");
+    for i in 0..2 {
+        assert!(
+            snaps(&sb.path(&format!("src/node-{i}"))).is_empty(),
+            "node {i} kept a snapshot"
+        );
+    }
+    let tgt = restore_into(&sb, "live", "tgt", 2, &[]);
+    let at = assert_a_recorded_state(&tgt.join("node-0"), &states);
+    assert!(
+        at + 10 < states.len(),
+        "the backup read the table as it was at the end ({at} of {} states), not at its snapshot",
+        states.len()
+    );
+    // The commit log is left out; everything else of the node is as it was.
+    assert!(!tgt.join("node-0/commitlog").exists());
+    let live_free = |t: std::collections::BTreeMap<String, String>| {
+        t.into_iter()
+            .filter(|(k, _)| !k.starts_with("app/live-9") && !k.starts_with("commitlog"))
+            .filter(|(k, _)| k != "app")
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        live_free(without(tree(&node0), &["system"])),
+        live_free(tree(&tgt.join("node-0")))
+    );
+    assert_eq!(
+        without(tree(&sb.path("src/node-1")), &["system"]),
+        tree(&tgt.join("node-1"))
+    );
+}
+
+#[test]
+fn a_failed_or_killed_backup_leaves_no_snapshot_and_its_resume_completes() {
+    let sb = Sandbox::new();
+    let cluster = source_cluster(sb.dir.path(), 3, 1000);
+    let all_clean = |sb: &Sandbox| {
+        for i in 0..3 {
+            assert!(
+                snaps(&sb.path(&format!("src/node-{i}"))).is_empty(),
+                "node {i} kept a snapshot"
+            );
+        }
+    };
+    // A failure after every node's snapshot: the run removes them all.
+    let out = sb
+        .command(
+            &start_args("backup-local", &cluster, "f1", &[])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .env("FAILPOINTS", "before:backup/backup-node/node-1=return")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    all_clean(&sb);
+    // Its resume takes the snapshots again and completes.
+    let out = sb.run(&["plan", "resume", "1", "-q"]);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "resume failed: {o}\n{e}");
+    all_clean(&sb);
+
+    // Killed right after the snapshots: they stay for the resume, which uses
+    // them and removes them.
+    let out = sb
+        .command(
+            &start_args("backup-local", &cluster, "k1", &[])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .env(
+            "FAILPOINTS",
+            "after:snapshot/snapshot-node/node-2=return(kill)",
+        )
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let left: usize = (0..3)
+        .map(|i| snaps(&sb.path(&format!("src/node-{i}"))).len())
+        .sum();
+    assert!(left >= 1, "a kill leaves the snapshots taken so far");
+    // The next backup of this home removes what the dead run left (it is not
+    // resumed yet), and the dead run's resume takes its snapshots again.
+    sb.ok(&start_args("backup-local", &cluster, "n1", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    all_clean(&sb);
+    let out = sb.run(&["plan", "resume", "2", "-q"]);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "resume failed: {o}\n{e}");
+    all_clean(&sb);
+    restore_into(&sb, "f1", "t1", 3, &[]);
+    assert_restored(&sb, "t1", 3);
+    restore_into(&sb, "k1", "t2", 3, &[]);
+    assert_restored(&sb, "t2", 3);
+}
+
+/// A stand-in `nodetool`: `snapshot -t NAME` hard-links each table's files into
+/// `snapshots/NAME/` (with a manifest.json, as the real one does);
+/// `clearsnapshot -t NAME` removes them and says so in a log.
+fn fake_nodetool(sb: &Sandbox) -> PathBuf {
+    let p = sb.path("bin/nodetool");
+    std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+    let log = sb.path("nodetool.log");
+    std::fs::write(
+        &p,
+        format!(
+            r#"#!/bin/sh
+set -e
+cmd="$1"; name="$3"
+for t in "$CAIRN_DATA_DIR"/*/*/; do
+  case "$cmd" in
+    snapshot)
+      mkdir -p "$t/snapshots/$name"
+      for f in "$t"*; do [ -f "$f" ] && ln "$f" "$t/snapshots/$name/"; done
+      echo '{{"files":[]}}' > "$t/snapshots/$name/manifest.json" ;;
+    clearsnapshot)
+      rm -rf "$t/snapshots/$name" ;;
+  esac
+done
+echo "$cmd $name node $CAIRN_NODE_INDEX" >> {log:?}
+"#
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    p
+}
+
+#[test]
+fn a_service_snapshot_is_read_at_its_table_paths_and_cleaned_up() {
+    let sb = Sandbox::new();
+    let nt = fake_nodetool(&sb);
+    let nodes: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| {
+            let d = sb.path(&format!("src/node-{i}"));
+            fill_node(&d, i, 500);
+            (i, d)
+        })
+        .collect();
+    let path = sb.path("svc.toml");
+    cluster_file(&path, "src", &nodes, "");
+    let mut text_ = std::fs::read_to_string(&path).unwrap();
+    text_ = text_.replacen(
+        "name = \"src\"\n",
+        &format!(
+            "name = \"src\"\nsnapshot = \"service\"\n[service_snapshot]\ncreate = [{nt:?}, \"snapshot\", \"-t\", \"{{snapshot}}\"]\ncleanup = [{nt:?}, \"clearsnapshot\", \"-t\", \"{{snapshot}}\"]\n"
+        ),
+        1,
+    );
+    std::fs::write(&path, text_).unwrap();
+    // Files written after the service's snapshot are not in it: the nodetool
+    // stand-in runs first, then this file appears (a pre-hook of the upload).
+    let before: Vec<_> = (0..2)
+        .map(|i| without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]))
+        .collect();
+    let out = sb.run_v(&start_args("backup-local", &path, "svc1", &[]));
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "backup failed: {o}\n{e}");
+    let log = std::fs::read_to_string(sb.path("nodetool.log")).unwrap();
+    for i in 0..2 {
+        assert!(log.contains(&format!("snapshot svc1 node {i}")), "{log}");
+        assert!(
+            log.contains(&format!("clearsnapshot svc1 node {i}")),
+            "{log}"
+        );
+        let d = sb.path(&format!("src/node-{i}"));
+        assert!(snaps(&d).is_empty());
+        assert!(
+            !d.join("app/users-1/snapshots/svc1").exists(),
+            "cleanup ran"
+        );
+    }
+    let tgt = restore_into(&sb, "svc1", "tgt", 2, &[]);
+    for (i, b) in before.iter().enumerate() {
+        let got = tree(&tgt.join(format!("node-{i}")));
+        // Files: exactly the table's files, at their table paths; no
+        // manifest.json of the service's snapshot.
+        let files = |t: &std::collections::BTreeMap<String, String>| {
+            t.iter()
+                .filter(|(_, v)| v.starts_with("file") || v.starts_with("link"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect::<std::collections::BTreeMap<_, _>>()
+        };
+        assert_eq!(files(b), files(&got), "node {i}");
+        assert!(!got.keys().any(|k| k.ends_with("manifest.json")));
+    }
+}
+
+fn ensure_user(name: &str, uid: u32) {
+    let _ = std::process::Command::new("groupadd")
+        .args(["-g", &uid.to_string(), name])
+        .output();
+    let _ = std::process::Command::new("useradd")
+        .args([
+            "-u",
+            &uid.to_string(),
+            "-g",
+            name,
+            "-M",
+            "-s",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .output();
+    let out = std::process::Command::new("id").arg(name).output().unwrap();
+    assert!(out.status.success(), "could not create user {name}");
+}
+
+#[test]
+fn owners_come_back_by_name_by_number_or_as_the_target_says() {
+    if !nix_is_root() {
+        eprintln!("skipped: setting owners needs root");
+        return;
+    }
+    let sb = Sandbox::new();
+    ensure_user("cairnown", 4711);
+    let cluster = source_cluster(sb.dir.path(), 1, 100);
+    let d = sb.path("src/node-0");
+    let chown =
+        |p: &str, u: u32, g: u32| std::os::unix::fs::lchown(d.join(p), Some(u), Some(g)).unwrap();
+    chown("app/users-1/nb-1-Data.db", 4711, 4711);
+    chown("app/users-1", 4711, 4711);
+    chown("app/users-1/latest", 4711, 4711);
+    // No name for this one anywhere: it comes back by number.
+    chown("app/orders-2/big.db", 54321, 54322);
+    sb.ok(&start_args("backup-local", &cluster, "own", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.path("store/own/manifest.json")).unwrap())
+            .unwrap();
+    let f = m["cluster"]["nodes"][0]["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == "app/users-1/nb-1-Data.db")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (f["uid"].as_u64(), f["user"].as_str()),
+        (Some(4711), Some("cairnown"))
+    );
+    assert_eq!(f["group"].as_str(), Some("cairnown"));
+    let tgt = restore_into(&sb, "own", "tgt", 1, &[]);
+    let owner = |p: &str| {
+        let m = std::fs::symlink_metadata(tgt.join("node-0").join(p)).unwrap();
+        (m.uid(), m.gid())
+    };
+    assert_eq!(owner("app/users-1/nb-1-Data.db"), (4711, 4711));
+    assert_eq!(owner("app/users-1"), (4711, 4711));
+    assert_eq!(owner("app/users-1/latest"), (4711, 4711));
+    assert_eq!(owner("app/orders-2/big.db"), (54321, 54322));
+    assert_restored(&sb, "tgt", 1);
+
+    // The target's description names the owner of everything restored.
+    let t2 = target_cluster(sb.dir.path(), "t2", 1);
+    let text_ = std::fs::read_to_string(&t2).unwrap();
+    std::fs::write(
+        &t2,
+        text_.replacen(
+            "name = \"t2\"\n",
+            "name = \"t2\"\nowner = \"cairnown:cairnown\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let mut args = start_args("restore-local", &t2, "own", &[]);
+    args.retain(|a| a != "-q");
+    sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    for p in [
+        "app/orders-2/big.db",
+        "app/users-1/nb-1-TOC.txt",
+        "app/empty-table",
+    ] {
+        let m = std::fs::symlink_metadata(sb.path("t2/node-0").join(p)).unwrap();
+        assert_eq!((m.uid(), m.gid()), (4711, 4711), "{p}");
+    }
+    // An owner the target host does not know is refused, nothing restored.
+    let t3 = target_cluster(sb.dir.path(), "t3", 1);
+    let text_ = std::fs::read_to_string(&t3).unwrap();
+    std::fs::write(
+        &t3,
+        text_.replacen(
+            "name = \"t3\"\n",
+            "name = \"t3\"\nowner = \"nosuchuser-x:nosuchuser-x\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let mut args = start_args("restore-local", &t3, "own", &[]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("nosuchuser-x"), "{}", text(&out).1);
+    assert!(tree(&sb.path("t3/node-0")).is_empty());
+}
+
+fn nix_is_root() -> bool {
+    std::fs::metadata("/proc/self")
+        .map(|m| m.uid() == 0)
+        .unwrap_or(false)
+}
+
+/// A cluster description with a schema artifact whose dump prints `schema` and
+/// whose load runs `load` (a shell script, `{file}` its first argument).
+fn schema_cluster(sb: &Sandbox, name: &str, dirs: &[(u32, PathBuf)], load: &str) -> PathBuf {
+    let path = sb.path(&format!("{name}.toml"));
+    cluster_file(&path, name, dirs, "");
+    let script = sb.path(&format!("{name}-load.sh"));
+    std::fs::write(&script, format!("#!/bin/sh\n{load}\n")).unwrap();
+    let t = std::fs::read_to_string(&path).unwrap();
+    let t = t.replacen(
+        &format!("name = {name:?}\n"),
+        &format!(
+            "name = {name:?}\n[artifacts.schema]\ndump = [\"sh\", \"-c\", \"printf 'CREATE KEYSPACE app;\\\\nCREATE TABLE app.users (id int);\\\\n'\"]\nload = [\"sh\", {:?}, \"{{file}}\"]\n",
+            script.to_str().unwrap()
+        ),
+        1,
+    );
+    std::fs::write(&path, t).unwrap();
+    path
+}
+
+#[test]
+fn the_schema_is_stored_verified_and_loaded_before_any_data() {
+    let sb = Sandbox::new();
+    let src: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| {
+            let d = sb.path(&format!("src/node-{i}"));
+            fill_node(&d, i, 100);
+            (i, d)
+        })
+        .collect();
+    let cluster = schema_cluster(&sb, "src", &src, "exit 9");
+    sb.ok(&start_args("backup-local", &cluster, "sc", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let schema = "CREATE KEYSPACE app;\nCREATE TABLE app.users (id int);\n";
+    assert_eq!(
+        std::fs::read_to_string(sb.path("store/sc/schema.cql")).unwrap(),
+        schema
+    );
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.path("store/sc/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["artifacts"][0]["object"], "schema.cql");
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "sc",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+
+    // The load sees the schema and a target with no data moved in yet.
+    let tgt: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| (i, sb.path(&format!("tgt/node-{i}"))))
+        .collect();
+    let seen = sb.path("seen");
+    let t = schema_cluster(
+        &sb,
+        "tgt",
+        &tgt,
+        &format!(
+            "cp \"$1\" {seen:?}.cql; ls {:?} > {seen:?}.ls 2>&1; true",
+            sb.path("tgt/node-0").to_str().unwrap()
+        ),
+    );
+    let mut args = start_args("restore-local", &t, "sc", &["RESTORE_SCHEMA=true"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(sb.path("seen.cql")).unwrap(),
+        schema
+    );
+    let ls = std::fs::read_to_string(sb.path("seen.ls")).unwrap_or_default();
+    assert!(
+        !ls.contains("app"),
+        "data was in place before the schema load: {ls}"
+    );
+    assert_restored(&sb, "tgt", 2);
+
+    // A failing load fails the restore, names the command, and leaves the
+    // target untouched.
+    let bad: Vec<(u32, PathBuf)> = (0..2)
+        .map(|i| (i, sb.path(&format!("bad/node-{i}"))))
+        .collect();
+    for (_, d) in &bad {
+        std::fs::create_dir_all(d).unwrap();
+    }
+    let before: Vec<_> = bad.iter().map(|(_, d)| exact_tree(d)).collect();
+    let b = schema_cluster(
+        &sb,
+        "bad",
+        &bad,
+        "echo 'InvalidRequest: keyspace app exists' >&2; exit 3",
+    );
+    let mut args = start_args("restore-local", &b, "sc", &["RESTORE_SCHEMA=true"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert!(!out.status.success());
+    let (_, e) = text(&out);
+    assert!(
+        e.contains("schema load") && e.contains("InvalidRequest"),
+        "{e}"
+    );
+    let after: Vec<_> = bad.iter().map(|(_, d)| exact_tree(d)).collect();
+    assert_eq!(before, after, "the target changed");
+    for (_, d) in &bad {
+        assert!(
+            std::fs::read_dir(d).unwrap().next().is_none(),
+            "{d:?} not empty"
+        );
+    }
+
+    // A snapshot without a schema cannot be restored with RESTORE_SCHEMA=true:
+    // refused before anything is written.
+    let plain = source_cluster(&sb.path("p"), 1, 10);
+    std::fs::create_dir_all(sb.path("p")).unwrap();
+    sb.ok(&start_args("backup-local", &plain, "noschema", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let fresh: Vec<(u32, PathBuf)> = vec![(0, sb.path("fresh/node-0"))];
+    let t = schema_cluster(&sb, "fresh", &fresh, "true");
+    let mut args = start_args("restore-local", &t, "noschema", &["RESTORE_SCHEMA=true"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("holds no schema"), "{}", text(&out).1);
+
+    // A damaged schema object is found by verify.
+    std::fs::write(sb.path("store/sc/schema.cql"), "DROP KEYSPACE app;\n").unwrap();
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "sc",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+    assert!(!out.status.success());
+    assert!(text(&out).0.contains("schema.cql") || text(&out).1.contains("schema.cql"));
+}
+
+#[test]
+fn post_restore_runs_once_per_restored_table_with_its_data_in_place() {
+    let sb = Sandbox::new();
+    let cluster = source_cluster(sb.dir.path(), 2, 100);
+    sb.ok(&start_args("backup-local", &cluster, "pr", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let log = sb.path("imports.log");
+    let t = target_cluster(sb.dir.path(), "tgt", 2);
+    let text_ = std::fs::read_to_string(&t).unwrap();
+    std::fs::write(
+        &t,
+        text_.replacen(
+            "name = \"tgt\"\n",
+            &format!(
+                "name = \"tgt\"\npost_restore = [\"sh\", \"-c\", \"echo \\\"$CAIRN_NODE_INDEX $0 $1 $(ls \\\"$2\\\" | wc -l)\\\" >> {}\", \"{{keyspace}}\", \"{{table}}\", \"{{dir}}\"]\n",
+                log.to_str().unwrap()
+            ),
+            1,
+        ),
+    )
+    .unwrap();
+    let mut args = start_args("restore-local", &t, "pr", &["KEYSPACES=app"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let mut lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    // Per node: app/orders-2 (2 files) and app/users-1 (4 entries); the table's
+    // name without its id; its files already in place.
+    assert_eq!(
+        lines,
+        [
+            "0 app orders 2",
+            "0 app users 4",
+            "1 app orders 2",
+            "1 app users 4"
+        ]
+    );
+}
