@@ -374,7 +374,7 @@ async fn restore_schema(ctx: &Arc<RunCtx>) -> Result<String> {
             .object(&art.object)
             .ok_or_else(|| Error::archive(&art.object, "not listed in the manifest's objects"))?;
         let key = manifest::key(&ctx.spec.snapshot, &art.object);
-        let body = crate::store::get_bytes(&*ctx.store, &key, 64 << 20).await?;
+        let body = crate::store::get_bytes(&*ctx.store, &key, 2 * crate::node::command::MAX_OUTPUT as u64).await?;
         let sha = {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(&body))

@@ -5,8 +5,9 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::io::Write;
 
-/// Most bytes a command may print (a schema is kilobytes).
-pub const MAX_OUTPUT: usize = 32 << 20;
+/// Most bytes a command may print (a schema is kilobytes; hex-encoded it must
+/// fit in one line of the agent protocol).
+pub const MAX_OUTPUT: usize = 16 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommandJob {
