@@ -116,41 +116,34 @@ impl Owners {
             Ok(c) => c,
             Err(p) => p.into_inner(),
         };
+        // By name where this host knows it (looked up once), else the number.
+        fn resolve(
+            cache: &mut HashMap<String, Option<u32>>,
+            name: Option<&str>,
+            number: io::Result<u64>,
+            find: fn(&str) -> Option<u32>,
+        ) -> Option<u32> {
+            name.filter(|n| !n.is_empty())
+                .and_then(|n| *cache.entry(n.to_string()).or_insert_with(|| find(n)))
+                .or_else(|| number.ok().and_then(|u| u32::try_from(u).ok()))
+        }
+        let c = &mut *c;
         let uid = self.fixed.0.or_else(|| {
-            let by_name = h
-                .username()
-                .ok()
-                .flatten()
-                .filter(|n| !n.is_empty())
-                .and_then(|n| {
-                    *c.users.entry(n.to_string()).or_insert_with(|| {
-                        nix::unistd::User::from_name(n)
-                            .ok()
-                            .flatten()
-                            .map(|u| u.uid.as_raw())
-                    })
-                });
-            by_name.or_else(|| h.uid().ok().and_then(|u| u32::try_from(u).ok()))
-        });
-        let gid = match self.fixed {
-            (Some(_), Some(g)) => Some(g),
-            (Some(_), None) => None,
-            _ => {
-                let by_name = h
-                    .groupname()
+            resolve(&mut c.users, h.username().ok().flatten(), h.uid(), |n| {
+                nix::unistd::User::from_name(n)
                     .ok()
                     .flatten()
-                    .filter(|n| !n.is_empty())
-                    .and_then(|n| {
-                        *c.groups.entry(n.to_string()).or_insert_with(|| {
-                            nix::unistd::Group::from_name(n)
-                                .ok()
-                                .flatten()
-                                .map(|g| g.gid.as_raw())
-                        })
-                    });
-                by_name.or_else(|| h.gid().ok().and_then(|g| u32::try_from(g).ok()))
-            }
+                    .map(|u| u.uid.as_raw())
+            })
+        });
+        let gid = match self.fixed {
+            (Some(_), g) => g,
+            _ => resolve(&mut c.groups, h.groupname().ok().flatten(), h.gid(), |n| {
+                nix::unistd::Group::from_name(n)
+                    .ok()
+                    .flatten()
+                    .map(|g| g.gid.as_raw())
+            }),
         };
         (uid, gid)
     }

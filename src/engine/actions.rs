@@ -374,7 +374,12 @@ async fn restore_schema(ctx: &Arc<RunCtx>) -> Result<String> {
             .object(&art.object)
             .ok_or_else(|| Error::archive(&art.object, "not listed in the manifest's objects"))?;
         let key = manifest::key(&ctx.spec.snapshot, &art.object);
-        let body = crate::store::get_bytes(&*ctx.store, &key, 2 * crate::node::command::MAX_OUTPUT as u64).await?;
+        let body = crate::store::get_bytes(
+            &*ctx.store,
+            &key,
+            2 * crate::node::command::MAX_OUTPUT as u64,
+        )
+        .await?;
         let sha = {
             use sha2::Digest;
             hex::encode(sha2::Sha256::digest(&body))
@@ -730,20 +735,7 @@ async fn clean_dead_staging(
     if probes.values().all(|p| p.staging.is_empty()) {
         return Ok(false);
     }
-    let runs = ctx.state.call(|s| s.runs(10_000)).await?;
-    let owners: HashMap<String, (i64, Status, Vec<String>)> = runs
-        .into_iter()
-        .filter_map(|r| {
-            let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
-            let stage = spec
-                .steps
-                .iter()
-                .filter(|s| s.action == Action::StageNode)
-                .map(|s| s.id.clone())
-                .collect();
-            Some((spec.token, (r.id, r.status, stage)))
-        })
-        .collect();
+    let owners = runs_by(ctx, Action::StageNode, |spec| spec.token.clone()).await?;
     let mut removed = false;
     for n in &ctx.cluster.nodes {
         let Some(probe) = probes.get(&n.index) else {
@@ -758,7 +750,7 @@ async fn clean_dead_staging(
             }
             let path = n.data_dir.join(name);
             match owners.get(token) {
-                Some((run, status, stage))
+                Some((run, status, _, stage))
                     if !matches!(status, Status::Running | Status::Pending) =>
                 {
                     let (run, stage) = (*run, stage.clone());
@@ -774,7 +766,7 @@ async fn clean_dead_staging(
                     crate::node::fs::<()>(&*ctx.exec(n), n.index, op).await?;
                     removed = true;
                 }
-                Some((run, status, _)) => tracing::warn!(
+                Some((run, status, _, _)) => tracing::warn!(
                     node = n.index,
                     dir = %path.display(),
                     "run {run} ({status}) is staging into this target too"
@@ -796,23 +788,7 @@ async fn clean_dead_staging(
 /// first. A snapshot of a running run, or of a run this home does not know, is
 /// left alone and named in a warning.
 async fn clean_dead_snapshots(ctx: &Arc<RunCtx>, stale: &[(&Node, String)]) -> Result<()> {
-    let runs = ctx.state.call(|s| s.runs(10_000)).await?;
-    let owners: HashMap<String, (i64, Status, String, Vec<String>)> = runs
-        .into_iter()
-        .filter_map(|r| {
-            let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
-            let steps = spec
-                .steps
-                .iter()
-                .filter(|s| s.action == Action::SnapshotNode)
-                .map(|s| s.id.clone())
-                .collect();
-            Some((
-                spec.snap_name(),
-                (r.id, r.status, spec.snapshot.clone(), steps),
-            ))
-        })
-        .collect();
+    let owners = runs_by(ctx, Action::SnapshotNode, |spec| spec.snap_name()).await?;
     for (n, name) in stale {
         let path = n.data_dir.join(name);
         match owners.get(name) {
@@ -850,6 +826,29 @@ async fn clean_dead_snapshots(ctx: &Arc<RunCtx>, stale: &[(&Node, String)]) -> R
         }
     }
     Ok(())
+}
+
+/// The runs this state home knows, by `key` of their spec (their staging or
+/// snapshot dir's name): id, status, snapshot name and their steps of `action`.
+async fn runs_by(
+    ctx: &RunCtx,
+    action: Action,
+    key: fn(&crate::spec::RunSpec) -> String,
+) -> Result<HashMap<String, (i64, Status, String, Vec<String>)>> {
+    let runs = ctx.state.call(|s| s.runs(10_000)).await?;
+    Ok(runs
+        .into_iter()
+        .filter_map(|r| {
+            let spec = crate::spec::RunSpec::from_json(r.spec_json.as_deref()?).ok()?;
+            let steps = spec
+                .steps
+                .iter()
+                .filter(|s| s.action == action)
+                .map(|s| s.id.clone())
+                .collect();
+            Some((key(&spec), (r.id, r.status, spec.snapshot.clone(), steps)))
+        })
+        .collect())
 }
 
 /// How closely [`effects_hold`] looks.

@@ -120,6 +120,13 @@ fn assert_a_recorded_state(restored: &Path, states: &[BTreeSet<String>]) -> usiz
     })
 }
 
+/// Add top-level lines to a cluster description (after its `name`).
+fn describe(path: &Path, lines: &str) {
+    let text_ = std::fs::read_to_string(path).unwrap();
+    let (first, rest) = text_.split_once('\n').unwrap();
+    std::fs::write(path, format!("{first}\n{lines}\n{rest}")).unwrap();
+}
+
 fn restore_into(sb: &Sandbox, snapshot: &str, target: &str, n: u32, extra: &[&str]) -> PathBuf {
     let tgt = target_cluster(sb.dir.path(), target, n);
     let mut args = start_args("restore-local", &tgt, snapshot, extra);
@@ -292,15 +299,12 @@ fn a_service_snapshot_is_read_at_its_table_paths_and_cleaned_up() {
         .collect();
     let path = sb.path("svc.toml");
     cluster_file(&path, "src", &nodes, "");
-    let mut text_ = std::fs::read_to_string(&path).unwrap();
-    text_ = text_.replacen(
-        "name = \"src\"\n",
+    describe(
+        &path,
         &format!(
-            "name = \"src\"\nsnapshot = \"service\"\n[service_snapshot]\ncreate = [{nt:?}, \"snapshot\", \"-t\", \"{{snapshot}}\"]\ncleanup = [{nt:?}, \"clearsnapshot\", \"-t\", \"{{snapshot}}\"]\n"
+            "snapshot = \"service\"\n[service_snapshot]\ncreate = [{nt:?}, \"snapshot\", \"-t\", \"{{snapshot}}\"]\ncleanup = [{nt:?}, \"clearsnapshot\", \"-t\", \"{{snapshot}}\"]"
         ),
-        1,
     );
-    std::fs::write(&path, text_).unwrap();
     // Files written after the service's snapshot are not in it: the nodetool
     // stand-in runs first, then this file appears (a pre-hook of the upload).
     let before: Vec<_> = (0..2)
@@ -408,16 +412,7 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
 
     // The target's description names the owner of everything restored.
     let t2 = target_cluster(sb.dir.path(), "t2", 1);
-    let text_ = std::fs::read_to_string(&t2).unwrap();
-    std::fs::write(
-        &t2,
-        text_.replacen(
-            "name = \"t2\"\n",
-            "name = \"t2\"\nowner = \"cairnown:cairnown\"\n",
-            1,
-        ),
-    )
-    .unwrap();
+    describe(&t2, "owner = \"cairnown:cairnown\"");
     let mut args = start_args("restore-local", &t2, "own", &[]);
     args.retain(|a| a != "-q");
     sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
@@ -431,16 +426,7 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
     }
     // An owner the target host does not know is refused, nothing restored.
     let t3 = target_cluster(sb.dir.path(), "t3", 1);
-    let text_ = std::fs::read_to_string(&t3).unwrap();
-    std::fs::write(
-        &t3,
-        text_.replacen(
-            "name = \"t3\"\n",
-            "name = \"t3\"\nowner = \"nosuchuser-x:nosuchuser-x\"\n",
-            1,
-        ),
-    )
-    .unwrap();
+    describe(&t3, "owner = \"nosuchuser-x:nosuchuser-x\"");
     let mut args = start_args("restore-local", &t3, "own", &[]);
     args.retain(|a| a != "-q");
     let out = sb.run_v(&args);
@@ -462,16 +448,13 @@ fn schema_cluster(sb: &Sandbox, name: &str, dirs: &[(u32, PathBuf)], load: &str)
     cluster_file(&path, name, dirs, "");
     let script = sb.path(&format!("{name}-load.sh"));
     std::fs::write(&script, format!("#!/bin/sh\n{load}\n")).unwrap();
-    let t = std::fs::read_to_string(&path).unwrap();
-    let t = t.replacen(
-        &format!("name = {name:?}\n"),
+    describe(
+        &path,
         &format!(
-            "name = {name:?}\n[artifacts.schema]\ndump = [\"sh\", \"-c\", \"printf 'CREATE KEYSPACE app;\\\\nCREATE TABLE app.users (id int);\\\\n'\"]\nload = [\"sh\", {:?}, \"{{file}}\"]\n",
+            "[artifacts.schema]\ndump = [\"sh\", \"-c\", \"printf 'CREATE KEYSPACE app;\\\\nCREATE TABLE app.users (id int);\\\\n'\"]\nload = [\"sh\", {:?}, \"{{file}}\"]",
             script.to_str().unwrap()
         ),
-        1,
     );
-    std::fs::write(&path, t).unwrap();
     path
 }
 
@@ -609,19 +592,13 @@ fn post_restore_runs_once_per_restored_table_with_its_data_in_place() {
         .collect::<Vec<_>>());
     let log = sb.path("imports.log");
     let t = target_cluster(sb.dir.path(), "tgt", 2);
-    let text_ = std::fs::read_to_string(&t).unwrap();
-    std::fs::write(
+    describe(
         &t,
-        text_.replacen(
-            "name = \"tgt\"\n",
-            &format!(
-                "name = \"tgt\"\npost_restore = [\"sh\", \"-c\", \"echo \\\"$CAIRN_NODE_INDEX $0 $1 $(ls \\\"$2\\\" | wc -l)\\\" >> {}\", \"{{keyspace}}\", \"{{table}}\", \"{{dir}}\"]\n",
-                log.to_str().unwrap()
-            ),
-            1,
+        &format!(
+            "post_restore = [\"sh\", \"-c\", \"echo \\\"$CAIRN_NODE_INDEX $0 $1 $(ls \\\"$2\\\" | wc -l)\\\" >> {}\", \"{{keyspace}}\", \"{{table}}\", \"{{dir}}\"]",
+            log.to_str().unwrap()
         ),
-    )
-    .unwrap();
+    );
     let mut args = start_args("restore-local", &t, "pr", &["KEYSPACES=app"]);
     args.retain(|a| a != "-q");
     let out = sb.run_v(&args);
