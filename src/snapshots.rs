@@ -282,6 +282,7 @@ pub async fn verify(
             None,
             keys.cloned(),
             None,
+            Vec::new(),
             {
                 let (progress, step) = (progress.clone(), format!("verify/node-{}", node.index));
                 move |done| progress.event(crate::progress::Event::Bytes { step: &step, done })

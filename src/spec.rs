@@ -93,6 +93,11 @@ pub struct RunSpec {
     /// is moved in.
     #[serde(default)]
     pub restore_schema: bool,
+    /// A restore's `TABLE_MAPPING=by-name`: a table of the snapshot goes into the
+    /// target's empty table dir of the same name (another id), in a keyspace that
+    /// exists (its schema was recreated).
+    #[serde(default)]
+    pub table_by_name: bool,
     /// A backup's tags, written into its manifest.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -292,6 +297,24 @@ pub fn compile(
             false
         }
     };
+    let table_by_name = match params.expand(&t.table_mapping).trim() {
+        "" | "exact" => false,
+        "by-name" => {
+            if !selection.paths.is_empty() {
+                problems.push(
+                    "TABLE_MAPPING=by-name restores whole keyspaces and tables; it cannot be combined with PATHS".into(),
+                );
+            }
+            true
+        }
+        other => {
+            problems.push(format!(
+                "TABLE_MAPPING {:?} is neither exact nor by-name",
+                crate::plan::params::shorten(other)
+            ));
+            false
+        }
+    };
     let manager_credentials = match params.expand(&t.manager_credentials).trim() {
         "" | "false" => false,
         "true" => true,
@@ -423,6 +446,7 @@ pub fn compile(
         restore_manager,
         manager_credentials,
         restore_schema,
+        table_by_name,
         tags,
         bandwidth,
         steps: expand_steps(plan, &run_cluster),
@@ -629,6 +653,11 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        diff(
+            "TABLE_MAPPING",
+            self.table_by_name.to_string(),
+            other.table_by_name.to_string(),
+        );
         diff(
             "RESTORE_SCHEMA",
             self.restore_schema.to_string(),

@@ -47,6 +47,9 @@ pub struct Expected<'a> {
     pub keys: Option<&'a crate::crypt::Keys>,
     /// Who owns what is extracted (`None`: whoever extracts).
     pub owners: Option<&'a Owners>,
+    /// Table dirs extracted under another name (`TABLE_MAPPING=by-name`); the
+    /// manifest entry `node` already names them so.
+    pub renames: &'a [(String, String)],
 }
 
 /// Who owns restored entries: a fixed `user:group` from the target's cluster
@@ -250,6 +253,7 @@ fn unpack_plain<P: Read>(
                 "unsafe entry path {raw_path:?} (absolute, `..`, empty or not UTF-8)"
             ))
         })?;
+        let rel = crate::node::restore::renamed(&rel, expected.renames);
         if !seen.insert(rel.clone()) {
             return Err(bad(format!("duplicate entry {rel:?}")));
         }

@@ -312,7 +312,7 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
         let sel = Selection::default();
         let m = crate::checks::restore_manifest(&*store, &choice.snapshot, keys.as_ref()).await?;
         let (probes, mut problems) =
-            crate::node::restore::probe_nodes(c, &sel, false, Some(&m), |n| {
+            crate::node::restore::probe_nodes(c, &sel, false, false, Some(&m), |n| {
                 if n.is_remote() {
                     Box::new(crate::node::Remote {
                         node: n.clone(),

@@ -54,6 +54,28 @@ struct NodeTarget {
     /// The data dir's modification time (making and removing a staging dir
     /// inside it changes it; a failed restore puts it back).
     mtime: Option<DirTime>,
+    /// `TABLE_MAPPING=by-name`: snapshot table dir → the target's.
+    #[serde(default)]
+    renames: Vec<(String, String)>,
+}
+
+/// `TABLE_MAPPING=by-name`: the table dirs the pre-flight mapped on a node.
+fn renames_of(ctx: &RunCtx, node: u32) -> Result<Vec<(String, String)>> {
+    if !ctx.spec.table_by_name {
+        return Ok(Vec::new());
+    }
+    let steps = ctx.state.steps(ctx.run_id)?;
+    let rec = steps
+        .iter()
+        .find(|s| s.action == Action::CheckRestore.name() && s.status == Status::Complete)
+        .ok_or_else(|| Error::State("the restore's pre-flight has not passed".into()))?;
+    let out = decode::<CheckRestoreOutput>(&rec.id, rec.output.as_deref())?;
+    Ok(out
+        .nodes
+        .into_iter()
+        .find(|t| t.node == node)
+        .map(|t| t.renames)
+        .unwrap_or_default())
 }
 
 /// A resumed restore goes on only with the snapshot its checks passed.
@@ -209,18 +231,6 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
     }
 }
 
-/// A table dir's name without its id (`orders-3c4d…` → `orders`).
-fn table_name(dir: &str) -> &str {
-    match dir.rsplit_once('-') {
-        Some((name, id))
-            if !name.is_empty() && !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) =>
-        {
-            name
-        }
-        _ => dir,
-    }
-}
-
 /// After the commit: each node's `post_restore` once per restored table, on the
 /// node's host (`nodetool import` loads it into the running service). A failure
 /// fails the run with the data in place; its resume runs this step again.
@@ -252,7 +262,7 @@ async fn load_tables(ctx: &Arc<RunCtx>) -> Result<String> {
                     .iter()
                     .map(|a| {
                         a.replace("{keyspace}", &ks)
-                            .replace("{table}", table_name(&table))
+                            .replace("{table}", crate::node::restore::table_name(&table))
                             .replace("{dir}", &dir.to_string_lossy())
                     })
                     .collect();
@@ -543,6 +553,7 @@ async fn probe_nodes(
         &ctx.cluster,
         &ctx.spec.selection,
         ctx.spec.restore_dir.is_some(),
+        ctx.spec.table_by_name,
         m,
         |n| ctx.exec(n),
     )
@@ -618,6 +629,7 @@ async fn check_restore(ctx: &Arc<RunCtx>) -> Result<String> {
                 node: n.index,
                 made: p.missing_dirs.clone(),
                 mtime: p.mtime.clone(),
+                renames: p.renames.clone(),
             })
         })
         .collect();
@@ -918,6 +930,7 @@ pub async fn effects_hold(
                 read_content: depth == Depth::Content,
                 paths: ctx.spec.selection.paths.clone(),
                 keys: ctx.spec.keys.clone(),
+                renames: renames_of(ctx, node.index).map_err(|e| e.to_string())?,
             };
             return match ctx.exec(node).check_staged(&job).await {
                 Ok(None) => Ok(()),
@@ -1359,6 +1372,7 @@ async fn stage_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<St
         token: ctx.spec.token.clone(),
         keys: ctx.spec.keys.clone(),
         owner: ctx.cluster.owner.clone(),
+        renames: renames_of(ctx, node.index)?,
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),
@@ -1445,6 +1459,8 @@ async fn commit_restore(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<()> {
             data_dir: n.data_dir.clone(),
             paths: ctx.spec.selection.paths.clone(),
             parents: parents.get(&n.index).cloned().unwrap_or_default(),
+            by_name: ctx.spec.table_by_name,
+            renames: renames_of(ctx, n.index).unwrap_or_default(),
         };
         async move { crate::node::fs::<Vec<Move>>(&*ctx.exec(n), n.index, op).await }
     }))
@@ -1539,7 +1555,14 @@ fn move_fits(ctx: &RunCtx, n: &Node, m: &Move) -> bool {
                 .all(|c| matches!(c, std::path::Component::Normal(_)))
     };
     let paths = &ctx.spec.selection.paths;
-    let wanted = if paths.is_empty() {
+    let wanted = if ctx.spec.table_by_name {
+        // A keyspace, a table in an existing keyspace, an entry of a mapped table.
+        (1..=3).contains(&m.rel.components().count())
+            && !m
+                .rel
+                .components()
+                .any(|c| c.as_os_str().to_string_lossy().starts_with(RESERVED_PREFIX))
+    } else if paths.is_empty() {
         m.rel.components().count() == 1 && !m.rel.to_string_lossy().starts_with(RESERVED_PREFIX)
     } else {
         paths.iter().any(|p| Path::new(p) == m.rel)

@@ -82,6 +82,7 @@ pub async fn preview(
                 &run_cluster,
                 &spec.selection,
                 spec.restore_dir.is_some(),
+                spec.table_by_name,
                 Some(&m),
                 exec,
             )

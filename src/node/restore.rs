@@ -211,6 +211,13 @@ pub struct ProbeRequest {
     /// Paths a partial restore writes (each must be absent, none below a link).
     #[serde(default)]
     pub paths: Vec<String>,
+    /// `TABLE_MAPPING=by-name`: a keyspace may exist; each of its `tables`
+    /// (`ks/table-id` of the snapshot) goes into the target's empty table dir of the
+    /// same name.
+    #[serde(default)]
+    pub by_name: bool,
+    #[serde(default)]
+    pub tables: Vec<String>,
 }
 
 /// What the node says about its target.
@@ -231,6 +238,10 @@ pub struct RestoreProbe {
     pub mtime: Option<DirTime>,
     /// Names of staging dirs in the data dir (this run's or others').
     pub staging: Vec<String>,
+    /// `TABLE_MAPPING=by-name`: snapshot table dir → the target's (`ks/t-old`,
+    /// `ks/t-new`), each target dir empty.
+    #[serde(default)]
+    pub renames: Vec<(String, String)>,
     /// The cairn version that looked.
     #[serde(default)]
     pub version: String,
@@ -256,6 +267,35 @@ pub struct StageJob {
     /// snapshot's owners, by name where this host knows them).
     #[serde(default)]
     pub owner: Option<String>,
+    /// `TABLE_MAPPING=by-name`: table dirs staged under the target's names.
+    #[serde(default)]
+    pub renames: Vec<(String, String)>,
+}
+
+/// `path` with a renamed table dir (see [`map_tables`]).
+pub fn renamed(path: &str, renames: &[(String, String)]) -> String {
+    for (old, new) in renames {
+        if path == old {
+            return new.clone();
+        }
+        if let Some(rest) = path.strip_prefix(old.as_str())
+            && rest.starts_with('/')
+        {
+            return format!("{new}{rest}");
+        }
+    }
+    path.to_string()
+}
+
+/// A node's manifest entry with its table dirs renamed.
+fn renamed_info(mut info: NodeInfo, renames: &[(String, String)]) -> NodeInfo {
+    if !renames.is_empty() {
+        for f in &mut info.files {
+            f.path = renamed(&f.path, renames);
+        }
+        info.files.sort_by(|a, b| a.path.cmp(&b.path));
+    }
+    info
 }
 
 /// Does a staging dir still hold what its step staged?
@@ -274,6 +314,9 @@ pub struct CheckStagedJob {
     /// What opens an encrypted snapshot's manifest.
     #[serde(default)]
     pub keys: Option<crate::crypt::Keys>,
+    /// `TABLE_MAPPING=by-name`: as staged.
+    #[serde(default)]
+    pub renames: Vec<(String, String)>,
 }
 
 /// Filesystem operations on a node, each one request of the agent protocol.
@@ -291,6 +334,12 @@ pub enum FsOp {
         data_dir: PathBuf,
         paths: Vec<String>,
         parents: Vec<CreatedDir>,
+        /// `TABLE_MAPPING=by-name`: into existing keyspaces, and into the mapped
+        /// (empty) table dirs, entry by entry.
+        #[serde(default)]
+        by_name: bool,
+        #[serde(default)]
+        renames: Vec<(String, String)>,
     },
     /// Move entries in; on a failure move back what was moved (`first`: the index of
     /// the first move in the run's journal, for fail points).
@@ -395,7 +444,16 @@ pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<s
             data_dir,
             paths,
             parents,
-        } => value(&plan_moves(node, &staging, &data_dir, &paths, &parents)?),
+            by_name,
+            renames,
+        } => {
+            let paths = if by_name {
+                by_name_paths(&staging, &data_dir, &renames)?
+            } else {
+                paths
+            };
+            value(&plan_moves(node, &staging, &data_dir, &paths, &parents)?)
+        }
         FsOp::Commit { moves, first } => value(&commit(&moves, first, cancel)?),
         FsOp::FinishCommit {
             moves,
@@ -529,6 +587,11 @@ pub fn probe(req: &ProbeRequest, disk: &dyn Disk) -> RestoreProbe {
         let mut clash = Vec::new();
         for k in &req.keyspaces {
             match std::fs::symlink_metadata(dir.join(k)) {
+                // A keyspace whose schema was recreated: its tables are mapped.
+                Ok(m) if req.by_name && m.is_dir() => match map_tables(n, dir, k, &req.tables) {
+                    Ok(r) => out.renames.extend(r),
+                    Err(p) => out.problems.extend(p),
+                },
                 Ok(_) => clash.push(k.as_str()),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => out.problems.push(format!(
@@ -563,6 +626,80 @@ pub fn probe(req: &ProbeRequest, disk: &dyn Disk) -> RestoreProbe {
     out
 }
 
+/// A table dir's name without its id (`orders-3c4d…` → `orders`).
+pub fn table_name(dir: &str) -> &str {
+    match dir.rsplit_once('-') {
+        Some((name, id))
+            if !name.is_empty() && !id.is_empty() && id.chars().all(|c| c.is_ascii_hexdigit()) =>
+        {
+            name
+        }
+        _ => dir,
+    }
+}
+
+/// `TABLE_MAPPING=by-name` in an existing keyspace `k`: each snapshot table goes
+/// into the one target table dir of the same name, which must be empty; a table
+/// the target lacks is restored under its own name. Anything else is a problem.
+fn map_tables(
+    n: u32,
+    dir: &Path,
+    k: &str,
+    tables: &[String],
+) -> std::result::Result<Vec<(String, String)>, Vec<String>> {
+    let ks = dir.join(k);
+    let mut existing: Vec<String> = Vec::new();
+    match std::fs::read_dir(&ks) {
+        Ok(rd) => {
+            for e in rd.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    existing.push(e.file_name().to_string_lossy().into_owned());
+                }
+            }
+        }
+        Err(e) => return Err(vec![format!("node {n}: cannot list {}: {e}", ks.display())]),
+    }
+    let (mut renames, mut problems) = (Vec::new(), Vec::new());
+    for t in tables {
+        let Some(old) = t.strip_prefix(&format!("{k}/")) else {
+            continue;
+        };
+        let same: Vec<&String> = existing
+            .iter()
+            .filter(|e| table_name(e) == table_name(old))
+            .collect();
+        match same.as_slice() {
+            [] => {}
+            [new] if renames.iter().any(|(_, n): &(String, String)| *n == format!("{k}/{new}")) => {
+                problems.push(format!(
+                    "node {n}: two tables of the snapshot would go into {k}/{new}; TABLE_MAPPING=by-name maps one table to one"
+                ))
+            }
+            [new] => {
+                let target = ks.join(new);
+                match std::fs::read_dir(&target).map(|mut rd| rd.next().is_none()) {
+                    Ok(true) => renames.push((format!("{k}/{old}"), format!("{k}/{new}"))),
+                    Ok(false) => problems.push(format!(
+                        "node {n}: table {k}/{new} already holds data (restore never overwrites a table; TABLE_MAPPING=by-name fills only empty table dirs)"
+                    )),
+                    Err(e) => problems.push(format!("node {n}: cannot list {}: {e}", target.display())),
+                }
+            }
+            many => problems.push(format!(
+                "node {n}: keyspace {k} has {} table dirs named {:?} ({}); TABLE_MAPPING=by-name needs exactly one",
+                many.len(),
+                table_name(old),
+                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            )),
+        }
+    }
+    if problems.is_empty() {
+        Ok(renames)
+    } else {
+        Err(problems)
+    }
+}
+
 /// What a node's probe asks: the keyspaces (or paths) of the snapshot the
 /// restore writes on it, which must be absent.
 pub fn probe_request(
@@ -593,6 +730,8 @@ pub fn probe_request(
         strict,
         keyspaces,
         paths,
+        by_name: false,
+        tables: Vec::new(),
     }
 }
 
@@ -602,11 +741,32 @@ pub async fn probe_nodes<'a>(
     cluster: &'a Cluster,
     selection: &Selection,
     strict: bool,
+    by_name: bool,
     m: Option<&Manifest>,
     exec: impl Fn(&'a Node) -> Box<dyn super::NodeExec>,
 ) -> (HashMap<u32, RestoreProbe>, Vec<String>) {
     let looks = futures::future::join_all(cluster.nodes.iter().map(|n| {
-        let req = probe_request(n, selection, strict, m);
+        let mut req = probe_request(n, selection, strict, m);
+        if by_name {
+            req.by_name = true;
+            req.tables = m
+                .and_then(|m| m.node(n.index))
+                .map(|info| {
+                    let set: std::collections::BTreeSet<String> = info
+                        .files
+                        .iter()
+                        .filter(|f| selection.restores_file(&f.path))
+                        .filter_map(|f| {
+                            let mut p = f.path.split('/');
+                            let (k, t) = (p.next()?, p.next()?);
+                            p.next()?;
+                            Some(format!("{k}/{t}"))
+                        })
+                        .collect();
+                    set.into_iter().collect()
+                })
+                .unwrap_or_default();
+        }
         let exec = exec(n);
         async move {
             (
@@ -713,6 +873,7 @@ pub async fn stage(
     })
     .await
     .map_err(|e| Error::State(format!("stage worker failed: {e}")))??;
+    let info = renamed_info(info, &job.renames);
     let result = stage_into(store, job, info, object, keys, events, cancel).await;
     if result.is_err() {
         let dir = staging.clone();
@@ -747,6 +908,7 @@ async fn stage_into(
         Some(job.staging.clone()),
         keys,
         Some(unpack::Owners::new(job.owner.as_deref())?),
+        job.renames.clone(),
         move |done| on_bytes.event(NodeEvent::Bytes { done }),
         cancel,
     )
@@ -827,6 +989,7 @@ pub async fn read_object(
     root: Option<PathBuf>,
     keys: Option<crate::crypt::Keys>,
     owners: Option<unpack::Owners>,
+    renames: Vec<(String, String)>,
     on_bytes: impl Fn(u64) + Send + 'static,
     cancel: &CancellationToken,
 ) -> Result<unpack::Unpacked> {
@@ -839,6 +1002,7 @@ pub async fn read_object(
             object_sha256: &object.sha256,
             keys: keys.as_ref(),
             owners: owners.as_ref(),
+            renames: &renames,
         };
         let mode = match &root {
             Some(r) => unpack::Mode::Extract(r),
@@ -865,6 +1029,7 @@ pub async fn check_staged(store: &dyn Store, job: &CheckStagedJob) -> Result<Opt
         Err(e) => return Err(e),
     };
     let job = job.clone();
+    let info = renamed_info(info, &job.renames);
     tokio::task::spawn_blocking(move || {
         let recorded: HashMap<&str, &str> = info
             .files
@@ -950,6 +1115,54 @@ fn staged_ok(
 
 /// What the commit moves for one node: each staged keyspace (or, for a partial
 /// restore, each staged path) to the same place in its data dir.
+/// What a `TABLE_MAPPING=by-name` commit moves, as paths: a keyspace the target
+/// lacks whole; in a keyspace it has, each table it lacks whole, and the entries
+/// of each mapped (empty) table dir one by one. An empty staged table whose name
+/// the target already has is nothing to restore.
+fn by_name_paths(
+    staging: &Path,
+    data_dir: &Path,
+    renames: &[(String, String)],
+) -> Result<Vec<String>> {
+    let names = |d: &Path| -> Result<Vec<String>> {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(d).map_err(|e| Error::io("list", d, e))? {
+            let e = e.map_err(|e| Error::io("list", d, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with(RESERVED_PREFIX) {
+                v.push(name);
+            }
+        }
+        v.sort();
+        Ok(v)
+    };
+    let real_dir = |p: &Path| std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+    let mut out = Vec::new();
+    for k in names(staging)? {
+        if !real_dir(&data_dir.join(&k)) {
+            out.push(k);
+            continue;
+        }
+        let existing = names(&data_dir.join(&k))?;
+        for t in names(&staging.join(&k))? {
+            let rel = format!("{k}/{t}");
+            if renames.iter().any(|(_, new)| *new == rel) {
+                for e in names(&staging.join(&rel))? {
+                    out.push(format!("{rel}/{e}"));
+                }
+                continue;
+            }
+            let staged = staging.join(&rel);
+            let empty = real_dir(&staged) && names(&staged)?.is_empty();
+            if empty && existing.iter().any(|e| table_name(e) == table_name(&t)) {
+                continue;
+            }
+            out.push(rel);
+        }
+    }
+    Ok(out)
+}
+
 fn plan_moves(
     node: u32,
     staging: &Path,

@@ -172,6 +172,7 @@ pub struct TargetTemplate {
     pub restore_manager: String,
     pub manager_credentials: String,
     pub restore_schema: String,
+    pub table_mapping: String,
     pub tags: String,
     pub encrypt_to: String,
     pub encrypt_passphrase: String,
@@ -371,6 +372,11 @@ impl Plan {
             "target.restore_schema",
             &mut problems,
         );
+        declared(
+            &raw.target.table_mapping,
+            "target.table_mapping",
+            &mut problems,
+        );
         declared(&raw.target.tags, "target.tags", &mut problems);
         declared(&raw.target.encrypt_to, "target.encrypt_to", &mut problems);
         declared(
@@ -478,6 +484,7 @@ impl Plan {
             &raw.target.restore_manager,
             &raw.target.manager_credentials,
             &raw.target.restore_schema,
+            &raw.target.table_mapping,
             &raw.target.tags,
             &raw.target.encrypt_to,
             &raw.target.encrypt_passphrase,
@@ -544,6 +551,7 @@ impl Plan {
                 restore_manager: raw.target.restore_manager,
                 manager_credentials: raw.target.manager_credentials,
                 restore_schema: raw.target.restore_schema,
+                table_mapping: raw.target.table_mapping,
                 tags: raw.target.tags,
                 encrypt_to: raw.target.encrypt_to,
                 encrypt_passphrase: raw.target.encrypt_passphrase,

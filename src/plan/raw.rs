@@ -65,6 +65,9 @@ pub struct RawTarget {
     /// A restore's "load the service's schema first": true, false.
     #[serde(default)]
     pub restore_schema: String,
+    /// A restore's table placement: exact, by-name (`${TABLE_MAPPING}`).
+    #[serde(default)]
+    pub table_mapping: String,
     /// A backup's tags (`${TAGS}`): names that keep a snapshot out of the default
     /// retention (see `snapshots prune --tag`).
     #[serde(default)]

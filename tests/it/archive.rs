@@ -41,6 +41,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             object_sha256: &c.sha256,
             keys: None,
             owners: None,
+            renames: &[],
         };
         let file = std::fs::File::open(dir.join(&c.object)).unwrap();
         let result = unpack(
@@ -97,6 +98,7 @@ fn truncated_and_garbage_objects_are_refused() {
             object_sha256: "",
             keys: None,
             owners: None,
+            renames: &[],
         };
         let err = unpack(
             &bad[..],

@@ -621,3 +621,87 @@ fn post_restore_runs_once_per_restored_table_with_its_data_in_place() {
         ]
     );
 }
+
+#[test]
+fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full_ones() {
+    let sb = Sandbox::new();
+    let cluster = source_cluster(sb.dir.path(), 1, 100);
+    sb.ok(&start_args("backup-local", &cluster, "tm", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    // The target's schema was recreated: keyspace app with new table ids, empty.
+    let t = target_cluster(sb.dir.path(), "tgt", 1);
+    let node = sb.path("tgt/node-0");
+    for d in ["app/users-9f9f", "app/orders-abcd", "app/empty-table-77"] {
+        std::fs::create_dir_all(node.join(d)).unwrap();
+    }
+    let untouched = exact_tree(&node);
+    // By default a keyspace that exists is refused, the target untouched.
+    let mut args = start_args("restore-local", &t, "tm", &[]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(text(&out).1.contains("app"), "{}", text(&out).1);
+    assert_eq!(exact_tree(&node), untouched);
+
+    // Killed in the middle of its moves, then resumed: rolled back and redone.
+    let mut args = start_args("restore-local", &t, "tm", &["TABLE_MAPPING=by-name"]);
+    args.retain(|a| a != "-q");
+    let out = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("FAILPOINTS", "commit-rename:3=return(kill)")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    let out = sb.run(&["plan", "resume", "3", "-q"]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let src = sb.path("src/node-0");
+    let files = |d: &Path| {
+        tree(d)
+            .into_iter()
+            .filter(|(_, v)| !v.starts_with("dir"))
+            .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(
+        files(&src.join("app/users-1")),
+        files(&node.join("app/users-9f9f"))
+    );
+    assert_eq!(
+        files(&src.join("app/orders-2")),
+        files(&node.join("app/orders-abcd"))
+    );
+    assert!(!node.join("app/users-1").exists() && !node.join("app/orders-2").exists());
+    // The snapshot's empty table adds nothing beside the target's; metrics,
+    // absent from the target, comes whole.
+    assert!(!node.join("app/empty-table").exists());
+    assert_eq!(
+        tree(&src.join("metrics")),
+        tree(&node.join("metrics")),
+        "metrics restored as it was"
+    );
+    let left: Vec<String> = std::fs::read_dir(&node)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".cairn"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+
+    // A table dir that holds data is refused by name, nothing moved.
+    let t2 = target_cluster(sb.dir.path(), "t2", 1);
+    let n2 = sb.path("t2/node-0");
+    std::fs::create_dir_all(n2.join("app/users-9f9f")).unwrap();
+    std::fs::create_dir_all(n2.join("app/orders-abcd")).unwrap();
+    std::fs::write(n2.join("app/orders-abcd/nb-9-big-Data.db"), b"live data").unwrap();
+    let before = exact_tree(&n2);
+    let mut args = start_args("restore-local", &t2, "tm", &["TABLE_MAPPING=by-name"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("app/orders-abcd already holds data"),
+        "{}",
+        text(&out).1
+    );
+    assert_eq!(exact_tree(&n2), before);
+}
