@@ -120,11 +120,12 @@ fn assert_a_recorded_state(restored: &Path, states: &[BTreeSet<String>]) -> usiz
     })
 }
 
-/// Add top-level lines to a cluster description (after its `name`).
+/// Add top-level lines to a cluster description (after its top-level keys,
+/// before its first table).
 fn describe(path: &Path, lines: &str) {
     let text_ = std::fs::read_to_string(path).unwrap();
-    let (first, rest) = text_.split_once('\n').unwrap();
-    std::fs::write(path, format!("{first}\n{lines}\n{rest}")).unwrap();
+    let at = text_.find("\n[").map_or(text_.len(), |i| i + 1);
+    std::fs::write(path, format!("{}{lines}\n{}", &text_[..at], &text_[at..])).unwrap();
 }
 
 fn restore_into(sb: &Sandbox, snapshot: &str, target: &str, n: u32, extra: &[&str]) -> PathBuf {
@@ -704,4 +705,77 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
         text(&out).1
     );
     assert_eq!(exact_tree(&n2), before);
+}
+
+#[test]
+fn snapshots_schema_and_loads_run_on_the_hosts_of_exec_nodes() {
+    let sb = Sandbox::new();
+    let bin = super::nodes::agent_bin(&sb);
+    let prefix = |_| vec!["env".to_string(), "CAIRN_ON_NODE=1".to_string()];
+    let cluster = super::nodes::exec_cluster(&sb, 2, 1000, &bin, prefix);
+    // The dump proves it ran through the node's exec prefix.
+    describe(
+        &cluster,
+        "[artifacts.schema]\ndump = [\"sh\", \"-c\", \"echo \\\"schema from node $CAIRN_NODE_INDEX on=$CAIRN_ON_NODE\\\"\"]",
+    );
+    let store = sb.path("store");
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "backup-local",
+        "-q",
+        "--cluster",
+        cluster.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=ex",
+        "-p",
+        &format!("BACKUP_DIR={}", store.display()),
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(store.join("ex/schema.cql")).unwrap(),
+        "schema from node 0 on=1\n"
+    );
+    for i in 0..2 {
+        assert!(snaps(&sb.path(&format!("src/node-{i}"))).is_empty());
+    }
+    // Restore onto exec nodes: the load and the post_restore run there too.
+    let seen = sb.path("seen");
+    let mut text_ = format!(
+        "name = \"tgt\"\nagent_path = {bin:?}\npost_restore = [\"sh\", \"-c\", \"echo \\\"$CAIRN_ON_NODE $0/$1\\\" >> {}.imports\", \"{{keyspace}}\", \"{{table}}\"]\n[artifacts.schema]\ndump = [\"true\"]\nload = [\"sh\", \"-c\", \"echo \\\"on=$CAIRN_ON_NODE\\\" > {}.load; cat \\\"$0\\\" >> {}.load\", \"{{file}}\"]\n",
+        seen.display(),
+        seen.display(),
+        seen.display()
+    );
+    for i in 0..2 {
+        text_.push_str(&format!(
+            "[[nodes]]\nindex = {i}\ndata_dir = {:?}\nexec = [\"env\", \"CAIRN_ON_NODE=1\"]\n",
+            sb.path(&format!("tgt/node-{i}")).to_str().unwrap()
+        ));
+    }
+    let t = sb.path("tgt.toml");
+    std::fs::write(&t, text_).unwrap();
+    let out = sb.run(&[
+        "plan",
+        "start",
+        "restore-local",
+        "-q",
+        "--cluster",
+        t.to_str().unwrap(),
+        "-p",
+        "SNAPSHOT_NAME=ex",
+        "-p",
+        &format!("BACKUP_DIR={}", store.display()),
+        "-p",
+        "RESTORE_SCHEMA=true",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert_eq!(
+        std::fs::read_to_string(sb.path("seen.load")).unwrap(),
+        "on=1\nschema from node 0 on=1\n"
+    );
+    let imports = std::fs::read_to_string(sb.path("seen.imports")).unwrap();
+    assert_eq!(imports.lines().count(), 6, "{imports}");
+    assert!(imports.lines().all(|l| l.starts_with("1 ")), "{imports}");
+    assert_restored(&sb, "tgt", 2);
 }
