@@ -41,13 +41,13 @@ def main():
     for mode in ["hardlink", "none"]:
         with open(os.path.join(a.out, f"{mode}.toml"), "w") as f:
             f.write(f'name = "bench"\nsnapshot = "{mode}"\n[[nodes]]\nindex = 0\ndata_dir = "{node}"\n')
-    env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"), RUST_LOG="info")
+    env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"))
     wall = {"hardlink": [], "none": []}
     link, removal, cp, rm = [], [], [], []
     for rep in range(a.reps):
         for mode in ["hardlink", "none"]:
             t0 = time.monotonic()
-            r = subprocess.run([cairn, "plan", "start", "backup-local", "--cluster",
+            r = subprocess.run([cairn, "-v", "plan", "start", "backup-local", "--cluster",
                                 os.path.join(a.out, f"{mode}.toml"), "-p", f"SNAPSHOT_NAME={mode}-{rep}",
                                 "-p", f"BACKUP_DIR={os.path.join(a.out, 'store')}"],
                                env=env, capture_output=True, text=True)
