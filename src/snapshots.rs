@@ -316,6 +316,25 @@ pub async fn verify(
                 .push(format!("{}: {e}", manifest::MANAGER_OBJECT)),
         }
     }
+    // Artifacts (the schema) are read back whole with every data check: they are
+    // small, and a restore loads them before any data.
+    if mode != VerifyMode::Metadata {
+        for a in &m.artifacts {
+            let Some(object) = m.object(&a.object) else {
+                report.problems.push(format!(
+                    "artifact {}: object {} not listed",
+                    a.name, a.object
+                ));
+                continue;
+            };
+            report.objects_read += 1;
+            match object_intact(store, &manifest::key(name, &object.key), object, cancel).await {
+                Ok(()) => {}
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(e) => report.problems.push(format!("artifact {}: {e}", a.name)),
+            }
+        }
+    }
     let record = VerifyRecord {
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         mode: report.mode.clone(),

@@ -90,7 +90,18 @@ impl Owners {
                     })?,
             };
             let gid = match &g {
-                None => None,
+                // `user` alone: the user's own group, as chown(1) does for `user:`.
+                None => Some(
+                    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+                        .ok()
+                        .flatten()
+                        .map(|x| x.gid.as_raw())
+                        .ok_or_else(|| {
+                            Error::Usage(format!(
+                                "owner {text:?}: user {u:?} has no entry on this host to take a group from; give user:group"
+                            ))
+                        })?,
+                ),
                 Some(g) => Some(match g.parse::<u32>() {
                     Ok(n) => n,
                     Err(_) => nix::unistd::Group::from_name(g)
@@ -106,10 +117,20 @@ impl Owners {
             };
             fixed = (Some(uid), gid);
         }
+        let root = nix::unistd::geteuid().is_root();
+        if !root
+            && let (Some(uid), _) = fixed
+            && uid != nix::unistd::geteuid().as_raw()
+        {
+            return Err(Error::Usage(format!(
+                "owner {:?}: only root can give restored files to another user; restore as root, or drop `owner`",
+                owner.unwrap_or_default()
+            )));
+        }
         Ok(Owners {
             fixed,
             cache: Default::default(),
-            root: nix::unistd::geteuid().is_root(),
+            root,
         })
     }
 

@@ -70,6 +70,7 @@ struct RawServiceSnapshot {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawArtifact {
+    #[serde(default)]
     dump: Vec<String>,
     #[serde(default)]
     load: Vec<String>,
@@ -218,6 +219,14 @@ impl Excludes {
         let mut names = globset::GlobSetBuilder::new();
         let mut paths = globset::GlobSetBuilder::new();
         for p in patterns {
+            if p.trim_end_matches('/').is_empty()
+                || p.starts_with('/')
+                || p.split('/').any(|c| c == ".." || c == ".")
+            {
+                return Err(Error::Usage(format!(
+                    "exclude pattern {p:?}: a pattern is a name (`*.log`) or a path from the keyspace on (`*/*/snapshots`), never empty, absolute or with . or .."
+                )));
+            }
             let glob = globset::GlobBuilder::new(p.trim_end_matches('/'))
                 .literal_separator(true)
                 .build()
@@ -546,11 +555,18 @@ impl Cluster {
                     "artifact {name}: file {file:?} is a name cairn's own objects use"
                 )));
             }
-            if a.dump.first().is_none_or(|p| p.is_empty())
+            if (a.dump.is_empty() && a.load.is_empty())
+                || a.dump.first().is_some_and(|p| p.is_empty())
                 || a.load.first().is_some_and(|p| p.is_empty())
             {
                 return Err(err(format!(
-                    "artifact {name}: dump (and load, when given) need a program"
+                    "artifact {name}: dump (for backups) or load (for restores) needs a program"
+                )));
+            }
+            if let Some(other) = artifacts.iter().find(|o: &&Artifact| o.file == file) {
+                return Err(err(format!(
+                    "artifacts {} and {name} would both be stored as {file}; give each its own file",
+                    other.name
                 )));
             }
             artifacts.push(Artifact {
@@ -814,6 +830,27 @@ mod tests {
                 .with_paths(".cairn-staging-1/x")
                 .is_err()
         );
+    }
+
+    #[test]
+    fn artifacts_sharing_a_file_and_odd_patterns_are_refused() {
+        let base = "name = \"x\"\n";
+        let nodes = "[[nodes]]\nindex = 0\ndata_dir = \"/d\"\n";
+        let two = format!(
+            "{base}[artifacts.a]\nfile = \"x.cql\"\ndump = [\"true\"]\n[artifacts.b]\nfile = \"x.cql\"\ndump = [\"true\"]\n{nodes}"
+        );
+        let e = Cluster::parse("c.toml", &two, Path::new("/")).expect_err("shared file");
+        assert!(e.to_string().contains("both be stored as x.cql"), "{e}");
+        for p in ["", "/app", "../*", "a/./b"] {
+            let text = format!("{base}exclude = [{p:?}]\n{nodes}");
+            assert!(
+                Cluster::parse("c.toml", &text, Path::new("/")).is_err(),
+                "{p:?}"
+            );
+        }
+        let load_only =
+            format!("{base}[artifacts.schema]\nload = [\"cqlsh\", \"-f\", \"{{file}}\"]\n{nodes}");
+        Cluster::parse("c.toml", &load_only, Path::new("/")).expect("a target needs only load");
     }
 
     #[test]

@@ -308,6 +308,12 @@ fn command_node(ctx: &RunCtx) -> Result<&Node> {
 async fn backup_schema(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     let mut stored = Vec::new();
     for a in &ctx.cluster.artifacts {
+        if a.dump.is_empty() {
+            return Err(Error::Usage(format!(
+                "artifact {} declares no dump command, so a backup cannot store it: add dump, or leave [artifacts.{}] to restore-only descriptions",
+                a.name, a.name
+            )));
+        }
         let node = command_node(ctx)?;
         let job = crate::node::command::CommandJob {
             node: node.index,

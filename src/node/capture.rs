@@ -13,6 +13,7 @@ use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use tokio_util::sync::CancellationToken;
 
 /// Take a node's snapshot.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,17 +73,23 @@ pub fn list(data_dir: &Path) -> Vec<String> {
     out
 }
 
-/// Whether the snapshot exists, complete (its marker written last).
+/// Whether the snapshot exists, complete (its marker written last), and is the
+/// one cairn made: a real dir, this user's, closed to others (anything else is
+/// taken again rather than trusted).
 pub fn exists(data_dir: &Path, name: &str) -> Result<bool> {
     check_name(name)?;
-    Ok(std::fs::symlink_metadata(data_dir.join(name).join(DONE)).is_ok_and(|m| m.is_file()))
+    let root = data_dir.join(name);
+    let ours = std::fs::symlink_metadata(&root).is_ok_and(|m| {
+        m.is_dir() && m.uid() == nix::unistd::geteuid().as_raw() && m.mode() & 0o077 == 0
+    });
+    Ok(ours && std::fs::symlink_metadata(root.join(DONE)).is_ok_and(|m| m.is_file()))
 }
 
 /// Written last into a snapshot dir: a tree without it is a killed attempt's.
 const DONE: &str = ".cairn-done";
 
 /// Take the snapshot (blocking). A leftover of a killed attempt is removed first.
-pub fn take(job: &TakeSnapshot) -> Result<Taken> {
+pub fn take(job: &TakeSnapshot, cancel: &CancellationToken) -> Result<Taken> {
     check_name(&job.name)?;
     let began = std::time::Instant::now();
     let root = job.data_dir.join(&job.name);
@@ -98,6 +105,7 @@ pub fn take(job: &TakeSnapshot) -> Result<Taken> {
             job,
             "service snapshot",
             &job.env,
+            cancel,
         )?;
     }
     make_dir_like(&job.data_dir, &root, true)?;
@@ -131,7 +139,7 @@ pub fn take(job: &TakeSnapshot) -> Result<Taken> {
 }
 
 /// Remove the snapshot (blocking); the service's cleanup command runs too.
-pub fn drop_snapshot(job: &DropSnapshot) -> Result<()> {
+pub fn drop_snapshot(job: &DropSnapshot, cancel: &CancellationToken) -> Result<()> {
     check_name(&job.name)?;
     let began = std::time::Instant::now();
     let root = job.data_dir.join(&job.name);
@@ -155,6 +163,7 @@ pub fn drop_snapshot(job: &DropSnapshot) -> Result<()> {
             &take,
             "service snapshot cleanup",
             &job.env,
+            cancel,
         )?;
     }
     Ok(())
@@ -310,6 +319,20 @@ fn service_keyspace(
     t: &mut Taken,
     dirs: &mut Vec<(PathBuf, PathBuf)>,
 ) -> Result<()> {
+    // Never through a link: the keyspace, a table, its snapshots dir and the
+    // snapshot itself are real dirs of the node, or the node is refused.
+    let real_dir = |p: &Path| -> Result<bool> {
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.is_dir() => Ok(true),
+            Ok(_) => Err(Error::Usage(format!(
+                "{} is not a directory (a link?): a service snapshot is read only from the node's own directories",
+                p.display()
+            ))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(Error::io("stat", p, e)),
+        }
+    };
+    real_dir(src)?;
     make_dir_like(src, dst, false)?;
     dirs.push((src.to_path_buf(), dst.to_path_buf()));
     let mut tables: Vec<String> = std::fs::read_dir(src)
@@ -327,16 +350,33 @@ fn service_keyspace(
             continue;
         }
         let live = src.join(&table);
-        let snap = live.join("snapshots").join(&job.snapshot);
+        let snaps = live.join("snapshots");
+        let snap = snaps.join(&job.snapshot);
         let out = dst.join(&table);
         make_dir_like(&live, &out, false)?;
         dirs.push((live.clone(), out.clone()));
-        let rd = match std::fs::read_dir(&snap) {
-            Ok(rd) => rd,
-            // A table the service did not snapshot (made since, or empty).
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(Error::io("list", &snap, e)),
-        };
+        if !(real_dir(&snaps)? && real_dir(&snap)?) {
+            // A table the service did not snapshot: only an empty one (made since,
+            // or holding no data yet) may be; data without a snapshot is refused.
+            let data = std::fs::read_dir(&live)
+                .map_err(|e| Error::io("list", &live, e))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
+                .filter_map(|e| e.file_name().to_str().map(str::to_string))
+                .find(|name| !excludes.excludes(&format!("{rel}/{name}")));
+            if let Some(file) = data {
+                return Err(Error::Hook {
+                    hook: "snapshot",
+                    node: job.node,
+                    message: format!(
+                        "the service's snapshot command made no snapshot {} of table {rel}, which holds data ({file}); the table would be backed up empty",
+                        job.snapshot
+                    ),
+                });
+            }
+            continue;
+        }
+        let rd = std::fs::read_dir(&snap).map_err(|e| Error::io("list", &snap, e))?;
         for entry in rd {
             let entry = entry.map_err(|e| Error::io("list", &snap, e))?;
             let Some(name) = entry.file_name().to_str().map(str::to_string) else {
@@ -378,6 +418,7 @@ fn run_command(
     job: &TakeSnapshot,
     what: &str,
     env: &[(String, String)],
+    cancel: &CancellationToken,
 ) -> Result<()> {
     let argv = expand(argv, &job.snapshot);
     let Some((program, args)) = argv.split_first() else {
@@ -385,17 +426,22 @@ fn run_command(
     };
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
-        .stdin(std::process::Stdio::null())
         .envs(env.iter().map(|(k, v)| (k, v)))
         .env("CAIRN_NODE_INDEX", job.node.to_string())
         .env("CAIRN_DATA_DIR", &job.data_dir)
         .env("CAIRN_SNAPSHOT", &job.snapshot);
     tracing::info!(node = job.node, program = %program, "running the {what} command");
-    let out = cmd.output().map_err(|e| Error::Hook {
-        hook: "snapshot",
-        node: job.node,
-        message: format!("cannot start {program}: {e}"),
-    })?;
+    let out = match super::command::output(cmd, None, cancel) {
+        Ok(out) => out,
+        Err(_) if cancel.is_cancelled() => return Err(Error::Cancelled),
+        Err(e) => {
+            return Err(Error::Hook {
+                hook: "snapshot",
+                node: job.node,
+                message: format!("cannot run {program}: {e}"),
+            });
+        }
+    };
     let text =
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
     for line in text.lines() {
@@ -443,7 +489,8 @@ mod tests {
             snapshot: "s".into(),
             env: Vec::new(),
         };
-        let taken = take(&job).expect("take");
+        let none = CancellationToken::new();
+        let taken = take(&job, &none).expect("take");
         assert_eq!((taken.files, taken.excluded), (2, 1));
         assert!(exists(d, &job.name).expect("exists"));
         // A compaction: one file replaced by another after the snapshot.
@@ -465,20 +512,23 @@ mod tests {
             env: Vec::new(),
         };
         // A removal killed halfway never leaves a snapshot that looks complete.
-        take(&job).expect("take again");
+        take(&job, &none).expect("take again");
         std::fs::remove_file(snap.join(DONE)).expect("as a removal does first");
         assert!(!exists(d, &job.name).expect("exists"));
-        drop_snapshot(&drop).expect("drop");
+        drop_snapshot(&drop, &none).expect("drop");
         assert!(!snap.exists());
         assert_eq!(
             std::fs::read(d.join("ks/t-1/b-Data.db")).expect("live file stays"),
             b"ks/t-1/b-Data.db"
         );
         assert!(
-            take(&TakeSnapshot {
-                name: "../x".into(),
-                ..job
-            })
+            take(
+                &TakeSnapshot {
+                    name: "../x".into(),
+                    ..job
+                },
+                &none
+            )
             .is_err()
         );
     }

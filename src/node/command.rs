@@ -3,7 +3,8 @@
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
-use std::io::Write;
+use std::io::{Read, Write};
+use tokio_util::sync::CancellationToken;
 
 /// Most bytes a command may print (a schema is kilobytes; hex-encoded it must
 /// fit in one line of the agent protocol).
@@ -29,7 +30,7 @@ pub struct CommandOut {
 
 /// Run it (blocking). A failure names the command, its exit and the last lines of
 /// its output, redacted.
-pub fn run(job: &CommandJob) -> Result<CommandOut> {
+pub fn run(job: &CommandJob, cancel: &CancellationToken) -> Result<CommandOut> {
     let fail = |message: String| Error::Hook {
         hook: "service command",
         node: job.node,
@@ -67,32 +68,16 @@ pub fn run(job: &CommandJob) -> Result<CommandOut> {
     let mut cmd = std::process::Command::new(program);
     cmd.args(args)
         .envs(job.env.iter().map(|(k, v)| (k, v)))
-        .env("CAIRN_NODE_INDEX", job.node.to_string())
-        .stdin(if input.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        })
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        .env("CAIRN_NODE_INDEX", job.node.to_string());
     tracing::info!(node = job.node, program = %program, "running the {} command", job.what);
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| fail(format!("cannot start {program}: {e}")))?;
-    // stdin on its own thread: a command that prints before reading never blocks
-    // on a full pipe.
-    let feeder = match (child.stdin.take(), input) {
-        (Some(mut stdin), Some(bytes)) => Some(std::thread::spawn(move || {
-            let _ = stdin.write_all(&bytes);
-        })),
-        _ => None,
+    let out = match output(cmd, input, cancel) {
+        Ok(out) => out,
+        Err(e) if cancel.is_cancelled() => {
+            tracing::warn!(node = job.node, "the {} command was stopped: {e}", job.what);
+            return Err(Error::Cancelled);
+        }
+        Err(e) => return Err(fail(format!("{program}: {e}"))),
     };
-    let out = child
-        .wait_with_output()
-        .map_err(|e| fail(format!("{program}: {e}")))?;
-    if let Some(t) = feeder {
-        let _ = t.join();
-    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     for line in stderr.lines() {
         tracing::info!(
@@ -122,5 +107,84 @@ pub fn run(job: &CommandJob) -> Result<CommandOut> {
     }
     Ok(CommandOut {
         stdout_hex: hex::encode(&out.stdout),
+    })
+}
+
+/// Run `cmd` in a process group of its own, `input` on its stdin, and collect its
+/// output. When `cancel` fires (the run is stopped), or once the command has
+/// exited, its whole group is killed: nothing it started outlives it.
+pub fn output(
+    mut cmd: std::process::Command,
+    input: Option<Vec<u8>>,
+    cancel: &CancellationToken,
+) -> std::io::Result<std::process::Output> {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+    cmd.process_group(0)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn()?;
+    let group = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap_or(i32::MAX));
+    let end_group = || {
+        let _ = nix::sys::signal::killpg(group, nix::sys::signal::Signal::SIGKILL);
+    };
+    // stdin, stdout and stderr on threads of their own: a command that prints
+    // before it reads never blocks on a full pipe.
+    let feeder = match (child.stdin.take(), input) {
+        (Some(mut stdin), Some(bytes)) => Some(std::thread::spawn(move || {
+            let _ = stdin.write_all(&bytes);
+        })),
+        _ => None,
+    };
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = pipe {
+                // One byte over the cap is enough to refuse it; the rest is
+                // drained so the command never blocks on a full pipe.
+                let _ = (&mut p).take(MAX_OUTPUT as u64 + 1).read_to_end(&mut buf);
+                let _ = std::io::copy(&mut p, &mut std::io::sink());
+            }
+            buf
+        })
+    };
+    let out_t = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err_t = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if cancel.is_cancelled() {
+            end_group();
+            let _ = child.wait();
+            return Err(std::io::Error::other("stopped"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    end_group();
+    if let Some(t) = feeder {
+        let _ = t.join();
+    }
+    let stdout = out_t.join().unwrap_or_default();
+    let stderr = err_t.join().unwrap_or_default();
+    Ok(std::process::Output {
+        status,
+        stdout,
+        stderr,
     })
 }

@@ -282,8 +282,8 @@ impl NodeExec for Local {
         // The snapshot has served: it goes now (a failed upload keeps it for the
         // step's retry; the run's failure removes it).
         if work.is_ok() && job.capture.mode != crate::cluster::SnapshotMode::None {
-            let drop = job.drop_job();
-            let dropped = tokio::task::spawn_blocking(move || capture::drop_snapshot(&drop))
+            let (drop, stop) = (job.drop_job(), cancel.clone());
+            let dropped = tokio::task::spawn_blocking(move || capture::drop_snapshot(&drop, &stop))
                 .await
                 .map_err(|e| Error::State(format!("snapshot worker failed: {e}")))
                 .and_then(|r| r);
@@ -372,6 +372,27 @@ pub fn inspect_backup(node: &Node, selection: &Selection, capture: &Capture) -> 
             return facts;
         }
     };
+    // A keyspace asked for by name, or every keyspace, left out by the patterns
+    // would make a backup of nothing that says COMPLETE.
+    if let Some(named) = &selection.keyspaces {
+        let gone: Vec<&str> = named
+            .iter()
+            .filter(|k| selected.contains(k) && excludes.excludes(k))
+            .map(String::as_str)
+            .collect();
+        if !gone.is_empty() {
+            facts.problems.push(format!(
+                "node {n}: keyspace(s) {} asked for but left out by the cluster's exclude patterns",
+                gone.join(", ")
+            ));
+        }
+    }
+    if !selected.is_empty() && selected.iter().all(|k| excludes.excludes(k)) {
+        facts.problems.push(format!(
+            "node {n}: every keyspace selected ({}) is left out by the cluster's exclude patterns; the backup would hold nothing",
+            selected.join(", ")
+        ));
+    }
     match pack::scan(&node.data_dir, &selected, &excludes) {
         Ok(scan) => facts
             .problems
@@ -394,7 +415,7 @@ async fn stream_node(
 ) -> Result<Backed> {
     let node = &job.node;
     let selection = job.selection.clone();
-    let (capture, take) = (job.capture.clone(), job.take());
+    let (capture, take, stop) = (job.capture.clone(), job.take(), cancel.clone());
     let scan = tokio::task::spawn_blocking(move || {
         // Read from the run's snapshot; a plan without a snapshot phase (or a
         // redone step whose snapshot went) takes it here.
@@ -402,7 +423,7 @@ async fn stream_node(
             crate::cluster::SnapshotMode::None => take.data_dir.clone(),
             _ => {
                 if !capture::exists(&take.data_dir, &take.name)? {
-                    capture::take(&take)?;
+                    capture::take(&take, &stop)?;
                 }
                 take.data_dir.join(&take.name)
             }

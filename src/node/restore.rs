@@ -218,6 +218,9 @@ pub struct ProbeRequest {
     pub by_name: bool,
     #[serde(default)]
     pub tables: Vec<String>,
+    /// The target's `owner`: it must resolve on the node's host.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// What the node says about its target.
@@ -425,9 +428,9 @@ pub fn run_fs(op: FsOp, disk: &dyn Disk, cancel: &CancellationToken) -> Result<s
     };
     match op {
         FsOp::Probe(req) => value(&probe(&req, disk)),
-        FsOp::TakeSnapshot(job) => value(&super::capture::take(&job)?),
-        FsOp::Command(job) => value(&super::command::run(&job)?),
-        FsOp::DropSnapshot(job) => value(&super::capture::drop_snapshot(&job)?),
+        FsOp::TakeSnapshot(job) => value(&super::capture::take(&job, cancel)?),
+        FsOp::Command(job) => value(&super::command::run(&job, cancel)?),
+        FsOp::DropSnapshot(job) => value(&super::capture::drop_snapshot(&job, cancel)?),
         FsOp::SnapshotExists { data_dir, name } => {
             value(&super::capture::exists(&data_dir, &name)?)
         }
@@ -531,6 +534,9 @@ pub fn probe(req: &ProbeRequest, disk: &dyn Disk) -> RestoreProbe {
         version: crate::VERSION.to_string(),
         ..RestoreProbe::default()
     };
+    if let Err(e) = unpack::Owners::new(req.owner.as_deref()) {
+        out.problems.push(format!("node {n}: {e}"));
+    }
     let mut d = dir.as_path();
     while std::fs::symlink_metadata(d).is_err() {
         out.missing_dirs.push(d.to_path_buf());
@@ -732,6 +738,7 @@ pub fn probe_request(
         paths,
         by_name: false,
         tables: Vec::new(),
+        owner: None,
     }
 }
 
@@ -747,6 +754,7 @@ pub async fn probe_nodes<'a>(
 ) -> (HashMap<u32, RestoreProbe>, Vec<String>) {
     let looks = futures::future::join_all(cluster.nodes.iter().map(|n| {
         let mut req = probe_request(n, selection, strict, m);
+        req.owner = cluster.owner.clone();
         if by_name {
             req.by_name = true;
             req.tables = m

@@ -342,6 +342,42 @@ fn a_service_snapshot_is_read_at_its_table_paths_and_cleaned_up() {
         assert_eq!(files(b), files(&got), "node {i}");
         assert!(!got.keys().any(|k| k.ends_with("manifest.json")));
     }
+
+    // A service snapshot that is a link out of the node is never read; a table
+    // holding data that the service did not snapshot is never backed up empty.
+    let outside = sb.path("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.db"), b"not the node's").unwrap();
+    let snapdir = sb.path("src/node-0/app/users-1/snapshots");
+    std::fs::create_dir_all(&snapdir).unwrap();
+    std::os::unix::fs::symlink(&outside, snapdir.join("svc2")).unwrap();
+    let out = sb.run_v(&start_args("backup-local", &path, "svc2", &[]));
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("not a directory"), "{}", text(&out).1);
+    assert!(!sb.path("store/svc2/manifest.json").exists());
+    // (The stand-in's cleanup may have removed the link already.)
+    let _ = std::fs::remove_file(snapdir.join("svc2"));
+    let _ = std::fs::remove_dir_all(&snapdir);
+    let quiet = sb.path("bin/quiet-nodetool");
+    std::fs::write(&quiet, "#!/bin/sh\nexit 0\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&quiet, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let p2 = sb.path("svc-quiet.toml");
+    cluster_file(&p2, "src", &nodes, "");
+    describe(
+        &p2,
+        &format!("snapshot = \"service\"\n[service_snapshot]\ncreate = [{quiet:?}]"),
+    );
+    let out = sb.run_v(&start_args("backup-local", &p2, "svc3", &[]));
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("made no snapshot"),
+        "{}",
+        text(&out).1
+    );
+    for i in 0..2 {
+        assert!(snaps(&sb.path(&format!("src/node-{i}"))).is_empty());
+    }
 }
 
 fn ensure_user(name: &str, uid: u32) {
@@ -431,9 +467,17 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
     let mut args = start_args("restore-local", &t3, "own", &[]);
     args.retain(|a| a != "-q");
     let out = sb.run_v(&args);
-    assert!(!out.status.success());
+    assert_eq!(out.status.code(), Some(3), "refused by the pre-flight");
     assert!(text(&out).1.contains("nosuchuser-x"), "{}", text(&out).1);
     assert!(tree(&sb.path("t3/node-0")).is_empty());
+    // A user alone: its own group, as chown does.
+    let t4 = target_cluster(sb.dir.path(), "t4", 1);
+    describe(&t4, "owner = \"cairnown\"");
+    let mut args = start_args("restore-local", &t4, "own", &[]);
+    args.retain(|a| a != "-q");
+    sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let m = std::fs::symlink_metadata(sb.path("t4/node-0/app/orders-2/big.db")).unwrap();
+    assert_eq!((m.uid(), m.gid()), (4711, 4711));
 }
 
 fn nix_is_root() -> bool {
@@ -570,7 +614,10 @@ fn the_schema_is_stored_verified_and_loaded_before_any_data() {
     assert!(text(&out).1.contains("holds no schema"), "{}", text(&out).1);
 
     // A damaged schema object is found by verify.
-    std::fs::write(sb.path("store/sc/schema.cql"), "DROP KEYSPACE app;\n").unwrap();
+    // Same size, one byte changed: only reading it back finds it.
+    let mut bytes = std::fs::read(sb.path("store/sc/schema.cql")).unwrap();
+    bytes[0] ^= 0x20;
+    std::fs::write(sb.path("store/sc/schema.cql"), bytes).unwrap();
     let out = sb.run(&[
         "snapshots",
         "verify",
@@ -778,4 +825,65 @@ fn snapshots_schema_and_loads_run_on_the_hosts_of_exec_nodes() {
     assert_eq!(imports.lines().count(), 6, "{imports}");
     assert!(imports.lines().all(|l| l.starts_with("1 ")), "{imports}");
     assert_restored(&sb, "tgt", 2);
+}
+
+#[test]
+fn a_backup_the_patterns_empty_is_refused_and_a_stopped_dump_ends_with_its_run() {
+    let sb = Sandbox::new();
+    let cluster = source_cluster(sb.dir.path(), 1, 100);
+    describe(&cluster, "exclude = [\"app\"]");
+    let out = sb.run_v(&start_args(
+        "backup-local",
+        &cluster,
+        "x1",
+        &["KEYSPACES=app"],
+    ));
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out)
+            .1
+            .contains("left out by the cluster's exclude patterns")
+    );
+    // A dump that hangs: `plan stop` ends it (and what it started) with the run.
+    let c2 = source_cluster(&sb.path("b"), 1, 100);
+    let pids = sb.path("dump.pid");
+    describe(
+        &c2,
+        &format!(
+            "[artifacts.schema]\ndump = [\"sh\", \"-c\", \"sleep 1000 & echo $! > {}; wait\"]",
+            pids.display()
+        ),
+    );
+    let mut child = sb
+        .command(
+            &start_args("backup-local", &c2, "x2", &[])
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !pids.exists() || std::fs::read_to_string(&pids).unwrap().trim().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dump never started"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let pid = std::fs::read_to_string(&pids).unwrap().trim().to_string();
+    // Run 1 was the refused backup.
+    sb.ok(&["plan", "stop", "2"]);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dump's sleep outlived its stopped run"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
