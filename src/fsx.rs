@@ -129,6 +129,34 @@ pub fn ident_beneath(root: &Path, rel: &Path) -> io::Result<Option<(u64, u64)>> 
     }
 }
 
+/// A regular file's modification time (ns) and size at `root/rel`, never through a
+/// link (`None`: absent or not a regular file). A file put in the place of another
+/// may get its inode number again; it does not get its time and size too.
+pub fn stamp_beneath(root: &Path, rel: &Path) -> io::Result<Option<(i64, u64)>> {
+    let (dir, name) = split(rel)?;
+    let fd = match open_dir_beneath(root, dir, false) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st)
+            if rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::RegularFile =>
+        {
+            Ok(Some((
+                st.st_mtime
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
+                u64::try_from(st.st_size).unwrap_or(0),
+            )))
+        }
+        Ok(_) => Ok(None),
+        Err(Errno::NOENT) => Ok(None),
+        Err(e) => Err(to_io(e)),
+    }
+}
+
 /// Give the directory `root/rel` a mode and modification time, through a handle
 /// opened without following a symlink below `root`.
 pub fn set_dir_meta_beneath(root: &Path, rel: &Path, mode: u32, mtime: i64) -> io::Result<()> {

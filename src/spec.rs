@@ -653,10 +653,11 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        let mapping = |by_name: bool| if by_name { "by-name" } else { "exact" }.to_string();
         diff(
             "TABLE_MAPPING",
-            self.table_by_name.to_string(),
-            other.table_by_name.to_string(),
+            mapping(self.table_by_name),
+            mapping(other.table_by_name),
         );
         diff(
             "RESTORE_SCHEMA",

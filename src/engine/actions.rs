@@ -255,7 +255,13 @@ async fn load_tables(ctx: &Arc<RunCtx>) -> Result<String> {
                 Some((ks.to_string(), table.to_string()))
             })
             .collect();
+        // Into a recreated schema the table is in the target's dir of its name.
+        let renames = renames_of(ctx, n.index)?;
         for (ks, table) in tables {
+            let placed = crate::node::restore::renamed(&format!("{ks}/{table}"), &renames);
+            let table = placed
+                .split_once('/')
+                .map_or(table.clone(), |(_, t)| t.to_string());
             let dir = n.data_dir.join(&ks).join(&table);
             let argv: Vec<String> =
                 crate::node::capture::expand(&n.post_restore, &ctx.spec.snapshot)

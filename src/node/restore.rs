@@ -113,6 +113,10 @@ pub struct Move {
     /// a rollback knows an entry in the target as the one it moved.
     #[serde(default)]
     pub ident: Option<(u64, u64)>,
+    /// A moved regular file's modification time (ns) and size: with the inode, what
+    /// tells the restore's file from one put in its place since.
+    #[serde(default)]
+    pub stamp: Option<(i64, u64)>,
 }
 
 impl Move {
@@ -131,9 +135,14 @@ impl Move {
             .filter(|a| !crate::fsx::exists_beneath(&data_dir, a).unwrap_or(true))
             .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
             .collect();
-        let ident = staging
-            .file_name()
-            .and_then(|name| crate::fsx::ident_beneath(&data_dir, &Path::new(name).join(&rel)).ok())
+        let staged = staging.file_name().map(|name| Path::new(name).join(&rel));
+        let ident = staged
+            .as_ref()
+            .and_then(|p| crate::fsx::ident_beneath(&data_dir, p).ok())
+            .flatten();
+        let stamp = staged
+            .as_ref()
+            .and_then(|p| crate::fsx::stamp_beneath(&data_dir, p).ok())
             .flatten();
         Move {
             node: Some(node),
@@ -142,6 +151,7 @@ impl Move {
             rel,
             created,
             ident,
+            stamp,
         }
     }
 
@@ -654,26 +664,38 @@ fn map_tables(
     tables: &[String],
 ) -> std::result::Result<Vec<(String, String)>, Vec<String>> {
     let ks = dir.join(k);
-    let mut existing: Vec<String> = Vec::new();
+    // Every entry, dirs or not: a link or a file where a table dir should be is
+    // refused, never restored beside.
+    let mut existing: Vec<(String, bool)> = Vec::new();
     match std::fs::read_dir(&ks) {
         Ok(rd) => {
             for e in rd.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    existing.push(e.file_name().to_string_lossy().into_owned());
-                }
+                let real_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                existing.push((e.file_name().to_string_lossy().into_owned(), real_dir));
             }
         }
         Err(e) => return Err(vec![format!("node {n}: cannot list {}: {e}", ks.display())]),
     }
-    let (mut renames, mut problems) = (Vec::new(), Vec::new());
+    let (mut renames, mut problems) = (Vec::new(), Vec::<String>::new());
     for t in tables {
         let Some(old) = t.strip_prefix(&format!("{k}/")) else {
             continue;
         };
-        let same: Vec<&String> = existing
+        let named: Vec<&(String, bool)> = existing
             .iter()
-            .filter(|e| table_name(e) == table_name(old))
+            .filter(|(e, _)| table_name(e) == table_name(old))
             .collect();
+        if let Some((bad, _)) = named.iter().find(|(_, real_dir)| !real_dir) {
+            let p = format!(
+                "node {n}: {k}/{bad} is not a directory (a link or a file) where table {} should be; TABLE_MAPPING=by-name restores only into real table dirs",
+                table_name(old)
+            );
+            if !problems.contains(&p) {
+                problems.push(p);
+            }
+            continue;
+        }
+        let same: Vec<&String> = named.iter().map(|(e, _)| e).collect();
         match same.as_slice() {
             [] => {}
             [new] if renames.iter().any(|(_, n): &(String, String)| *n == format!("{k}/{new}")) => {
@@ -691,12 +713,17 @@ fn map_tables(
                     Err(e) => problems.push(format!("node {n}: cannot list {}: {e}", target.display())),
                 }
             }
-            many => problems.push(format!(
-                "node {n}: keyspace {k} has {} table dirs named {:?} ({}); TABLE_MAPPING=by-name needs exactly one",
-                many.len(),
-                table_name(old),
-                many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-            )),
+            many => {
+                let p = format!(
+                    "node {n}: keyspace {k} has {} table dirs named {:?} ({}); TABLE_MAPPING=by-name needs exactly one",
+                    many.len(),
+                    table_name(old),
+                    many.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                );
+                if !problems.contains(&p) {
+                    problems.push(p);
+                }
+            }
         }
     }
     if problems.is_empty() {
@@ -1155,6 +1182,17 @@ fn by_name_paths(
         for t in names(&staging.join(&k))? {
             let rel = format!("{k}/{t}");
             if renames.iter().any(|(_, new)| *new == rel) {
+                // Checked again here, on every node before anything moves (and on
+                // a resume): the table dir must still be an empty real dir.
+                let target = data_dir.join(&rel);
+                let empty = std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir())
+                    && std::fs::read_dir(&target).is_ok_and(|mut rd| rd.next().is_none());
+                if !empty {
+                    return Err(Error::Refused(vec![format!(
+                        "table dir {} is no longer an empty directory (something was written into it since the pre-flight); nothing was moved into place",
+                        target.display()
+                    )]));
+                }
                 for e in names(&staging.join(&rel))? {
                     out.push(format!("{rel}/{e}"));
                 }
@@ -1307,8 +1345,14 @@ fn roll_back(moves: &[Move]) -> RolledBack {
             }
         };
         let target = m.data_dir.join(&m.rel);
-        let ours =
-            crate::fsx::ident_beneath(&m.data_dir, &m.rel).map(|id| id.is_some() && id == m.ident);
+        let ours = crate::fsx::ident_beneath(&m.data_dir, &m.rel)
+            .map(|id| id.is_some() && id == m.ident)
+            .and_then(|same| match (same, m.stamp) {
+                (true, Some(stamp)) => {
+                    crate::fsx::stamp_beneath(&m.data_dir, &m.rel).map(|now| now == Some(stamp))
+                }
+                (same, _) => Ok(same),
+            });
         let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged);
         match (ours, in_staging) {
             (Err(e), _) | (_, Err(e)) => {

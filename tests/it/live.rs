@@ -693,6 +693,15 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     assert!(text(&out).1.contains("app"), "{}", text(&out).1);
     assert_eq!(exact_tree(&node), untouched);
 
+    // post_restore is given the table dir the data went into.
+    let imports = sb.path("imports.log");
+    describe(
+        &t,
+        &format!(
+            "post_restore = [\"sh\", \"-c\", \"echo \\\"$0 $1\\\" >> {}\", \"{{table}}\", \"{{dir}}\"]",
+            imports.display()
+        ),
+    );
     // Killed in the middle of its moves, then resumed: rolled back and redone.
     let mut args = start_args("restore-local", &t, "tm", &["TABLE_MAPPING=by-name"]);
     args.retain(|a| a != "-q");
@@ -715,6 +724,12 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
         files(&src.join("app/users-1")),
         files(&node.join("app/users-9f9f"))
     );
+    let log = std::fs::read_to_string(&imports).unwrap();
+    assert!(
+        log.contains(&format!("users {}", node.join("app/users-9f9f").display())),
+        "{log}"
+    );
+    assert!(!log.contains("users-1\n"), "{log}");
     assert_eq!(
         files(&src.join("app/orders-2")),
         files(&node.join("app/orders-abcd"))
@@ -752,6 +767,81 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
         text(&out).1
     );
     assert_eq!(exact_tree(&n2), before);
+    // Written into after the pre-flight (here: while the run was down): the
+    // resumed commit refuses it, and the writer's file stays as it is.
+    let t3 = target_cluster(sb.dir.path(), "t3", 1);
+    let n3 = sb.path("t3/node-0");
+    for d in ["app/users-9f9f", "app/orders-abcd"] {
+        std::fs::create_dir_all(n3.join(d)).unwrap();
+    }
+    let mut args = start_args("restore-local", &t3, "tm", &["TABLE_MAPPING=by-name"]);
+    args.retain(|a| a != "-q");
+    let out = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("FAILPOINTS", "before:commit/commit-restore=return(kill)")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    std::fs::write(n3.join("app/users-9f9f/intruder.db"), b"written meanwhile").unwrap();
+    let out = sb.run(&["plan", "resume", "5", "-q"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("no longer an empty directory"),
+        "{}",
+        text(&out).1
+    );
+    let names: Vec<String> = std::fs::read_dir(n3.join("app/users-9f9f"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["intruder.db"]);
+
+    // A file the commit had moved in, replaced by someone after a kill: the
+    // rollback leaves theirs alone, and the resume refuses rather than replace it.
+    let t4 = target_cluster(sb.dir.path(), "t4", 1);
+    let n4 = sb.path("t4/node-0");
+    for d in ["app/users-9f9f", "app/orders-abcd"] {
+        std::fs::create_dir_all(n4.join(d)).unwrap();
+    }
+    let mut args = start_args("restore-local", &t4, "tm", &["TABLE_MAPPING=by-name"]);
+    args.retain(|a| a != "-q");
+    let out = sb
+        .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .env("FAILPOINTS", "commit-rename:3=return(kill)")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "{:?}", text(&out));
+    let moved = n4.join("app/orders-abcd/big.db");
+    assert!(moved.exists(), "the first moves happened");
+    std::fs::remove_file(&moved).unwrap();
+    std::fs::write(&moved, b"USER").unwrap();
+    let out = sb.run(&["plan", "resume", "6", "-q"]);
+    assert!(!out.status.success(), "{:?}", text(&out));
+    assert_eq!(std::fs::read(&moved).unwrap(), b"USER");
+
+    // A link (or a file) where a table dir should be is refused by name.
+    let t5 = target_cluster(sb.dir.path(), "t5", 1);
+    let n5 = sb.path("t5/node-0");
+    std::fs::create_dir_all(n5.join("app/orders-abcd")).unwrap();
+    std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
+    std::os::unix::fs::symlink(sb.path("elsewhere"), n5.join("app/users-9f9f")).unwrap();
+    let before = exact_tree(&n5);
+    let mut args = start_args("restore-local", &t5, "tm", &["TABLE_MAPPING=by-name"]);
+    args.retain(|a| a != "-q");
+    let out = sb.run_v(&args);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("app/users-9f9f is not a directory"),
+        "{}",
+        text(&out).1
+    );
+    assert_eq!(exact_tree(&n5), before);
+    assert!(
+        std::fs::read_dir(sb.path("elsewhere"))
+            .unwrap()
+            .next()
+            .is_none()
+    );
 }
 
 #[test]
