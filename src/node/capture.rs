@@ -324,10 +324,14 @@ fn service_keyspace(
     let real_dir = |p: &Path| -> Result<bool> {
         match std::fs::symlink_metadata(p) {
             Ok(m) if m.is_dir() => Ok(true),
-            Ok(_) => Err(Error::Usage(format!(
-                "{} is not a directory (a link?): a service snapshot is read only from the node's own directories",
-                p.display()
-            ))),
+            Ok(_) => Err(Error::Hook {
+                hook: "snapshot",
+                node: job.node,
+                message: format!(
+                    "{} is not a directory (a link?): a service snapshot is read only from the node's own directories",
+                    p.display()
+                ),
+            }),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(Error::io("stat", p, e)),
         }
