@@ -165,9 +165,16 @@ pub fn output(
             .take()
             .map(|p| Box::new(p) as Box<dyn Read + Send>),
     );
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break status;
+    // Until it is reaped the command's pid (its group's id) cannot be reused, so
+    // its group is ended while it is a zombie, then it is reaped.
+    loop {
+        use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+        let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG | WaitPidFlag::WNOWAIT;
+        match waitid(Id::Pid(group), flags) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(_) => break,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(std::io::Error::other(e)),
         }
         if cancel.is_cancelled() {
             end_group();
@@ -175,8 +182,9 @@ pub fn output(
             return Err(std::io::Error::other("stopped"));
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    }
     end_group();
+    let status = child.wait()?;
     if let Some(t) = feeder {
         let _ = t.join();
     }
