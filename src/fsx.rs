@@ -113,9 +113,17 @@ pub fn exists_beneath(root: &Path, rel: &Path) -> io::Result<bool> {
     }
 }
 
-/// The identity (device, inode) of `root/rel`, without following a symlink at
-/// its end or below `root`; `None` if it does not exist.
-pub fn ident_beneath(root: &Path, rel: &Path) -> io::Result<Option<(u64, u64)>> {
+/// What tells an entry at `root/rel` from another put in its place: its identity
+/// (device, inode) and, for a regular file, its modification time (ns) and size
+/// (an inode number may be given again; time and size with it hardly). Read
+/// without following a symlink at its end or below `root`; `None` if absent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub ident: (u64, u64),
+    pub stamp: Option<(i64, u64)>,
+}
+
+pub fn entry_beneath(root: &Path, rel: &Path) -> io::Result<Option<Entry>> {
     let (dir, name) = split(rel)?;
     let fd = match open_dir_beneath(root, dir, false) {
         Ok(fd) => fd,
@@ -123,38 +131,29 @@ pub fn ident_beneath(root: &Path, rel: &Path) -> io::Result<Option<(u64, u64)>> 
         Err(e) => return Err(e),
     };
     match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st) => Ok(Some((st.st_dev, st.st_ino))),
+        Ok(st) => {
+            let file = rustix::fs::FileType::from_raw_mode(st.st_mode)
+                == rustix::fs::FileType::RegularFile;
+            Ok(Some(Entry {
+                ident: (st.st_dev, st.st_ino),
+                stamp: file.then(|| {
+                    (
+                        st.st_mtime
+                            .saturating_mul(1_000_000_000)
+                            .saturating_add(i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
+                        u64::try_from(st.st_size).unwrap_or(0),
+                    )
+                }),
+            }))
+        }
         Err(Errno::NOENT) => Ok(None),
         Err(e) => Err(to_io(e)),
     }
 }
 
-/// A regular file's modification time (ns) and size at `root/rel`, never through a
-/// link (`None`: absent or not a regular file). A file put in the place of another
-/// may get its inode number again; it does not get its time and size too.
-pub fn stamp_beneath(root: &Path, rel: &Path) -> io::Result<Option<(i64, u64)>> {
-    let (dir, name) = split(rel)?;
-    let fd = match open_dir_beneath(root, dir, false) {
-        Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    match rustix::fs::statat(&fd, name, AtFlags::SYMLINK_NOFOLLOW) {
-        Ok(st)
-            if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                == rustix::fs::FileType::RegularFile =>
-        {
-            Ok(Some((
-                st.st_mtime
-                    .saturating_mul(1_000_000_000)
-                    .saturating_add(i64::try_from(st.st_mtime_nsec).unwrap_or(0)),
-                u64::try_from(st.st_size).unwrap_or(0),
-            )))
-        }
-        Ok(_) => Ok(None),
-        Err(Errno::NOENT) => Ok(None),
-        Err(e) => Err(to_io(e)),
-    }
+/// The identity (device, inode) of `root/rel` (see [`entry_beneath`]).
+pub fn ident_beneath(root: &Path, rel: &Path) -> io::Result<Option<(u64, u64)>> {
+    Ok(entry_beneath(root, rel)?.map(|e| e.ident))
 }
 
 /// Give the directory `root/rel` a mode and modification time, through a handle

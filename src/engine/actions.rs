@@ -347,24 +347,33 @@ async fn backup_schema(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
                 ),
             });
         }
-        let body = match &ctx.spec.encrypt_to {
-            None => bytes,
-            Some(to) => {
-                use std::io::Write;
-                let mut w = to.wrap(Vec::new())?;
-                w.write_all(&bytes)
-                    .map_err(|e| Error::io("encrypt", Path::new(&a.file), e))?;
-                w.finish()
-                    .map_err(|e| Error::io("encrypt", Path::new(&a.file), e))?
-            }
-        };
+        // Encrypting (a passphrase's scrypt takes a second) and hashing run off
+        // the async threads.
+        let (to, file) = (ctx.spec.encrypt_to.clone(), a.file.clone());
+        let (body, sha256) = tokio::task::spawn_blocking(move || {
+            let body = match &to {
+                None => bytes,
+                Some(to) => {
+                    use std::io::Write;
+                    let mut w = to.wrap(Vec::new())?;
+                    w.write_all(&bytes)
+                        .map_err(|e| Error::io("encrypt", Path::new(&file), e))?;
+                    w.finish()
+                        .map_err(|e| Error::io("encrypt", Path::new(&file), e))?
+                }
+            };
+            let sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&body))
+            };
+            Ok::<_, Error>((body, sha))
+        })
+        .await
+        .map_err(|e| Error::State(format!("artifact worker failed: {e}")))??;
         let object = ObjectInfo {
             key: a.file.clone(),
             size: body.len() as u64,
-            sha256: {
-                use sha2::Digest;
-                hex::encode(sha2::Sha256::digest(&body))
-            },
+            sha256,
         };
         let key = manifest::key(&ctx.spec.snapshot, &a.file);
         ctx.store.put(&key, body.into()).await?;
@@ -402,39 +411,48 @@ async fn restore_schema(ctx: &Arc<RunCtx>) -> Result<String> {
             2 * crate::node::command::MAX_OUTPUT as u64,
         )
         .await?;
-        let sha = {
-            use sha2::Digest;
-            hex::encode(sha2::Sha256::digest(&body))
-        };
-        if body.len() as u64 != object.size || sha != object.sha256 {
-            return Err(Error::archive(
-                &art.object,
-                format!(
-                    "is {} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
-                    body.len(),
-                    object.size,
-                    object.sha256
-                ),
-            ));
+        if m.encryption.is_some() && ctx.spec.keys.is_none() {
+            return Err(Error::Refused(vec![format!(
+                "snapshot {:?} is encrypted: give AGE_IDENTITY or AGE_PASSPHRASE",
+                ctx.spec.snapshot
+            )]));
         }
-        let plain = match (&m.encryption, &ctx.spec.keys) {
-            (None, _) => body.to_vec(),
-            (Some(_), Some(keys)) => {
-                use std::io::Read;
-                let mut r = keys.reader(&body[..], &art.object)?;
-                let mut v = Vec::new();
-                r.read_to_end(&mut v).map_err(|e| {
-                    Error::archive(&art.object, format!("cannot be decrypted: {e}"))
-                })?;
-                v
+        // Hashing and decrypting (a passphrase's scrypt) run off the async threads.
+        let (keys, name, want) = (
+            ctx.spec.keys.clone().filter(|_| m.encryption.is_some()),
+            art.object.clone(),
+            (object.size, object.sha256.clone()),
+        );
+        let plain = tokio::task::spawn_blocking(move || {
+            let sha = {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(&body))
+            };
+            if body.len() as u64 != want.0 || sha != want.1 {
+                return Err(Error::archive(
+                    &name,
+                    format!(
+                        "is {} bytes with SHA-256 {sha}, the manifest says {} bytes with {}",
+                        body.len(),
+                        want.0,
+                        want.1
+                    ),
+                ));
             }
-            (Some(_), None) => {
-                return Err(Error::Refused(vec![format!(
-                    "snapshot {:?} is encrypted: give AGE_IDENTITY or AGE_PASSPHRASE",
-                    ctx.spec.snapshot
-                )]));
+            match keys {
+                None => Ok(body.to_vec()),
+                Some(keys) => {
+                    use std::io::Read;
+                    let mut r = keys.reader(&body[..], &name)?;
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v)
+                        .map_err(|e| Error::archive(&name, format!("cannot be decrypted: {e}")))?;
+                    Ok(v)
+                }
             }
-        };
+        })
+        .await
+        .map_err(|e| Error::State(format!("artifact worker failed: {e}")))??;
         let node = command_node(ctx)?;
         let job = crate::node::command::CommandJob {
             node: node.index,

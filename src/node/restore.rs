@@ -135,15 +135,11 @@ impl Move {
             .filter(|a| !crate::fsx::exists_beneath(&data_dir, a).unwrap_or(true))
             .filter_map(|a| parents.iter().find(|p| p.path == a).cloned())
             .collect();
-        let staged = staging.file_name().map(|name| Path::new(name).join(&rel));
-        let ident = staged
-            .as_ref()
-            .and_then(|p| crate::fsx::ident_beneath(&data_dir, p).ok())
+        let entry = staging
+            .file_name()
+            .and_then(|name| crate::fsx::entry_beneath(&data_dir, &Path::new(name).join(&rel)).ok())
             .flatten();
-        let stamp = staged
-            .as_ref()
-            .and_then(|p| crate::fsx::stamp_beneath(&data_dir, p).ok())
-            .flatten();
+        let (ident, stamp) = (entry.map(|e| e.ident), entry.and_then(|e| e.stamp));
         Move {
             node: Some(node),
             staging,
@@ -1345,14 +1341,13 @@ fn roll_back(moves: &[Move]) -> RolledBack {
             }
         };
         let target = m.data_dir.join(&m.rel);
-        let ours = crate::fsx::ident_beneath(&m.data_dir, &m.rel)
-            .map(|id| id.is_some() && id == m.ident)
-            .and_then(|same| match (same, m.stamp) {
-                (true, Some(stamp)) => {
-                    crate::fsx::stamp_beneath(&m.data_dir, &m.rel).map(|now| now == Some(stamp))
-                }
-                (same, _) => Ok(same),
-            });
+        // The entry the commit moved: same inode and, for a file, same time and
+        // size (one step, one stat).
+        let ours = crate::fsx::entry_beneath(&m.data_dir, &m.rel).map(|now| {
+            now.is_some_and(|e| {
+                Some(e.ident) == m.ident && (m.stamp.is_none() || e.stamp == m.stamp)
+            })
+        });
         let in_staging = crate::fsx::exists_beneath(&m.data_dir, &staged);
         match (ours, in_staging) {
             (Err(e), _) | (_, Err(e)) => {

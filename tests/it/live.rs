@@ -128,11 +128,16 @@ fn describe(path: &Path, lines: &str) {
     std::fs::write(path, format!("{}{lines}\n{}", &text_[..at], &text_[at..])).unwrap();
 }
 
+/// A local restore's command line (progress shown: tests read its messages).
+fn restore_args(cluster: &Path, snapshot: &str, extra: &[&str]) -> Vec<String> {
+    let mut args = start_args("restore-local", cluster, snapshot, extra);
+    args.retain(|a| a != "-q");
+    args
+}
+
 fn restore_into(sb: &Sandbox, snapshot: &str, target: &str, n: u32, extra: &[&str]) -> PathBuf {
     let tgt = target_cluster(sb.dir.path(), target, n);
-    let mut args = start_args("restore-local", &tgt, snapshot, extra);
-    args.retain(|a| a != "-q");
-    let out = sb.run_v(&args);
+    let out = sb.run_v(&restore_args(&tgt, snapshot, extra));
     let (o, e) = text(&out);
     assert!(out.status.success(), "restore failed: {o}\n{e}");
     sb.path(target)
@@ -450,8 +455,7 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
     // The target's description names the owner of everything restored.
     let t2 = target_cluster(sb.dir.path(), "t2", 1);
     describe(&t2, "owner = \"cairnown:cairnown\"");
-    let mut args = start_args("restore-local", &t2, "own", &[]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t2, "own", &[]);
     sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     for p in [
         "app/orders-2/big.db",
@@ -464,8 +468,7 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
     // An owner the target host does not know is refused, nothing restored.
     let t3 = target_cluster(sb.dir.path(), "t3", 1);
     describe(&t3, "owner = \"nosuchuser-x:nosuchuser-x\"");
-    let mut args = start_args("restore-local", &t3, "own", &[]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t3, "own", &[]);
     let out = sb.run_v(&args);
     assert_eq!(out.status.code(), Some(3), "refused by the pre-flight");
     assert!(text(&out).1.contains("nosuchuser-x"), "{}", text(&out).1);
@@ -473,8 +476,7 @@ fn owners_come_back_by_name_by_number_or_as_the_target_says() {
     // A user alone: its own group, as chown does.
     let t4 = target_cluster(sb.dir.path(), "t4", 1);
     describe(&t4, "owner = \"cairnown\"");
-    let mut args = start_args("restore-local", &t4, "own", &[]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t4, "own", &[]);
     sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let m = std::fs::symlink_metadata(sb.path("t4/node-0/app/orders-2/big.db")).unwrap();
     assert_eq!((m.uid(), m.gid()), (4711, 4711));
@@ -549,8 +551,7 @@ fn the_schema_is_stored_verified_and_loaded_before_any_data() {
             sb.path("tgt/node-0").to_str().unwrap()
         ),
     );
-    let mut args = start_args("restore-local", &t, "sc", &["RESTORE_SCHEMA=true"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t, "sc", &["RESTORE_SCHEMA=true"]);
     let out = sb.run_v(&args);
     assert!(out.status.success(), "{:?}", text(&out));
     assert_eq!(
@@ -579,8 +580,7 @@ fn the_schema_is_stored_verified_and_loaded_before_any_data() {
         &bad,
         "echo 'InvalidRequest: keyspace app exists' >&2; exit 3",
     );
-    let mut args = start_args("restore-local", &b, "sc", &["RESTORE_SCHEMA=true"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&b, "sc", &["RESTORE_SCHEMA=true"]);
     let out = sb.run_v(&args);
     assert!(!out.status.success());
     let (_, e) = text(&out);
@@ -607,8 +607,7 @@ fn the_schema_is_stored_verified_and_loaded_before_any_data() {
         .collect::<Vec<_>>());
     let fresh: Vec<(u32, PathBuf)> = vec![(0, sb.path("fresh/node-0"))];
     let t = schema_cluster(&sb, "fresh", &fresh, "true");
-    let mut args = start_args("restore-local", &t, "noschema", &["RESTORE_SCHEMA=true"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t, "noschema", &["RESTORE_SCHEMA=true"]);
     let out = sb.run_v(&args);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(text(&out).1.contains("holds no schema"), "{}", text(&out).1);
@@ -647,8 +646,7 @@ fn post_restore_runs_once_per_restored_table_with_its_data_in_place() {
             log.to_str().unwrap()
         ),
     );
-    let mut args = start_args("restore-local", &t, "pr", &["KEYSPACES=app"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t, "pr", &["KEYSPACES=app"]);
     let out = sb.run_v(&args);
     assert!(out.status.success(), "{:?}", text(&out));
     let mut lines: Vec<String> = std::fs::read_to_string(&log)
@@ -686,8 +684,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     }
     let untouched = exact_tree(&node);
     // By default a keyspace that exists is refused, the target untouched.
-    let mut args = start_args("restore-local", &t, "tm", &[]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t, "tm", &[]);
     let out = sb.run_v(&args);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(text(&out).1.contains("app"), "{}", text(&out).1);
@@ -703,8 +700,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
         ),
     );
     // Killed in the middle of its moves, then resumed: rolled back and redone.
-    let mut args = start_args("restore-local", &t, "tm", &["TABLE_MAPPING=by-name"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t, "tm", &["TABLE_MAPPING=by-name"]);
     let out = sb
         .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .env("FAILPOINTS", "commit-rename:3=return(kill)")
@@ -757,8 +753,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     std::fs::create_dir_all(n2.join("app/orders-abcd")).unwrap();
     std::fs::write(n2.join("app/orders-abcd/nb-9-big-Data.db"), b"live data").unwrap();
     let before = exact_tree(&n2);
-    let mut args = start_args("restore-local", &t2, "tm", &["TABLE_MAPPING=by-name"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t2, "tm", &["TABLE_MAPPING=by-name"]);
     let out = sb.run_v(&args);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(
@@ -774,8 +769,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     for d in ["app/users-9f9f", "app/orders-abcd"] {
         std::fs::create_dir_all(n3.join(d)).unwrap();
     }
-    let mut args = start_args("restore-local", &t3, "tm", &["TABLE_MAPPING=by-name"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t3, "tm", &["TABLE_MAPPING=by-name"]);
     let out = sb
         .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .env("FAILPOINTS", "before:commit/commit-restore=return(kill)")
@@ -803,8 +797,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     for d in ["app/users-9f9f", "app/orders-abcd"] {
         std::fs::create_dir_all(n4.join(d)).unwrap();
     }
-    let mut args = start_args("restore-local", &t4, "tm", &["TABLE_MAPPING=by-name"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t4, "tm", &["TABLE_MAPPING=by-name"]);
     let out = sb
         .command(&args.iter().map(String::as_str).collect::<Vec<_>>())
         .env("FAILPOINTS", "commit-rename:3=return(kill)")
@@ -826,8 +819,7 @@ fn by_name_table_mapping_fills_a_recreated_schemas_empty_tables_and_refuses_full
     std::fs::create_dir_all(sb.path("elsewhere")).unwrap();
     std::os::unix::fs::symlink(sb.path("elsewhere"), n5.join("app/users-9f9f")).unwrap();
     let before = exact_tree(&n5);
-    let mut args = start_args("restore-local", &t5, "tm", &["TABLE_MAPPING=by-name"]);
-    args.retain(|a| a != "-q");
+    let args = restore_args(&t5, "tm", &["TABLE_MAPPING=by-name"]);
     let out = sb.run_v(&args);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(
