@@ -295,7 +295,7 @@ fn opened(name: &str, e: age::DecryptError) -> Error {
             "{name}: its passphrase encryption asks for more work than cairn accepts"
         )]),
         age::DecryptError::Io(e) => Error::archive(name, format!("cannot be read: {e}")),
-        other => Error::archive(name, format!("is not a valid age file: {other}")),
+        other => Error::archive(name, format!("is damaged or not an age file: {other}")),
     }
 }
 

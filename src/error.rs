@@ -116,6 +116,15 @@ pub enum Error {
         transient: bool,
     },
 
+    /// A cairn server answered with an error (or a run it ran ended with one):
+    /// its message, outcome word and exit code, as the CLI would have given them.
+    #[error("{message}")]
+    Server {
+        message: String,
+        outcome: String,
+        exit_code: i32,
+    },
+
     /// A step failed; carries the step id for context.
     #[error("step {step} failed: {source}")]
     Step {
@@ -179,7 +188,7 @@ impl Error {
             Error::Locked(_) => exit::LOCKED,
             Error::Cancelled => exit::CANCELLED,
             Error::Step { source, .. } => source.exit_code(),
-            Error::Remote { exit_code, .. } => *exit_code,
+            Error::Remote { exit_code, .. } | Error::Server { exit_code, .. } => *exit_code,
             _ => exit::FAILED,
         }
     }

@@ -21,7 +21,8 @@
 //! * [`snapshots`] — list, verify and delete snapshots in a store.
 //! * [`recover`]  — choose the snapshot `cairn recover` rebuilds a manager from.
 //! * [`retention`] — tiered retention decisions and the prune that applies them.
-//! * [`cli`]      — the command line, one file per subcommand.
+//! * [`service`]  — start, status, stop and resume as a library API; `cairn serve` (HTTP, events, metrics, status page).
+//! * [`cli`]      — the command line, one file per subcommand; local, or a client of a server (`--server`).
 
 /// `eprintln!` that never panics: with stderr closed (a terminal gone, an SSH
 /// session broken) the line is dropped instead of killing the thread that printed.
@@ -62,6 +63,7 @@ pub mod progress;
 pub mod recover;
 pub mod redact;
 pub mod retention;
+pub mod service;
 pub mod snapshots;
 pub mod spec;
 pub mod state;

@@ -5,6 +5,8 @@
 pub mod manager;
 pub mod output;
 pub mod plan;
+pub mod remote;
+pub mod serve;
 pub mod snapshots;
 
 use crate::plan::params::CliParam;
@@ -39,6 +41,18 @@ pub struct Cli {
     /// More log output (-v info, -vv debug).
     #[arg(long, short, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
+    /// Run `plan` commands on a cairn server (`cairn serve`) instead of in this
+    /// process: http://127.0.0.1:8080, or https://… off loopback.
+    #[arg(long, global = true, env = "CAIRN_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// A file holding the bearer token: sent to --server, or required of every
+    /// request by `cairn serve`.
+    #[arg(long, global = true, env = "CAIRN_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// A PEM file of the certificate authority that signed --server's TLS
+    /// certificate (else the usual public roots).
+    #[arg(long, global = true, env = "CAIRN_SERVER_CA", value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -57,6 +71,9 @@ pub enum Command {
     /// Rebuild a fallen manager (and with --nodes the nodes) from the newest
     /// complete snapshot; prints what it will do and needs --force to do it.
     Recover(RecoverArgs),
+    /// Serve the plans HTTP API (`/v1/plans`, `/v1/runs`, server-sent events),
+    /// `/metrics` and a live status page at `/`; runs execute in this process.
+    Serve(ServeArgs),
     /// A node's side of a run: started by a coordinator through the node's `exec`
     /// prefix (ssh, kubectl exec), it reads one request on stdin and answers on
     /// stdout. Not for interactive use.
@@ -69,6 +86,28 @@ pub enum Command {
     },
     /// Print the manual page (roff): `cairn man > /usr/local/share/man/man1/cairn.1`.
     Man,
+}
+
+/// `cairn serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Address and port to listen on. Anything but loopback needs --token-file,
+    /// --tls-cert and --tls-key. Port 0 picks a free port (printed).
+    #[arg(long, default_value = "127.0.0.1:8080", value_name = "ADDR:PORT")]
+    pub listen: String,
+    /// The cluster description (TOML) the server's runs are for.
+    #[arg(long, env = "CAIRN_CLUSTER")]
+    pub cluster: Option<PathBuf>,
+    /// The TLS certificate chain (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// A store whose snapshots the status page lists and `/v1/snapshots` reads by
+    /// default (a URL, a directory or a profile; repeatable).
+    #[arg(long = "store", value_name = "STORE")]
+    pub stores: Vec<String>,
 }
 
 /// What opens an encrypted snapshot (client-side age encryption).
@@ -248,6 +287,10 @@ pub enum PlanCmd {
         /// The cluster description (TOML).
         #[arg(long, env = "CAIRN_CLUSTER")]
         cluster: Option<PathBuf>,
+        /// After the run, write its metrics (Prometheus text) to FILE, for the
+        /// node exporter's textfile collector.
+        #[arg(long, env = "CAIRN_METRICS_FILE", value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
     },
     /// Status of a run (default: the latest).
     Status {
@@ -275,6 +318,10 @@ pub enum PlanCmd {
         /// Remove a stale lock on the snapshot (left by the run that died) first.
         #[arg(long)]
         break_lock: bool,
+        /// After the run, write its metrics (Prometheus text) to FILE, for the
+        /// node exporter's textfile collector.
+        #[arg(long, env = "CAIRN_METRICS_FILE", value_name = "FILE")]
+        metrics_file: Option<PathBuf>,
     },
 }
 
@@ -377,6 +424,10 @@ pub struct Globals {
     pub config: Option<PathBuf>,
     pub json: bool,
     pub quiet: bool,
+    /// `--server`: plan commands go to this cairn server.
+    pub server: Option<String>,
+    pub token_file: Option<PathBuf>,
+    pub server_ca: Option<PathBuf>,
 }
 
 impl Globals {
@@ -445,9 +496,19 @@ pub async fn run(cli: Cli) -> Result<i32> {
         config: cli.config.filter(|c| !c.as_os_str().is_empty()),
         json: cli.json,
         quiet: cli.quiet,
+        server: cli.server.filter(|s| !s.is_empty()),
+        token_file: cli.token_file.filter(|c| !c.as_os_str().is_empty()),
+        server_ca: cli.server_ca.filter(|c| !c.as_os_str().is_empty()),
     };
+    if g.server.is_some() && !matches!(cli.command, Command::Plan(_)) {
+        return Err(usage(
+            "--server applies to `cairn plan` commands; run this one without it",
+        ));
+    }
     match cli.command {
+        Command::Plan(cmd) if g.server.is_some() => remote::plan(&g, cmd).await,
         Command::Plan(cmd) => plan::run(&g, cmd).await,
+        Command::Serve(args) => serve::run(&g, args).await,
         Command::Snapshots(cmd) => snapshots::run(&g, cmd).await,
         Command::ManagerSnapshot(cmd) => manager::run(&g, cmd).await,
         Command::Recover(args) => manager::recover(&g, args).await,

@@ -3,15 +3,17 @@
 use super::output::{print_json, progress};
 use super::{Globals, PlanCmd, cancel_on_signals, usage};
 use crate::cluster::Cluster;
-use crate::engine::{Engine, Outcome, process_alive};
+use crate::config::Config;
 use crate::error::exit;
 use crate::plan::Plan;
 use crate::plan::params::{CliParam, ProcessEnv};
 use crate::redact::redact;
-use crate::state::{RunRecord, StateStore, Status};
+use crate::service::{Service, ServiceConfig};
+use crate::state::{RunRecord, Status};
 use crate::{Error, Result};
 use serde_json::json;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
@@ -24,6 +26,7 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             cluster,
             break_lock,
             dry_run,
+            metrics_file,
         } => {
             // DRY_RUN is cairn's, for every plan: taken out before the plan's own
             // parameters are checked.
@@ -47,7 +50,16 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             if dry {
                 return dry_run_start(g, &plan, &rest, cluster).await;
             }
-            not_started_line(g, &plan, start(g, &plan, &rest, cluster, break_lock).await)
+            let r = start(
+                g,
+                &plan,
+                &rest,
+                cluster,
+                break_lock,
+                metrics_file.as_deref(),
+            )
+            .await;
+            not_started_line(g, &plan, r)
         }
         PlanCmd::Status { run } => status(g, run),
         PlanCmd::History { limit } => history(g, limit),
@@ -56,10 +68,11 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             run,
             params,
             break_lock,
+            metrics_file,
         } => not_started_line(
             g,
             &format!("run {run}"),
-            resume(g, run, &params, break_lock).await,
+            resume(g, run, &params, break_lock, metrics_file.as_deref()).await,
         ),
     }
 }
@@ -151,30 +164,29 @@ fn show(g: &Globals, name: &str) -> Result<i32> {
     Ok(exit::OK)
 }
 
-fn engine(g: &Globals, break_lock: bool) -> Result<Engine> {
-    let mut engine = Engine::new(g.state()?, progress(g.quiet || g.json));
-    engine.break_lock = break_lock;
-    cancel_on_signals(engine.cancel.clone());
-    Ok(engine)
+/// The service this command is a client of: runs execute in this process, drawn
+/// by this terminal's renderer; Ctrl-C or SIGTERM stops them (resumably).
+fn service(g: &Globals, cluster: Option<PathBuf>, config: Config) -> Result<Arc<Service>> {
+    let svc = Service::with_state(
+        ServiceConfig {
+            home: g.home.clone(),
+            plans_dir: g.plans_dir.clone(),
+            cluster,
+            config,
+            config_given: g.config.is_some(),
+            stores: Vec::new(),
+        },
+        g.state()?,
+    );
+    cancel_on_signals(svc.shutdown.clone());
+    Ok(svc)
 }
 
-/// The word a machine reads first: what happened.
-fn outcome_word(error: Option<&Error>) -> &'static str {
-    match error.map(|e| e.root()) {
-        None => "success",
-        Some(Error::Checks(_)) => "refused",
-        Some(Error::Locked(_)) => "locked",
-        Some(Error::Cancelled) => "cancelled",
-        Some(Error::Usage(_) | Error::Params(_) | Error::Plan { .. } | Error::Cluster { .. }) => {
-            "invalid"
-        }
-        Some(_) => "failed",
-    }
-}
+use crate::service::outcome_word;
 
 /// With --json, a run that could not even start (bad parameters, lock held…) still
 /// ends with one summary line.
-fn not_started_line(g: &Globals, what: &str, r: Result<i32>) -> Result<i32> {
+pub(super) fn not_started_line(g: &Globals, what: &str, r: Result<i32>) -> Result<i32> {
     if g.json
         && let Err(e) = &r
         && !matches!(e, Error::Step { .. })
@@ -197,6 +209,7 @@ async fn start(
     params: &[CliParam],
     cluster: Option<PathBuf>,
     break_lock: bool,
+    metrics_file: Option<&std::path::Path>,
 ) -> Result<i32> {
     let plan = Plan::find(name, g.plans_dir.as_deref())?;
     let cluster_file = cluster
@@ -206,11 +219,12 @@ async fn start(
     // Bad parameters are refused before a state home is made or opened.
     let checked = plan.resolve_params(params, &[], &ProcessEnv)?;
     crate::spec::compile(&plan, &checked, &cluster, String::new(), &config)?;
-    let mut engine = engine(g, break_lock)?;
-    engine.config = config;
-    engine.config_given = g.config.is_some();
-    let outcome = engine.start(plan, params, &ProcessEnv, cluster).await?;
-    finish(g, &engine.state, outcome)
+    let svc = service(g, Some(cluster_file), config)?;
+    let show = progress(g.quiet || g.json);
+    let run = svc
+        .start_with(&plan.name, params.to_vec(), break_lock, Some(show))
+        .await?;
+    finish(g, &svc, run, metrics_file).await
 }
 
 /// `plan start --dry-run`: the pre-flight, and what the run would do.
@@ -287,28 +301,91 @@ async fn dry_run_start(
     Ok(exit::OK)
 }
 
-async fn resume(g: &Globals, run: i64, params: &[CliParam], break_lock: bool) -> Result<i32> {
-    let mut engine = engine(g, break_lock)?;
-    engine.config = g.config(None)?;
-    engine.config_given = g.config.is_some();
-    let outcome = engine.resume(run, params, &ProcessEnv).await?;
-    finish(g, &engine.state, outcome)
+async fn resume(
+    g: &Globals,
+    run: i64,
+    params: &[CliParam],
+    break_lock: bool,
+    metrics_file: Option<&std::path::Path>,
+) -> Result<i32> {
+    let svc = service(g, None, g.config(None)?)?;
+    let show = progress(g.quiet || g.json);
+    let run = svc
+        .resume_with(run, params.to_vec(), break_lock, Some(show))
+        .await?;
+    finish(g, &svc, run, metrics_file).await
 }
 
-/// Print the summary of a finished run; the error (if any) goes back to main.
-fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
-    let rec = state.run(outcome.run_id)?;
+/// Wait for the run to end and print its summary; the error (if any) goes back
+/// to main, with the exit code the run ended with.
+async fn finish(
+    g: &Globals,
+    svc: &Service,
+    run: i64,
+    metrics_file: Option<&std::path::Path>,
+) -> Result<i32> {
+    let end = svc.wait(run).await;
+    let rec = svc.state.run(run)?;
+    let (word, code, summary) = match &end {
+        Some(e) => (e.outcome, e.exit_code, e.summary.clone()),
+        None => ("failed", exit::FAILED, None),
+    };
+    if let Some(path) = metrics_file
+        && let Err(e) = svc
+            .metrics
+            .render(&svc.state)
+            .and_then(|t| crate::service::metrics::write_file(path, &t))
+    {
+        tracing::warn!("--metrics-file: {e}");
+    }
+    print_end(
+        g,
+        &End {
+            rec: &rec,
+            outcome: word,
+            status: rec.status,
+            failed: code != exit::OK,
+            exit_code: code,
+            summary: summary.as_ref(),
+        },
+    );
+    if code == exit::OK {
+        return Ok(exit::OK);
+    }
+    Err(Error::Server {
+        message: rec
+            .error
+            .clone()
+            .unwrap_or_else(|| format!("run {run} {}", rec.status)),
+        outcome: word.to_string(),
+        exit_code: code,
+    })
+}
+
+/// How a run ended, as printed by a local run and by `--server`.
+pub(super) struct End<'a> {
+    pub rec: &'a RunRecord,
+    pub outcome: &'a str,
+    pub status: Status,
+    pub failed: bool,
+    pub exit_code: i32,
+    pub summary: Option<&'a crate::engine::Summary>,
+}
+
+/// The last lines (or the JSON line) of a run.
+pub(super) fn print_end(g: &Globals, e: &End<'_>) {
+    let rec = e.rec;
     if g.json {
         STARTED.store(true, std::sync::atomic::Ordering::SeqCst);
         print_json(&json!({
             "run": rec.id, "plan": rec.plan, "snapshot": rec.snapshot, "store": rec.store,
-            "outcome": outcome_word(outcome.error.as_ref()),
+            "outcome": e.outcome,
             "status": rec.status, "error": rec.error,
             "started_at": rec.created_at, "finished_at": rec.finished_at,
-            "exit_code": outcome.error.as_ref().map_or(exit::OK, Error::exit_code),
-            "summary": outcome.summary,
+            "exit_code": e.exit_code,
+            "summary": e.summary,
         }));
-    } else if outcome.error.is_none() {
+    } else if !e.failed {
         crate::out!(
             "run {} {}: {} snapshot {} in {}",
             rec.id,
@@ -317,15 +394,15 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             rec.snapshot,
             rec.store
         );
-        if let Some(s) = &outcome.summary {
+        if let Some(s) = e.summary {
             crate::out!("  {}", summary_line(s));
         }
-    } else if outcome.status == Status::Refused {
+    } else if e.status == Status::Refused {
         crate::say!(
             "run {} REFUSED by its pre-flight checks; nothing was changed",
             rec.id
         );
-    } else if outcome.status != Status::Complete {
+    } else if e.status != Status::Complete {
         crate::say!(
             "run {} {}; `cairn plan status {}` shows its steps, `cairn plan resume {}` continues it",
             rec.id,
@@ -334,26 +411,41 @@ fn finish(g: &Globals, state: &StateStore, outcome: Outcome) -> Result<i32> {
             rec.id
         );
     }
-    outcome.into_result().map(|_| exit::OK)
 }
 
 fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
     let state = g.state()?;
-    let rec = match run {
-        Some(id) => state.run(id)?,
-        None => state
-            .latest_run()?
-            .ok_or_else(|| Error::NotFound("no runs yet".into()))?,
+    let id = match run {
+        Some(id) => id,
+        None => {
+            state
+                .latest_run()?
+                .ok_or_else(|| Error::NotFound("no runs yet".into()))?
+                .id
+        }
     };
-    let steps = state.steps(rec.id)?;
-    let sources = param_sources(&rec);
+    // The view `cairn serve` gives of the run.
+    let svc = Service::with_state(ServiceConfig::default(), state);
+    let v = svc.run_view(id)?;
+    let steps: Vec<_> = v.steps.into_iter().map(|s| s.step).collect();
+    print_status(g, &v.run, &steps, &v.param_sources);
+    Ok(exit::OK)
+}
+
+/// `plan status`: the run, its parameters and each step.
+pub(super) fn print_status(
+    g: &Globals,
+    rec: &RunRecord,
+    steps: &[crate::state::StepRecord],
+    sources: &std::collections::BTreeMap<String, String>,
+) {
     if g.json {
         print_json(&json!({"run": rec, "steps": steps, "param_sources": sources}));
-        return Ok(exit::OK);
+        return;
     }
-    print_run(&rec, &sources);
+    print_run(rec, sources);
     crate::out!();
-    for s in &steps {
+    for s in steps {
         let err = s
             .error
             .as_deref()
@@ -367,21 +459,6 @@ fn status(g: &Globals, run: Option<i64>) -> Result<i32> {
             err
         );
     }
-    Ok(exit::OK)
-}
-
-/// Where each parameter of a run came from (cli, file, env, default, stored).
-fn param_sources(r: &RunRecord) -> std::collections::BTreeMap<String, String> {
-    r.spec_json
-        .as_deref()
-        .and_then(|j| crate::spec::RunSpec::from_json(j).ok())
-        .map(|s| {
-            s.param_sources
-                .into_iter()
-                .map(|(k, v)| (k, v.as_str().to_string()))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 fn print_run(r: &RunRecord, sources: &std::collections::BTreeMap<String, String>) {
@@ -416,10 +493,15 @@ fn print_run(r: &RunRecord, sources: &std::collections::BTreeMap<String, String>
 }
 
 fn history(g: &Globals, limit: usize) -> Result<i32> {
-    let runs = g.state()?.runs(limit)?;
+    print_history(g, &g.state()?.runs(limit)?);
+    Ok(exit::OK)
+}
+
+/// `plan history`: one line per run, newest first.
+pub(super) fn print_history(g: &Globals, runs: &[RunRecord]) {
     if g.json {
         print_json(&json!(runs));
-        return Ok(exit::OK);
+        return;
     }
     for r in runs {
         crate::out!(
@@ -431,33 +513,11 @@ fn history(g: &Globals, limit: usize) -> Result<i32> {
             r.snapshot
         );
     }
-    Ok(exit::OK)
 }
 
 async fn stop(g: &Globals, run: i64) -> Result<i32> {
-    let state = g.state()?;
-    let rec = state.run(run)?;
-    if !matches!(rec.status, Status::Running | Status::Pending) {
-        return Err(usage(format!("run {run} is not running ({})", rec.status)));
-    }
-    state.request_stop(run)?;
-    let alive = rec.pid.is_some_and(process_alive);
-    if !alive {
-        // Its process is gone (killed): record that, so resume can take over.
-        state.set_run_status(
-            run,
-            Status::Cancelled,
-            Some("stopped; its process had gone"),
-        )?;
-    } else {
-        for _ in 0..100 {
-            tokio::time::sleep(Duration::from_millis(200)).await;
-            if state.run(run)?.status != Status::Running {
-                break;
-            }
-        }
-    }
-    let rec = state.run(run)?;
+    let svc = Service::with_state(ServiceConfig::default(), g.state()?);
+    let rec = svc.stop(run, Duration::from_secs(20)).await?;
     if g.json {
         print_json(&json!({"run": run, "status": rec.status}));
     } else {

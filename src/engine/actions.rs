@@ -1710,13 +1710,18 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
     let steps = ctx.state.call(move |s| s.steps(run)).await.ok()?;
     if ctx.plan.has_action(Action::BackupNode) {
         let outs = outputs::<NodeOutput>(&steps, Action::BackupNode).ok()?;
-        return Some(super::Summary {
-            nodes: outs.len(),
-            files: outs.iter().map(|o| o.node.file_count).sum(),
-            bytes: outs.iter().map(|o| o.node.bytes).sum(),
-            stored_bytes: outs.iter().map(|o| o.object.size).sum(),
-            duration_secs: secs,
-        });
+        return Some(
+            super::Summary {
+                nodes: outs.len(),
+                files: outs.iter().map(|o| o.node.file_count).sum(),
+                bytes: outs.iter().map(|o| o.node.bytes).sum(),
+                stored_bytes: outs.iter().map(|o| o.object.size).sum(),
+                duration_secs: secs,
+                ratio: 0.0,
+                bytes_per_sec: 0.0,
+            }
+            .with_rates(),
+        );
     }
     if ctx.plan.has_action(Action::StageNode) {
         let m = ctx.manifest().await.ok()?;
@@ -1726,6 +1731,8 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
             bytes: 0,
             stored_bytes: 0,
             duration_secs: secs,
+            ratio: 0.0,
+            bytes_per_sec: 0.0,
         };
         for n in &ctx.cluster.nodes {
             let Some(info) = m.node(n.index) else {
@@ -1742,7 +1749,7 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
             }
             s.stored_bytes += m.object(&info.object).map_or(0, |o| o.size);
         }
-        return Some(s);
+        return Some(s.with_rates());
     }
     None
 }

@@ -90,13 +90,36 @@ pub struct Outcome {
 
 /// A finished run in figures: data bytes (uncompressed), bytes in the store (the
 /// node objects), nodes, and this process's time on the run.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub nodes: usize,
     pub files: u64,
     pub bytes: u64,
     pub stored_bytes: u64,
     pub duration_secs: f64,
+    /// `stored_bytes / bytes` (0 when no data).
+    #[serde(default)]
+    pub ratio: f64,
+    /// Data bytes per second of `duration_secs`.
+    #[serde(default)]
+    pub bytes_per_sec: f64,
+}
+
+impl Summary {
+    /// With `ratio` and `bytes_per_sec` worked out from the other figures.
+    pub fn with_rates(mut self) -> Summary {
+        self.ratio = if self.bytes > 0 {
+            self.stored_bytes as f64 / self.bytes as f64
+        } else {
+            0.0
+        };
+        self.bytes_per_sec = if self.duration_secs > 0.0 {
+            self.bytes as f64 / self.duration_secs
+        } else {
+            0.0
+        };
+        self
+    }
 }
 
 impl Outcome {

@@ -101,7 +101,7 @@ pub struct Params {
 }
 
 /// Where an unset parameter may come from besides `-p`.
-pub trait Env {
+pub trait Env: Sync {
     fn var(&self, key: &str) -> Option<String>;
 }
 

@@ -66,7 +66,7 @@ impl std::fmt::Display for Status {
 }
 
 /// One run as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunRecord {
     pub id: i64,
     pub plan: String,
@@ -106,7 +106,7 @@ impl RunRecord {
 }
 
 /// One step as stored.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StepRecord {
     pub seq: i64,
     pub id: String,

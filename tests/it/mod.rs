@@ -17,4 +17,5 @@ mod remote;
 mod resume;
 mod roundtrip;
 mod s3;
+mod serve;
 pub mod servers;

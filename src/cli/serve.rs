@@ -1,0 +1,83 @@
+//! `cairn serve`: the service behind an HTTP API, until Ctrl-C or SIGTERM.
+
+use super::{Globals, ServeArgs, usage};
+use crate::error::exit;
+use crate::service::http::{ServeOptions, serve};
+use crate::service::{Service, ServiceConfig};
+use crate::{Error, Result};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// How long a stopping server waits for its runs to record their end.
+const DRAIN: Duration = Duration::from_secs(60);
+
+pub async fn run(g: &Globals, args: ServeArgs) -> Result<i32> {
+    let listen: SocketAddr = args.listen.parse().map_err(|e| {
+        usage(format!(
+            "--listen {:?}: {e} (give ADDRESS:PORT, e.g. 127.0.0.1:8080)",
+            args.listen
+        ))
+    })?;
+    let token = match &g.token_file {
+        None => None,
+        Some(p) => {
+            let t =
+                crate::plan::params::read_file_value("--token-file", p).map_err(Error::Usage)?;
+            let t = t.trim().to_string();
+            if t.len() < 16 {
+                return Err(usage(
+                    "--token-file: the token must be at least 16 characters",
+                ));
+            }
+            crate::redact::register(&t);
+            Some(t)
+        }
+    };
+    let opts = ServeOptions {
+        listen,
+        token,
+        tls: args.tls_cert.clone().zip(args.tls_key.clone()),
+    };
+    opts.check()?;
+    if let Some(c) = &args.cluster {
+        // A bad description is named now, not at the first request.
+        crate::cluster::Cluster::load(c)?;
+    }
+    let svc = Service::new(ServiceConfig {
+        home: g.home.clone(),
+        plans_dir: g.plans_dir.clone(),
+        config: g.config(args.cluster.as_deref())?,
+        config_given: g.config.is_some(),
+        cluster: args.cluster.clone(),
+        stores: args.stores.clone(),
+    })?;
+    let stop = svc.shutdown.clone();
+    tokio::spawn(async move {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term => {}
+        }
+        crate::say!("cairn serve: stopping; runs in progress are stopped and can be resumed");
+        stop.cancel();
+    });
+    let json = g.json;
+    serve(svc.clone(), opts, |addr, tls| {
+        let url = format!("{}://{addr}", if tls { "https" } else { "http" });
+        if json {
+            super::output::print_json(&serde_json::json!({"listening": url}));
+        } else {
+            crate::out!("cairn serve: listening on {url}");
+        }
+    })
+    .await?;
+    svc.drain(DRAIN).await;
+    Ok(exit::OK)
+}
