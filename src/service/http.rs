@@ -295,7 +295,74 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// Refuse what a web page elsewhere could make a browser send: without a token,
+/// a Host that is not a loopback name (DNS rebinding); a POST from another
+/// origin; a POST body that is not JSON (a cross-site form needs no preflight).
+fn browser_guard(req: &Request, token: bool) -> Option<(StatusCode, &'static str)> {
+    let h = req.headers();
+    let host = h
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !token && !loopback_host(host) {
+        return Some((
+            StatusCode::FORBIDDEN,
+            "without a token the server answers only to a loopback address or localhost",
+        ));
+    }
+    if req.method() == axum::http::Method::POST {
+        if let Some(origin) = h.get(header::ORIGIN).and_then(|v| v.to_str().ok())
+            && origin != format!("http://{host}")
+            && origin != format!("https://{host}")
+        {
+            return Some((StatusCode::FORBIDDEN, "a request from another origin"));
+        }
+        let has_body = h
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() != "0")
+            || h.contains_key(header::TRANSFER_ENCODING);
+        let json = h
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(';')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+            });
+        if has_body && !json {
+            return Some((
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the parameters as Content-Type: application/json",
+            ));
+        }
+    }
+    None
+}
+
+/// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        host.rsplit_once(':').map_or(host, |(n, _)| n)
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
 async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
+    if let Some((status, why)) = browser_guard(&req, app.token.is_some()) {
+        return (
+            status,
+            Json(
+                json!({"error": why, "outcome": "invalid", "exit_code": crate::error::exit::USAGE}),
+            ),
+        )
+            .into_response();
+    }
     let Some(want) = &app.token else {
         return next.run(req).await;
     };
@@ -626,5 +693,28 @@ mod tests {
         );
         assert_eq!(token_of(&h).as_deref(), Some("tok"));
         assert_eq!(percent_decode("%e2%82%ac%"), "€%");
+    }
+
+    #[test]
+    fn loopback_hosts() {
+        for h in [
+            "localhost",
+            "LOCALHOST:8080",
+            "127.0.0.1:1",
+            "127.3.4.5",
+            "[::1]:80",
+            "[::1]",
+        ] {
+            assert!(loopback_host(h), "{h}");
+        }
+        for h in [
+            "",
+            "evil.example:8080",
+            "10.0.0.1:80",
+            "localhost.evil.example",
+            "[::2]:1",
+        ] {
+            assert!(!loopback_host(h), "{h}");
+        }
     }
 }

@@ -137,7 +137,7 @@ impl Http {
                 r = r.bearer_auth(t);
             }
             if let Some(b) = body {
-                r = r.body(b);
+                r = r.header("content-type", "application/json").body(b);
             }
             let res = r.send().await.map_err(|e| format!("{e:?}"))?;
             let status = res.status().as_u16();
@@ -398,6 +398,54 @@ fn api_errors_are_json_that_name_the_problem() {
     let big = json!({"SNAPSHOT_NAME": "x", "TAGS": "t".repeat(70 * 1024)}).to_string();
     let (s, _) = post("/v1/plans/backup-local/start", Some(big));
     assert_eq!(s, 413);
+
+    // What a web page elsewhere could make a browser send: a form post, a post
+    // from another origin, a name that resolves to loopback (DNS rebinding).
+    let raw = |headers: &[(&str, &str)], body: &str| -> u16 {
+        http.rt.block_on(async {
+            let mut r = http
+                .client
+                .post(format!("{base}/v1/plans/backup-local/start"));
+            for (k, v) in headers {
+                r = r.header(*k, *v);
+            }
+            r.body(body.to_string())
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    };
+    let ok_body = json!({"SNAPSHOT_NAME": "csrf", "BACKUP_DIR": "store"}).to_string();
+    assert_eq!(
+        raw(
+            &[("content-type", "application/x-www-form-urlencoded")],
+            "SNAPSHOT_NAME=csrf"
+        ),
+        415
+    );
+    assert_eq!(raw(&[("content-type", "text/plain")], &ok_body), 415);
+    assert_eq!(
+        raw(
+            &[
+                ("content-type", "application/json"),
+                ("origin", "http://evil.example")
+            ],
+            &ok_body
+        ),
+        403
+    );
+    assert_eq!(
+        raw(
+            &[
+                ("content-type", "application/json"),
+                ("host", "evil.example")
+            ],
+            &ok_body
+        ),
+        403
+    );
 
     let (s, v) = http.call("GET", &format!("{base}/v1/runs/999"), None);
     assert_eq!(s, 404, "{v}");
