@@ -271,6 +271,7 @@ impl Service {
             plan: Mutex::new(String::new()),
             done: Mutex::new(None),
             also,
+            began: std::sync::atomic::AtomicBool::new(false),
         });
         let mut engine = Engine::new(self.state.clone(), sink.clone());
         engine.cancel = cancel;
@@ -333,11 +334,15 @@ impl Service {
         also: Option<Arc<dyn Progress>>,
     ) -> Result<i64> {
         let rec = self.state.run(run)?;
-        if lock(&self.live).contains_key(&run) {
-            return Err(Error::Usage(format!("run {run} is running")));
-        }
         let (engine, sink, rx) = self.engine(break_lock, also);
         *lock(&sink.plan) = rec.plan.clone();
+        // Live from now on (its reconcile may take a while): never shown as
+        // interrupted meanwhile, and never resumed twice at once here.
+        if !sink.claim(self, run) {
+            return Err(Error::Usage(format!(
+                "run {run} is running in this server; stop it first"
+            )));
+        }
         let task = tokio::spawn(async move {
             let r = engine.resume(run, &params, &ProcessEnv).await;
             sink.finish(&engine.state, r)
@@ -672,6 +677,8 @@ struct Sink {
     done: Mutex<Option<tokio::sync::watch::Sender<bool>>>,
     /// Also given every event (the CLI's renderer).
     also: Option<Arc<dyn Progress>>,
+    /// Set once the run began (RunStarted).
+    began: std::sync::atomic::AtomicBool,
 }
 
 /// Bytes events go out at most this often per step.
@@ -692,18 +699,13 @@ impl Progress for Sink {
                 plan,
                 snapshot,
             } => {
-                *lock(&self.run) = Some(id);
-                let (tx, rx) = tokio::sync::watch::channel(false);
-                *lock(&self.done) = Some(tx);
+                // A resume claimed its run before it began; a new run is
+                // claimed now.
+                if lock(&self.run).is_none() {
+                    self.claim(&svc, id);
+                }
+                self.began.store(true, std::sync::atomic::Ordering::SeqCst);
                 lock(&svc.ended).remove(&id);
-                lock(&svc.live).insert(
-                    id,
-                    Live {
-                        cancel: self.cancel.clone(),
-                        progress: self.progress.clone(),
-                        done: rx,
-                    },
-                );
                 svc.metrics.active(1);
                 svc.emit(
                     id,
@@ -796,12 +798,47 @@ impl Progress for Sink {
 }
 
 impl Sink {
+    /// Make `id` this sink's run, live in the service (its task runs here), unless
+    /// another task has it.
+    fn claim(&self, svc: &Service, id: i64) -> bool {
+        let mut live = lock(&svc.live);
+        if live.contains_key(&id) {
+            return false;
+        }
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        *lock(&self.done) = Some(tx);
+        *lock(&self.run) = Some(id);
+        live.insert(
+            id,
+            Live {
+                cancel: self.cancel.clone(),
+                progress: self.progress.clone(),
+                done: rx,
+            },
+        );
+        true
+    }
+
     /// The run's task ended: record how, tell the stream and the metrics, and
     /// give the caller the run id or the error of a run that never started.
     fn finish(&self, state: &StateStore, r: Result<Outcome>) -> Result<i64> {
         let svc = self.svc.upgrade();
         let run = *lock(&self.run);
         let plan = lock(&self.plan).clone();
+        if !self.began.load(std::sync::atomic::Ordering::SeqCst) {
+            // It never began (a resume refused before it ran anything): the run
+            // is as it was; only its claim goes.
+            if let (Some(svc), Some(id)) = (&svc, run) {
+                lock(&svc.live).remove(&id);
+            }
+            if let Some(tx) = lock(&self.done).take() {
+                let _ = tx.send(true);
+            }
+            return match r {
+                Ok(o) => Ok(o.run_id),
+                Err(e) => Err(e),
+            };
+        }
         let (outcome, exit_code, summary, error, run_id) = match &r {
             Ok(o) => (
                 outcome_word(o.error.as_ref()),
