@@ -534,6 +534,14 @@ pub async fn run(cli: Cli) -> Result<i32> {
 
 /// Cancel `token` on Ctrl-C or SIGTERM.
 pub fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
+    cancel_on_signals_saying(
+        token,
+        "cairn: stopping; the run's state is saved and `cairn plan resume` continues it",
+    );
+}
+
+/// Cancel `token` on Ctrl-C or SIGTERM, saying `message` on stderr.
+pub fn cancel_on_signals_saying(token: tokio_util::sync::CancellationToken, message: &'static str) {
     tokio::spawn(async move {
         let term = async {
             match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -547,56 +555,12 @@ pub fn cancel_on_signals(token: tokio_util::sync::CancellationToken) {
             _ = tokio::signal::ctrl_c() => {}
             _ = term => {}
         }
-        crate::say!(
-            "cairn: stopping; the run's state is saved and `cairn plan resume` continues it"
-        );
+        crate::say!("{message}");
         token.cancel();
     });
 }
 
-/// Store options for commands that take a `--store URL` (no plan parameters), from
-/// the environment: for S3 the region and `S3_ENDPOINT_URL` (credentials from the
-/// AWS chain); for Azure `AZURE_STORAGE_ACCOUNT`, `AZURE_STORAGE_KEY` or the service
-/// principal's `CLIENT_ID` / `TENANT_ID` / `CLIENT_SECRET`, and `AZURE_ENDPOINT_URL`.
-pub fn store_options_from_env() -> std::collections::BTreeMap<String, String> {
-    let mut o = std::collections::BTreeMap::new();
-    let env = |vars: &[&str]| {
-        vars.iter()
-            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
-    };
-    let options: [(&str, &[&str], bool); 8] = [
-        ("region", &["AWS_REGION", "AWS_DEFAULT_REGION"], false),
-        (
-            "endpoint",
-            &[
-                "S3_ENDPOINT_URL",
-                "AZURE_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3",
-                "AWS_ENDPOINT_URL",
-            ],
-            false,
-        ),
-        ("account", &["AZURE_STORAGE_ACCOUNT"], false),
-        ("key", &["AZURE_STORAGE_KEY"], true),
-        ("client_id", &["CLIENT_ID", "AZURE_CLIENT_ID"], false),
-        ("tenant_id", &["TENANT_ID", "AZURE_TENANT_ID"], false),
-        (
-            "client_secret",
-            &["CLIENT_SECRET", "AZURE_CLIENT_SECRET"],
-            true,
-        ),
-        ("authority_host", &["AZURE_AUTHORITY_HOST"], false),
-    ];
-    for (opt, vars, secret) in options {
-        if let Some(v) = env(vars) {
-            if secret {
-                crate::redact::register(&v);
-            }
-            o.insert(opt.to_string(), v);
-        }
-    }
-    o
-}
+pub use crate::store::options_from_env as store_options_from_env;
 
 pub(crate) fn usage(msg: impl Into<String>) -> Error {
     Error::Usage(msg.into())

@@ -214,11 +214,7 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
                     "--dry-run runs in this process; run it without --server",
                 ));
             }
-            if metrics_file.is_some() {
-                return Err(usage(
-                    "--metrics-file: a server's metrics are at its /metrics",
-                ));
-            }
+            no_metrics_file(metrics_file.as_deref())?;
             let q = if break_lock { "?break_lock=true" } else { "" };
             let r = c
                 .call(
@@ -239,11 +235,7 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             break_lock,
             metrics_file,
         } => {
-            if metrics_file.is_some() {
-                return Err(usage(
-                    "--metrics-file: a server's metrics are at its /metrics",
-                ));
-            }
+            no_metrics_file(metrics_file.as_deref())?;
             let q = if break_lock { "?break_lock=true" } else { "" };
             let r = c
                 .call(
@@ -288,6 +280,16 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             }
             Ok(exit::OK)
         }
+    }
+}
+
+/// A server's metrics are its own.
+fn no_metrics_file(f: Option<&std::path::Path>) -> Result<()> {
+    match f {
+        Some(_) => Err(usage(
+            "--metrics-file: a server's metrics are at its /metrics",
+        )),
+        None => Ok(()),
     }
 }
 

@@ -51,23 +51,10 @@ pub async fn run(g: &Globals, args: ServeArgs) -> Result<i32> {
         cluster: args.cluster.clone(),
         stores: args.stores.clone(),
     })?;
-    let stop = svc.shutdown.clone();
-    tokio::spawn(async move {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending::<()>().await,
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term => {}
-        }
-        crate::say!("cairn serve: stopping; runs in progress are stopped and can be resumed");
-        stop.cancel();
-    });
+    super::cancel_on_signals_saying(
+        svc.shutdown.clone(),
+        "cairn serve: stopping; runs in progress are stopped and can be resumed",
+    );
     let json = g.json;
     serve(svc.clone(), opts, |addr, tls| {
         let url = format!("{}://{addr}", if tls { "https" } else { "http" });

@@ -582,7 +582,7 @@ impl Service {
         };
         let (url, options) = match placed {
             StoreArg::Profile(p) => (p.url.clone(), p.options()?),
-            StoreArg::Url(u) => (u, crate::cli::store_options_from_env()),
+            StoreArg::Url(u) => (u, crate::store::options_from_env()),
         };
         crate::store::open(&url, &options).await
     }
