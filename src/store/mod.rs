@@ -412,6 +412,50 @@ pub async fn get_bytes(store: &dyn Store, key: &str, max: u64) -> Result<Bytes> 
 
 pub mod conformance;
 
+/// Store options for commands that take a `--store URL` (no plan parameters), from
+/// the environment: for S3 the region and `S3_ENDPOINT_URL` (credentials from the
+/// AWS chain); for Azure `AZURE_STORAGE_ACCOUNT`, `AZURE_STORAGE_KEY` or the service
+/// principal's `CLIENT_ID` / `TENANT_ID` / `CLIENT_SECRET`, and `AZURE_ENDPOINT_URL`.
+pub fn options_from_env() -> std::collections::BTreeMap<String, String> {
+    let mut o = std::collections::BTreeMap::new();
+    let env = |vars: &[&str]| {
+        vars.iter()
+            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
+    };
+    let options: [(&str, &[&str], bool); 8] = [
+        ("region", &["AWS_REGION", "AWS_DEFAULT_REGION"], false),
+        (
+            "endpoint",
+            &[
+                "S3_ENDPOINT_URL",
+                "AZURE_ENDPOINT_URL",
+                "AWS_ENDPOINT_URL_S3",
+                "AWS_ENDPOINT_URL",
+            ],
+            false,
+        ),
+        ("account", &["AZURE_STORAGE_ACCOUNT"], false),
+        ("key", &["AZURE_STORAGE_KEY"], true),
+        ("client_id", &["CLIENT_ID", "AZURE_CLIENT_ID"], false),
+        ("tenant_id", &["TENANT_ID", "AZURE_TENANT_ID"], false),
+        (
+            "client_secret",
+            &["CLIENT_SECRET", "AZURE_CLIENT_SECRET"],
+            true,
+        ),
+        ("authority_host", &["AZURE_AUTHORITY_HOST"], false),
+    ];
+    for (opt, vars, secret) in options {
+        if let Some(v) = env(vars) {
+            if secret {
+                crate::redact::register(&v);
+            }
+            o.insert(opt.to_string(), v);
+        }
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -480,48 +524,4 @@ mod tests {
         }
         check_key("snap/node-0.tar.gz").expect("valid");
     }
-}
-
-/// Store options for commands that take a `--store URL` (no plan parameters), from
-/// the environment: for S3 the region and `S3_ENDPOINT_URL` (credentials from the
-/// AWS chain); for Azure `AZURE_STORAGE_ACCOUNT`, `AZURE_STORAGE_KEY` or the service
-/// principal's `CLIENT_ID` / `TENANT_ID` / `CLIENT_SECRET`, and `AZURE_ENDPOINT_URL`.
-pub fn options_from_env() -> std::collections::BTreeMap<String, String> {
-    let mut o = std::collections::BTreeMap::new();
-    let env = |vars: &[&str]| {
-        vars.iter()
-            .find_map(|v| std::env::var(v).ok().filter(|v| !v.is_empty()))
-    };
-    let options: [(&str, &[&str], bool); 8] = [
-        ("region", &["AWS_REGION", "AWS_DEFAULT_REGION"], false),
-        (
-            "endpoint",
-            &[
-                "S3_ENDPOINT_URL",
-                "AZURE_ENDPOINT_URL",
-                "AWS_ENDPOINT_URL_S3",
-                "AWS_ENDPOINT_URL",
-            ],
-            false,
-        ),
-        ("account", &["AZURE_STORAGE_ACCOUNT"], false),
-        ("key", &["AZURE_STORAGE_KEY"], true),
-        ("client_id", &["CLIENT_ID", "AZURE_CLIENT_ID"], false),
-        ("tenant_id", &["TENANT_ID", "AZURE_TENANT_ID"], false),
-        (
-            "client_secret",
-            &["CLIENT_SECRET", "AZURE_CLIENT_SECRET"],
-            true,
-        ),
-        ("authority_host", &["AZURE_AUTHORITY_HOST"], false),
-    ];
-    for (opt, vars, secret) in options {
-        if let Some(v) = env(vars) {
-            if secret {
-                crate::redact::register(&v);
-            }
-            o.insert(opt.to_string(), v);
-        }
-    }
-    o
 }
