@@ -371,20 +371,24 @@ pub async fn recover(g: &Globals, a: RecoverArgs) -> Result<i32> {
             CliParam {
                 key: "STORE".into(),
                 value: url.clone(),
+                literal: true,
             },
             CliParam {
                 key: "SNAPSHOT_NAME".into(),
                 value: choice.snapshot.clone(),
+                literal: true,
             },
         ];
         match &keys {
             Some(crate::crypt::Keys::Identities(text)) => params.push(CliParam {
                 key: "AGE_IDENTITY".into(),
                 value: text.clone(),
+                literal: true,
             }),
             Some(crate::crypt::Keys::Passphrase(text)) => params.push(CliParam {
                 key: "AGE_PASSPHRASE".into(),
                 value: text.clone(),
+                literal: true,
             }),
             None => {}
         }

@@ -178,7 +178,7 @@ fn service(g: &Globals, cluster: Option<PathBuf>, config: Config) -> Result<Arc<
         },
         g.state()?,
     );
-    cancel_on_signals(svc.shutdown.clone());
+    cancel_on_signals(svc.stop_runs.clone());
     Ok(svc)
 }
 

@@ -29,10 +29,27 @@ impl Client {
             return Err(usage("no --server given"));
         };
         let base = url.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(usage(format!(
-                "--server {url:?}: give an http:// or https:// URL"
-            )));
+        let parsed =
+            reqwest::Url::parse(&base).map_err(|e| usage(format!("--server {url:?}: {e}")))?;
+        match parsed.scheme() {
+            "https" => {}
+            "http"
+                if parsed.host_str().is_some_and(|h| {
+                    let h = h.trim_start_matches('[').trim_end_matches(']');
+                    h.eq_ignore_ascii_case("localhost")
+                        || h.parse::<std::net::IpAddr>()
+                            .is_ok_and(|ip| ip.is_loopback())
+                }) => {}
+            "http" => {
+                return Err(usage(format!(
+                    "--server {url}: plain http only to this machine (localhost, 127.0.0.1, [::1]); the token and the parameters would cross the network in clear: use https://"
+                )));
+            }
+            _ => {
+                return Err(usage(format!(
+                    "--server {url:?}: give an http:// or https:// URL"
+                )));
+            }
         }
         let token = match &g.token_file {
             None => None,
@@ -155,12 +172,26 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-fn params_body(params: &[CliParam]) -> Value {
+/// The parameters as the server takes them: `-p K=@FILE` is read here (the
+/// server takes every value as given, never as a path of its own).
+fn params_body(params: &[CliParam]) -> Result<Value> {
     let mut m = serde_json::Map::new();
     for p in params {
-        m.insert(p.key.clone(), Value::String(p.value.clone()));
+        let value = if p.literal {
+            p.value.clone()
+        } else {
+            crate::plan::params::read_value(&p.key, &p.value)
+                .map_err(|e| Error::Params(vec![e]))?
+                .0
+        };
+        if m.insert(p.key.clone(), Value::String(value)).is_some() {
+            return Err(Error::Params(vec![format!(
+                "{} given more than once",
+                p.key
+            )]));
+        }
     }
-    Value::Object(m)
+    Ok(Value::Object(m))
 }
 
 pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
@@ -216,12 +247,12 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
             }
             no_metrics_file(metrics_file.as_deref())?;
             let q = if break_lock { "?break_lock=true" } else { "" };
+            let body = match params_body(&params) {
+                Ok(b) => b,
+                Err(e) => return super::plan::not_started_line(g, &plan, Err(e)),
+            };
             let r = c
-                .call(
-                    true,
-                    &format!("/v1/plans/{plan}/start{q}"),
-                    Some(params_body(&params)),
-                )
+                .call(true, &format!("/v1/plans/{plan}/start{q}"), Some(body))
                 .await;
             let id = match r.and_then(|v| run_id(&v)) {
                 Ok(id) => id,
@@ -237,12 +268,12 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
         } => {
             no_metrics_file(metrics_file.as_deref())?;
             let q = if break_lock { "?break_lock=true" } else { "" };
+            let body = match params_body(&params) {
+                Ok(b) => b,
+                Err(e) => return super::plan::not_started_line(g, &format!("run {run}"), Err(e)),
+            };
             let r = c
-                .call(
-                    true,
-                    &format!("/v1/runs/{run}/resume{q}"),
-                    Some(params_body(&params)),
-                )
+                .call(true, &format!("/v1/runs/{run}/resume{q}"), Some(body))
                 .await
                 .and_then(|v| run_id(&v));
             let id = match r {

@@ -52,9 +52,18 @@ pub async fn run(g: &Globals, args: ServeArgs) -> Result<i32> {
         stores: args.stores.clone(),
     })?;
     super::cancel_on_signals_saying(
-        svc.shutdown.clone(),
+        svc.stop_runs.clone(),
         "cairn serve: stopping; runs in progress are stopped and can be resumed",
     );
+    // Runs first: each records its end and tells its event streams, and clients
+    // following it have a moment to read that; then the server stops.
+    let s = svc.clone();
+    tokio::spawn(async move {
+        s.stop_runs.cancelled().await;
+        s.drain(DRAIN).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        s.shutdown.cancel();
+    });
     let json = g.json;
     serve(svc.clone(), opts, |addr, tls| {
         let url = format!("{}://{addr}", if tls { "https" } else { "http" });

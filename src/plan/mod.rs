@@ -685,6 +685,7 @@ mod tests {
                 .map(|(k, v)| params::CliParam {
                     key: k.to_string(),
                     value: v.to_string(),
+                    literal: false,
                 })
                 .collect()
         };

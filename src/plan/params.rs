@@ -76,6 +76,9 @@ pub fn shorten(value: &str) -> String {
 pub struct CliParam {
     pub key: String,
     pub value: String,
+    /// Taken as given, never read from a file (`@…`): a value that came over the
+    /// network is not a path on this machine.
+    pub literal: bool,
 }
 
 impl std::str::FromStr for CliParam {
@@ -85,6 +88,7 @@ impl std::str::FromStr for CliParam {
             Some((k, v)) if !k.is_empty() => Ok(CliParam {
                 key: k.to_string(),
                 value: v.to_string(),
+                literal: false,
             }),
             _ => Err("expected KEY=VALUE or KEY=@FILE".to_string()),
         }
@@ -150,7 +154,8 @@ pub fn read_file_value(key: &str, path: &Path) -> Result<String, String> {
     Ok(text.to_string())
 }
 
-fn read_value(key: &str, raw: &str) -> Result<(String, Source), String> {
+/// A `-p` value: `@FILE` is the file's text, anything else itself.
+pub fn read_value(key: &str, raw: &str) -> Result<(String, Source), String> {
     if let Some(path) = raw.strip_prefix('@') {
         Ok((read_file_value(key, Path::new(path))?, Source::File))
     } else {
@@ -189,7 +194,12 @@ impl Params {
                 problems.push(format!("{} given more than once", p.key));
                 continue;
             }
-            match read_value(&p.key, &p.value) {
+            let read = if p.literal {
+                Ok((p.value.clone(), Source::Cli))
+            } else {
+                read_value(&p.key, &p.value)
+            };
+            match read {
                 Ok(v) => {
                     given.insert(p.key.clone(), v);
                 }
@@ -285,6 +295,20 @@ impl Params {
                 missing.join(", ")
             ));
         }
+        // A secret repeated in a parameter that is stored and shown as given would
+        // be stored and shown.
+        for s in &secret {
+            let Some(sv) = values.get(s).filter(|v| !v.trim().is_empty()) else {
+                continue;
+            };
+            for (k, v) in &values {
+                if !secret.contains(k) && v.contains(sv.trim()) {
+                    problems.push(format!(
+                        "{k}: holds the value of the secret {s}; a secret is given only in its own parameter"
+                    ));
+                }
+            }
+        }
         if problems.is_empty() {
             Ok(Params {
                 values,
@@ -350,6 +374,7 @@ impl RedactedParams {
             .map(|(k, v)| CliParam {
                 key: k.clone(),
                 value: v.clone(),
+                literal: true,
             })
             .collect()
     }
@@ -506,6 +531,7 @@ mod tests {
         CliParam {
             key: k.into(),
             value: v.into(),
+            literal: false,
         }
     }
 

@@ -7,6 +7,7 @@
 use super::{RunView, Service};
 use crate::plan::params::CliParam;
 use crate::redact::redact;
+use crate::state::Status;
 use crate::{Error, Result};
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
@@ -99,7 +100,9 @@ pub fn router(svc: Arc<Service>, token: Option<&str>) -> Router {
         .route("/v1/runs/{id}/events", get(run_events))
         .route("/v1/events", get(all_events))
         .route("/v1/snapshots", get(snapshots))
+        .fallback(not_found)
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn(json_errors))
         .layer(middleware::from_fn_with_state(app.clone(), auth))
         .with_state(app)
 }
@@ -342,11 +345,24 @@ fn browser_guard(req: &Request, token: bool) -> Option<(StatusCode, &'static str
 
 /// `localhost`, `127.x.x.x` or `[::1]`, with or without a port.
 fn loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        match rest.split_once(']') {
+            Some((n, "")) => (n, None),
+            Some((n, after)) => match after.strip_prefix(':') {
+                Some(p) => (n, Some(p)),
+                None => return false,
+            },
+            None => return false,
+        }
     } else {
-        host.rsplit_once(':').map_or(host, |(n, _)| n)
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        }
     };
+    if port.is_some_and(|p| p.is_empty() || !p.bytes().all(|b| b.is_ascii_digit())) {
+        return false;
+    }
     name.eq_ignore_ascii_case("localhost")
         || name
             .parse::<std::net::IpAddr>()
@@ -389,6 +405,49 @@ async fn auth(State(app): State<App>, req: Request, next: Next) -> Response {
     r
 }
 
+async fn not_found() -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        Error::NotFound("no such endpoint (see /v1/plans, /v1/runs, /metrics, /)".into()),
+    )
+}
+
+/// Every error an extractor or the router answers (a bad run id, a body over
+/// the limit, a wrong method) as the same JSON as the API's own errors.
+async fn json_errors(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    let status = res.status();
+    let typed = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json") || t.starts_with("text/html"));
+    if !status.is_client_error() || typed {
+        return res;
+    }
+    let body = axum::body::to_bytes(res.into_body(), 4096)
+        .await
+        .unwrap_or_default();
+    let text = String::from_utf8_lossy(&body).trim().to_string();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("bad request")
+            .to_string()
+    } else {
+        text
+    };
+    let code = match status {
+        StatusCode::NOT_FOUND => crate::error::exit::NOT_FOUND,
+        _ => crate::error::exit::USAGE,
+    };
+    (
+        status,
+        Json(json!({"error": redact(&message), "outcome": "invalid", "exit_code": code})),
+    )
+        .into_response()
+}
+
 /// Parameters from a JSON object body (`{"SNAPSHOT_NAME": "x", …}`, as the DC/OS
 /// CLI sends them); an empty body is no parameters.
 fn params_of(body: &Bytes) -> Result<Vec<CliParam>> {
@@ -397,13 +456,16 @@ fn params_of(body: &Bytes) -> Result<Vec<CliParam>> {
     }
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| Error::Usage(format!("the body is not JSON: {e}")))?;
-    let serde_json::Value::Object(map) = v else {
+    if !v.is_object() {
         return Err(Error::Usage(
             "the body must be a JSON object of parameters: {\"NAME\": \"value\", …}".into(),
         ));
-    };
+    }
+    // Again, keeping every key: a name given twice is refused, not decided.
+    let Pairs(pairs) = serde_json::from_slice(body)
+        .map_err(|e| Error::Usage(format!("the body is not JSON: {e}")))?;
     let mut out = Vec::new();
-    for (k, v) in map {
+    for (k, v) in pairs {
         let value = match v {
             serde_json::Value::String(s) => s,
             serde_json::Value::Number(n) => n.to_string(),
@@ -414,9 +476,39 @@ fn params_of(body: &Bytes) -> Result<Vec<CliParam>> {
                 )]));
             }
         };
-        out.push(CliParam { key: k, value });
+        out.push(CliParam {
+            key: k,
+            value,
+            literal: true,
+        });
     }
     Ok(out)
+}
+
+/// A JSON object's members in order, duplicates kept.
+struct Pairs(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Pairs {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Pairs;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object of parameters")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Pairs, A::Error> {
+                let mut out = Vec::new();
+                while let Some(kv) = m.next_entry::<String, serde_json::Value>()? {
+                    out.push(kv);
+                }
+                Ok(Pairs(out))
+            }
+        }
+        d.deserialize_map(Members)
+    }
 }
 
 #[derive(serde::Deserialize, Default)]
@@ -457,24 +549,60 @@ async fn plan_start(
         .into_response())
 }
 
-/// The plan's run that is in progress here, else its latest run.
-fn plan_run(app: &App, name: &str) -> ApiResult<crate::state::RunRecord> {
-    let runs = app.svc.runs(1000)?;
-    let mut mine = runs.iter().filter(|r| r.plan == name);
-    if let Some(r) = mine.clone().find(|r| app.svc.is_live(r.id)) {
-        return Ok(r.clone());
+fn conflict(msg: String) -> ApiError {
+    ApiError(StatusCode::CONFLICT, Error::Usage(msg))
+}
+
+/// The plan's one run in progress (here or in another process); several are
+/// named, not guessed between.
+fn plan_running(app: &App, name: &str) -> ApiResult<crate::state::RunRecord> {
+    let running: Vec<_> = app
+        .svc
+        .runs(10_000)?
+        .into_iter()
+        .filter(|r| r.plan == name)
+        .filter(|r| app.svc.is_live(r.id) || matches!(r.status, Status::Running | Status::Pending))
+        .collect();
+    match running.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => Err(conflict(format!("plan {name} has no run in progress"))),
+        many => {
+            let ids: Vec<String> = many.iter().map(|r| r.id.to_string()).collect();
+            Err(conflict(format!(
+                "plan {name} has {} runs in progress ({}); stop one by its id: POST /v1/runs/{{id}}/stop",
+                many.len(),
+                ids.join(", ")
+            )))
+        }
     }
-    mine.next().cloned().ok_or_else(|| {
-        ApiError(
-            StatusCode::CONFLICT,
-            Error::Usage(format!("plan {name} has no run")),
-        )
-    })
+}
+
+/// The plan's newest run, when it can be continued (failed, cancelled or
+/// interrupted, and not running here).
+fn plan_resumable(app: &App, name: &str) -> ApiResult<crate::state::RunRecord> {
+    let newest = app
+        .svc
+        .runs(10_000)?
+        .into_iter()
+        .find(|r| r.plan == name)
+        .ok_or_else(|| conflict(format!("plan {name} has no run")))?;
+    let resumable = matches!(
+        newest.status,
+        Status::Failed | Status::Cancelled | Status::Interrupted
+    ) && !app.svc.is_live(newest.id);
+    if resumable {
+        Ok(newest)
+    } else {
+        Err(conflict(format!(
+            "the newest run of plan {name}, run {}, is {}: nothing to continue",
+            newest.id, newest.status
+        )))
+    }
 }
 
 async fn plan_stop(State(app): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
     known_plan(&app, &name)?;
-    let r = plan_run(&app, &name)?;
+    let r = plan_running(&app, &name)?;
     let rec = app.svc.stop(r.id, Duration::from_secs(30)).await?;
     Ok(
         Json(json!({"message": "Received cmd: stop", "run": rec.id, "status": rec.status}))
@@ -490,7 +618,7 @@ async fn plan_continue(
 ) -> ApiResult<Response> {
     known_plan(&app, &name)?;
     let params = params_of(&body)?;
-    let r = plan_run(&app, &name)?;
+    let r = plan_resumable(&app, &name)?;
     let id = app.svc.resume(r.id, params, q.break_lock).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -508,11 +636,7 @@ async fn runs(
     State(app): State<App>,
     Query(l): Query<Limit>,
 ) -> ApiResult<Json<Vec<crate::state::RunRecord>>> {
-    let mut runs = app.svc.runs(l.limit.unwrap_or(50).min(10_000))?;
-    for r in &mut runs {
-        r.error = r.error.as_deref().map(redact);
-    }
-    Ok(Json(runs))
+    Ok(Json(app.svc.runs(l.limit.unwrap_or(50).min(10_000))?))
 }
 
 async fn run(State(app): State<App>, Path(id): Path<i64>) -> ApiResult<Json<RunView>> {
@@ -611,6 +735,16 @@ async fn snapshots(State(app): State<App>, Query(q): Query<StoreQuery>) -> ApiRe
             .into());
         }
     };
+    // Only stores the server was told of or has run with: not any directory or
+    // endpoint a caller names.
+    if !app.svc.known_store(&store)? {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            Error::Usage(format!(
+                "store {store:?} is not one of this server's (its --store, its store profiles, or a store its runs used)"
+            )),
+        ));
+    }
     let list = app.svc.snapshots(&store).await?;
     Ok(Json(crate::redact::redact_json(&json!(list))).into_response())
 }
@@ -654,11 +788,15 @@ mod tests {
             got,
             vec![
                 ("A".to_string(), "x".to_string()),
-                ("B".to_string(), "true".to_string()),
-                ("N".to_string(), "3".to_string())
+                ("N".to_string(), "3".to_string()),
+                ("B".to_string(), "true".to_string())
             ]
         );
         assert!(params_of(&Bytes::from_static(b"  \n")).unwrap().is_empty());
+        // A name given twice is kept twice (the parameters refuse it by name).
+        let p = params_of(&Bytes::from_static(br#"{"A":"1","A":"2"}"#)).unwrap();
+        assert_eq!(p.len(), 2);
+        assert!(p.iter().all(|p| p.literal));
         for bad in [&b"[1]"[..], b"A=x", br#"{"A":null}"#, br#"{"A":{"b":1}}"#] {
             assert!(params_of(&Bytes::copy_from_slice(bad)).is_err(), "{bad:?}");
         }

@@ -33,6 +33,21 @@ struct PlanStore {
 
 type FGauge = Gauge<f64, AtomicU64>;
 
+/// A label value as the text format needs it: `\`, `"` and line feeds escaped
+/// (the encoder writes values as given, and a store path may hold any of them).
+fn label(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The counters and gauges a process keeps while it runs.
 #[derive(Default, Clone)]
 pub struct Metrics {
@@ -53,7 +68,7 @@ impl Metrics {
 
     pub fn retry(&self, plan: &str) {
         self.retries
-            .get_or_create(&PlanLabel { plan: plan.into() })
+            .get_or_create(&PlanLabel { plan: label(plan) })
             .inc();
     }
 
@@ -68,14 +83,14 @@ impl Metrics {
     ) {
         self.runs
             .get_or_create(&OutcomeLabels {
-                plan: plan.into(),
-                outcome: outcome.into(),
+                plan: label(plan),
+                outcome: label(outcome),
             })
             .inc();
         let Some(s) = summary else {
             return;
         };
-        let l = PlanLabel { plan: plan.into() };
+        let l = PlanLabel { plan: label(plan) };
         match kind {
             Some(RunKind::Backup) => {
                 self.uploaded.get_or_create(&l).inc_by(s.stored_bytes);
@@ -137,8 +152,8 @@ impl Metrics {
         for r in last_successes(state)? {
             if let Some(t) = r.finished_at.as_deref().and_then(unix_secs) {
                 last.get_or_create(&PlanStore {
-                    plan: r.plan.clone(),
-                    store: crate::redact::redact(&r.store),
+                    plan: label(&r.plan),
+                    store: label(&crate::redact::redact(&r.store)),
                 })
                 .set(t);
             }
@@ -200,4 +215,13 @@ pub fn write_file(path: &std::path::Path, text: &str) -> Result<()> {
     tmp.persist(path)
         .map_err(|e| Error::io("rename the metrics file to", path, e.error))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(super::label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
+        assert_eq!(super::label("plain/path-1"), "plain/path-1");
+    }
 }

@@ -200,7 +200,11 @@ pub struct Service {
     ended: Mutex<HashMap<i64, Ended>>,
     events: broadcast::Sender<Arc<RunEvent>>,
     pub metrics: metrics::Metrics,
-    /// Cancelled when the service shuts down: every live run stops (resumably).
+    /// Cancelled to stop every live run (resumably): the parent of each run's
+    /// cancellation.
+    pub stop_runs: CancellationToken,
+    /// Cancelled when the service's server shuts down (after its runs ended):
+    /// event streams end.
     pub shutdown: CancellationToken,
 }
 
@@ -227,6 +231,7 @@ impl Service {
             ended: Mutex::new(HashMap::new()),
             events,
             metrics: metrics::Metrics::default(),
+            stop_runs: CancellationToken::new(),
             shutdown: CancellationToken::new(),
         })
     }
@@ -260,7 +265,7 @@ impl Service {
         also: Option<Arc<dyn Progress>>,
     ) -> (Engine, Arc<Sink>, oneshot::Receiver<i64>) {
         let (tx, rx) = oneshot::channel();
-        let cancel = self.shutdown.child_token();
+        let cancel = self.stop_runs.child_token();
         let sink = Arc::new(Sink {
             svc: Arc::downgrade(self),
             run: Mutex::new(None),
@@ -422,8 +427,9 @@ impl Service {
         Ok(self.state.runs(1000)?.into_iter().find(|r| r.plan == plan))
     }
 
+    /// The newest runs, as shown (see [`shown`]).
     pub fn runs(&self, limit: usize) -> Result<Vec<RunRecord>> {
-        self.state.runs(limit)
+        Ok(self.state.runs(limit)?.into_iter().map(shown).collect())
     }
 
     /// A run with its phases and steps, and live progress if it runs here.
@@ -484,7 +490,7 @@ impl Service {
             })
             .unwrap_or_default();
         let phases = phases_of(&steps, &strategies);
-        rec.error = rec.error.as_deref().map(redact);
+        let rec = shown(rec);
         Ok(RunView {
             run: rec,
             live,
@@ -587,6 +593,20 @@ impl Service {
         crate::store::open(&url, &options).await
     }
 
+    /// Whether `arg` names a store of this service: one of its `--store`s, a
+    /// store profile, or the store of a recorded run.
+    pub fn known_store(&self, arg: &str) -> Result<bool> {
+        let profile = crate::config::is_profile_name(arg)
+            && matches!(
+                self.cfg.config.store_arg(arg),
+                Ok(crate::config::StoreArg::Profile(_))
+            );
+        if profile || self.cfg.stores.iter().any(|s| s == arg) {
+            return Ok(true);
+        }
+        Ok(self.state.runs(10_000)?.iter().any(|r| r.store == arg))
+    }
+
     /// The snapshots in a store.
     pub async fn snapshots(&self, arg: &str) -> Result<Vec<crate::snapshots::SnapshotSummary>> {
         let store = self.open_store(arg).await?;
@@ -613,6 +633,16 @@ impl Service {
     fn emit(&self, run: i64, kind: EventKind) {
         let _ = self.events.send(Arc::new(RunEvent { run, kind }));
     }
+}
+
+/// A run record as it may be shown: every registered secret masked in its error
+/// and its parameters (a second fence; secret parameters are stored masked).
+pub fn shown(mut r: RunRecord) -> RunRecord {
+    r.error = r.error.as_deref().map(redact);
+    for v in r.params.0.values_mut() {
+        *v = redact(v);
+    }
+    r
 }
 
 /// `serial`, `parallel`, or `parallel, at most N at once`.

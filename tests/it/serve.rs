@@ -396,8 +396,9 @@ fn api_errors_are_json_that_name_the_problem() {
 
     // A body over the limit is refused before it is read.
     let big = json!({"SNAPSHOT_NAME": "x", "TAGS": "t".repeat(70 * 1024)}).to_string();
-    let (s, _) = post("/v1/plans/backup-local/start", Some(big));
+    let (s, v) = post("/v1/plans/backup-local/start", Some(big));
     assert_eq!(s, 413);
+    assert_eq!(v["exit_code"], 2, "{v}");
 
     // What a web page elsewhere could make a browser send: a form post, a post
     // from another origin, a name that resolves to loopback (DNS rebinding).
@@ -450,6 +451,40 @@ fn api_errors_are_json_that_name_the_problem() {
     let (s, v) = http.call("GET", &format!("{base}/v1/runs/999"), None);
     assert_eq!(s, 404, "{v}");
     assert_eq!(v["exit_code"], 5);
+    // Whatever the router or an extractor refuses is JSON too.
+    for (method, path, want) in [
+        ("GET", "/v1/runs/abc", 400),
+        ("GET", "/v1/nothing-here", 404),
+        ("GET", "/v1/plans/backup-local/start", 405),
+    ] {
+        let (s, v) = http.call(method, &format!("{base}{path}"), None);
+        assert_eq!(s, want, "{path}: {v}");
+        assert!(
+            v["error"].is_string() && v["exit_code"].is_number(),
+            "{path}: {v}"
+        );
+    }
+    // A name given twice is refused, not decided.
+    let (s, v) = post(
+        "/v1/plans/backup-local/start",
+        Some(r#"{"SNAPSHOT_NAME":"a","SNAPSHOT_NAME":"b","BACKUP_DIR":"store"}"#.into()),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("more than once"),
+        "{v}"
+    );
+    // A value is a value: never a file of the server's, whatever it looks like.
+    std::fs::write(sb.path("private.txt"), "private-words-of-the-server\n").unwrap();
+    let (s, v) = post(
+        "/v1/plans/backup-local/start",
+        Some(json!({"SNAPSHOT_NAME": "x", "BACKUP_DIR": "store", "MAX_BANDWIDTH": format!("@{}", sb.path("private.txt").display())}).to_string()),
+    );
+    assert_eq!(s, 400, "{v}");
+    assert!(!v.to_string().contains("private-words"), "{v}");
+    // Only stores of the server are listed, not any directory named.
+    let (s, v) = http.call("GET", &format!("{base}/v1/snapshots?store=/etc"), None);
+    assert_eq!(s, 403, "{v}");
     let (s, v) = post("/v1/plans/backup-local/stop", None);
     assert_eq!(s, 409, "{v}");
     // None of these recorded a run, and nothing was written.
@@ -504,6 +539,17 @@ fn a_secret_in_the_body_is_never_stored_logged_or_returned() {
         h.join().unwrap()
     });
     assert!(all.contains("run_finished"), "{all}");
+    // The secret repeated in a parameter that is stored as given is refused.
+    let (s, t) = http
+        .try_call(
+            "POST",
+            &format!("{base}/v1/plans/backup-local/start"),
+            Some(json!({"SNAPSHOT_NAME": "enc2", "BACKUP_DIR": "store", "ENCRYPT_PASSPHRASE": secret, "TAGS": secret}).to_string()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(s, 400, "{t}");
+    assert!(t.contains("TAGS"), "{t}");
     let mut seen = vec![("events".to_string(), all)];
     for path in [
         "/v1/runs",
@@ -554,51 +600,86 @@ fn a_secret_in_the_body_is_never_stored_logged_or_returned() {
 }
 
 #[test]
-fn stop_then_continue_through_the_plan_api_completes_the_same_run() {
+fn stop_then_continue_through_the_plan_api_completes_the_same_runs() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 3, 1_500_000);
     let srv = Served::start(&sb, &src, &[]);
     let http = Http::new();
     let base = &srv.url;
-    let run = start(
-        &http,
-        base,
-        "backup-local",
-        json!({"SNAPSHOT_NAME": "sc", "BACKUP_DIR": "store", "MAX_BANDWIDTH": "500KiB/s"}),
+    let slow = |snap: &str| {
+        let run = start(
+            &http,
+            base,
+            "backup-local",
+            json!({"SNAPSHOT_NAME": snap, "BACKUP_DIR": "store", "MAX_BANDWIDTH": "500KiB/s"}),
+        );
+        wait_for("node 0's upload to run", || {
+            step_status(
+                &http.get(&format!("{base}/v1/runs/{run}")),
+                "backup/backup-node/node-0",
+            ) == "RUNNING"
+        });
+        run
+    };
+    let (a, b) = (slow("sc"), slow("sc2"));
+    // Two runs of the plan: the plan's stop names them rather than pick one.
+    let (s, v) = http.call("POST", &format!("{base}/v1/plans/backup-local/stop"), None);
+    assert_eq!(s, 409, "{v}");
+    let e = v["error"].as_str().unwrap();
+    assert!(
+        e.contains(&a.to_string()) && e.contains(&b.to_string()),
+        "{v}"
     );
-    wait_for("node 0's upload to run", || {
-        step_status(
-            &http.get(&format!("{base}/v1/runs/{run}")),
-            "backup/backup-node/node-0",
-        ) == "RUNNING"
-    });
+    let (s, v) = http.call("POST", &format!("{base}/v1/runs/{b}/stop"), None);
+    assert_eq!((s, v["status"].as_str()), (200, Some("CANCELLED")), "{v}");
+    // One left: the plan's stop stops it.
     let (s, v) = http.call("POST", &format!("{base}/v1/plans/backup-local/stop"), None);
     assert_eq!(s, 200, "{v}");
+    assert_eq!(v["run"], a);
     assert_eq!(v["status"], "CANCELLED", "{v}");
-    let v = http.get(&format!("{base}/v1/runs/{run}"));
-    assert_eq!(v["exit_code"], 130, "{v}");
-    assert_eq!(v["live"], false);
+    for run in [a, b] {
+        let v = http.get(&format!("{base}/v1/runs/{run}"));
+        assert_eq!(v["exit_code"], 130, "{v}");
+        assert_eq!(v["live"], false);
+    }
     assert!(!sb.path("store/sc/manifest.json").exists());
-    // Continue: the same run, faster, to the end.
+    assert!(!sb.path("store/sc2/manifest.json").exists());
+    // Continue: the plan's newest run (b), faster, to the end; then a by its id.
     let (s, v) = http.call(
         "POST",
         &format!("{base}/v1/plans/backup-local/continue"),
         Some(json!({"MAX_BANDWIDTH": ""})),
     );
     assert_eq!(s, 202, "{v}");
-    assert_eq!(v["run"], run);
-    let v = wait_done(&http, base, run);
-    assert_eq!(v["run"]["status"], "COMPLETE", "{v}");
-    assert_eq!(v["exit_code"], 0);
-    assert!(
-        v["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|s| s["status"] == "COMPLETE" || s["status"] == "SKIPPED"),
-        "{v}"
+    assert_eq!(v["run"], b);
+    let (s, v) = http.call(
+        "POST",
+        &format!("{base}/v1/runs/{a}/resume"),
+        Some(json!({"MAX_BANDWIDTH": ""})),
     );
+    assert_eq!(s, 202, "{v}");
+    for run in [a, b] {
+        let v = wait_done(&http, base, run);
+        assert_eq!(v["run"]["status"], "COMPLETE", "{v}");
+        assert_eq!(v["exit_code"], 0);
+        assert!(
+            v["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|s| s["status"] == "COMPLETE" || s["status"] == "SKIPPED"),
+            "{v}"
+        );
+    }
+    // Nothing left to continue.
+    let (s, v) = http.call(
+        "POST",
+        &format!("{base}/v1/plans/backup-local/continue"),
+        None,
+    );
+    assert_eq!(s, 409, "{v}");
     restore_and_compare(&sb, "sc", &[]);
+    restore_and_compare(&sb, "sc2", &[]);
 }
 
 #[test]
@@ -608,19 +689,45 @@ fn sigterm_to_the_server_stops_its_runs_resumably() {
     let srv = Served::start(&sb, &src, &[]);
     let http = Http::new();
     let base = srv.url.clone();
-    let run = start(
-        &http,
-        &base,
-        "backup-local",
-        json!({"SNAPSHOT_NAME": "st", "BACKUP_DIR": "store", "MAX_BANDWIDTH": "500KiB/s"}),
-    );
+    // A remote CLI run: it follows the run to its end.
+    let client = sb
+        .command(&[
+            "--server",
+            &base,
+            "plan",
+            "start",
+            "backup-local",
+            "-q",
+            "-p",
+            "SNAPSHOT_NAME=st",
+            "-p",
+            "BACKUP_DIR=store",
+            "-p",
+            "MAX_BANDWIDTH=500KiB/s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let run = 1;
     wait_for("node 0's upload to run", || {
-        step_status(
-            &http.get(&format!("{base}/v1/runs/{run}")),
-            "backup/backup-node/node-0",
-        ) == "RUNNING"
+        let (s, v) = http.call("GET", &format!("{base}/v1/runs/{run}"), None);
+        s == 200 && step_status(&v, "backup/backup-node/node-0") == "RUNNING"
     });
+    let events = std::thread::spawn({
+        let url = format!("{base}/v1/runs/{run}/events");
+        move || Http::new().events(&url)
+    });
+    std::thread::sleep(Duration::from_millis(300));
     assert!(srv.stop().success());
+    // The stream told the end before it closed, and the client exits as a
+    // local run stopped by a signal would.
+    let events = events.join().unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["type"], "run_finished", "{events:?}");
+    assert_eq!(last["status"], "CANCELLED");
+    let out = client.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{:?}", text(&out));
     let st = sb.ok(&["plan", "status", "--json", &run.to_string()]);
     let st: Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["run"]["status"], "CANCELLED", "{st}");
@@ -890,6 +997,15 @@ fn metrics_parse_and_move_after_a_run() {
         json!({"SNAPSHOT_NAME": "m1", "BACKUP_DIR": "store"}),
     );
     assert_eq!(wait_done(&http, base, run)["exit_code"], 0);
+    // A store whose path holds what the text format must escape.
+    let odd = "od\"d\\store\nx";
+    let r_odd = start(
+        &http,
+        base,
+        "backup-local",
+        json!({"SNAPSHOT_NAME": "m0", "BACKUP_DIR": odd}),
+    );
+    assert_eq!(wait_done(&http, base, r_odd)["exit_code"], 0);
     let r2 = start(
         &http,
         base,
@@ -902,7 +1018,22 @@ fn metrics_parse_and_move_after_a_run() {
         .unwrap();
     let m = parse_metrics(&python, &after, true);
     let ok = [("plan", "backup-local"), ("outcome", "success")];
-    assert_eq!(sample(&m, "cairn_runs_total", &ok), Some(1.0), "{after}");
+    assert_eq!(sample(&m, "cairn_runs_total", &ok), Some(2.0), "{after}");
+    let odd_url = format!("file://{}", sb.path(odd).display());
+    assert!(
+        sample(
+            &m,
+            "cairn_last_success_timestamp_seconds",
+            &[("store", odd_url.as_str())]
+        )
+        .is_some(),
+        "the odd store's label reads back as its URL: {after}"
+    );
+    assert_eq!(
+        m.iter().filter(|s| s.0 == "cairn_runs_total").count(),
+        2,
+        "{after}"
+    );
     assert_eq!(
         sample(
             &m,
@@ -925,7 +1056,17 @@ fn metrics_parse_and_move_after_a_run() {
     )
     .unwrap();
     assert!(up > 10_000.0, "{after}");
-    assert!(sample(&m, "cairn_last_run_data_bytes", &[("plan", "backup-local")]).unwrap() > up);
+    // The counter adds both complete runs; the gauge is the last one's.
+    let last_stored = sample(
+        &m,
+        "cairn_last_run_stored_bytes",
+        &[("plan", "backup-local")],
+    )
+    .unwrap();
+    assert!(up > last_stored && last_stored > 10_000.0, "{after}");
+    assert!(
+        sample(&m, "cairn_last_run_data_bytes", &[("plan", "backup-local")]).unwrap() > 10_000.0
+    );
     assert!(srv.stop().success());
 
     // A CLI run writes the node exporter's textfile, in the classic text format.
@@ -1094,6 +1235,11 @@ fn the_cli_through_a_server_gives_the_exit_codes_of_a_local_run() {
             assert_eq!(lj["exit_code"], rj["exit_code"], "{what}");
         }
     }
+    // Plain http to another machine would carry the token and the parameters in
+    // clear: refused before anything is sent.
+    let out = sb.run(&["--server", "http://192.0.2.1:9", "plan", "history"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("https://"), "{:?}", text(&out));
     assert!(srv.stop().success());
 }
 
