@@ -89,6 +89,8 @@ impl Client {
             .with_no_client_auth();
         let http = reqwest::Client::builder()
             .use_preconfigured_tls(tls)
+            // A redirect could lead the token elsewhere: never followed.
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
             .build()
             .map_err(|e| Error::State(format!("HTTP client: {e}")))?;
