@@ -121,6 +121,17 @@ impl Client {
             transient: true,
         })?;
         let status = res.status();
+        if status.is_redirection() {
+            let to = res
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("?")
+                .to_string();
+            return Err(Error::Usage(format!(
+                "the server answered {status} to {to}: not followed (it could lead the token and parameters elsewhere); give that address as --server if it is the server"
+            )));
+        }
         let text = res.text().await.map_err(|e| Error::Store {
             op: "read the server's answer",
             key: self.base.clone(),

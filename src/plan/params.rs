@@ -301,8 +301,10 @@ impl Params {
             let Some(sv) = values.get(s).filter(|v| !v.trim().is_empty()) else {
                 continue;
             };
+            // Case aside: an age key is the same key in either case.
+            let needle = sv.trim().to_lowercase();
             for (k, v) in &values {
-                if !secret.contains(k) && v.contains(sv.trim()) {
+                if !secret.contains(k) && v.to_lowercase().contains(&needle) {
                     problems.push(format!(
                         "{k}: holds the value of the secret {s}; a secret is given only in its own parameter"
                     ));

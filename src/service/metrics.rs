@@ -42,6 +42,9 @@ fn label(v: &str) -> String {
             '\\' => out.push_str("\\\\"),
             '"' => out.push_str("\\\""),
             '\n' => out.push_str("\\n"),
+            // Other line breaks and control characters have no escape in the
+            // format, and some readers split lines on them: replaced.
+            c if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') => out.push('\u{fffd}'),
             c => out.push(c),
         }
     }
@@ -223,5 +226,9 @@ mod tests {
     fn label_values_are_escaped() {
         assert_eq!(super::label("a\\b\"c\nd"), "a\\\\b\\\"c\\nd");
         assert_eq!(super::label("plain/path-1"), "plain/path-1");
+        assert_eq!(
+            super::label("a\rb\tc\u{2028}d\u{85}e\u{1b}"),
+            "a\u{fffd}b\u{fffd}c\u{fffd}d\u{fffd}e\u{fffd}"
+        );
     }
 }

@@ -594,7 +594,7 @@ impl Service {
     }
 
     /// Whether `arg` names a store of this service: one of its `--store`s, a
-    /// store profile, or the store of a recorded run.
+    /// store profile, or the store of a complete run.
     pub fn known_store(&self, arg: &str) -> Result<bool> {
         let profile = crate::config::is_profile_name(arg)
             && matches!(
@@ -604,7 +604,13 @@ impl Service {
         if profile || self.cfg.stores.iter().any(|s| s == arg) {
             return Ok(true);
         }
-        Ok(self.state.runs(10_000)?.iter().any(|r| r.store == arg))
+        // A run that completed wrote or read a snapshot there; a refused or
+        // failed one proves nothing about the place it named.
+        Ok(self
+            .state
+            .runs(10_000)?
+            .iter()
+            .any(|r| r.store == arg && r.status == Status::Complete))
     }
 
     /// The snapshots in a store.

@@ -482,17 +482,31 @@ fn api_errors_are_json_that_name_the_problem() {
     );
     assert_eq!(s, 400, "{v}");
     assert!(!v.to_string().contains("private-words"), "{v}");
-    // Only stores of the server are listed, not any directory named.
-    let (s, v) = http.call("GET", &format!("{base}/v1/snapshots?store=/etc"), None);
-    assert_eq!(s, 403, "{v}");
+    // Only stores of the server are listed, not any directory named, nor the
+    // place a refused run named.
+    let (s, v) = post(
+        "/v1/plans/restore-local/start",
+        Some(
+            json!({"SNAPSHOT_NAME": "none", "BACKUP_DIR": "/etc", "RESTORE_DIR": "r"}).to_string(),
+        ),
+    );
+    assert_eq!(s, 202, "{v}");
+    let refused = v["run"].as_i64().unwrap();
+    let v = wait_done(&http, base, refused);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    for store in ["/etc", "file:///etc"] {
+        let (s, v) = http.call("GET", &format!("{base}/v1/snapshots?store={store}"), None);
+        assert_eq!(s, 403, "{store}: {v}");
+    }
     let (s, v) = post("/v1/plans/backup-local/stop", None);
     assert_eq!(s, 409, "{v}");
-    // None of these recorded a run, and nothing was written.
-    assert!(
+    // None of the others recorded a run, and nothing was written.
+    assert_eq!(
         http.get(&format!("{base}/v1/runs"))
             .as_array()
             .unwrap()
-            .is_empty()
+            .len(),
+        1
     );
     assert!(!sb.path("store").exists());
 }
@@ -550,6 +564,21 @@ fn a_secret_in_the_body_is_never_stored_logged_or_returned() {
         .unwrap();
     assert_eq!(s, 400, "{t}");
     assert!(t.contains("TAGS"), "{t}");
+    // In another case too (an age key is the same key in either case).
+    let (s, t) = http
+        .try_call(
+            "POST",
+            &format!("{base}/v1/plans/backup-local/start"),
+            Some(json!({"SNAPSHOT_NAME": "enc3", "BACKUP_DIR": format!("st-{}", secret.to_uppercase()), "ENCRYPT_PASSPHRASE": secret}).to_string()),
+            None,
+        )
+        .unwrap();
+    assert_eq!(s, 400, "{t}");
+    assert!(
+        t.contains("BACKUP_DIR: holds the value of the secret"),
+        "{t}"
+    );
+    assert!(!t.to_lowercase().contains(&secret.to_lowercase()), "{t}");
     let mut seen = vec![("events".to_string(), all)];
     for path in [
         "/v1/runs",
@@ -1235,6 +1264,33 @@ fn the_cli_through_a_server_gives_the_exit_codes_of_a_local_run() {
             assert_eq!(lj["exit_code"], rj["exit_code"], "{what}");
         }
     }
+    // A redirect is never followed: it could lead the parameters elsewhere.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let trap_port = trap.local_addr().unwrap().port();
+    let redirecting = std::thread::spawn(move || {
+        let (mut c, _) = trap.accept().unwrap();
+        let mut buf = [0u8; 4096];
+        let _ = std::io::Read::read(&mut c, &mut buf);
+        std::io::Write::write_all(
+            &mut c,
+            b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://192.0.2.1:9/v1/plans\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )
+        .unwrap();
+    });
+    let out = sb.run(&[
+        "--server",
+        &format!("http://127.0.0.1:{trap_port}"),
+        "plan",
+        "start",
+        "backup-local",
+        "-p",
+        "SNAPSHOT_NAME=x",
+        "-p",
+        "ENCRYPT_PASSPHRASE=redirected-secret-value",
+    ]);
+    redirecting.join().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("not followed"), "{:?}", text(&out));
     // Plain http to another machine would carry the token and the parameters in
     // clear: refused before anything is sent.
     let out = sb.run(&["--server", "http://192.0.2.1:9", "plan", "history"]);
