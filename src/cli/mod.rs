@@ -500,7 +500,11 @@ pub async fn run(cli: Cli) -> Result<i32> {
         token_file: cli.token_file.filter(|c| !c.as_os_str().is_empty()),
         server_ca: cli.server_ca.filter(|c| !c.as_os_str().is_empty()),
     };
-    if g.server.is_some() && !matches!(cli.command, Command::Plan(_)) {
+    // `--server` on the command line of another command is a mistake worth
+    // naming; CAIRN_SERVER in the environment is for plan commands and leaves
+    // the others (snapshots, manager-snapshot, serve…) running here.
+    let named = std::env::args().any(|a| a == "--server" || a.starts_with("--server="));
+    if named && g.server.is_some() && !matches!(cli.command, Command::Plan(_)) {
         return Err(usage(
             "--server applies to `cairn plan` commands; run this one without it",
         ));

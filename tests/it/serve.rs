@@ -1264,6 +1264,16 @@ fn the_cli_through_a_server_gives_the_exit_codes_of_a_local_run() {
             assert_eq!(lj["exit_code"], rj["exit_code"], "{what}");
         }
     }
+    // CAIRN_SERVER in the environment is for plan commands: the others run here;
+    // --server on their command line is named as a mistake.
+    let out = sb
+        .command(&["snapshots", "list", "--store", "store"])
+        .env("CAIRN_SERVER", &base)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = sb.run(&["--server", &base, "snapshots", "list", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
     // A redirect is never followed: it could lead the parameters elsewhere.
     let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let trap_port = trap.local_addr().unwrap().port();
