@@ -78,19 +78,27 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
 }
 
 fn list(g: &Globals) -> Result<i32> {
-    let plans = Plan::list(g.plans_dir.as_deref())?;
+    let plans: Vec<(String, String)> = Plan::list(g.plans_dir.as_deref())?
+        .into_iter()
+        .map(|p| (p.name, p.description))
+        .collect();
+    print_plan_list(g, &plans);
+    Ok(exit::OK)
+}
+
+/// `plan list`: name and description, a line each (or one JSON array).
+pub(super) fn print_plan_list(g: &Globals, plans: &[(String, String)]) {
     if g.json {
         let v: Vec<_> = plans
             .iter()
-            .map(|p| json!({"name": p.name, "description": p.description}))
+            .map(|(n, d)| json!({"name": n, "description": d}))
             .collect();
         print_json(&json!(v));
     } else {
-        for p in plans {
-            crate::out!("{:16} {}", p.name, p.description);
+        for (n, d) in plans {
+            crate::out!("{n:16} {d}");
         }
     }
-    Ok(exit::OK)
 }
 
 fn show(g: &Globals, name: &str) -> Result<i32> {

@@ -224,17 +224,7 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
                     .to_string();
                 plans.push((n, d));
             }
-            if g.json {
-                let v: Vec<_> = plans
-                    .iter()
-                    .map(|(n, d)| json!({"name": n, "description": d}))
-                    .collect();
-                print_json(&json!(v));
-            } else {
-                for (n, d) in plans {
-                    crate::out!("{n:16} {d}");
-                }
-            }
+            super::plan::print_plan_list(g, &plans);
             Ok(exit::OK)
         }
         PlanCmd::Show { .. } => Err(usage(
