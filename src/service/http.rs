@@ -263,6 +263,18 @@ impl IntoResponse for ApiError {
 
 type ApiResult<T> = std::result::Result<T, ApiError>;
 
+/// State-store reads (SQLite, which may wait on a run's write) on a blocking
+/// thread, never on one of the runtime's.
+async fn off_runtime<T: Send + 'static>(
+    app: &App,
+    f: impl FnOnce(&Service) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let svc = app.svc.clone();
+    tokio::task::spawn_blocking(move || f(&svc))
+        .await
+        .map_err(|e| Error::State(format!("a state read failed: {e}")))?
+}
+
 fn token_of(h: &HeaderMap) -> Option<String> {
     if let Some(v) = h.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok())
         && let Some(t) = v.strip_prefix("Bearer ")
@@ -530,7 +542,7 @@ async fn plans(State(app): State<App>) -> ApiResult<Json<Vec<String>>> {
 
 async fn plan(State(app): State<App>, Path(name): Path<String>) -> ApiResult<Response> {
     known_plan(&app, &name)?;
-    Ok(Json(app.svc.plan_view(&name)?).into_response())
+    Ok(Json(off_runtime(&app, move |svc| svc.plan_view(&name)).await?).into_response())
 }
 
 async fn plan_start(
@@ -636,11 +648,12 @@ async fn runs(
     State(app): State<App>,
     Query(l): Query<Limit>,
 ) -> ApiResult<Json<Vec<crate::state::RunRecord>>> {
-    Ok(Json(app.svc.runs(l.limit.unwrap_or(50).min(10_000))?))
+    let limit = l.limit.unwrap_or(50).min(10_000);
+    Ok(Json(off_runtime(&app, move |svc| svc.runs(limit)).await?))
 }
 
 async fn run(State(app): State<App>, Path(id): Path<i64>) -> ApiResult<Json<RunView>> {
-    Ok(Json(app.svc.run_view(id)?))
+    Ok(Json(off_runtime(&app, move |svc| svc.run_view(id)).await?))
 }
 
 async fn run_stop(State(app): State<App>, Path(id): Path<i64>) -> ApiResult<Response> {
@@ -750,7 +763,7 @@ async fn snapshots(State(app): State<App>, Query(q): Query<StoreQuery>) -> ApiRe
 }
 
 async fn metrics(State(app): State<App>) -> ApiResult<Response> {
-    let text = app.svc.metrics.render(&app.svc.state)?;
+    let text = off_runtime(&app, |svc| svc.metrics.render(&svc.state)).await?;
     let mut r = text.into_response();
     r.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -764,7 +777,7 @@ async fn page(State(app): State<App>) -> ApiResult<Html<String>> {
 }
 
 async fn run_fragment(State(app): State<App>, Path(id): Path<i64>) -> ApiResult<Html<String>> {
-    let v = app.svc.run_view(id)?;
+    let v = off_runtime(&app, move |svc| svc.run_view(id)).await?;
     Ok(Html(super::page::run_block(&v)))
 }
 
