@@ -792,5 +792,39 @@ fn spawn_stop_watcher(ctx: Arc<RunCtx>) -> tokio::task::JoinHandle<()> {
 
 /// Whether a process with this pid exists (Linux: /proc).
 pub fn process_alive(pid: i64) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    // A process that has exited but is not yet reaped (a zombie: state Z, or X
+    // while it goes) runs nothing: its run is not alive.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next())
+            .is_some_and(|state| !matches!(state, 'Z' | 'X')),
+        Err(_) => false,
+    }
+}
+
+#[cfg(test)]
+mod liveness_tests {
+    #[test]
+    fn a_zombie_is_not_alive() {
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let pid = i64::from(child.id());
+        // Exited, not yet reaped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while super::process_alive(pid) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "a zombie counts as alive"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert!(
+            std::path::Path::new(&format!("/proc/{pid}")).exists(),
+            "still unreaped"
+        );
+        let _ = child.wait();
+        assert!(super::process_alive(i64::from(std::process::id())));
+    }
 }
