@@ -1,10 +1,20 @@
 //! The snapshot manifest, `<snapshot>/manifest.json`, written last: its presence
-//! means the snapshot is complete. Format version 1.
+//! means the snapshot is complete.
+//!
+//! Format 2 adds where things are inside each node object, so one file can be read
+//! without the rest: the object's block index (where each independently compressed
+//! block starts), each file's tar entry (offset and length in the uncompressed
+//! stream) and the node's directories and symbolic links with their metadata.
+//! Format 1 manifests (none of that) are still read: [`Manifest::from_bytes`] takes
+//! them as format 2 with no index, and readers then read whole objects, as format 1
+//! did.
 
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
+/// The oldest format still read.
+pub const OLDEST_FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
 pub const MANAGER_OBJECT: &str = "manager.zip";
 /// A manifest larger than this is refused (a hostile store cannot exhaust memory).
@@ -88,6 +98,96 @@ pub struct NodeInfo {
     pub compressed_bytes: u64,
     /// Every regular file, sorted by path.
     pub files: Vec<FileInfo>,
+    /// Directories and symbolic links, in archive order (format 2).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tree: Vec<TreeEntry>,
+}
+
+/// Where an entry's headers and data lie in a node's uncompressed tar stream.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Span {
+    pub offset: u64,
+    /// Headers, data and padding.
+    pub length: u64,
+}
+
+impl Span {
+    /// The first byte after the entry, or `None` when a crafted span overflows.
+    pub fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.length)
+    }
+}
+
+/// A directory or symbolic link of a node: what a restore that reads only some
+/// files of the archive needs to recreate the ones above and beside them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TreeEntry {
+    /// As in the archive, `/`-separated, without a trailing `/`.
+    pub path: String,
+    /// Where it is in the tar stream (its order among the files).
+    pub offset: u64,
+    /// A symbolic link's target; `None` for a directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub link: Option<String>,
+    /// Permission bits.
+    pub mode: u32,
+    pub mtime: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+}
+
+/// Where each independently compressed block of a node object starts (format 2):
+/// block `i` holds uncompressed bytes `[i × block, (i + 1) × block)` and starts at
+/// compressed offset `offsets[i]`; a raw inflater can start there.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BlockIndex {
+    /// Uncompressed bytes per block.
+    pub block: u64,
+    pub offsets: Vec<u64>,
+    /// Uncompressed bytes in all.
+    pub total: u64,
+    /// Compressed offset where the last block ends.
+    pub end: u64,
+}
+
+impl BlockIndex {
+    /// Whether the index is consistent with itself and an object of `size` bytes.
+    pub fn is_sound(&self, size: u64) -> bool {
+        let blocks = if self.block == 0 {
+            return false;
+        } else {
+            self.total.div_ceil(self.block)
+        };
+        blocks == self.offsets.len() as u64
+            && self.offsets.windows(2).all(|w| w[0] < w[1])
+            && self.offsets.last().is_none_or(|&l| l < self.end)
+            && self.end <= size
+    }
+
+    /// The compressed range holding uncompressed bytes `[start, end)`, and the
+    /// uncompressed offset at which that range starts.
+    pub fn range_of(&self, start: u64, end: u64) -> Option<(u64, u64, u64)> {
+        if start >= end || end > self.total || self.block == 0 {
+            return None;
+        }
+        let first = usize::try_from(start / self.block).ok()?;
+        let last = usize::try_from((end - 1) / self.block).ok()?;
+        let from = *self.offsets.get(first)?;
+        let to = match self.offsets.get(last + 1) {
+            Some(&o) => o,
+            None => self.end,
+        };
+        Some((from, to, first as u64 * self.block))
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -107,6 +207,9 @@ pub struct FileInfo {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
+    /// Where its tar entry is in the node object (format 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry: Option<Span>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -116,6 +219,10 @@ pub struct ObjectInfo {
     pub key: String,
     pub size: u64,
     pub sha256: String,
+    /// A node object's block index (format 2; not kept for encrypted objects,
+    /// which are read whole).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<BlockIndex>,
 }
 
 /// The key of an object of a snapshot.
@@ -140,11 +247,23 @@ impl Manifest {
         let bad = |m: String| Error::archive(key(snapshot, MANIFEST), m);
         let m: Manifest =
             serde_json::from_slice(data).map_err(|e| bad(format!("not a valid manifest: {e}")))?;
-        if m.format_version != FORMAT_VERSION {
+        if !(OLDEST_FORMAT..=FORMAT_VERSION).contains(&m.format_version) {
             return Err(bad(format!(
-                "format version {} is not supported by cairn {} (supports {FORMAT_VERSION})",
+                "format version {} is not supported by cairn {} (supports {OLDEST_FORMAT} to {FORMAT_VERSION})",
                 m.format_version,
                 crate::VERSION
+            )));
+        }
+        if m.format_version < 2
+            && (m.objects.iter().any(|o| o.index.is_some())
+                || m.cluster
+                    .nodes
+                    .iter()
+                    .any(|n| !n.tree.is_empty() || n.files.iter().any(|f| f.entry.is_some())))
+        {
+            return Err(bad(format!(
+                "format version {} has no block index, but this one has one",
+                m.format_version
             )));
         }
         if m.snapshot != snapshot {
@@ -173,6 +292,12 @@ impl Manifest {
         for o in &m.objects {
             crate::store::check_key(&o.key)
                 .map_err(|_| bad(format!("bad object key {:?}", o.key)))?;
+            if o.index.as_ref().is_some_and(|i| !i.is_sound(o.size)) {
+                return Err(bad(format!(
+                    "object {:?} has an unsound block index",
+                    o.key
+                )));
+            }
         }
         Ok(m)
     }
@@ -191,6 +316,7 @@ impl Manifest {
         for n in &mut outer.cluster.nodes {
             n.keyspaces.clear();
             n.files.clear();
+            n.tree.clear();
         }
         outer.encryption = Some(Encryption {
             scheme: to.scheme(),
@@ -220,6 +346,7 @@ impl Manifest {
         for n in &mut clear.cluster.nodes {
             n.keyspaces.clear();
             n.files.clear();
+            n.tree.clear();
         }
         clear.encryption = self.encryption.clone();
         let sealed_scheme = Some(Encryption {

@@ -100,6 +100,76 @@ impl Read for ChannelReader {
     }
 }
 
+/// A blocking `Read` over several byte ranges received from an async download
+/// task: it reads 0 at the end of each range; [`next_segment`](Self::next_segment)
+/// skips what is left of the current one and moves to the next.
+pub struct SegmentReader {
+    rx: mpsc::Receiver<crate::Result<Option<Bytes>>>,
+    current: Bytes,
+    at_end: bool,
+    /// Bytes received so far (what was read from the store).
+    received: u64,
+}
+
+impl SegmentReader {
+    pub fn new(rx: mpsc::Receiver<crate::Result<Option<Bytes>>>) -> SegmentReader {
+        SegmentReader {
+            rx,
+            current: Bytes::new(),
+            at_end: false,
+            received: 0,
+        }
+    }
+
+    /// Drop the rest of this range and start reading the next.
+    pub fn next_segment(&mut self) -> io::Result<()> {
+        self.current = Bytes::new();
+        while !self.at_end {
+            self.pull()?;
+            self.current = Bytes::new();
+        }
+        self.at_end = false;
+        Ok(())
+    }
+
+    pub fn received(&self) -> u64 {
+        self.received
+    }
+
+    fn pull(&mut self) -> io::Result<()> {
+        match self.rx.blocking_recv() {
+            Some(Ok(Some(chunk))) => {
+                self.received += chunk.len() as u64;
+                self.current = chunk;
+            }
+            Some(Ok(None)) => self.at_end = true,
+            Some(Err(e)) => return Err(io::Error::other(e.to_string())),
+            None => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the download stopped before the end of a range",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for SegmentReader {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() {
+            if self.at_end {
+                return Ok(0);
+            }
+            self.pull()?;
+        }
+        let n = out.len().min(self.current.len());
+        out[..n].copy_from_slice(&self.current[..n]);
+        let _ = self.current.split_to(n);
+        Ok(n)
+    }
+}
+
 /// A `Read` that hashes and counts what passes through.
 pub struct HashingReader<R> {
     inner: R,

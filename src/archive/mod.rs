@@ -10,6 +10,7 @@
 pub mod io;
 pub mod pack;
 pub mod pargz;
+pub mod seek;
 pub mod unpack;
 
 /// gzip level: the same trade-off as `gzip -6`, the default users compare with.

@@ -5,7 +5,7 @@
 
 use super::io::HashingReader;
 use crate::cluster::Excludes;
-use crate::manifest::FileInfo;
+use crate::manifest::{FileInfo, Span, TreeEntry};
 use crate::{Error, Result};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
@@ -275,29 +275,64 @@ impl<R: Read> Read for Progressing<'_, R> {
     }
 }
 
+/// What [`pack`] wrote, as the manifest records it.
+#[derive(Debug, Clone, Default)]
+pub struct Packed {
+    /// Every regular file, sorted by path, with its place in the tar stream.
+    pub files: Vec<FileInfo>,
+    /// Directories and symbolic links, in archive order.
+    pub tree: Vec<TreeEntry>,
+    /// Where each compressed block starts.
+    pub index: super::pargz::Index,
+}
+
+fn tree_entry(e: &ScanEntry, offset: u64, link: Option<String>, names: &Names) -> TreeEntry {
+    let (uid, gid) = (u32::try_from(e.uid).ok(), u32::try_from(e.gid).ok());
+    TreeEntry {
+        path: e.rel.clone(),
+        offset,
+        link,
+        mode: e.mode & 0o7777,
+        mtime: e.mtime,
+        uid,
+        gid,
+        user: uid.and_then(|u| names.user(u)).map(str::to_string),
+        group: gid.and_then(|g| names.group(g)).map(str::to_string),
+    }
+}
+
 /// Archive the scanned entries into `out` (tar inside gzip). `progress` is called
-/// with the number of file bytes read so far. Returns the per-file listing and
-/// `out`, flushed and finished.
-pub fn pack<W: Write>(
-    scan: &Scan,
-    out: W,
-    mut progress: impl FnMut(u64),
-) -> Result<(Vec<FileInfo>, W)> {
+/// with the number of file bytes read so far. Returns the listing (files, tree and
+/// block index) and `out`, flushed and finished.
+pub fn pack<W: Write>(scan: &Scan, out: W, mut progress: impl FnMut(u64)) -> Result<(Packed, W)> {
     let mut tar = tar::Builder::new(compressor(out));
     let mut files = Vec::with_capacity(scan.file_count as usize);
+    let mut tree = Vec::new();
     let mut done = 0u64;
     let wrap = |path: &Path, e: io::Error| Error::io("archive", path, e);
     for e in &scan.entries {
+        // The tar builder writes each entry whole (headers, data, padding) before
+        // it returns: the positions around it are its span.
+        let offset = tar.get_ref().position();
         match &e.kind {
             Kind::Dir => {
                 let mut h = header(e, tar::EntryType::Directory, 0, &scan.names);
                 tar.append_data(&mut h, format!("{}/", e.rel), io::empty())
                     .map_err(|err| wrap(&e.abs, err))?;
+                tree.push(tree_entry(e, offset, None, &scan.names));
             }
             Kind::Symlink { target } => {
                 let mut h = header(e, tar::EntryType::Symlink, 0, &scan.names);
                 tar.append_link(&mut h, &e.rel, target)
                     .map_err(|err| wrap(&e.abs, err))?;
+                let text = target.to_str().ok_or_else(|| {
+                    Error::io(
+                        "archive",
+                        &e.abs,
+                        io::Error::other("the link's target is not UTF-8"),
+                    )
+                })?;
+                tree.push(tree_entry(e, offset, Some(text.to_string()), &scan.names));
             }
             Kind::File { size } => {
                 let file =
@@ -319,6 +354,10 @@ pub fn pack<W: Write>(
                 let (n, sha256, _) = reader.finish();
                 done += n;
                 progress(done);
+                let entry = Span {
+                    offset,
+                    length: tar.get_ref().position() - offset,
+                };
                 let (uid, gid) = (u32::try_from(e.uid).ok(), u32::try_from(e.gid).ok());
                 files.push(FileInfo {
                     path: e.rel.clone(),
@@ -328,6 +367,7 @@ pub fn pack<W: Write>(
                     gid,
                     user: uid.and_then(|u| scan.names.user(u)).map(str::to_string),
                     group: gid.and_then(|g| scan.names.group(g)).map(str::to_string),
+                    entry: Some(entry),
                 });
             }
         }
@@ -335,11 +375,11 @@ pub fn pack<W: Write>(
     let gz = tar
         .into_inner()
         .map_err(|e| Error::io("finish tar of", "node", e))?;
-    let out = gz
-        .finish()
+    let (out, index) = gz
+        .finish_indexed()
         .map_err(|e| Error::io("finish gzip of", "node", e))?;
     files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok((files, out))
+    Ok((Packed { files, tree, index }, out))
 }
 
 #[cfg(test)]

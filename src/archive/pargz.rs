@@ -5,8 +5,15 @@
 //!   with a sync flush (byte-aligned, not final), so the blocks concatenate into one
 //!   deflate stream; an empty final block closes it. The CRC-32 of the whole input is
 //!   combined from the blocks' CRCs.
-//! * A block that does not compress (already-compressed SSTables, random data) is
-//!   written as stored blocks instead of being deflated for nothing.
+//! * Each 64 KiB of a block is judged on its own: what does not compress
+//!   (already-compressed SSTables, random data) is written as stored blocks instead of
+//!   being deflated for nothing; the rest is deflated. A block that holds the end of
+//!   an SSTable and the start of a text file is split at that grain, so neither part
+//!   decides for the other.
+//! * Every block starts at a byte offset of the output that a raw inflater can start
+//!   from (no dictionary reaches back into the block before): [`ParGzEncoder::finish_indexed`]
+//!   returns those offsets, the index a reader uses to read one file of a large
+//!   archive without reading the rest.
 //! * Output depends only on the input (fixed block size, no timestamp), never on the
 //!   number of threads, so re-running a node after a crash gives the same bytes.
 //! * Memory is bounded: at most `2 × threads` blocks in flight.
@@ -20,9 +27,13 @@ use std::thread::JoinHandle;
 
 /// Uncompressed bytes per independently compressed block.
 pub const BLOCK: usize = 1 << 20;
-/// A block whose level-1 sample shrinks less than this (in %) is stored.
+/// A piece whose level-1 deflate shrinks less than this (in %) is stored.
 const STORE_ABOVE_PERCENT: usize = 97;
-const SAMPLE: usize = 64 << 10;
+/// The grain of the store-or-deflate decision.
+const PIECE: usize = 64 << 10;
+/// Below this order-0 entropy (bits per byte, × 100) a piece surely compresses and
+/// is not probed.
+const PROBE_ABOVE_CENTIBITS: u64 = 750;
 
 struct Job {
     seq: u64,
@@ -51,6 +62,24 @@ pub struct ParGzEncoder<W: Write> {
     crc: crc32fast::Hasher,
     total: u64,
     header_written: bool,
+    /// Compressed bytes written so far.
+    written: u64,
+    /// The compressed offset at which each block starts.
+    offsets: Vec<u64>,
+}
+
+/// Where each block of a [`ParGzEncoder`]'s output starts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Index {
+    /// Uncompressed bytes per block (every block but the last is this long).
+    pub block: u64,
+    /// Compressed offset of each block's first byte (the first follows the gzip
+    /// header).
+    pub offsets: Vec<u64>,
+    /// Uncompressed bytes in all.
+    pub total: u64,
+    /// Compressed offset where the deflate data ends (the final empty block).
+    pub end: u64,
 }
 
 /// Deflate `data` as a non-final, byte-aligned run of blocks (sync flush).
@@ -68,14 +97,58 @@ fn deflate(level: Compression, data: &[u8]) -> io::Result<Vec<u8>> {
     }
 }
 
-fn compress_block(level: u32, data: &[u8]) -> io::Result<Vec<u8>> {
-    let sample = &data[..data.len().min(SAMPLE)];
-    let probe = deflate(Compression::fast(), sample)?;
-    if probe.len() * 100 > sample.len() * STORE_ABOVE_PERCENT {
-        deflate(Compression::none(), data)
-    } else {
-        deflate(Compression::new(level), data)
+/// Order-0 entropy of `data` in hundredths of a bit per byte.
+fn entropy_centibits(data: &[u8]) -> u64 {
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
     }
+    let n = data.len() as f64;
+    let bits: f64 = counts
+        .iter()
+        .filter(|&&c| c > 0)
+        .map(|&c| {
+            let p = f64::from(c) / n;
+            -p * p.log2()
+        })
+        .sum();
+    (bits * 100.0) as u64
+}
+
+/// Whether deflating `piece` would be wasted work: high entropy, and a fast deflate
+/// barely shrinks it.
+fn incompressible(piece: &[u8]) -> io::Result<bool> {
+    if piece.is_empty() || entropy_centibits(piece) < PROBE_ABOVE_CENTIBITS {
+        return Ok(false);
+    }
+    let probe = deflate(Compression::fast(), piece)?;
+    Ok(probe.len() * 100 > piece.len() * STORE_ABOVE_PERCENT)
+}
+
+/// One block: runs of pieces judged alike, each deflated (or stored) on its own and
+/// sync-flushed, so the block stays independent of what came before it.
+fn compress_block(level: u32, data: &[u8]) -> io::Result<Vec<u8>> {
+    let judged = data
+        .chunks(PIECE)
+        .map(incompressible)
+        .collect::<io::Result<Vec<bool>>>()?;
+    let mut out = Vec::with_capacity(data.len() / 2 + 1024);
+    let mut start = 0;
+    while start < judged.len() {
+        let store = judged[start];
+        let end = (start..judged.len())
+            .find(|&i| judged[i] != store)
+            .unwrap_or(judged.len());
+        let run = &data[start * PIECE..(end * PIECE).min(data.len())];
+        let level = if store {
+            Compression::none()
+        } else {
+            Compression::new(level)
+        };
+        out.extend_from_slice(&deflate(level, run)?);
+        start = end;
+    }
+    Ok(out)
 }
 
 fn worker(level: u32, jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<Done>) {
@@ -132,7 +205,15 @@ impl<W: Write> ParGzEncoder<W> {
             crc: crc32fast::Hasher::new(),
             total: 0,
             header_written: false,
+            written: 0,
+            offsets: Vec::new(),
         }
+    }
+
+    /// Uncompressed bytes written to this encoder so far (the offset in the
+    /// uncompressed stream where the next write lands).
+    pub fn position(&self) -> u64 {
+        self.next_seq * BLOCK as u64 + self.block.len() as u64
     }
 
     fn out(&mut self) -> io::Result<&mut W> {
@@ -154,6 +235,7 @@ impl<W: Write> ParGzEncoder<W> {
             };
             self.out()?
                 .write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, xfl, 255])?;
+            self.written = 10;
             self.header_written = true;
         }
         Ok(())
@@ -171,7 +253,9 @@ impl<W: Write> ParGzEncoder<W> {
         while let Some(done) = self.ready.remove(&self.next_write) {
             let data = done.deflated?;
             self.header()?;
+            self.offsets.push(self.written);
             self.out()?.write_all(&data)?;
+            self.written += data.len() as u64;
             self.crc
                 .combine(&crc32fast::Hasher::new_with_initial_len(done.crc, done.len));
             self.total += done.len;
@@ -204,7 +288,12 @@ impl<W: Write> ParGzEncoder<W> {
 
     /// Compress what is left, write the final block and the trailer, and return the
     /// inner writer.
-    pub fn finish(mut self) -> io::Result<W> {
+    pub fn finish(self) -> io::Result<W> {
+        Ok(self.finish_indexed()?.0)
+    }
+
+    /// [`finish`](Self::finish), also returning where each block starts.
+    pub fn finish_indexed(mut self) -> io::Result<(W, Index)> {
         self.submit()?;
         while self.in_flight > 0 {
             self.collect_one()?;
@@ -212,15 +301,23 @@ impl<W: Write> ParGzEncoder<W> {
         self.header()?;
         let crc = std::mem::replace(&mut self.crc, crc32fast::Hasher::new()).finalize();
         let total = self.total;
+        let index = Index {
+            block: BLOCK as u64,
+            offsets: std::mem::take(&mut self.offsets),
+            total,
+            end: self.written,
+        };
         let out = self.out()?;
         // An empty final stored block ends the deflate stream.
         out.write_all(&[0x01, 0x00, 0x00, 0xff, 0xff])?;
         out.write_all(&crc.to_le_bytes())?;
         out.write_all(&(total as u32).to_le_bytes())?;
         out.flush()?;
-        self.inner
+        let out = self
+            .inner
             .take()
-            .ok_or_else(|| io::Error::other("gzip stream already finished"))
+            .ok_or_else(|| io::Error::other("gzip stream already finished"))?;
+        Ok((out, index))
     }
 }
 
@@ -309,6 +406,48 @@ mod tests {
             data.len()
         );
         assert!(one.len() > data.len() * 4 / 10);
+    }
+
+    #[test]
+    fn every_block_can_be_inflated_from_its_indexed_offset() {
+        let data = mixed(4 * BLOCK + 777);
+        let mut enc = ParGzEncoder::new(Vec::new(), 6, 2);
+        enc.write_all(&data).expect("write");
+        assert_eq!(enc.position(), data.len() as u64);
+        let (gz, index) = enc.finish_indexed().expect("finish");
+        assert_eq!(index.offsets.len(), 5);
+        assert_eq!(index.offsets[0], 10);
+        assert_eq!(index.total, data.len() as u64);
+        for (i, &off) in index.offsets.iter().enumerate() {
+            let end = index.offsets.get(i + 1).copied().unwrap_or(index.end);
+            let mut raw = flate2::read::DeflateDecoder::new(&gz[off as usize..end as usize]);
+            let want = &data[i * BLOCK..((i + 1) * BLOCK).min(data.len())];
+            let mut got = vec![0u8; want.len()];
+            raw.read_exact(&mut got).expect("inflate one block alone");
+            assert!(got == want, "block {i} differs");
+        }
+    }
+
+    #[test]
+    fn a_block_that_starts_incompressible_still_compresses_its_text() {
+        // 64 KiB of noise, then text: judged as a whole from its start, the block
+        // was stored; judged piece by piece, the text compresses.
+        let mut x: u64 = 0x9e37_79b9;
+        let mut data: Vec<u8> = (0..PIECE)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        data.extend((0..BLOCK - PIECE).map(|i| b"name city amount 12345 ok\n"[i % 26]));
+        let gz = roundtrip(&data, 2);
+        assert!(
+            gz.len() < PIECE + PIECE / 2,
+            "{} bytes for 64 KiB of noise and 960 KiB of text",
+            gz.len()
+        );
     }
 
     #[test]

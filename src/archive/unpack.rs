@@ -30,6 +30,8 @@ pub enum Mode<'a> {
 /// What was read.
 #[derive(Debug, Clone, Default)]
 pub struct Unpacked {
+    /// Bytes read from the store.
+    pub read: u64,
     pub object_size: u64,
     pub object_sha256: String,
     pub files: u64,
@@ -50,6 +52,10 @@ pub struct Expected<'a> {
     /// Table dirs extracted under another name (`TABLE_MAPPING=by-name`); the
     /// manifest entry `node` already names them so.
     pub renames: &'a [(String, String)],
+    /// The reader gives a plain tar of the selected entries cut out of the object
+    /// ([`super::seek`]), not the object: the object's size and checksum are not
+    /// checked (each file's still is) and only selected files must be present.
+    pub partial: bool,
 }
 
 /// Who owns restored entries: a fixed `user:group` from the target's cluster
@@ -207,6 +213,12 @@ pub fn unpack<R: Read + Send>(
     mode: Mode<'_>,
     progress: impl FnMut(u64),
 ) -> Result<Unpacked> {
+    if expected.partial && expected.keys.is_some() {
+        return Err(Error::archive(
+            expected.object,
+            "an encrypted object is read whole",
+        ));
+    }
     // The checksum is of the stored bytes: of the ciphertext when encrypted.
     let (tapped, tap) = super::io::TapReader::new(reader);
     match expected.keys {
@@ -256,8 +268,12 @@ fn unpack_plain<P: Read>(
         Mode::Verify => None,
     };
 
-    let gz = flate2::read::MultiGzDecoder::new(plain);
-    let mut archive = tar::Archive::new(gz);
+    let tarred: Box<dyn Read + '_> = if expected.partial {
+        Box::new(plain)
+    } else {
+        Box::new(flate2::read::MultiGzDecoder::new(plain))
+    };
+    let mut archive = tar::Archive::new(tarred);
     let mut seen: HashSet<String> = HashSet::new();
     let mut files_seen: HashSet<String> = HashSet::new();
     let mut links: HashSet<String> = HashSet::new();
@@ -442,7 +458,9 @@ fn unpack_plain<P: Read>(
     let (size, sha) = tap.finish();
     out.object_size = size;
     out.object_sha256 = sha;
-    if size != expected.object_size || out.object_sha256 != expected.object_sha256 {
+    if !expected.partial
+        && (size != expected.object_size || out.object_sha256 != expected.object_sha256)
+    {
         return Err(bad(format!(
             "object is {size} bytes with SHA-256 {}, the manifest says {} bytes with {}",
             out.object_sha256, expected.object_size, expected.object_sha256
@@ -461,6 +479,7 @@ fn unpack_plain<P: Read>(
         .files
         .iter()
         .filter(|f| !files_seen.contains(&f.path))
+        .filter(|f| !expected.partial || select.restores_file(&f.path))
         .map(|f| f.path.as_str())
         .take(5)
         .collect();

@@ -354,6 +354,20 @@ pub enum SnapshotsCmd {
         #[command(flatten)]
         keys: KeyArgs,
     },
+    /// The files of a complete snapshot: per node, each file's size and where it is
+    /// stored (object and offset of its entry); with PATH, only what is at or under
+    /// it.
+    Show {
+        /// The snapshot's name (SNAPSHOT_NAME of its backup).
+        name: String,
+        /// A path inside a node (keyspace, keyspace/table or a file).
+        path: Option<String>,
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
     /// Delete a snapshot (manifest first).
     Delete {
         /// The snapshot's name (SNAPSHOT_NAME of its backup).

@@ -176,6 +176,96 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             }
             Ok(if ok { exit::OK } else { exit::FAILED })
         }
+        SnapshotsCmd::Show {
+            name,
+            path,
+            store: url,
+            keys,
+        } => {
+            let keys = keys.keys()?;
+            let store = open(g, &url).await?;
+            let m = crate::checks::read_manifest(&*store, &name)
+                .await?
+                .open(keys.as_ref())?;
+            let wanted = |p: &str| {
+                path.as_deref()
+                    .is_none_or(|w| crate::cluster::under(p, w.trim_end_matches('/')))
+            };
+            let mut nodes = Vec::new();
+            for n in &m.cluster.nodes {
+                let object = m.object(&n.object);
+                let files: Vec<_> = n
+                    .files
+                    .iter()
+                    .filter(|f| wanted(&f.path))
+                    .map(|f| {
+                        json!({
+                            "path": f.path,
+                            "size": f.size,
+                            "sha256": f.sha256,
+                            "object": n.object,
+                            "offset": f.entry.map(|e| e.offset),
+                        })
+                    })
+                    .collect();
+                nodes.push(json!({
+                    "index": n.index,
+                    "object": n.object,
+                    "stored_bytes": object.map(|o| o.size),
+                    "seekable": object.is_some_and(|o| o.index.is_some()),
+                    "files": files,
+                }));
+            }
+            if g.json {
+                print_json(&json!({
+                    "snapshot": m.snapshot,
+                    "format_version": m.format_version,
+                    "nodes": nodes,
+                }));
+                return Ok(exit::OK);
+            }
+            crate::out!(
+                "snapshot {} (format {}, {} of data, finished {})",
+                m.snapshot,
+                m.format_version,
+                human(m.total_bytes()),
+                m.finished_at
+            );
+            let mut shown = 0usize;
+            for n in &m.cluster.nodes {
+                let object = m.object(&n.object);
+                let files: Vec<_> = n.files.iter().filter(|f| wanted(&f.path)).collect();
+                if path.is_some() && files.is_empty() {
+                    continue;
+                }
+                crate::out!(
+                    "node {}: {} ({} stored, {}), {} file(s)",
+                    n.index,
+                    n.object,
+                    object.map_or("-".to_string(), |o| human(o.size)),
+                    if object.is_some_and(|o| o.index.is_some()) {
+                        "one file is read without the rest"
+                    } else {
+                        "read whole"
+                    },
+                    files.len()
+                );
+                for f in files {
+                    shown += 1;
+                    let at = f
+                        .entry
+                        .map(|e| format!("  at {}", e.offset))
+                        .unwrap_or_default();
+                    crate::out!("  {:>10}  {}{at}", human(f.size), f.path);
+                }
+            }
+            if let (Some(p), 0) = (&path, shown) {
+                return Err(Error::NotFound(format!(
+                    "snapshot {name} holds nothing at {p:?}"
+                )));
+            }
+            Ok(exit::OK)
+        }
         SnapshotsCmd::Delete {
             name,
             store: url,

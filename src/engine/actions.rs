@@ -374,6 +374,7 @@ async fn backup_schema(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
             key: a.file.clone(),
             size: body.len() as u64,
             sha256,
+            index: None,
         };
         let key = manifest::key(&ctx.spec.snapshot, &a.file);
         ctx.store.put(&key, body.into()).await?;
@@ -1147,6 +1148,7 @@ async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
             key: MANAGER_OBJECT.to_string(),
             size,
             sha256,
+            index: None,
         },
     };
     encode(&out)

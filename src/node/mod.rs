@@ -460,7 +460,7 @@ async fn stream_node(
     let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
     let on_bytes = events.clone();
     let (encrypt, key_name) = (job.encrypt.clone(), key.clone());
-    let (files, size, sha256) = crate::store::upload_stream(
+    let (packed, size, sha256) = crate::store::upload_stream(
         store,
         &key,
         total_bytes,
@@ -473,10 +473,13 @@ async fn stream_node(
             match &encrypt {
                 None => Ok(pack::pack(&scan, sink, progress)?.0),
                 Some(to) => {
-                    // tar → gzip → age: the object is an age file of a .tar.gz.
-                    let (files, w) = pack::pack(&scan, to.wrap(sink)?, progress)?;
+                    // tar → gzip → age: the object is an age file of a .tar.gz. Its
+                    // block index is of the gzip inside, of no use to a ranged read
+                    // of the age file: it is not kept.
+                    let (mut packed, w) = pack::pack(&scan, to.wrap(sink)?, progress)?;
                     w.finish().map_err(|e| Error::io("encrypt", &key_name, e))?;
-                    Ok(files)
+                    packed.index = Default::default();
+                    Ok(packed)
                 }
             }
         },
@@ -490,12 +493,19 @@ async fn stream_node(
             file_count,
             bytes: total_bytes,
             compressed_bytes: size,
-            files,
+            files: packed.files,
+            tree: packed.tree,
         },
         object: ObjectInfo {
             key: object,
             size,
             sha256,
+            index: (!packed.index.offsets.is_empty()).then_some(crate::manifest::BlockIndex {
+                block: packed.index.block,
+                offsets: packed.index.offsets,
+                total: packed.index.total,
+                end: packed.index.end,
+            }),
         },
     })
 }

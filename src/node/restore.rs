@@ -1010,6 +1010,10 @@ async fn stage_into(
 }
 
 /// Download `key` and unpack (into `root`) or verify it against the manifest.
+///
+/// Unpacking only some files (a partial restore) of an object whose manifest says
+/// where they are reads just the blocks that hold them, when that is less than half
+/// the object; everything else reads the whole object and checks its checksum too.
 #[allow(clippy::too_many_arguments)]
 pub async fn read_object(
     store: &dyn Store,
@@ -1025,6 +1029,50 @@ pub async fn read_object(
     cancel: &CancellationToken,
 ) -> Result<unpack::Unpacked> {
     let name = key.to_string();
+    if let (Some(dir), Some(index), None) = (&root, &object.index, &keys)
+        && crate::archive::seek::seekable(&info)
+    {
+        let plan =
+            crate::archive::seek::plan(key, &info, index, |f| selection.restores_file(&f.path))?;
+        if plan.read_bytes() < object.size / 2 {
+            tracing::info!(
+                key,
+                ranges = plan.ranges.len(),
+                read = plan.read_bytes(),
+                size = object.size,
+                "reading only the blocks that hold the selected files"
+            );
+            let dir = dir.clone();
+            let ranges = plan.ranges.clone();
+            return crate::store::read_ranges(store, key, ranges, cancel, move |reader| {
+                let mut assembled = crate::archive::seek::Assembled::new(&plan, reader);
+                let expected = unpack::Expected {
+                    object: &name,
+                    node: &info,
+                    object_size: object.size,
+                    object_sha256: &object.sha256,
+                    keys: None,
+                    owners: owners.as_ref(),
+                    renames: &renames,
+                    partial: true,
+                };
+                let mut out = unpack::unpack(
+                    &mut assembled,
+                    &expected,
+                    &selection,
+                    unpack::Mode::Extract(&dir),
+                    on_bytes,
+                )?;
+                out.read = assembled.into_input().map_or(0, |r| r.received());
+                // The pieces came from the object the checked manifest names; each
+                // file was checked against its SHA-256.
+                out.object_size = object.size;
+                out.object_sha256 = object.sha256.clone();
+                Ok(out)
+            })
+            .await;
+        }
+    }
     crate::store::read_stream(store, key, cancel, move |reader| {
         let expected = unpack::Expected {
             object: &name,
@@ -1034,12 +1082,15 @@ pub async fn read_object(
             keys: keys.as_ref(),
             owners: owners.as_ref(),
             renames: &renames,
+            partial: false,
         };
         let mode = match &root {
             Some(r) => unpack::Mode::Extract(r),
             None => unpack::Mode::Verify,
         };
-        unpack::unpack(reader, &expected, &selection, mode, on_bytes)
+        let mut out = unpack::unpack(reader, &expected, &selection, mode, on_bytes)?;
+        out.read = out.object_size;
+        Ok(out)
     })
     .await
 }

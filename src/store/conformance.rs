@@ -74,6 +74,38 @@ pub async fn run(store: &dyn Store) {
     let got = get_bytes(store, "c/big.bin", 1 << 30).await.expect("get");
     assert!(got.to_vec() == expected, "multipart object differs");
 
+    // ranged reads: inside one part, across parts, up to the end, and one byte
+    let len = expected.len() as u64;
+    for (start, end) in [
+        (7, 1000),
+        (part as u64 - 10, part as u64 * 2 + 10),
+        (len - 1500, len),
+        (len / 2, len / 2 + 1),
+    ] {
+        let mut s = store
+            .get_range("c/big.bin", start, end)
+            .await
+            .expect("range");
+        let mut got = Vec::new();
+        while let Some(chunk) = futures::StreamExt::next(&mut s).await {
+            got.extend_from_slice(&chunk.expect("range chunk"));
+        }
+        assert!(
+            got[..] == expected[start as usize..end as usize],
+            "range {start}-{end} differs ({} bytes)",
+            got.len()
+        );
+    }
+    // Absent: said when the read starts or by its first chunk.
+    let missing = match store.get_range("c/missing", 0, 1).await {
+        Err(e) => e,
+        Ok(mut s) => futures::StreamExt::next(&mut s)
+            .await
+            .expect("an item")
+            .expect_err("absent"),
+    };
+    assert!(matches!(missing, crate::Error::NotFound(_)), "{missing}");
+
     // a cancelled upload leaves nothing visible
     let (tx, rx) = mpsc::channel(2);
     let cancelled = CancellationToken::new();

@@ -261,6 +261,25 @@ impl Store for LocalStore {
         Ok(Box::pin(stream))
     }
 
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<ByteStream> {
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.path(key)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(Error::NotFound(format!("{}/{key}", self.describe())));
+            }
+            Err(e) => return Err(Error::io("open", path, e)),
+        };
+        file.seek(std::io::SeekFrom::Start(start))
+            .await
+            .map_err(|e| Error::io("seek in", &path, e))?;
+        let part = file.take(end.saturating_sub(start));
+        let stream = tokio_util::io::ReaderStream::with_capacity(part, 256 << 10)
+            .map(move |r| r.map_err(|e| Error::io("read", path.clone(), e)));
+        Ok(Box::pin(stream))
+    }
+
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         let path = self.path(key)?;
         match tokio::fs::metadata(&path).await {

@@ -119,6 +119,19 @@ impl Store for MemoryStore {
             .collect();
         Ok(Box::pin(futures::stream::iter(chunks)))
     }
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<ByteStream> {
+        check_key(key)?;
+        let data = lock(&self.objects)
+            .get(key)
+            .cloned()
+            .ok_or_else(|| Error::NotFound(format!("{}/{key}", self.describe())))?;
+        let lo = usize::try_from(start).unwrap_or(usize::MAX).min(data.len());
+        let hi = usize::try_from(end)
+            .unwrap_or(usize::MAX)
+            .clamp(lo, data.len());
+        let part = data.slice(lo..hi);
+        Ok(Box::pin(futures::stream::iter([Ok(part)])))
+    }
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         check_key(key)?;
         Ok(lock(&self.objects).get(key).map(|d| ObjectMeta {

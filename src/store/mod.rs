@@ -87,6 +87,13 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     async fn start_multipart(&self, key: &str) -> Result<Box<dyn MultipartUpload>>;
     /// Read an object as a stream. [`Error::NotFound`] when absent.
     async fn get(&self, key: &str) -> Result<ByteStream>;
+    /// Read bytes `[start, end)` of an object as a stream (ranged GETs on the
+    /// remote backends). The caller keeps `end` within the object. This default
+    /// reads from the start and drops what comes before the range.
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<ByteStream> {
+        let whole = self.get(key).await?;
+        Ok(slice_stream(whole, start, end))
+    }
     /// Size of an object, or `None` when absent.
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
     /// All objects whose key starts with `prefix`, sorted by key.
@@ -164,13 +171,48 @@ where
     F: Fn(u64, u64) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = Result<Bytes>> + Send + 'static,
 {
-    let ranges: Vec<(u64, u64)> = (0..size.div_ceil(RANGE))
-        .map(|i| (i * RANGE, ((i + 1) * RANGE).min(size)))
+    ranged_stream_between(0, size, fetch)
+}
+
+/// Bytes `[start, end)` of an object read as [`ranged_stream`] reads a whole one.
+pub fn ranged_stream_between<F, Fut>(start: u64, end: u64, fetch: F) -> ByteStream
+where
+    F: Fn(u64, u64) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<Bytes>> + Send + 'static,
+{
+    let ranges: Vec<(u64, u64)> = (start..end)
+        .step_by(usize::try_from(RANGE).unwrap_or(usize::MAX))
+        .map(|s| (s, (s + RANGE).min(end)))
         .collect();
     Box::pin(
         futures::stream::iter(ranges)
             .map(move |(start, end)| fetch(start, end))
             .buffered(RANGE_CONCURRENCY),
+    )
+}
+
+/// Bytes `[start, end)` of `whole`, a stream that starts at byte 0.
+pub fn slice_stream(whole: ByteStream, start: u64, end: u64) -> ByteStream {
+    let mut at = 0u64;
+    Box::pin(
+        whole
+            .take_while(move |_| {
+                let more = at < end;
+                futures::future::ready(more)
+            })
+            .filter_map(move |chunk| {
+                let out = chunk.map(|c| {
+                    let (from, to) = (at, at + c.len() as u64);
+                    at = to;
+                    let lo = start.clamp(from, to) - from;
+                    let hi = end.clamp(from, to) - from;
+                    c.slice(lo as usize..hi as usize)
+                });
+                futures::future::ready(match out {
+                    Ok(c) if c.is_empty() => None,
+                    other => Some(other),
+                })
+            }),
     )
 }
 
@@ -256,6 +298,49 @@ pub async fn read_stream<T: Send + 'static>(
         _ = pump => {}
         _ = cancel.cancelled() => return Err(Error::Cancelled),
     }
+    consumer
+        .await
+        .map_err(|e| Error::State(format!("read worker failed: {e}")))?
+}
+
+/// Read the byte ranges `ranges` of `key`, in order, and hand them to `consume` on
+/// a blocking thread as one [`SegmentReader`](crate::archive::io::SegmentReader)
+/// that ends at the end of each range. A failed read reaches `consume` as an error.
+pub async fn read_ranges<T: Send + 'static>(
+    store: &dyn Store,
+    key: &str,
+    ranges: Vec<(u64, u64)>,
+    cancel: &CancellationToken,
+    consume: impl FnOnce(crate::archive::io::SegmentReader) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let (tx, rx) = mpsc::channel::<Result<Option<Bytes>>>(2);
+    let consumer =
+        tokio::task::spawn_blocking(move || consume(crate::archive::io::SegmentReader::new(rx)));
+    let pump = async {
+        for (start, end) in ranges {
+            let mut stream = match store.get_range(key, start, end).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let _ = tx.send(Err(e)).await;
+                    return;
+                }
+            };
+            while let Some(chunk) = stream.next().await {
+                let failed = chunk.is_err();
+                if tx.send(chunk.map(Some)).await.is_err() || failed {
+                    return;
+                }
+            }
+            if tx.send(Ok(None)).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = pump => {}
+        _ = cancel.cancelled() => return Err(Error::Cancelled),
+    }
+    drop(tx);
     consumer
         .await
         .map_err(|e| Error::State(format!("read worker failed: {e}")))?

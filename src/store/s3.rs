@@ -251,7 +251,7 @@ impl S3Store {
         Ok(format!("{}{key}", self.prefix))
     }
 
-    async fn get_range(&self, key: &str, full: &str, start: u64, end: u64) -> Result<Bytes> {
+    async fn fetch_range(&self, key: &str, full: &str, start: u64, end: u64) -> Result<Bytes> {
         with_retries(self.retry, "s3 ranged get", || async {
             let out = self
                 .client
@@ -261,7 +261,13 @@ impl S3Store {
                 .range(format!("bytes={start}-{}", end - 1))
                 .send()
                 .await
-                .map_err(|e| sdk_err("get", key, e))?;
+                .map_err(|e| {
+                    if e.raw_response().map(|r| r.status().as_u16()) == Some(404) {
+                        Error::NotFound(format!("s3://{}/{full}", self.bucket))
+                    } else {
+                        sdk_err("get", key, e)
+                    }
+                })?;
             let data = out.body.collect().await.map_err(|e| Error::Store {
                 op: "get",
                 key: key.to_string(),
@@ -501,7 +507,7 @@ impl Store for S3Store {
             let key = key.to_string();
             return Ok(ranged_stream(size, move |start, end| {
                 let (this, key, full) = (this.clone(), key.clone(), full.clone());
-                async move { this.get_range(&key, &full, start, end).await }
+                async move { this.fetch_range(&key, &full, start, end).await }
             }));
         }
         let out = with_retries(self.retry, "s3 get", || async {
@@ -535,6 +541,16 @@ impl Store for S3Store {
             }
         });
         Ok(Box::pin(stream))
+    }
+
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<ByteStream> {
+        let full = self.full(key)?;
+        let this = self.clone();
+        let key = key.to_string();
+        Ok(super::ranged_stream_between(start, end, move |s, e| {
+            let (this, key, full) = (this.clone(), key.clone(), full.clone());
+            async move { this.fetch_range(&key, &full, s, e).await }
+        }))
     }
 
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {

@@ -155,6 +155,24 @@ impl Store for Throttled {
         });
         Ok(Box::pin(stream))
     }
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> Result<ByteStream> {
+        let limiter = self.limiter.clone();
+        let burst = self.burst;
+        let stream = self
+            .inner
+            .get_range(key, start, end)
+            .await?
+            .then(move |chunk| {
+                let limiter = limiter.clone();
+                async move {
+                    if let Ok(c) = &chunk {
+                        Throttled::take(&limiter, burst, c.len()).await;
+                    }
+                    chunk
+                }
+            });
+        Ok(Box::pin(stream))
+    }
     async fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         self.inner.head(key).await
     }

@@ -33,6 +33,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             bytes: c.declared.iter().map(|f| f.size).sum(),
             compressed_bytes: c.size,
             files: c.declared.clone(),
+            tree: vec![],
         };
         let expected = Expected {
             object: &c.object,
@@ -42,6 +43,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             keys: None,
             owners: None,
             renames: &[],
+            partial: false,
         };
         let file = std::fs::File::open(dir.join(&c.object)).unwrap();
         let result = unpack(
@@ -89,6 +91,7 @@ fn truncated_and_garbage_objects_are_refused() {
         bytes: 0,
         compressed_bytes: 0,
         files: vec![],
+        tree: vec![],
     };
     for bad in [data[..data.len() / 2].to_vec(), b"not gzip at all".to_vec()] {
         let expected = Expected {
@@ -99,6 +102,7 @@ fn truncated_and_garbage_objects_are_refused() {
             keys: None,
             owners: None,
             renames: &[],
+            partial: false,
         };
         let err = unpack(
             &bad[..],

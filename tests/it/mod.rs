@@ -7,6 +7,7 @@ mod azure;
 mod cli;
 mod encryption;
 mod faults;
+mod format;
 mod integrity;
 mod live;
 mod manager;

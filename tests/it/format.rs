@@ -1,0 +1,393 @@
+//! Snapshot format 2: kept format-1 snapshots still restore, node objects stay
+//! standard `.tar.gz` files, and a partial restore reads only the blocks that hold
+//! the files it restores (counted at a store wrapper over a real S3 server).
+
+use super::helpers::*;
+use super::servers::{self, AK, SK};
+use async_trait::async_trait;
+use bytes::Bytes;
+use cairn::store::{ByteStream, Limits, MultipartUpload, ObjectMeta, Store};
+use futures::StreamExt;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Relative path → kind, size and SHA-256 of every regular file and target of
+/// every link under `dir`, limited to the top-level names in `keep`, without the
+/// service's own `snapshots` dirs (which backups leave out).
+fn contents(dir: &Path, keep: &[&str]) -> BTreeMap<String, String> {
+    tree(dir)
+        .into_iter()
+        .filter(|(k, _)| {
+            keep.iter()
+                .any(|t| k == t || k.starts_with(&format!("{t}/")))
+        })
+        .filter(|(k, _)| !k.split('/').any(|c| c == "snapshots"))
+        .map(|(k, v)| {
+            // Fingerprints are "kind mode mtime size links sha" or a link target:
+            // keep the kind, size and content, not the time of the checkout.
+            let f: Vec<&str> = v.split(' ').collect();
+            let keep = match f.first() {
+                Some(&"file") if f.len() >= 6 => format!("file {} {}", f[3], f[5]),
+                Some(&"dir") => "dir".to_string(),
+                _ => v.clone(),
+            };
+            (k, keep)
+        })
+        .collect()
+}
+
+fn demo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/demo-cluster")
+}
+
+#[test]
+fn a_kept_format_1_snapshot_restores_byte_for_byte_with_the_current_code() {
+    let sb = Sandbox::new();
+    let kept = Path::new(env!("CARGO_MANIFEST_DIR")).join("testdata/snapshots/v1/kept-v1");
+    let manifest = std::fs::read_to_string(kept.join("manifest.json")).unwrap();
+    assert!(
+        manifest.contains("\"format_version\": 1"),
+        "the fixture is format 1"
+    );
+    std::fs::create_dir_all(sb.path("store/kept-v1")).unwrap();
+    for f in std::fs::read_dir(&kept).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), sb.path("store/kept-v1").join(f.file_name())).unwrap();
+    }
+    let out = sb.ok(&[
+        "snapshots",
+        "verify",
+        "kept-v1",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+    assert!(text(&out).0.contains("kept-v1"), "{:?}", text(&out));
+    let tgt = target_cluster(sb.dir.path(), "tgt", 3);
+    sb.ok(&start_args("restore-local", &tgt, "kept-v1", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    for i in 0..3 {
+        let want = contents(&demo().join(format!("node-{i}")), &["app", "metrics"]);
+        let got = contents(&sb.path(&format!("tgt/node-{i}")), &["app", "metrics"]);
+        assert!(want.len() > 5, "node {i}: the demo cluster has files");
+        assert_eq!(
+            want, got,
+            "node {i} differs from the cluster it was taken from"
+        );
+    }
+    // A partial restore of a format-1 snapshot reads the whole object (it has no
+    // index) and still restores just the path.
+    let part = target_cluster(sb.dir.path(), "part", 3);
+    sb.ok(
+        &start_args("restore-local", &part, "kept-v1", &["PATHS=app"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    let got = contents(&sb.path("part/node-1"), &["app", "metrics"]);
+    assert_eq!(got, contents(&demo().join("node-1"), &["app"]));
+}
+
+#[test]
+fn a_new_snapshot_is_format_2_and_its_objects_are_plain_tar_gz() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 3 << 20);
+    sb.ok(&start_args("backup-local", &src, "s", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.path("store/s/manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["format_version"], 2);
+    let obj = m["objects"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|o| o["key"] == "node-0.tar.gz")
+        .unwrap();
+    assert!(
+        obj["index"]["offsets"].as_array().unwrap().len() >= 3,
+        "{obj}"
+    );
+    let files = m["cluster"]["nodes"][0]["files"].as_array().unwrap();
+    assert!(
+        files
+            .iter()
+            .all(|f| f["entry"]["length"].as_u64().unwrap() >= 512)
+    );
+    // `tar xzf` reads it as the standard archive it is.
+    let x = sb.path("x");
+    std::fs::create_dir(&x).unwrap();
+    let st = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(sb.path("store/s/node-0.tar.gz"))
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let source = contents(&sb.path("src/node-0"), &["app", "metrics"]);
+    assert_eq!(contents(&x, &["app", "metrics"]), source);
+
+    // A partial restore of one table reads only its blocks (-v logs it) and keeps
+    // modes, times, the link and the odd names exactly.
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    let mut args = vec!["-v".to_string()];
+    args.extend(start_args(
+        "restore-local",
+        &tgt,
+        "s",
+        &["PATHS=app/users-1"],
+    ));
+    let out = sb.run_v(&args);
+    let (o, e) = text(&out);
+    assert!(
+        out.status.success(),
+        "{o}
+{e}"
+    );
+    assert!(e.contains("reading only the blocks"), "{e}");
+    for i in 0..2 {
+        let want: BTreeMap<_, _> = tree(&sb.path(&format!("src/node-{i}")))
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("app/users-1"))
+            .collect();
+        let got: BTreeMap<_, _> = tree(&sb.path(&format!("tgt/node-{i}")))
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("app/"))
+            .collect();
+        assert_eq!(want.len(), 5, "{want:?}");
+        assert_eq!(got, want, "node {i}");
+    }
+
+    // `snapshots show` lists the files and where they are.
+    let out = sb.ok(&["snapshots", "show", "s", "app/users-1", "--store", "store"]);
+    let (o, _) = text(&out);
+    assert!(o.contains("format 2"), "{o}");
+    assert!(o.contains("app/users-1/nb-1-Data.db  at "), "{o}");
+    assert!(!o.contains("big.db") && !o.contains("metrics/"), "{o}");
+    let out = sb.ok(&["--json", "snapshots", "show", "s", "--store", "store"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["nodes"][1]["seekable"], true);
+    assert!(v["nodes"][1]["files"].as_array().unwrap().len() >= 6);
+    let out = sb.run(&[
+        "snapshots",
+        "show",
+        "s",
+        "app/nothing-here",
+        "--store",
+        "store",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
+}
+
+/// A store that counts the bytes read from it.
+#[derive(Debug)]
+struct Counting {
+    inner: Arc<dyn Store>,
+    read: Arc<AtomicU64>,
+}
+
+impl Counting {
+    fn counted(&self, s: ByteStream) -> ByteStream {
+        let read = self.read.clone();
+        Box::pin(s.inspect(move |c| {
+            if let Ok(c) = c {
+                read.fetch_add(c.len() as u64, Ordering::SeqCst);
+            }
+        }))
+    }
+}
+
+#[async_trait]
+impl Store for Counting {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn limits(&self) -> Limits {
+        self.inner.limits()
+    }
+    async fn put(&self, key: &str, data: Bytes) -> cairn::Result<()> {
+        self.inner.put(key, data).await
+    }
+    async fn start_multipart(&self, key: &str) -> cairn::Result<Box<dyn MultipartUpload>> {
+        self.inner.start_multipart(key).await
+    }
+    async fn get(&self, key: &str) -> cairn::Result<ByteStream> {
+        Ok(self.counted(self.inner.get(key).await?))
+    }
+    async fn get_range(&self, key: &str, start: u64, end: u64) -> cairn::Result<ByteStream> {
+        Ok(self.counted(self.inner.get_range(key, start, end).await?))
+    }
+    async fn head(&self, key: &str) -> cairn::Result<Option<ObjectMeta>> {
+        self.inner.head(key).await
+    }
+    async fn list(&self, prefix: &str) -> cairn::Result<Vec<ObjectMeta>> {
+        self.inner.list(prefix).await
+    }
+    async fn delete(&self, key: &str) -> cairn::Result<()> {
+        self.inner.delete(key).await
+    }
+}
+
+fn random_file(path: &Path, len: u64) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut f = std::fs::File::create(path).unwrap();
+    let mut src = std::fs::File::open("/dev/urandom").unwrap().take(len);
+    std::io::copy(&mut src, &mut f).unwrap();
+}
+
+#[test]
+fn one_file_of_a_256_mib_node_restores_reading_at_most_3_mib() {
+    let data = tempfile::tempdir().unwrap();
+    let Some(server) = servers::s3s_fs(data.path(), 0) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bucket = rt.block_on(servers::fresh_bucket(&server.endpoint));
+    let sb = Sandbox::new();
+    // 256 MiB of incompressible SSTables in 4 tables; the wanted 1 MiB file sits in
+    // the middle, at no block boundary.
+    let node = sb.path("big/node-0");
+    let mut n = 0;
+    for t in 0..4 {
+        for i in 0..8 {
+            let len = if t == 2 && i == 3 {
+                1 << 20
+            } else {
+                (8 << 20) + (256 << 10) + n * 97
+            };
+            random_file(&node.join(format!("ks/t{t}/nb-{i}-big-Data.db")), len);
+            n += 1;
+        }
+    }
+    let total: u64 = walk_sizes(&node);
+    assert!(total >= 256 << 20, "{total}");
+    let cluster = cluster_file(&sb.path("big.toml"), "big", &[(0, node.clone())], "");
+    let params: Vec<String> = [
+        "SNAPSHOT_NAME=big".to_string(),
+        format!("AWS_ACCESS_KEY_ID={AK}"),
+        format!("AWS_SECRET_ACCESS_KEY={SK}"),
+        "AWS_REGION=us-east-1".to_string(),
+        format!("S3_BUCKET_NAME={bucket}"),
+        format!("S3_ENDPOINT_URL={}", server.endpoint),
+    ]
+    .into_iter()
+    .flat_map(|p| ["-p".to_string(), p])
+    .collect();
+    let mut args = vec![
+        "plan",
+        "start",
+        "backup-s3",
+        "-q",
+        "--cluster",
+        cluster.to_str().unwrap(),
+    ];
+    args.extend(params.iter().map(String::as_str));
+    sb.ok(&args);
+
+    let wanted = "ks/t2/nb-3-big-Data.db";
+    let options: BTreeMap<String, String> = [
+        ("region", "us-east-1"),
+        ("endpoint", server.endpoint.as_str()),
+        ("access_key_id", AK),
+        ("secret_access_key", SK),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let out = sb.path("restored");
+    std::fs::create_dir(&out).unwrap();
+    let (read, object_size) = rt.block_on(async {
+        let inner = cairn::store::open(&format!("s3://{bucket}"), &options)
+            .await
+            .unwrap();
+        let read = Arc::new(AtomicU64::new(0));
+        let store = Counting {
+            inner,
+            read: read.clone(),
+        };
+        let m = cairn::checks::read_manifest(&store, "big").await.unwrap();
+        let info = m.node(0).unwrap().clone();
+        let object = m.object(&info.object).unwrap().clone();
+        let size = object.size;
+        read.store(0, Ordering::SeqCst);
+        let selection = cairn::cluster::Selection::parse("")
+            .with_paths(wanted)
+            .unwrap();
+        let done = cairn::node::restore::read_object(
+            &store,
+            &format!("big/{}", info.object),
+            info,
+            object,
+            selection,
+            Some(out.clone()),
+            None,
+            None,
+            vec![],
+            |_| {},
+            &tokio_util::sync::CancellationToken::new(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(done.files, 1);
+        (read.load(Ordering::SeqCst), size)
+    });
+    eprintln!("ranged restore of 1 MiB read {read} of {object_size} bytes");
+    assert!(object_size >= 256 << 20, "{object_size}");
+    assert!(
+        read <= 3 << 20,
+        "read {read} bytes of a {object_size}-byte object for 1 MiB"
+    );
+    assert_eq!(
+        std::fs::read(out.join(wanted)).unwrap(),
+        std::fs::read(node.join(wanted)).unwrap()
+    );
+    assert_eq!(walk_sizes(&out), 1 << 20, "only the wanted file");
+
+    // Through the plan: the same file, restored and moved into an empty target.
+    let tgt = cluster_file(
+        &sb.path("tgt.toml"),
+        "tgt",
+        &[(0, sb.path("tgt/node-0"))],
+        "",
+    );
+    let path = format!("PATHS={wanted}");
+    let mut args = vec![
+        "-v",
+        "plan",
+        "start",
+        "restore-s3",
+        "--cluster",
+        tgt.to_str().unwrap(),
+    ];
+    args.extend(params.iter().map(String::as_str));
+    args.extend(["-p", path.as_str()]);
+    let o = sb.ok(&args);
+    let (_, e) = text(&o);
+    assert!(e.contains("reading only the blocks"), "{e}");
+    assert_eq!(
+        std::fs::read(sb.path("tgt/node-0").join(wanted)).unwrap(),
+        std::fs::read(node.join(wanted)).unwrap()
+    );
+    assert_eq!(walk_sizes(&sb.path("tgt/node-0")), 1 << 20);
+}
+
+fn walk_sizes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).unwrap() {
+        let e = e.unwrap();
+        let m = std::fs::symlink_metadata(e.path()).unwrap();
+        if m.is_dir() {
+            total += walk_sizes(&e.path());
+        } else if m.is_file() {
+            total += m.len();
+        }
+    }
+    total
+}
