@@ -1,18 +1,23 @@
 #!/usr/bin/env python3
-"""Format 2 in one run on the same data:
+"""Format 2 in one run on the same data: a Cassandra-like node whose SSTables are
+half incompressible (compressed Data.db files of 2-9 MiB) with small, compressible
+Index/Summary/Statistics files between them, so that compression blocks mix both.
 
-* size: cairn's node-0.tar.gz against `tar cf - | gzip -6` (and pigz -6 when
-  installed) of the same keyspaces, on a Cassandra-like node whose SSTables are
-  half incompressible and whose blocks mix the two (small index, summary and
-  statistics files between large compressed Data.db files);
-* single-file restore: `restore-local -p PATHS=<one 1 MiB file>` (ranged reads of
-  the blocks that hold it) against restoring the whole node, and against
-  `tar xzf OBJECT PATH`, which must read the archive from its start.
+* backup: cairn backup-local with COMPRESSION=gzip and zstd, against
+  `tar | gzip -6`, `tar | pigz -6`, `tar | zstd -T0` and restic (apt; a local
+  repository, compression auto) — time and stored size; and the size cairn's
+  former store-or-deflate rule (a whole 1 MiB block judged by its first 64 KiB)
+  gives on the same tar stream (simulated with Python's zlib);
+* nightly: ~5 % new SSTables, then the same backups again (cairn has no
+  differential backups yet: each is full; restic's is incremental);
+* restore: the whole node, and one 1 MiB file (`PATHS=`: ranged reads of the blocks
+  that hold it), against `tar xzf OBJECT FILE`, `restic restore` and
+  `restic restore --include FILE`.
 
-    python3 benches/format_v2.py [--mib 256] [--reps 5] [--out bench-out-format]
+    python3 benches/format_v2.py [--mib 256] [--reps 3] [--out bench-out-format]
 
-Reports medians and ratios, and each process's peak RSS."""
-import argparse, os, random, shutil, statistics, subprocess, sys
+Prints medians (seconds), ratios and each process's peak RSS."""
+import argparse, json, os, random, shutil, statistics, subprocess, sys, zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, run  # noqa: E402
@@ -20,13 +25,12 @@ from common import ROOT, run  # noqa: E402
 WANTED = "shop/orders-1/nb-7-big-Data.db"
 
 
-def cassandra_node(node, mib):
-    """Tables of SSTables: a compressed (random) Data.db of 2-9 MiB with small,
-    compressible components beside it, until `mib` MiB; one Data.db is exactly
-    1 MiB, the file a single-file restore fetches."""
-    rnd = random.Random(7)
+def sstables(node, mib, seed, start=0):
+    """Tables of SSTables until `mib` MiB; generation 7 of table 1 is a 1 MiB
+    Data.db, the file a single-file restore fetches."""
+    rnd = random.Random(seed)
     words = [w.encode() for w in "id name email city order amount sensor reading ok failed".split()]
-    total, n = 0, 0
+    total, n = 0, start
     while total < mib << 20:
         table = f"{node}/shop/orders-{n // 8}"
         os.makedirs(table, exist_ok=True)
@@ -47,66 +51,162 @@ def cassandra_node(node, mib):
             f.write("Data.db\nIndex.db\nSummary.db\nStatistics.db\nFilter.db\nTOC.txt\n")
         total += size + len(text)
         n += 1
+    return n
+
+
+def old_rule_size(tar_path):
+    """The gzip size of cairn's former rule: each 1 MiB block stored whole when a
+    level-1 deflate of its first 64 KiB shrank it by less than 3 %."""
+    total = 18
+    with open(tar_path, "rb") as f:
+        while block := f.read(1 << 20):
+            sample = block[: 64 << 10]
+            probe = zlib.compressobj(1, zlib.DEFLATED, -15)
+            plen = len(probe.compress(sample) + probe.flush(zlib.Z_SYNC_FLUSH))
+            if plen * 100 > len(sample) * 97:
+                total += len(block) + 5 * -(-len(block) // 65535)
+            else:
+                c = zlib.compressobj(6, zlib.DEFLATED, -15)
+                total += len(c.compress(block) + c.flush(zlib.Z_SYNC_FLUSH))
+    return total
+
+
+def dir_size(d):
+    return sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs)
+
+
+def med(rs):
+    return statistics.median(r["secs"] for r in rs)
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--mib", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out-format"))
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=ROOT, check=True)
     cairn = os.path.join(ROOT, "target/release/cairn")
+    restic = shutil.which("restic")
+    if not restic:
+        print("restic not found (apt-get install restic): its rows are left out")
     shutil.rmtree(a.out, ignore_errors=True)
     os.makedirs(a.out)
     node = os.path.join(a.out, "src/node-0")
-    cassandra_node(node, a.mib)
-    data = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(node) for f in fs)
+    tables = sstables(node, a.mib, 7)
     with open(os.path.join(a.out, "src.toml"), "w") as f:
         f.write(f'name = "bench"\n[[nodes]]\nindex = 0\ndata_dir = "{node}"\n')
-    env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"))
+    env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"), RESTIC_PASSWORD="bench-password-1")
     store = os.path.join(a.out, "store")
-    r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
-             "-p", "SNAPSHOT_NAME=s", "-p", f"BACKUP_DIR={store}"], env=env)
-    obj = f"{store}/s/node-0.tar.gz"
-    sizes = {"cairn .tar.gz": os.path.getsize(obj)}
-    tar = os.path.join(a.out, "node.tar")
-    subprocess.run(["tar", "cf", tar, "-C", node, "shop"], check=True)
-    for tool in (["gzip", "-6"], ["pigz", "-6"]):
-        if shutil.which(tool[0]):
-            out = subprocess.run(tool + ["-c", tar], check=True, capture_output=True).stdout
-            sizes[" ".join(tool)] = len(out)
-    os.remove(tar)
-    print(f"data: {data / (1 << 20):.0f} MiB in one node; backup {data / (1 << 20) / r['secs']:.0f} MiB/s, "
-          f"peak RSS {r['rss_kib'] // 1024} MiB")
-    base = sizes["gzip -6"]
-    for k, v in sizes.items():
-        print(f"  {k:<16} {v / (1 << 20):8.1f} MiB  {v / base:.3f}x gzip -6")
+    times, sizes, rss = {}, {}, {}
 
-    times = {}
+    def rec(name, r, size=None):
+        times.setdefault(name, []).append(r)
+        rss[name] = max(rss.get(name, 0), r["rss_kib"] // 1024)
+        if size is not None:
+            sizes[name] = size
+
+    def cairn_backup(name, codec, snap):
+        r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
+                 "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}", "-p", f"COMPRESSION={codec}"], env=env)
+        ext = "tar.gz" if codec == "gzip" else "tar.zst"
+        rec(name, r, os.path.getsize(f"{store}/{snap}/node-0.{ext}"))
+
+    def shell(name, cmd, out):
+        r = run(["sh", "-c", cmd])
+        rec(name, r, os.path.getsize(out))
+        os.remove(out)
+
+    def restic_backup(name, repo):
+        r = run([restic, "-q", "-r", repo, "backup", "--compression", "auto", "shop"], cwd=node, env=env)
+        rec(name, r, dir_size(repo))
+
+    data = dir_size(node)
+    tarfile = os.path.join(a.out, "node.tar")
+    subprocess.run(["tar", "cf", tarfile, "-C", node, "shop"], check=True)
+    old = old_rule_size(tarfile)
+    os.remove(tarfile)
     for rep in range(a.reps):
-        for name, extra in (("cairn restore, whole node", []), ("cairn restore, one 1 MiB file", ["-p", f"PATHS={WANTED}"])):
+        cairn_backup("cairn gzip", "gzip", f"g{rep}")
+        cairn_backup("cairn zstd", "zstd", f"z{rep}")
+        o = os.path.join(a.out, "o")
+        shell("tar | gzip -6", f"tar cf - -C '{node}' shop | gzip -6 > '{o}'", o)
+        if shutil.which("pigz"):
+            shell("tar | pigz -6", f"tar cf - -C '{node}' shop | pigz -6 > '{o}'", o)
+        if shutil.which("zstd"):
+            shell("tar | zstd -T0", f"tar cf - -C '{node}' shop | zstd -q -T0 > '{o}'", o)
+        if restic:
+            repo = os.path.join(a.out, f"restic{rep}")
+            subprocess.run([restic, "-q", "-r", repo, "init", "--repository-version", "2"], env=env, check=True,
+                           capture_output=True)
+            restic_backup("restic", repo)
+    mib = data / (1 << 20)
+    base = sizes["tar | gzip -6"]
+    print(f"data: {mib:.0f} MiB in one node; full backup ({a.reps} reps, median):")
+    for k, rs in times.items():
+        m = med(rs)
+        print(f"  {k:<16} {m:7.2f} s {mib / m:6.0f} MiB/s  stored {sizes[k] / (1 << 20):7.1f} MiB "
+              f"({sizes[k] / base:.3f}x gzip -6)  peak RSS {rss[k]} MiB")
+    print(f"  former rule (simulated) stored {old / (1 << 20):7.1f} MiB ({old / base:.3f}x gzip -6)")
+    full = {k: med(v) for k, v in times.items()}
+
+    # Nightly: ~5 % new SSTables, then each tool again.
+    sstables(node, max(1, a.mib // 20), 11, start=tables)
+    night = {}
+    for rep in range(a.reps):
+        times.clear()
+        cairn_backup("cairn gzip", "gzip", f"ng{rep}")
+        cairn_backup("cairn zstd", "zstd", f"nz{rep}")
+        if restic:
+            # Each rep from a copy of the repository after the full backup.
+            repo = os.path.join(a.out, f"restic{rep}")
+            before = dir_size(repo)
+            restic_backup("restic", repo)
+            sizes["restic"] = dir_size(repo) - before
+        for k, v in times.items():
+            night.setdefault(k, []).extend(v)
+    print(f"nightly backup after ~5 % new SSTables ({a.reps} reps, median; stored = what the nightly added):")
+    for k, rs in night.items():
+        m = med(rs)
+        print(f"  {k:<16} {m:7.2f} s  ({full[k] / m:.1f}x the full backup's speed)  stored {sizes[k] / (1 << 20):7.1f} MiB")
+
+    # Restores from the first full backup.
+    res = {}
+    for rep in range(a.reps):
+        for name, snap, extra in (("cairn gzip, node", "g0", []), ("cairn gzip, 1 file", "g0", ["-p", f"PATHS={WANTED}"]),
+                                  ("cairn zstd, node", "z0", []), ("cairn zstd, 1 file", "z0", ["-p", f"PATHS={WANTED}"])):
             tgt = os.path.join(a.out, "tgt")
             with open(os.path.join(a.out, "tgt.toml"), "w") as f:
                 f.write(f'name = "t"\n[[nodes]]\nindex = 0\ndata_dir = "{tgt}/node-0"\n')
             r = run([cairn, "-q", "plan", "start", "restore-local", "--cluster", os.path.join(a.out, "tgt.toml"),
-                     "-p", "SNAPSHOT_NAME=s", "-p", f"BACKUP_DIR={store}"] + extra, env=env)
-            if extra:
-                with open(f"{tgt}/node-0/{WANTED}", "rb") as got, open(f"{node}/{WANTED}", "rb") as want:
-                    assert got.read() == want.read(), "restored file differs"
-            times.setdefault(name, []).append(r)
+                     "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}"] + extra, env=env)
+            with open(f"{tgt}/node-0/{WANTED}", "rb") as got, open(f"{node}/{WANTED}", "rb") as want:
+                assert got.read() == want.read(), f"{name}: restored file differs"
+            res.setdefault(name, []).append(r)
             shutil.rmtree(tgt)
         x = os.path.join(a.out, "x")
         os.makedirs(x)
-        r = run(["tar", "xzf", obj, "-C", x, WANTED])
-        times.setdefault("tar xzf OBJECT one-file", []).append(r)
+        res.setdefault("tar xzf, 1 file", []).append(run(["tar", "xzf", f"{store}/g0/node-0.tar.gz", "-C", x, WANTED]))
         shutil.rmtree(x)
-    whole = statistics.median(t["secs"] for t in times["cairn restore, whole node"])
+        if restic:
+            # The full backup's snapshot (the repository also holds the nightly).
+            repo = os.path.join(a.out, "restic0")
+            first = json.loads(subprocess.run([restic, "-r", repo, "snapshots", "--json"], env=env, check=True,
+                                              capture_output=True, text=True).stdout)[0]["id"]
+            os.makedirs(x)
+            res.setdefault("restic, node", []).append(run([restic, "-q", "-r", repo, "restore", first, "--target", x], env=env))
+            shutil.rmtree(x)
+            os.makedirs(x)
+            res.setdefault("restic, 1 file", []).append(
+                run([restic, "-q", "-r", repo, "restore", first, "--target", x, "--include", f"{node}/{WANTED}"], env=env))
+            assert os.path.getsize(f"{x}/{node}/{WANTED}") == 1 << 20, "restic restored the file"
+            shutil.rmtree(x)
     print(f"restore ({a.reps} reps, median):")
-    for k, rs in times.items():
-        m = statistics.median(t["secs"] for t in rs)
-        rss = max(t["rss_kib"] for t in rs) // 1024
-        print(f"  {k:<32} {m:7.3f} s  {whole / m:6.1f}x faster than the whole node  peak RSS {rss} MiB")
+    for k, rs in res.items():
+        m = med(rs)
+        node_time = med(res[k.split(",")[0] + ", node"]) if k.split(",")[0] + ", node" in res else None
+        ratio = f"  {node_time / m:5.1f}x faster than its whole node" if node_time and "1 file" in k else ""
+        print(f"  {k:<20} {m:7.3f} s{ratio}  peak RSS {max(r['rss_kib'] for r in rs) // 1024} MiB")
 
 
 if __name__ == "__main__":

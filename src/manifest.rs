@@ -230,8 +230,14 @@ pub fn key(snapshot: &str, name: &str) -> String {
     format!("{snapshot}/{name}")
 }
 
-pub fn node_object(index: u32) -> String {
-    format!("node-{index}.tar.gz")
+/// A node's object: `node-<i>.tar.gz`, or `node-<i>.tar.zst` with zstd.
+pub fn node_object(index: u32, codec: crate::archive::Codec) -> String {
+    format!("node-{index}.{}", codec.extension())
+}
+
+/// Whether `name` is a name node `index`'s object may have.
+pub fn is_node_object(index: u32, name: &str) -> bool {
+    crate::archive::Codec::of_object(name).is_some_and(|c| name == node_object(index, c))
 }
 
 impl Manifest {
@@ -270,7 +276,7 @@ impl Manifest {
             return Err(bad(format!("names snapshot {:?}", m.snapshot)));
         }
         for n in &m.cluster.nodes {
-            if n.object != node_object(n.index) || !m.objects.iter().any(|o| o.key == n.object) {
+            if !is_node_object(n.index, &n.object) || !m.objects.iter().any(|o| o.key == n.object) {
                 return Err(bad(format!(
                     "node {} has an unexpected object {:?}",
                     n.index, n.object
@@ -280,6 +286,31 @@ impl Manifest {
                 if !valid_segment(ks) {
                     return Err(bad(format!(
                         "keyspace name {ks:?} is not a plain directory name"
+                    )));
+                }
+            }
+            // The tree is what a partial restore recreates without reading the
+            // archive: refused here, before anything runs, when it could not be
+            // an archive's.
+            for t in &n.tree {
+                let top = t.path.split('/').next().unwrap_or("");
+                if !t.path.split('/').all(valid_entry_segment)
+                    || !n.keyspaces.iter().any(|k| k == top)
+                {
+                    return Err(bad(format!(
+                        "node {}: the tree entry {:?} is not a relative path inside the node's keyspaces",
+                        n.index,
+                        crate::plan::params::shorten(&t.path)
+                    )));
+                }
+                if t.link
+                    .as_deref()
+                    .is_some_and(|l| l.is_empty() || l.contains('\0'))
+                {
+                    return Err(bad(format!(
+                        "node {}: the link {:?} has an empty or impossible target",
+                        n.index,
+                        crate::plan::params::shorten(&t.path)
                     )));
                 }
             }
@@ -378,6 +409,11 @@ impl Manifest {
             .iter()
             .fold(0u64, |a, n| a.saturating_add(n.bytes))
     }
+}
+
+/// A segment of a path in the archive: any name a directory may hold.
+fn valid_entry_segment(s: &str) -> bool {
+    !s.is_empty() && s != "." && s != ".." && !s.contains('\0')
 }
 
 fn valid_segment(s: &str) -> bool {

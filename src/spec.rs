@@ -98,6 +98,9 @@ pub struct RunSpec {
     /// exists (its schema was recreated).
     #[serde(default)]
     pub table_by_name: bool,
+    /// How a backup compresses its node archives (`COMPRESSION`).
+    #[serde(default)]
+    pub compression: crate::archive::Codec,
     /// A backup's tags, written into its manifest.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -220,6 +223,18 @@ pub fn compile(
                 Selection::default()
             }
         };
+    // A path in a keyspace KEYSPACES leaves out would restore nothing, quietly.
+    if let Some(ks) = &selection.keyspaces {
+        for p in &selection.paths {
+            let top = p.split('/').next().unwrap_or("");
+            if !ks.contains(top) {
+                problems.push(format!(
+                    "PATHS entry {p:?} is in keyspace {top:?}, which KEYSPACES ({}) leaves out: it would restore nothing",
+                    ks.iter().cloned().collect::<Vec<_>>().join(",")
+                ));
+            }
+        }
+    }
 
     let nodes_text = params.expand(&t.nodes);
     let nodes = if nodes_text.trim().is_empty() {
@@ -286,6 +301,16 @@ pub fn compile(
             crate::plan::params::shorten(bad)
         ));
     }
+    let compression = match crate::archive::Codec::parse(&params.expand(&t.compression)) {
+        Some(c) => c,
+        None => {
+            problems.push(format!(
+                "COMPRESSION: {:?} is not gzip or zstd",
+                crate::plan::params::shorten(&params.expand(&t.compression))
+            ));
+            crate::archive::Codec::Gzip
+        }
+    };
     let restore_schema = match params.expand(&t.restore_schema).trim() {
         "" | "false" => false,
         "true" => true,
@@ -448,6 +473,7 @@ pub fn compile(
         restore_schema,
         table_by_name,
         tags,
+        compression,
         bandwidth,
         steps: expand_steps(plan, &run_cluster),
         phases,
@@ -653,6 +679,11 @@ impl RunSpec {
             other.manager_credentials.to_string(),
         );
         diff("TAGS", self.tags.join(","), other.tags.join(","));
+        diff(
+            "COMPRESSION",
+            self.compression.name().to_string(),
+            other.compression.name().to_string(),
+        );
         let mapping = |by_name: bool| if by_name { "by-name" } else { "exact" }.to_string();
         diff(
             "TABLE_MAPPING",

@@ -248,10 +248,10 @@ fn header(e: &ScanEntry, kind: tar::EntryType, size: u64, names: &Names) -> tar:
 }
 
 /// The compressor every node archive goes through: parallel gzip at level
-/// [`super::GZIP_LEVEL`] on as many threads as the machine has cores.
-pub fn compressor<W: Write>(out: W) -> super::pargz::ParGzEncoder<W> {
+/// [`super::GZIP_LEVEL`] (or zstd) on as many threads as the machine has cores.
+pub fn compressor<W: Write>(out: W, codec: super::Codec) -> super::pargz::ParGzEncoder<W> {
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    super::pargz::ParGzEncoder::new(out, super::GZIP_LEVEL, threads)
+    super::pargz::ParGzEncoder::with_codec(out, codec, super::GZIP_LEVEL, threads)
 }
 
 /// Reports progress every few MiB while a (possibly huge) file is read.
@@ -301,11 +301,16 @@ fn tree_entry(e: &ScanEntry, offset: u64, link: Option<String>, names: &Names) -
     }
 }
 
-/// Archive the scanned entries into `out` (tar inside gzip). `progress` is called
-/// with the number of file bytes read so far. Returns the listing (files, tree and
-/// block index) and `out`, flushed and finished.
-pub fn pack<W: Write>(scan: &Scan, out: W, mut progress: impl FnMut(u64)) -> Result<(Packed, W)> {
-    let mut tar = tar::Builder::new(compressor(out));
+/// Archive the scanned entries into `out` (tar inside gzip or zstd). `progress` is
+/// called with the number of file bytes read so far. Returns the listing (files,
+/// tree and block index) and `out`, flushed and finished.
+pub fn pack<W: Write>(
+    scan: &Scan,
+    out: W,
+    codec: super::Codec,
+    mut progress: impl FnMut(u64),
+) -> Result<(Packed, W)> {
+    let mut tar = tar::Builder::new(compressor(out, codec));
     let mut files = Vec::with_capacity(scan.file_count as usize);
     let mut tree = Vec::new();
     let mut done = 0u64;
@@ -394,7 +399,8 @@ mod tests {
         std::fs::write(&f, b"0123456789").expect("write");
         let scan = scan(dir.path(), &["ks".to_string()], &Excludes::default()).expect("scan");
         std::fs::write(&f, b"0123456789 and more written by a live service").expect("grow");
-        let err = pack(&scan, Vec::new(), |_| {}).expect_err("must fail");
+        let err =
+            pack(&scan, Vec::new(), crate::archive::Codec::Gzip, |_| {}).expect_err("must fail");
         assert!(err.to_string().contains("grew"), "{err}");
         assert!(err.to_string().contains("data.db"), "{err}");
     }

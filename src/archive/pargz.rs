@@ -1,5 +1,8 @@
 //! Parallel gzip: one valid gzip member whose deflate stream is made of independently
-//! compressed blocks (as pigz does), compressed on a small pool of threads.
+//! compressed blocks (as pigz does), compressed on a small pool of threads. With
+//! [`Codec::Zstd`] the same blocks become one zstd frame each (with its checksum),
+//! which concatenate into a valid zstd stream (`zstd -d` reads it) and can each be
+//! decompressed alone: the seekable layout.
 //!
 //! * The input is cut into fixed 1 MiB blocks; each is deflated on its own and ended
 //!   with a sync flush (byte-aligned, not final), so the blocks concatenate into one
@@ -18,6 +21,7 @@
 //!   number of threads, so re-running a node after a crash gives the same bytes.
 //! * Memory is bounded: at most `2 × threads` blocks in flight.
 
+use super::Codec;
 use flate2::{Compress, Compression, FlushCompress};
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -50,6 +54,7 @@ struct Done {
 pub struct ParGzEncoder<W: Write> {
     inner: Option<W>,
     level: u32,
+    codec: Codec,
     block: Vec<u8>,
     jobs: Option<SyncSender<Job>>,
     results: Receiver<Done>,
@@ -151,7 +156,23 @@ fn compress_block(level: u32, data: &[u8]) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
-fn worker(level: u32, jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<Done>) {
+/// One zstd frame of `data`, with its content size and checksum.
+fn zstd_frame(z: &mut Option<zstd::bulk::Compressor<'static>>, data: &[u8]) -> io::Result<Vec<u8>> {
+    if z.is_none() {
+        let mut c = zstd::bulk::Compressor::new(super::ZSTD_LEVEL)?;
+        c.include_checksum(true)?;
+        c.include_contentsize(true)?;
+        *z = Some(c);
+    }
+    match z {
+        Some(c) => c.compress(data),
+        None => Err(io::Error::other("no zstd compressor")),
+    }
+}
+
+fn worker(level: u32, codec: Codec, jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<Done>) {
+    // Each thread keeps its zstd context: made once, reused for every block.
+    let mut zstd = None;
     loop {
         let job = {
             let rx = match jobs.lock() {
@@ -161,12 +182,18 @@ fn worker(level: u32, jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<Done>
             rx.recv()
         };
         let Ok(job) = job else { return };
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(&job.data);
+        let (deflated, crc) = match codec {
+            Codec::Gzip => {
+                let mut crc = crc32fast::Hasher::new();
+                crc.update(&job.data);
+                (compress_block(level, &job.data), crc.finalize())
+            }
+            Codec::Zstd => (zstd_frame(&mut zstd, &job.data), 0),
+        };
         let done = Done {
             seq: job.seq,
-            deflated: compress_block(level, &job.data),
-            crc: crc.finalize(),
+            deflated,
+            crc,
             len: job.data.len() as u64,
         };
         if results.send(done).is_err() {
@@ -178,6 +205,11 @@ fn worker(level: u32, jobs: Arc<Mutex<Receiver<Job>>>, results: SyncSender<Done>
 impl<W: Write> ParGzEncoder<W> {
     /// `threads` compressing threads (at least 1) at gzip `level`.
     pub fn new(inner: W, level: u32, threads: usize) -> Self {
+        Self::with_codec(inner, Codec::Gzip, level, threads)
+    }
+
+    /// `threads` compressing threads compressing with `codec` (`level` is gzip's).
+    pub fn with_codec(inner: W, codec: Codec, level: u32, threads: usize) -> Self {
         let threads = threads.max(1);
         let max_in_flight = threads * 2;
         let (job_tx, job_rx) = sync_channel::<Job>(max_in_flight);
@@ -187,12 +219,13 @@ impl<W: Write> ParGzEncoder<W> {
             .map(|_| {
                 let jobs = job_rx.clone();
                 let results = res_tx.clone();
-                std::thread::spawn(move || worker(level, jobs, results))
+                std::thread::spawn(move || worker(level, codec, jobs, results))
             })
             .collect();
         ParGzEncoder {
             inner: Some(inner),
             level,
+            codec,
             block: Vec::with_capacity(BLOCK),
             jobs: Some(job_tx),
             results: res_rx,
@@ -223,6 +256,10 @@ impl<W: Write> ParGzEncoder<W> {
     }
 
     fn header(&mut self) -> io::Result<()> {
+        if !self.header_written && self.codec == Codec::Zstd {
+            // zstd frames carry their own headers.
+            self.header_written = true;
+        }
         if !self.header_written {
             // magic, deflate, no flags, mtime 0, extra flags 0, OS unknown
             let level = self.level;
@@ -256,8 +293,10 @@ impl<W: Write> ParGzEncoder<W> {
             self.offsets.push(self.written);
             self.out()?.write_all(&data)?;
             self.written += data.len() as u64;
-            self.crc
-                .combine(&crc32fast::Hasher::new_with_initial_len(done.crc, done.len));
+            if self.codec == Codec::Gzip {
+                self.crc
+                    .combine(&crc32fast::Hasher::new_with_initial_len(done.crc, done.len));
+            }
             self.total += done.len;
             self.next_write += 1;
         }
@@ -307,11 +346,20 @@ impl<W: Write> ParGzEncoder<W> {
             total,
             end: self.written,
         };
+        let codec = self.codec;
+        let empty = index.offsets.is_empty();
         let out = self.out()?;
-        // An empty final stored block ends the deflate stream.
-        out.write_all(&[0x01, 0x00, 0x00, 0xff, 0xff])?;
-        out.write_all(&crc.to_le_bytes())?;
-        out.write_all(&(total as u32).to_le_bytes())?;
+        match codec {
+            Codec::Gzip => {
+                // An empty final stored block ends the deflate stream.
+                out.write_all(&[0x01, 0x00, 0x00, 0xff, 0xff])?;
+                out.write_all(&crc.to_le_bytes())?;
+                out.write_all(&(total as u32).to_le_bytes())?;
+            }
+            // Nothing written: one empty frame keeps it a zstd file.
+            Codec::Zstd if empty => out.write_all(&zstd::bulk::compress(&[], 1)?)?,
+            Codec::Zstd => {}
+        }
         out.flush()?;
         let out = self
             .inner
@@ -447,6 +495,38 @@ mod tests {
             gz.len() < PIECE + PIECE / 2,
             "{} bytes for 64 KiB of noise and 960 KiB of text",
             gz.len()
+        );
+    }
+
+    #[test]
+    fn zstd_blocks_are_frames_that_decode_alone_and_together() {
+        let data = mixed(3 * BLOCK + 4321);
+        let mut enc = ParGzEncoder::with_codec(Vec::new(), Codec::Zstd, 6, 2);
+        for chunk in data.chunks(100_000) {
+            enc.write_all(chunk).expect("write");
+        }
+        let (zst, index) = enc.finish_indexed().expect("finish");
+        assert_eq!(index.offsets.len(), 4);
+        assert_eq!(index.offsets[0], 0);
+        assert_eq!(index.end, zst.len() as u64);
+        let mut all = Vec::new();
+        zstd::stream::read::Decoder::new(&zst[..])
+            .expect("decoder")
+            .read_to_end(&mut all)
+            .expect("the frames decode as one stream");
+        assert!(all == data);
+        let second = &zst[index.offsets[2] as usize..index.offsets[3] as usize];
+        let block = zstd::bulk::decompress(second, BLOCK).expect("one frame alone");
+        assert!(block[..] == data[2 * BLOCK..3 * BLOCK]);
+        // Random halves stay about their size; text shrinks.
+        assert!(zst.len() < data.len() * 6 / 10, "{}", zst.len());
+        let mut empty = ParGzEncoder::with_codec(Vec::new(), Codec::Zstd, 6, 1);
+        empty.write_all(b"").expect("write");
+        let z = empty.finish().expect("finish");
+        assert!(
+            zstd::stream::decode_all(&z[..])
+                .expect("an empty frame")
+                .is_empty()
         );
     }
 

@@ -9,6 +9,7 @@
 //! result as a tar stream. That stream goes through the same checks as a whole
 //! archive ([`super::unpack`]): paths, links, sizes and every file's SHA-256.
 
+use super::Codec;
 use crate::manifest::{BlockIndex, FileInfo, NodeInfo, Span, TreeEntry};
 use crate::{Error, Result};
 use flate2::read::DeflateDecoder;
@@ -26,6 +27,7 @@ pub struct Plan {
     pieces: Vec<Piece>,
     /// Uncompressed bytes of the wanted files' entries.
     pub entry_bytes: u64,
+    codec: Codec,
 }
 
 impl Plan {
@@ -65,11 +67,34 @@ pub fn plan(
     object: &str,
     node: &NodeInfo,
     index: &BlockIndex,
+    renames: &[(String, String)],
     wanted: impl Fn(&FileInfo) -> bool,
 ) -> Result<Plan> {
     let bad = |m: String| Error::archive(object, m);
+    let codec = Codec::of_object(&node.object)
+        .ok_or_else(|| bad(format!("{:?} is not a node archive", node.object)))?;
+    // Every directory above a file is in the tree (the archive holds them all): a
+    // tree without them was not written by a backup.
+    // (`node`'s files are named as restored, its tree as in the archive.)
+    let dirs: std::collections::HashSet<String> = node
+        .tree
+        .iter()
+        .filter(|t| t.link.is_none())
+        .map(|t| crate::node::restore::renamed(&t.path, renames))
+        .collect();
     let mut spans: Vec<Span> = Vec::new();
     for f in node.files.iter().filter(|f| wanted(f)) {
+        if let Some(missing) = f
+            .path
+            .match_indices('/')
+            .map(|(i, _)| &f.path[..i])
+            .find(|d| !dirs.contains(*d))
+        {
+            return Err(bad(format!(
+                "the manifest's tree lacks the directory {missing:?} above {:?}",
+                f.path
+            )));
+        }
         let span = f
             .entry
             .ok_or_else(|| bad(format!("file {:?} has no place in the archive", f.path)))?;
@@ -118,6 +143,7 @@ pub fn plan(
         starts,
         pieces,
         entry_bytes,
+        codec,
     })
 }
 
@@ -126,8 +152,10 @@ pub fn plan(
 pub struct Assembled<R: SegmentedRead> {
     pieces: VecDeque<Piece>,
     starts: Vec<u64>,
-    /// The inflater of the current range and the uncompressed offset it is at.
-    decoder: Option<(DeflateDecoder<R>, usize, u64)>,
+    codec: Codec,
+    /// The decompressor of the current range, the range, and the uncompressed
+    /// offset it is at.
+    decoder: Option<(Decoder<R>, usize, u64)>,
     /// The reader before the first range is opened.
     idle: Option<R>,
     /// An in-memory piece being emitted (a tree entry's headers, the end marker).
@@ -153,6 +181,7 @@ impl<R: SegmentedRead> Assembled<R> {
         Assembled {
             pieces: plan.pieces.iter().cloned().collect(),
             starts: plan.starts.clone(),
+            codec: plan.codec,
             decoder: None,
             idle: Some(input),
             buffered: io::Cursor::new(Vec::new()),
@@ -188,7 +217,11 @@ impl<R: SegmentedRead> Assembled<R> {
                 .starts
                 .get(range)
                 .ok_or_else(|| io::Error::other("range out of plan"))?;
-            self.decoder = Some((DeflateDecoder::new(input), range, start));
+            let decoder = match self.codec {
+                Codec::Gzip => Decoder::Deflate(DeflateDecoder::new(input)),
+                Codec::Zstd => Decoder::Zstd(zstd::stream::read::Decoder::new(input)?),
+            };
+            self.decoder = Some((decoder, range, start));
         }
         let (decoder, _, at) = self
             .decoder
@@ -205,6 +238,30 @@ impl<R: SegmentedRead> Assembled<R> {
         *at = span.offset;
         self.left = span.length;
         Ok(())
+    }
+}
+
+/// A range's decompressor: raw deflate from a block's start, or zstd frames.
+enum Decoder<R: Read> {
+    Deflate(DeflateDecoder<R>),
+    Zstd(zstd::stream::read::Decoder<'static, io::BufReader<R>>),
+}
+
+impl<R: Read> Decoder<R> {
+    fn into_inner(self) -> R {
+        match self {
+            Decoder::Deflate(d) => d.into_inner(),
+            Decoder::Zstd(d) => d.finish().into_inner(),
+        }
+    }
+}
+
+impl<R: Read> Read for Decoder<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Decoder::Deflate(d) => d.read(out),
+            Decoder::Zstd(d) => d.read(out),
+        }
     }
 }
 
@@ -321,7 +378,8 @@ mod tests {
         ObjectInfo,
     ) {
         let scan = pack::scan(root, &["ks".to_string()], &Excludes::default()).expect("scan");
-        let (p, gz) = pack::pack(&scan, Vec::new(), |_| {}).expect("pack");
+        let (p, gz) =
+            pack::pack(&scan, Vec::new(), crate::archive::Codec::Gzip, |_| {}).expect("pack");
         let sha = crate::archive::hex_digest(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&gz));
         let store = crate::store::memory::MemoryStore::new();
         let size = gz.len() as u64;

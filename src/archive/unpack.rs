@@ -271,7 +271,12 @@ fn unpack_plain<P: Read>(
     let tarred: Box<dyn Read + '_> = if expected.partial {
         Box::new(plain)
     } else {
-        Box::new(flate2::read::MultiGzDecoder::new(plain))
+        match super::Codec::of_object(&expected.node.object).unwrap_or_default() {
+            super::Codec::Gzip => Box::new(flate2::read::MultiGzDecoder::new(plain)),
+            super::Codec::Zstd => {
+                Box::new(zstd::stream::read::Decoder::new(plain).map_err(corrupt)?)
+            }
+        }
     };
     let mut archive = tar::Archive::new(tarred);
     let mut seen: HashSet<String> = HashSet::new();

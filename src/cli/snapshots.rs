@@ -182,6 +182,20 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             store: url,
             keys,
         } => {
+            crate::spec::check_snapshot_name(&name)
+                .map_err(|e| usage(format!("snapshot name {name:?}: {e}")))?;
+            // The same plain relative paths PATHS takes.
+            let path = match &path {
+                Some(p) => Some(
+                    crate::cluster::Selection::parse("")
+                        .with_paths(p)?
+                        .paths
+                        .into_iter()
+                        .next()
+                        .ok_or_else(|| usage(format!("PATH {p:?} names nothing")))?,
+                ),
+                None => None,
+            };
             let keys = keys.keys()?;
             let store = open(g, &url).await?;
             let m = crate::checks::read_manifest(&*store, &name)
@@ -259,7 +273,12 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                     crate::out!("  {:>10}  {}{at}", human(f.size), f.path);
                 }
             }
-            if let (Some(p), 0) = (&path, shown) {
+            let in_tree = m
+                .cluster
+                .nodes
+                .iter()
+                .any(|n| n.tree.iter().any(|t| wanted(&t.path)));
+            if let (Some(p), 0, false) = (&path, shown, in_tree) {
                 return Err(Error::NotFound(format!(
                     "snapshot {name} holds nothing at {p:?}"
                 )));

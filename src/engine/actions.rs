@@ -1204,6 +1204,7 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         encrypt: ctx.spec.encrypt_to.clone(),
         capture: ctx.cluster.capture.clone(),
         snap_name: ctx.spec.snap_name(),
+        compression: ctx.spec.compression,
     };
     let events = Arc::new(StepEvents {
         ctx: ctx.clone(),
@@ -1727,6 +1728,11 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
     }
     if ctx.plan.has_action(Action::StageNode) {
         let m = ctx.manifest().await.ok()?;
+        // What came from the store: the bytes each stage read (a partial restore
+        // reads only some blocks), else the objects.
+        let read: Vec<u64> = outputs::<StageOutput>(&steps, Action::StageNode)
+            .map(|o| o.iter().map(|s| s.read).collect())
+            .unwrap_or_default();
         let mut s = super::Summary {
             nodes: 0,
             files: 0,
@@ -1750,6 +1756,9 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
                 s.bytes = s.bytes.saturating_add(f.size);
             }
             s.stored_bytes += m.object(&info.object).map_or(0, |o| o.size);
+        }
+        if !read.is_empty() && read.iter().all(|&r| r > 0) {
+            s.stored_bytes = read.iter().sum();
         }
         return Some(s.with_rates());
     }

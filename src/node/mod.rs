@@ -95,6 +95,9 @@ pub struct BackupJob {
     /// The run's snapshot dir in the data dir (`.cairn-snap-<token>`).
     #[serde(default)]
     pub snap_name: String,
+    /// How the archive is compressed (`COMPRESSION`).
+    #[serde(default)]
+    pub compression: crate::archive::Codec,
 }
 
 impl BackupJob {
@@ -441,7 +444,7 @@ async fn stream_node(
     .await
     .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
     let (keyspaces, scan) = scan?;
-    let object = manifest::node_object(node.index);
+    let object = manifest::node_object(node.index, job.compression);
     let key = manifest::key(&job.snapshot, &object);
     if let Some(id) = &job.leftover_upload {
         // Best effort: the upload may have completed just before the kill.
@@ -459,7 +462,7 @@ async fn stream_node(
     tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
     let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
     let on_bytes = events.clone();
-    let (encrypt, key_name) = (job.encrypt.clone(), key.clone());
+    let (encrypt, key_name, codec) = (job.encrypt.clone(), key.clone(), job.compression);
     let (packed, size, sha256) = crate::store::upload_stream(
         store,
         &key,
@@ -471,12 +474,12 @@ async fn stream_node(
         move |sink| {
             let progress = |done| on_bytes.event(NodeEvent::Bytes { done });
             match &encrypt {
-                None => Ok(pack::pack(&scan, sink, progress)?.0),
+                None => Ok(pack::pack(&scan, sink, codec, progress)?.0),
                 Some(to) => {
                     // tar → gzip → age: the object is an age file of a .tar.gz. Its
                     // block index is of the gzip inside, of no use to a ranged read
                     // of the age file: it is not kept.
-                    let (mut packed, w) = pack::pack(&scan, to.wrap(sink)?, progress)?;
+                    let (mut packed, w) = pack::pack(&scan, to.wrap(sink)?, codec, progress)?;
                     w.finish().map_err(|e| Error::io("encrypt", &key_name, e))?;
                     packed.index = Default::default();
                     Ok(packed)

@@ -265,7 +265,7 @@ impl Remote {
     /// holds before it is recorded: the run never claims an object that is not
     /// there as the agent described it.
     async fn check_backed(&self, job: &BackupJob, b: &Backed) -> Result<()> {
-        let object = manifest::node_object(job.node.index);
+        let object = manifest::node_object(job.node.index, job.compression);
         let mut wrong = Vec::new();
         if b.node.index != job.node.index {
             wrong.push(format!("it answered for node {}", b.node.index));
@@ -476,7 +476,10 @@ impl NodeExec for Remote {
                 if let Some(id) = open
                     && matches!(e, Error::Remote { .. } | Error::Cancelled)
                 {
-                    let key = manifest::key(&job.snapshot, &manifest::node_object(job.node.index));
+                    let key = manifest::key(
+                        &job.snapshot,
+                        &manifest::node_object(job.node.index, job.compression),
+                    );
                     if let Err(a) = self.store.abort_multipart(&key, &id).await {
                         tracing::debug!(key, "abort after the agent ended: {a}");
                     }

@@ -85,6 +85,10 @@ pub struct StageOutput {
     /// file written since it was staged even when its size and mtime were put back.
     #[serde(default)]
     pub changes: String,
+    /// Bytes read from the store to stage it (less than the object when only the
+    /// blocks of a partial restore's files were read).
+    #[serde(default)]
+    pub read: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize, Clone, PartialEq, Eq)]
@@ -950,6 +954,7 @@ async fn stage_into(
         node: job.node,
         staging: job.staging.clone(),
         object_sha256: done.object_sha256,
+        read: done.read,
         entries: 0,
         bytes: 0,
         tree: String::new(),
@@ -1032,8 +1037,9 @@ pub async fn read_object(
     if let (Some(dir), Some(index), None) = (&root, &object.index, &keys)
         && crate::archive::seek::seekable(&info)
     {
-        let plan =
-            crate::archive::seek::plan(key, &info, index, |f| selection.restores_file(&f.path))?;
+        let plan = crate::archive::seek::plan(key, &info, index, &renames, |f| {
+            selection.restores_file(&f.path)
+        })?;
         if plan.read_bytes() < object.size / 2 {
             tracing::info!(
                 key,

@@ -174,6 +174,7 @@ pub struct TargetTemplate {
     pub restore_schema: String,
     pub table_mapping: String,
     pub tags: String,
+    pub compression: String,
     pub encrypt_to: String,
     pub encrypt_passphrase: String,
     pub age_identity: String,
@@ -378,6 +379,7 @@ impl Plan {
             &mut problems,
         );
         declared(&raw.target.tags, "target.tags", &mut problems);
+        declared(&raw.target.compression, "target.compression", &mut problems);
         declared(&raw.target.encrypt_to, "target.encrypt_to", &mut problems);
         declared(
             &raw.target.encrypt_passphrase,
@@ -486,6 +488,7 @@ impl Plan {
             &raw.target.restore_schema,
             &raw.target.table_mapping,
             &raw.target.tags,
+            &raw.target.compression,
             &raw.target.encrypt_to,
             &raw.target.encrypt_passphrase,
             &raw.target.age_identity,
@@ -553,6 +556,7 @@ impl Plan {
                 restore_schema: raw.target.restore_schema,
                 table_mapping: raw.target.table_mapping,
                 tags: raw.target.tags,
+                compression: raw.target.compression,
                 encrypt_to: raw.target.encrypt_to,
                 encrypt_passphrase: raw.target.encrypt_passphrase,
                 age_identity: raw.target.age_identity,

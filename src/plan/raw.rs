@@ -72,6 +72,9 @@ pub struct RawTarget {
     /// retention (see `snapshots prune --tag`).
     #[serde(default)]
     pub tags: String,
+    /// A backup's compression (`${COMPRESSION}`): gzip, zstd.
+    #[serde(default)]
+    pub compression: String,
     /// A backup's age recipients (`${ENCRYPT_TO}`: age1… lines).
     #[serde(default)]
     pub encrypt_to: String,

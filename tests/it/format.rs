@@ -360,6 +360,7 @@ fn one_file_of_a_256_mib_node_restores_reading_at_most_3_mib() {
     let path = format!("PATHS={wanted}");
     let mut args = vec![
         "-v",
+        "--json",
         "plan",
         "start",
         "restore-s3",
@@ -369,8 +370,12 @@ fn one_file_of_a_256_mib_node_restores_reading_at_most_3_mib() {
     args.extend(params.iter().map(String::as_str));
     args.extend(["-p", path.as_str()]);
     let o = sb.ok(&args);
-    let (_, e) = text(&o);
+    let (out, e) = text(&o);
     assert!(e.contains("reading only the blocks"), "{e}");
+    // The summary counts what came from the store, not the whole object.
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let stored = v["summary"]["stored_bytes"].as_u64().unwrap();
+    assert!(stored > 0 && stored <= 3 << 20, "{v}");
     assert_eq!(
         std::fs::read(sb.path("tgt/node-0").join(wanted)).unwrap(),
         std::fs::read(node.join(wanted)).unwrap()
@@ -390,4 +395,131 @@ fn walk_sizes(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+#[test]
+fn zstd_backups_restore_whole_and_in_part_and_zstd_reads_them() {
+    let Some(zstd) = servers::tool("CAIRN_TEST_ZSTD") else {
+        return;
+    };
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 5 << 20);
+    let bad = sb.run_v(&start_args("backup-local", &src, "z", &["COMPRESSION=lz4"]));
+    assert_eq!(bad.status.code(), Some(2), "{:?}", text(&bad));
+    assert!(text(&bad).1.contains("COMPRESSION"), "{:?}", text(&bad));
+    assert!(
+        !sb.path("store/z").exists(),
+        "a refused backup writes nothing"
+    );
+
+    sb.ok(&start_args(
+        "backup-local",
+        &src,
+        "z",
+        &["COMPRESSION=zstd", "STRATEGY=parallel"],
+    )
+    .iter()
+    .map(String::as_str)
+    .collect::<Vec<_>>());
+    let obj = sb.path("store/z/node-1.tar.zst");
+    assert!(obj.exists() && !sb.path("store/z/node-1.tar.gz").exists());
+    // `zstd -d | tar x` reads it.
+    let x = sb.path("x");
+    std::fs::create_dir(&x).unwrap();
+    let tar = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "'{}' -d -c < '{}' | tar xf - -C '{}'",
+            zstd.display(),
+            obj.display(),
+            x.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(tar.success());
+    assert_eq!(
+        contents(&x, &["app", "metrics"]),
+        contents(&sb.path("src/node-1"), &["app", "metrics"])
+    );
+    sb.ok(&[
+        "snapshots",
+        "verify",
+        "z",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+    // Whole: every node equal to its source, modes, times and links included.
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    sb.ok(&start_args("restore-local", &tgt, "z", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    assert_restored(&sb, "tgt", 2);
+    // In part: one table, from its frames alone.
+    let part = target_cluster(sb.dir.path(), "part", 2);
+    let mut args = vec!["-v".to_string()];
+    args.extend(start_args(
+        "restore-local",
+        &part,
+        "z",
+        &["PATHS=app/users-1"],
+    ));
+    let out = sb.run_v(&args);
+    let (o, e) = text(&out);
+    assert!(out.status.success(), "{o}\n{e}");
+    assert!(e.contains("reading only the blocks"), "{e}");
+    let want: BTreeMap<_, _> = tree(&sb.path("src/node-0"))
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("app/users-1"))
+        .collect();
+    let got: BTreeMap<_, _> = tree(&sb.path("part/node-0"))
+        .into_iter()
+        .filter(|(k, _)| k.starts_with("app/"))
+        .collect();
+    assert_eq!(got, want);
+    // The manifest indexes the frames: the first starts the object.
+    let m: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(sb.path("store/z/manifest.json")).unwrap()).unwrap();
+    assert!(
+        m["objects"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|o| o["key"] == "node-0.tar.zst" && o["index"]["offsets"][0] == 0),
+        "{m}"
+    );
+}
+
+#[test]
+fn paths_outside_keyspaces_are_refused_before_anything_runs() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 1000);
+    sb.ok(&start_args("backup-local", &src, "s", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let tgt = target_cluster(sb.dir.path(), "tgt", 1);
+    let out = sb.run_v(&start_args(
+        "restore-local",
+        &tgt,
+        "s",
+        &["KEYSPACES=metrics", "PATHS=app/users-1"],
+    ));
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    assert!(text(&out).1.contains("KEYSPACES"), "{:?}", text(&out));
+    assert!(!sb.path("tgt").exists());
+    let out = sb.run(&["snapshots", "show", "s", "../x", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    let out = sb.run(&["snapshots", "show", "../s", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(2), "{:?}", text(&out));
+    // An empty table is in the tree, not among the files: shown, not "nothing".
+    sb.ok(&[
+        "snapshots",
+        "show",
+        "s",
+        "app/empty-table",
+        "--store",
+        "store",
+    ]);
 }
