@@ -198,8 +198,8 @@ def main():
             shutil.rmtree(x)
             os.makedirs(x)
             res.setdefault("restic, 1 file", []).append(
-                run([restic, "-q", "-r", repo, "restore", first, "--target", x, "--include", f"{node}/{WANTED}"], env=env))
-            assert os.path.getsize(f"{x}/{node}/{WANTED}") == 1 << 20, "restic restored the file"
+                run([restic, "-q", "-r", repo, "restore", first, "--target", x, "--include", f"/{WANTED}"], env=env))
+            assert os.path.getsize(f"{x}/{WANTED}") == 1 << 20, "restic restored the file"
             shutil.rmtree(x)
     print(f"restore ({a.reps} reps, median):")
     for k, rs in res.items():

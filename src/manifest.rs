@@ -289,10 +289,43 @@ impl Manifest {
                     )));
                 }
             }
+            let in_node = |path: &str| {
+                let top = path.split('/').next().unwrap_or("");
+                path.split('/').all(valid_entry_segment) && n.keyspaces.iter().any(|k| k == top)
+            };
+            let mut paths = std::collections::HashSet::new();
+            for f in &n.files {
+                if !in_node(&f.path) || !paths.insert(f.path.as_str()) {
+                    return Err(bad(format!(
+                        "node {}: the file {:?} is not a relative path inside the node's keyspaces, or is listed twice",
+                        n.index,
+                        crate::plan::params::shorten(&f.path)
+                    )));
+                }
+            }
             // The tree is what a partial restore recreates without reading the
             // archive: refused here, before anything runs, when it could not be
             // an archive's.
             for t in &n.tree {
+                if !paths.insert(t.path.as_str()) {
+                    return Err(bad(format!(
+                        "node {}: {:?} is in the tree twice, or is a file too",
+                        n.index,
+                        crate::plan::params::shorten(&t.path)
+                    )));
+                }
+                if let Some(target) = &t.link
+                    && !crate::archive::unpack::link_stays_inside(
+                        &t.path,
+                        std::path::Path::new(target),
+                    )
+                {
+                    return Err(bad(format!(
+                        "node {}: the link {:?} points outside the node",
+                        n.index,
+                        crate::plan::params::shorten(&t.path)
+                    )));
+                }
                 let top = t.path.split('/').next().unwrap_or("");
                 if !t.path.split('/').all(valid_entry_segment)
                     || !n.keyspaces.iter().any(|k| k == top)

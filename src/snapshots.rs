@@ -294,6 +294,15 @@ pub async fn verify(
             Ok(u) => {
                 report.files += u.files;
                 report.bytes += u.bytes;
+                // The block index is what partial restores read by: each block must
+                // start where it says, with the bytes the whole read found there.
+                if let Some(index) = &object.index {
+                    match check_index(store, &key, &node.object, index, &u.heads, cancel).await {
+                        Ok(()) => {}
+                        Err(Error::Cancelled) => return Err(Error::Cancelled),
+                        Err(e) => report.problems.push(e.to_string()),
+                    }
+                }
             }
             Err(Error::Cancelled) => return Err(Error::Cancelled),
             Err(e) => report.problems.push(e.to_string()),
@@ -444,4 +453,300 @@ pub async fn delete(store: &dyn Store, name: &str) -> Result<usize> {
         n += 1;
     }
     Ok(n)
+}
+
+/// Every block of an indexed object decodes, alone, from the offset its index
+/// gives, to the bytes a whole read found at its start (`heads`).
+async fn check_index(
+    store: &dyn Store,
+    key: &str,
+    object: &str,
+    index: &manifest::BlockIndex,
+    heads: &[Vec<u8>],
+    cancel: &CancellationToken,
+) -> Result<()> {
+    use std::io::Read;
+    let bad = |m: String| Error::archive(key, format!("its block index is wrong: {m}"));
+    let codec = crate::archive::Codec::of_object(object).unwrap_or_default();
+    if index.block != crate::archive::pargz::BLOCK as u64 || heads.len() != index.offsets.len() {
+        return Err(bad(format!(
+            "{} blocks of {} bytes indexed, {} read",
+            index.offsets.len(),
+            index.block,
+            heads.len()
+        )));
+    }
+    for (i, &start) in index.offsets.iter().enumerate() {
+        if cancel.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let next = index.offsets.get(i + 1).copied().unwrap_or(index.end);
+        // Enough for the first bytes whatever the block holds (a zstd block is at
+        // most 128 KiB).
+        let end = next.min(start + (192 << 10));
+        let data = {
+            use futures::StreamExt;
+            let mut s = store.get_range(key, start, end).await?;
+            let mut v = Vec::new();
+            while let Some(c) = s.next().await {
+                v.extend_from_slice(&c?);
+            }
+            v
+        };
+        let want = &heads[i];
+        let mut got = vec![0u8; want.len()];
+        let decoded = match codec {
+            crate::archive::Codec::Gzip => {
+                flate2::read::DeflateDecoder::new(&data[..]).read_exact(&mut got)
+            }
+            crate::archive::Codec::Zstd => {
+                zstd::stream::read::Decoder::new(&data[..]).and_then(|mut d| d.read_exact(&mut got))
+            }
+        };
+        if decoded.is_err() || &got != want {
+            return Err(bad(format!(
+                "block {i} does not start at offset {start} of {object}"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// What [`copy`] did.
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyReport {
+    pub snapshot: String,
+    pub from: String,
+    pub to: String,
+    /// Every object copied (the manifest last), with its size.
+    pub objects: Vec<(String, u64)>,
+    pub bytes: u64,
+}
+
+/// Copy snapshot `name` and every object its manifest names from `from` to `to`
+/// (any two stores: S3, Azure, a directory). Each object is streamed, never staged:
+/// its size and SHA-256 are checked against the manifest as it passes, and again by
+/// reading it back from `to`. The manifest is copied last, byte for byte (an
+/// encrypted snapshot stays sealed: no key is needed), so the copy is complete only
+/// once everything it names is there and verified. A complete snapshot of that name
+/// in `to` is never overwritten.
+pub async fn copy(
+    from: &Arc<dyn Store>,
+    to: &Arc<dyn Store>,
+    name: &str,
+    progress: &dyn Fn(&str, u64),
+    cancel: &CancellationToken,
+) -> Result<CopyReport> {
+    let key = manifest::key(name, MANIFEST);
+    let raw = crate::store::get_bytes(&**from, &key, manifest::MAX_MANIFEST_BYTES)
+        .await
+        .map_err(|e| match e {
+            Error::NotFound(_) => Error::NotFound(format!(
+                "snapshot {name:?} in {} has no manifest.json: it does not exist or is incomplete",
+                from.describe()
+            )),
+            e => e,
+        })?;
+    let m = Manifest::from_bytes(name, &raw)?;
+    if to.head(&key).await?.is_some() {
+        return Err(Error::Refused(vec![format!(
+            "{} already holds a complete snapshot {name:?}: a complete snapshot is never overwritten (delete it there first)",
+            to.describe()
+        )]));
+    }
+    let mut report = CopyReport {
+        snapshot: name.to_string(),
+        from: from.describe(),
+        to: to.describe(),
+        objects: Vec::new(),
+        bytes: 0,
+    };
+    for o in &m.objects {
+        let object_key = manifest::key(name, &o.key);
+        copy_object(from, to, &object_key, o.size, &o.sha256, cancel).await?;
+        // Verified where it now lives, by reading it back.
+        let (size, sha) = digest_of(&**to, &object_key, cancel).await?;
+        if size != o.size || sha != o.sha256 {
+            return Err(Error::archive(
+                &object_key,
+                format!(
+                    "reads back from {} as {size} bytes with SHA-256 {sha}, not the manifest's {} bytes with {}",
+                    to.describe(),
+                    o.size,
+                    o.sha256
+                ),
+            ));
+        }
+        report.objects.push((o.key.clone(), o.size));
+        report.bytes += o.size;
+        progress(&o.key, o.size);
+    }
+    to.put(&key, raw.clone()).await?;
+    report
+        .objects
+        .push((MANIFEST.to_string(), raw.len() as u64));
+    Ok(report)
+}
+
+/// Stream one object from `from` to `to`, checking its size and SHA-256 on the
+/// way: a mismatch aborts the upload, so nothing wrong becomes visible.
+async fn copy_object(
+    from: &Arc<dyn Store>,
+    to: &Arc<dyn Store>,
+    key: &str,
+    size: u64,
+    sha256: &str,
+    cancel: &CancellationToken,
+) -> Result<()> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let mismatch = |seen: u64, sha: &str| {
+        Error::archive(
+            key,
+            format!(
+                "is {seen} bytes with SHA-256 {sha} in the source, not the manifest's {size} bytes with {sha256}"
+            ),
+        )
+    };
+    // A small object (a schema, a manager snapshot, an empty one) is one put.
+    if size <= 8 << 20 {
+        let data = crate::store::get_bytes(&**from, key, size).await?;
+        let sha = hex::encode(sha2::Sha256::digest(&data));
+        if data.len() as u64 != size || sha != sha256 {
+            return Err(mismatch(data.len() as u64, &sha));
+        }
+        return to.put(key, data).await;
+    }
+    let part_size = crate::store::part_size_for(to.limits(), size);
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let (source, name, want) = (from.clone(), key.to_string(), sha256.to_string());
+    let producer = tokio::spawn(async move {
+        let mut stream = source.get(&name).await?;
+        let mut hasher = sha2::Sha256::new();
+        let mut buf = bytes::BytesMut::with_capacity(part_size);
+        let mut seen = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let mut chunk = chunk?;
+            seen += chunk.len() as u64;
+            if seen > size {
+                return Err(Error::archive(&name, "is larger than its manifest says"));
+            }
+            hasher.update(&chunk);
+            while !chunk.is_empty() {
+                let take = (part_size - buf.len()).min(chunk.len());
+                buf.extend_from_slice(&chunk.split_to(take));
+                if buf.len() == part_size {
+                    let part =
+                        std::mem::replace(&mut buf, bytes::BytesMut::with_capacity(part_size));
+                    tx.send(part.freeze()).await.map_err(|_| Error::Cancelled)?;
+                }
+            }
+        }
+        let sha = hex::encode(hasher.finalize());
+        if seen != size || sha != want {
+            return Err(Error::archive(
+                &name,
+                format!(
+                    "is {seen} bytes with SHA-256 {sha} in the source, not the manifest's {size} bytes with {want}"
+                ),
+            ));
+        }
+        if !buf.is_empty() || seen == 0 {
+            tx.send(buf.freeze()).await.map_err(|_| Error::Cancelled)?;
+        }
+        Ok(())
+    });
+    let joined = async {
+        producer
+            .await
+            .map_err(|e| Error::State(format!("copy worker failed: {e}")))?
+    };
+    crate::store::upload_parts(&**to, key, rx, part_size, joined, cancel, |_| {}).await?;
+    Ok(())
+}
+
+/// Size and SHA-256 of an object, read whole.
+async fn digest_of(
+    store: &dyn Store,
+    key: &str,
+    cancel: &CancellationToken,
+) -> Result<(u64, String)> {
+    use futures::StreamExt;
+    use sha2::Digest;
+    let mut stream = store.get(key).await?;
+    let mut hasher = sha2::Sha256::new();
+    let mut size = 0u64;
+    loop {
+        let chunk = tokio::select! {
+            c = stream.next() => c,
+            _ = cancel.cancelled() => return Err(Error::Cancelled),
+        };
+        let Some(chunk) = chunk else { break };
+        let chunk = chunk?;
+        size += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((size, hex::encode(hasher.finalize())))
+}
+
+/// How one node's files differ between two snapshots.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeDiff {
+    pub node: u32,
+    /// In the second snapshot only.
+    pub added: Vec<(String, u64)>,
+    /// In the first only.
+    pub removed: Vec<(String, u64)>,
+    /// In both, with another size or content: (path, size in the first, in the second).
+    pub changed: Vec<(String, u64, u64)>,
+    pub unchanged: u64,
+}
+
+/// The files of `b` against those of `a`, node by node (by index; a node in one
+/// snapshot only has all its files added or removed).
+pub fn diff(a: &Manifest, b: &Manifest) -> Vec<NodeDiff> {
+    let mut indexes: Vec<u32> = a
+        .cluster
+        .nodes
+        .iter()
+        .chain(&b.cluster.nodes)
+        .map(|n| n.index)
+        .collect();
+    indexes.sort_unstable();
+    indexes.dedup();
+    let files = |m: &Manifest, i: u32| -> BTreeMap<String, (u64, String)> {
+        m.node(i)
+            .map(|n| {
+                n.files
+                    .iter()
+                    .map(|f| (f.path.clone(), (f.size, f.sha256.clone())))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    indexes
+        .into_iter()
+        .map(|i| {
+            let (fa, fb) = (files(a, i), files(b, i));
+            let mut d = NodeDiff {
+                node: i,
+                ..NodeDiff::default()
+            };
+            for (path, (size, sha)) in &fb {
+                match fa.get(path) {
+                    None => d.added.push((path.clone(), *size)),
+                    Some((s, h)) if s != size || h != sha => {
+                        d.changed.push((path.clone(), *s, *size))
+                    }
+                    Some(_) => d.unchanged += 1,
+                }
+            }
+            for (path, (size, _)) in &fa {
+                if !fb.contains_key(path) {
+                    d.removed.push((path.clone(), *size));
+                }
+            }
+            d
+        })
+        .collect()
 }

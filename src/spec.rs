@@ -301,7 +301,14 @@ pub fn compile(
             crate::plan::params::shorten(bad)
         ));
     }
-    let compression = match crate::archive::Codec::parse(&params.expand(&t.compression)) {
+    let compression_text = params.expand(&t.compression);
+    let compression = match crate::archive::Codec::parse(&compression_text) {
+        // A plan that names COMPRESSION and gets an empty value is not asking for
+        // the default: refused like any other value that is neither.
+        Some(_) if !t.compression.trim().is_empty() && compression_text.trim().is_empty() => {
+            problems.push("COMPRESSION is empty: give gzip or zstd".into());
+            crate::archive::Codec::Gzip
+        }
         Some(c) => c,
         None => {
             problems.push(format!(

@@ -32,6 +32,10 @@ pub enum Mode<'a> {
 pub struct Unpacked {
     /// Bytes read from the store.
     pub read: u64,
+    /// The first [`HEAD`] bytes of each block of [`super::pargz::BLOCK`] bytes of the
+    /// uncompressed stream (a whole read only): what `snapshots verify` compares
+    /// with what the block index says starts there.
+    pub heads: Vec<Vec<u8>>,
     pub object_size: u64,
     pub object_sha256: String,
     pub files: u64,
@@ -268,14 +272,19 @@ fn unpack_plain<P: Read>(
         Mode::Verify => None,
     };
 
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let tarred: Box<dyn Read + '_> = if expected.partial {
         Box::new(plain)
     } else {
         match super::Codec::of_object(&expected.node.object).unwrap_or_default() {
-            super::Codec::Gzip => Box::new(flate2::read::MultiGzDecoder::new(plain)),
-            super::Codec::Zstd => {
-                Box::new(zstd::stream::read::Decoder::new(plain).map_err(corrupt)?)
-            }
+            super::Codec::Gzip => Box::new(Heads::new(
+                flate2::read::MultiGzDecoder::new(plain),
+                heads.clone(),
+            )),
+            super::Codec::Zstd => Box::new(Heads::new(
+                zstd::stream::read::Decoder::new(plain).map_err(corrupt)?,
+                heads.clone(),
+            )),
         }
     };
     let mut archive = tar::Archive::new(tarred);
@@ -286,16 +295,68 @@ fn unpack_plain<P: Read>(
     let mut dirs: Vec<(PathBuf, u32, i64, tar::Header)> = Vec::new();
     let mut out = Unpacked::default();
     let mut buf = vec![0u8; 256 << 10];
+    // A whole archive read against a format-2 manifest also checks what the
+    // manifest says about it (where each entry is, the tree), which partial
+    // restores trust: the two kinds of restore never see different snapshots.
+    let tree: HashMap<&str, &crate::manifest::TreeEntry> = expected
+        .node
+        .tree
+        .iter()
+        .map(|t| (t.path.as_str(), t))
+        .collect();
+    let indexed = !expected.partial
+        && (!tree.is_empty() || expected.node.files.iter().any(|f| f.entry.is_some()));
+    let mut tree_seen = 0usize;
+    let disagree = |what: String| {
+        Error::archive(
+            object,
+            format!("the manifest does not describe the archive: {what}"),
+        )
+    };
 
     for entry in archive.entries().map_err(corrupt)? {
         let mut entry = entry.map_err(corrupt)?;
         let raw_path = entry.path().map_err(corrupt)?.into_owned();
-        let rel = clean_path(&raw_path).ok_or_else(|| {
+        let original = clean_path(&raw_path).ok_or_else(|| {
             bad(format!(
                 "unsafe entry path {raw_path:?} (absolute, `..`, empty or not UTF-8)"
             ))
         })?;
-        let rel = crate::node::restore::renamed(&rel, expected.renames);
+        let rel = crate::node::restore::renamed(&original, expected.renames);
+        if indexed {
+            let h = entry.header();
+            let at = entry.raw_header_position();
+            let kind = h.entry_type();
+            if kind.is_dir() || kind.is_symlink() {
+                let t = tree
+                    .get(original.as_str())
+                    .ok_or_else(|| disagree(format!("{original:?} is not in its tree")))?;
+                let target = entry
+                    .link_name()
+                    .map_err(corrupt)?
+                    .map(|l| l.to_string_lossy().into_owned());
+                if t.link != target
+                    || t.offset > at
+                    || u64::from(t.mode & 0o7777) != u64::from(h.mode().map_err(corrupt)? & 0o7777)
+                    || u64::try_from(t.mtime).unwrap_or(0) != h.mtime().map_err(corrupt)?
+                {
+                    return Err(disagree(format!(
+                        "its tree entry for {original:?} differs from the archive's"
+                    )));
+                }
+                tree_seen += 1;
+            } else if let Some(span) = declared.get(rel.as_str()).and_then(|f| f.entry) {
+                let size = h.size().map_err(corrupt)?;
+                let end = at
+                    .checked_add(512)
+                    .and_then(|e| e.checked_add(size.div_ceil(512) * 512));
+                if span.offset > at || end != span.end() {
+                    return Err(disagree(format!(
+                        "{original:?} is not where the manifest places it"
+                    )));
+                }
+            }
+        }
         if !seen.insert(rel.clone()) {
             return Err(bad(format!("duplicate entry {rel:?}")));
         }
@@ -461,6 +522,7 @@ fn unpack_plain<P: Read>(
     io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
     drop(gz);
     let (size, sha) = tap.finish();
+    out.heads = std::mem::take(&mut *heads.lock().unwrap_or_else(|p| p.into_inner()));
     out.object_size = size;
     out.object_sha256 = sha;
     if !expected.partial
@@ -469,6 +531,12 @@ fn unpack_plain<P: Read>(
         return Err(bad(format!(
             "object is {size} bytes with SHA-256 {}, the manifest says {} bytes with {}",
             out.object_sha256, expected.object_size, expected.object_sha256
+        )));
+    }
+    if indexed && tree_seen != tree.len() {
+        return Err(disagree(format!(
+            "its tree lists {} directories and links, the archive holds {tree_seen}",
+            tree.len()
         )));
     }
     // A link may resolve through a link that came after it in the archive.
@@ -510,6 +578,54 @@ fn unpack_plain<P: Read>(
         }
     }
     Ok(out)
+}
+
+/// Bytes of each block's start that [`Unpacked::heads`] keeps.
+pub const HEAD: usize = 64;
+
+/// Records the first [`HEAD`] bytes of each block of the stream read through it.
+struct Heads<R> {
+    inner: R,
+    at: u64,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+}
+
+impl<R> Heads<R> {
+    fn new(inner: R, heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) -> Heads<R> {
+        Heads {
+            inner,
+            at: 0,
+            heads,
+        }
+    }
+}
+
+impl<R: Read> Read for Heads<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(out)?;
+        let block = super::pargz::BLOCK as u64;
+        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = 0;
+        while i < n {
+            let pos = self.at + i as u64;
+            let within = pos % block;
+            if within < HEAD as u64 {
+                let b = usize::try_from(pos / block).unwrap_or(usize::MAX);
+                if heads.len() <= b {
+                    heads.resize(b + 1, Vec::new());
+                }
+                let take = (HEAD - within as usize).min(n - i);
+                heads[b].extend_from_slice(&out[i..i + take]);
+                i += take;
+            } else {
+                // Jump to the next block's start.
+                let skip = usize::try_from(block - within).unwrap_or(usize::MAX);
+                i = i.saturating_add(skip);
+            }
+        }
+        self.at += n as u64;
+        Ok(n)
+    }
 }
 
 fn create_dir(path: &Path) -> Result<()> {

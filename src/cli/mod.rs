@@ -368,6 +368,35 @@ pub enum SnapshotsCmd {
         #[command(flatten)]
         keys: KeyArgs,
     },
+    /// Copy a snapshot and every object it names to another store (S3, Azure, a
+    /// directory: for a cloud migration or an offsite copy), streaming; each object
+    /// is checked on the way and read back at the destination, the manifest last.
+    Copy {
+        /// The snapshot's name.
+        name: String,
+        /// The store to copy from (a URL, a directory or a profile).
+        #[arg(long, value_name = "STORE")]
+        from: String,
+        /// The store to copy to (created if it is a missing directory).
+        #[arg(long, value_name = "STORE")]
+        to: String,
+        /// Remove a stale lock on the snapshot (in either store) first.
+        #[arg(long)]
+        break_lock: bool,
+    },
+    /// How the files of snapshot B differ from those of snapshot A, per node:
+    /// added, removed, changed (size or content), and how many are unchanged.
+    Diff {
+        /// The earlier snapshot.
+        a: String,
+        /// The snapshot compared with it.
+        b: String,
+        /// The store: a profile of cairn.toml, file:///path, s3://bucket/prefix or az://container/prefix.
+        #[arg(long, env = "CAIRN_STORE")]
+        store: String,
+        #[command(flatten)]
+        keys: KeyArgs,
+    },
     /// Delete a snapshot (manifest first).
     Delete {
         /// The snapshot's name (SNAPSHOT_NAME of its backup).

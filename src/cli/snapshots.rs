@@ -176,6 +176,103 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             }
             Ok(if ok { exit::OK } else { exit::FAILED })
         }
+        SnapshotsCmd::Copy {
+            name,
+            from,
+            to,
+            break_lock,
+        } => {
+            crate::spec::check_snapshot_name(&name)
+                .map_err(|e| usage(format!("snapshot name {name:?}: {e}")))?;
+            let source = open(g, &from).await?;
+            let dest = g.open_store(&to, None).await?;
+            if source.url() == dest.url() {
+                return Err(usage(format!(
+                    "--from and --to are the same store ({})",
+                    source.describe()
+                )));
+            }
+            let cancel = tokio_util::sync::CancellationToken::new();
+            cancel_on_signals(cancel.clone());
+            let quiet = g.quiet || g.json;
+            let show = move |key: &str, size: u64| {
+                if !quiet {
+                    crate::out!("  copied and verified {key} ({})", human(size));
+                }
+            };
+            let report = locked(
+                &source,
+                &name,
+                Mode::Shared,
+                "copy",
+                break_lock,
+                locked(
+                    &dest,
+                    &name,
+                    Mode::Exclusive,
+                    "copy",
+                    break_lock,
+                    snapshots::copy(&source, &dest, &name, &show, &cancel),
+                ),
+            )
+            .await?;
+            if g.json {
+                print_json(&json!(report));
+            } else {
+                crate::out!(
+                    "copied snapshot {name} ({} objects, {}) from {} to {}",
+                    report.objects.len(),
+                    human(report.bytes),
+                    report.from,
+                    report.to
+                );
+            }
+            Ok(exit::OK)
+        }
+        SnapshotsCmd::Diff {
+            a,
+            b,
+            store: url,
+            keys,
+        } => {
+            for n in [&a, &b] {
+                crate::spec::check_snapshot_name(n)
+                    .map_err(|e| usage(format!("snapshot name {n:?}: {e}")))?;
+            }
+            let keys = keys.keys()?;
+            let store = open(g, &url).await?;
+            let ma = crate::checks::read_manifest(&*store, &a)
+                .await?
+                .open(keys.as_ref())?;
+            let mb = crate::checks::read_manifest(&*store, &b)
+                .await?
+                .open(keys.as_ref())?;
+            let nodes = snapshots::diff(&ma, &mb);
+            if g.json {
+                print_json(&json!({"a": a, "b": b, "nodes": nodes}));
+                return Ok(exit::OK);
+            }
+            for d in &nodes {
+                crate::out!(
+                    "node {}: {} added, {} removed, {} changed, {} unchanged",
+                    d.node,
+                    d.added.len(),
+                    d.removed.len(),
+                    d.changed.len(),
+                    d.unchanged
+                );
+                for (p, size) in &d.added {
+                    crate::out!("  + {p} ({})", human(*size));
+                }
+                for (p, size) in &d.removed {
+                    crate::out!("  - {p} ({})", human(*size));
+                }
+                for (p, x, y) in &d.changed {
+                    crate::out!("  ~ {p} ({} -> {})", human(*x), human(*y));
+                }
+            }
+            Ok(exit::OK)
+        }
         SnapshotsCmd::Show {
             name,
             path,

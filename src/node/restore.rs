@@ -1034,7 +1034,9 @@ pub async fn read_object(
     cancel: &CancellationToken,
 ) -> Result<unpack::Unpacked> {
     let name = key.to_string();
-    if let (Some(dir), Some(index), None) = (&root, &object.index, &keys)
+    // Only a restore that leaves some files out can read less than the object.
+    let partial = info.files.iter().any(|f| !selection.restores_file(&f.path));
+    if let (Some(dir), Some(index), None, true) = (&root, &object.index, &keys, partial)
         && crate::archive::seek::seekable(&info)
     {
         let plan = crate::archive::seek::plan(key, &info, index, &renames, |f| {
@@ -1050,6 +1052,7 @@ pub async fn read_object(
             );
             let dir = dir.clone();
             let ranges = plan.ranges.clone();
+            let read = plan.read_bytes();
             return crate::store::read_ranges(store, key, ranges, cancel, move |reader| {
                 let mut assembled = crate::archive::seek::Assembled::new(&plan, reader);
                 let expected = unpack::Expected {
@@ -1069,7 +1072,10 @@ pub async fn read_object(
                     unpack::Mode::Extract(&dir),
                     on_bytes,
                 )?;
-                out.read = assembled.into_input().map_or(0, |r| r.received());
+                // What the ranged reads fetched (the counting of chunks taken off
+                // the channel would leave out what the pump read ahead).
+                drop(assembled);
+                out.read = read;
                 // The pieces came from the object the checked manifest names; each
                 // file was checked against its SHA-256.
                 out.object_size = object.size;

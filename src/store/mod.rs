@@ -120,11 +120,27 @@ pub trait MultipartUpload: Send + Sync {
 /// a plain path, or `memory://name`. `options` carries backend settings (endpoint,
 /// region, credentials); empty values count as absent.
 pub async fn open(url: &str, options: &BTreeMap<String, String>) -> Result<Arc<dyn Store>> {
+    // An endpoint given for one kind of store (from the environment, where both
+    // may be set: a copy from S3 to Azure) goes to that kind only.
+    let for_kind = |own: &str| {
+        let mut o = options.clone();
+        if let Some(e) = options.get(own) {
+            o.insert("endpoint".into(), e.clone());
+        }
+        o.remove("s3_endpoint");
+        o.remove("azure_endpoint");
+        o
+    };
     if let Some(rest) = url.strip_prefix("az://") {
-        return Ok(Arc::new(azure::AzureStore::new(rest, options)?));
+        return Ok(Arc::new(azure::AzureStore::new(
+            rest,
+            &for_kind("azure_endpoint"),
+        )?));
     }
     if let Some(rest) = url.strip_prefix("s3://") {
-        return Ok(Arc::new(s3::S3Store::new(rest, options).await?));
+        return Ok(Arc::new(
+            s3::S3Store::new(rest, &for_kind("s3_endpoint")).await?,
+        ));
     }
     if let Some(rest) = url.strip_prefix("file://") {
         if rest.is_empty() {
@@ -537,6 +553,13 @@ pub fn options_from_env() -> std::collections::BTreeMap<String, String> {
             }
             o.insert(opt.to_string(), v);
         }
+    }
+    // Each kind's own endpoint, when both are set ([`open`] picks by the URL).
+    if let Some(v) = env(&["S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"]) {
+        o.insert("s3_endpoint".into(), v);
+    }
+    if let Some(v) = env(&["AZURE_ENDPOINT_URL"]) {
+        o.insert("azure_endpoint".into(), v);
     }
     o
 }

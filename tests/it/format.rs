@@ -523,3 +523,240 @@ fn paths_outside_keyspaces_are_refused_before_anything_runs() {
         "store",
     ]);
 }
+
+#[test]
+fn snapshots_copy_moves_a_snapshot_through_s3_and_azure_and_it_restores_byte_for_byte() {
+    let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let Some(s3) = servers::s3s_fs(d1.path(), 0) else {
+        return;
+    };
+    let Some(az) = servers::azurite(d2.path(), 0) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let bucket = rt.block_on(servers::fresh_bucket(&s3.endpoint));
+    let container = rt.block_on(servers::fresh_container(&az.endpoint));
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 12 << 20);
+    sb.ok(
+        &start_args("backup-local", &src, "s", &["COMPRESSION=zstd"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    // Both kinds of store configured at once, each with its own endpoint.
+    let run = |args: &[&str]| {
+        let mut c = sb.command(args);
+        c.env("AWS_ACCESS_KEY_ID", AK)
+            .env("AWS_SECRET_ACCESS_KEY", SK)
+            .env("AWS_REGION", "us-east-1")
+            .env("S3_ENDPOINT_URL", &s3.endpoint)
+            .env("AZURE_STORAGE_ACCOUNT", servers::AZ_ACCOUNT)
+            .env("AZURE_STORAGE_KEY", servers::AZ_KEY)
+            .env("AZURE_ENDPOINT_URL", &az.endpoint);
+        c.output().unwrap()
+    };
+    let s3_url = format!("s3://{bucket}/copied");
+    let az_url = format!("az://{container}/copied");
+    for (from, to) in [
+        ("store", s3_url.as_str()),
+        (s3_url.as_str(), az_url.as_str()),
+        (az_url.as_str(), "./back"),
+    ] {
+        let out = run(&["snapshots", "copy", "s", "--from", from, "--to", to]);
+        let (o, e) = text(&out);
+        assert!(out.status.success(), "{from} -> {to}: {o}\n{e}");
+        assert!(o.contains("copied snapshot s"), "{o}");
+        assert!(
+            !o.contains(servers::AZ_KEY) && !e.contains(SK),
+            "a secret in the output"
+        );
+    }
+    let out = run(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        &az_url,
+        "--read-data",
+    ]);
+    assert!(out.status.success(), "{:?}", text(&out));
+    // Restored from the last copy, every byte and attribute as backed up.
+    let tgt = target_cluster(sb.dir.path(), "tgt", 2);
+    let mut args = start_args("restore-local", &tgt, "s", &[]);
+    let at = args.iter().position(|a| a == "BACKUP_DIR=store").unwrap();
+    args[at] = "BACKUP_DIR=back".into();
+    sb.ok(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_restored(&sb, "tgt", 2);
+    // A complete snapshot is never overwritten.
+    let out = run(&["snapshots", "copy", "s", "--from", "store", "--to", &s3_url]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    // A source object that does not match its manifest is not copied, and the
+    // copy stays incomplete (no manifest).
+    let obj = sb.path("store/s/node-1.tar.zst");
+    let mut bytes = std::fs::read(&obj).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&obj, &bytes).unwrap();
+    let out = run(&[
+        "snapshots",
+        "copy",
+        "s",
+        "--from",
+        "store",
+        "--to",
+        "./other",
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{:?}", text(&out));
+    assert!(text(&out).1.contains("node-1.tar.zst"), "{:?}", text(&out));
+    assert!(!sb.path("other/s/manifest.json").exists());
+    assert!(!sb.path("other/s/node-1.tar.zst").exists());
+}
+
+#[test]
+fn snapshots_diff_names_what_was_added_removed_and_changed() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 2, 1000);
+    sb.ok(&start_args("backup-local", &src, "a", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    std::fs::write(
+        sb.path("src/node-0/app/users-1/nb-2-Data.db"),
+        b"new sstable",
+    )
+    .unwrap();
+    std::fs::remove_file(sb.path("src/node-0/app/users-1/nb-1-TOC.txt")).unwrap();
+    std::fs::write(
+        sb.path("src/node-1/metrics/readings-3/data.db"),
+        b"rewritten",
+    )
+    .unwrap();
+    sb.ok(&start_args("backup-local", &src, "b", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let out = sb.ok(&["snapshots", "diff", "a", "b", "--store", "store"]);
+    let (o, _) = text(&out);
+    assert!(o.contains("node 0: 1 added, 1 removed, 0 changed"), "{o}");
+    assert!(o.contains("+ app/users-1/nb-2-Data.db"), "{o}");
+    assert!(o.contains("- app/users-1/nb-1-TOC.txt"), "{o}");
+    assert!(o.contains("node 1: 0 added, 0 removed, 1 changed"), "{o}");
+    assert!(o.contains("~ metrics/readings-3/data.db"), "{o}");
+    let out = sb.ok(&["--json", "snapshots", "diff", "a", "a", "--store", "store"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["nodes"].as_array().unwrap().iter().all(
+        |n| n["added"].as_array().unwrap().is_empty()
+            && n["changed"].as_array().unwrap().is_empty()
+            && n["unchanged"].as_u64().unwrap() > 0
+    ));
+    let out = sb.run(&["snapshots", "diff", "a", "nope", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(5), "{:?}", text(&out));
+}
+
+/// Copy `from` (a directory store) to `to`.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_dir() {
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        } else {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+#[test]
+fn verify_checks_what_partial_restores_trust_and_a_whole_restore_agrees() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 4 << 20);
+    sb.ok(&start_args("backup-local", &src, "s", &[])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let out = sb.ok(&[
+        "snapshots",
+        "verify",
+        "s",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+    assert!(text(&out).0.contains("OK"), "{:?}", text(&out));
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "index",
+            |m| {
+                let o = m["objects"]
+                    .as_array_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .find(|o| o["key"] == "node-0.tar.gz")
+                    .unwrap();
+                let at = o["index"]["offsets"][2].as_u64().unwrap();
+                o["index"]["offsets"][2] = (at + 7).into();
+            },
+            "block index is wrong",
+        ),
+        (
+            "tree",
+            |m| {
+                let t = m["cluster"]["nodes"][0]["tree"]
+                    .as_array_mut()
+                    .unwrap()
+                    .iter_mut()
+                    .find(|t| t["path"] == "app/users-1")
+                    .unwrap();
+                t["mode"] = 0o700.into();
+            },
+            "does not describe the archive",
+        ),
+        (
+            "entry",
+            |m| {
+                let f = &mut m["cluster"]["nodes"][0]["files"][0];
+                let at = f["entry"]["offset"].as_u64().unwrap();
+                f["entry"]["offset"] = (at + 512).into();
+            },
+            "not where the manifest places it",
+        ),
+        (
+            "path",
+            |m| m["cluster"]["nodes"][0]["files"][0]["path"] = "app/../../x".into(),
+            "not a relative path",
+        ),
+    ];
+    for (name, edit, says) in cases {
+        let store = sb.path(&format!("edited-{name}"));
+        copy_dir(&sb.path("store"), &store);
+        let path = store.join("s/manifest.json");
+        let mut m: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        edit(&mut m);
+        std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+        let out = sb.run(&[
+            "snapshots",
+            "verify",
+            "s",
+            "--store",
+            store.to_str().unwrap(),
+            "--read-data",
+        ]);
+        let (o, e) = text(&out);
+        assert_ne!(out.status.code(), Some(0), "{name}: {o}\n{e}");
+        assert!(o.contains(says) || e.contains(says), "{name}: {o}\n{e}");
+        if name == "tree" || name == "entry" {
+            // A whole restore reads the same archive and refuses the same way.
+            let tgt = target_cluster(sb.dir.path(), &format!("tgt-{name}"), 1);
+            let mut args = start_args("restore-local", &tgt, "s", &[]);
+            let at = args.iter().position(|a| a == "BACKUP_DIR=store").unwrap();
+            args[at] = format!("BACKUP_DIR={}", store.display());
+            let out = sb.run_v(&args);
+            assert_eq!(out.status.code(), Some(1), "{name}: {:?}", text(&out));
+            assert!(text(&out).1.contains(says), "{name}: {:?}", text(&out));
+            assert!(tree(&sb.path(&format!("tgt-{name}/node-0"))).is_empty());
+        }
+    }
+}
