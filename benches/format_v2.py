@@ -15,14 +15,30 @@ Index/Summary/Statistics files between them, so that compression blocks mix both
   `restic restore --include FILE`.
 
     python3 benches/format_v2.py [--mib 256] [--reps 3] [--out bench-out-format]
+    eval "$(scripts/install-test-servers)"; python3 benches/format_v2.py --s3   # cairn and restic on s3s-fs
 
 Prints medians (seconds), ratios and each process's peak RSS."""
-import argparse, json, os, random, shutil, statistics, subprocess, sys, zlib
+import argparse, json, os, random, shutil, statistics, subprocess, sys, time, zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import ROOT, run  # noqa: E402
 
 WANTED = "shop/orders-1/nb-7-big-Data.db"
+AK, SK = "bench-access", "bench-secret-key"
+
+
+def start_s3s(data):
+    exe = os.environ.get("CAIRN_TEST_S3S_FS") or os.path.join(ROOT, ".tools/bin/s3s-fs")
+    os.makedirs(os.path.join(data, "bench"), exist_ok=True)
+    p = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", "0", "--access-key", AK, "--secret-key", SK, data],
+                         env=dict(os.environ, RUST_LOG="info"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if "server is running at" in line:
+            return p, line[line.index("http://"):].split()[0].rstrip("/")
+    p.kill()
+    sys.exit("s3s-fs did not start")
 
 
 def sstables(node, mib, seed, start=0):
@@ -84,6 +100,7 @@ def main():
     ap.add_argument("--mib", type=int, default=256)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "bench-out-format"))
+    ap.add_argument("--s3", action="store_true", help="cairn and restic against s3s-fs on loopback")
     a = ap.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-q"], cwd=ROOT, check=True)
     cairn = os.path.join(ROOT, "target/release/cairn")
@@ -98,6 +115,24 @@ def main():
         f.write(f'name = "bench"\n[[nodes]]\nindex = 0\ndata_dir = "{node}"\n')
     env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"), RESTIC_PASSWORD="bench-password-1")
     store = os.path.join(a.out, "store")
+    where = "a local directory"
+    if a.s3:
+        s3data = os.path.join(a.out, "s3data")
+        server, url = start_s3s(s3data)
+        store = os.path.join(s3data, "bench")  # s3s-fs keeps each object as a file
+        env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1")
+        where = "s3s-fs on loopback"
+
+    def place(kind, snap):
+        """The plan and parameters of a backup or restore of `snap` in the store."""
+        if a.s3:
+            return [f"{kind}-s3", "-p", f"SNAPSHOT_NAME={snap}", "-p", "S3_BUCKET_NAME=bench",
+                    "-p", f"S3_ENDPOINT_URL={url}", "-p", "AWS_REGION=us-east-1"]
+        return [f"{kind}-local", "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}"]
+
+    def restic_repo(name):
+        return (f"s3:{url}/bench/{name}", os.path.join(store, name)) if a.s3 else (os.path.join(a.out, name),) * 2
+
     times, sizes, rss = {}, {}, {}
 
     def rec(name, r, size=None):
@@ -107,8 +142,8 @@ def main():
             sizes[name] = size
 
     def cairn_backup(name, codec, snap):
-        r = run([cairn, "-q", "plan", "start", "backup-local", "--cluster", os.path.join(a.out, "src.toml"),
-                 "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}", "-p", f"COMPRESSION={codec}"], env=env)
+        r = run([cairn, "-q", "plan", "start", "--cluster", os.path.join(a.out, "src.toml")]
+                + place("backup", snap) + ["-p", f"COMPRESSION={codec}"], env=env)
         ext = "tar.gz" if codec == "gzip" else "tar.zst"
         rec(name, r, os.path.getsize(f"{store}/{snap}/node-0.{ext}"))
 
@@ -118,8 +153,8 @@ def main():
         os.remove(out)
 
     def restic_backup(name, repo):
-        r = run([restic, "-q", "-r", repo, "backup", "--compression", "auto", "shop"], cwd=node, env=env)
-        rec(name, r, dir_size(repo))
+        r = run([restic, "-q", "-r", repo[0], "backup", "--compression", "auto", "shop"], cwd=node, env=env)
+        rec(name, r, dir_size(repo[1]))
 
     data = dir_size(node)
     tarfile = os.path.join(a.out, "node.tar")
@@ -136,13 +171,13 @@ def main():
         if shutil.which("zstd"):
             shell("tar | zstd -T0", f"tar cf - -C '{node}' shop | zstd -q -T0 > '{o}'", o)
         if restic:
-            repo = os.path.join(a.out, f"restic{rep}")
-            subprocess.run([restic, "-q", "-r", repo, "init", "--repository-version", "2"], env=env, check=True,
+            repo = restic_repo(f"restic{rep}")
+            subprocess.run([restic, "-q", "-r", repo[0], "init", "--repository-version", "2"], env=env, check=True,
                            capture_output=True)
             restic_backup("restic", repo)
     mib = data / (1 << 20)
     base = sizes["tar | gzip -6"]
-    print(f"data: {mib:.0f} MiB in one node; full backup ({a.reps} reps, median):")
+    print(f"data: {mib:.0f} MiB in one node; stores in {where}; full backup ({a.reps} reps, median):")
     for k, rs in times.items():
         m = med(rs)
         print(f"  {k:<16} {m:7.2f} s {mib / m:6.0f} MiB/s  stored {sizes[k] / (1 << 20):7.1f} MiB "
@@ -159,10 +194,10 @@ def main():
         cairn_backup("cairn zstd", "zstd", f"nz{rep}")
         if restic:
             # Each rep from a copy of the repository after the full backup.
-            repo = os.path.join(a.out, f"restic{rep}")
-            before = dir_size(repo)
+            repo = restic_repo(f"restic{rep}")
+            before = dir_size(repo[1])
             restic_backup("restic", repo)
-            sizes["restic"] = dir_size(repo) - before
+            sizes["restic"] = dir_size(repo[1]) - before
         for k, v in times.items():
             night.setdefault(k, []).extend(v)
     print(f"nightly backup after ~5 % new SSTables ({a.reps} reps, median; stored = what the nightly added):")
@@ -178,8 +213,8 @@ def main():
             tgt = os.path.join(a.out, "tgt")
             with open(os.path.join(a.out, "tgt.toml"), "w") as f:
                 f.write(f'name = "t"\n[[nodes]]\nindex = 0\ndata_dir = "{tgt}/node-0"\n')
-            r = run([cairn, "-q", "plan", "start", "restore-local", "--cluster", os.path.join(a.out, "tgt.toml"),
-                     "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}"] + extra, env=env)
+            r = run([cairn, "-q", "plan", "start", "--cluster", os.path.join(a.out, "tgt.toml")]
+                    + place("restore", snap) + extra, env=env)
             with open(f"{tgt}/node-0/{WANTED}", "rb") as got, open(f"{node}/{WANTED}", "rb") as want:
                 assert got.read() == want.read(), f"{name}: restored file differs"
             res.setdefault(name, []).append(r)
@@ -190,7 +225,7 @@ def main():
         shutil.rmtree(x)
         if restic:
             # The full backup's snapshot (the repository also holds the nightly).
-            repo = os.path.join(a.out, "restic0")
+            repo = restic_repo("restic0")[0]
             first = json.loads(subprocess.run([restic, "-r", repo, "snapshots", "--json"], env=env, check=True,
                                               capture_output=True, text=True).stdout)[0]["id"]
             os.makedirs(x)
@@ -207,6 +242,9 @@ def main():
         node_time = med(res[k.split(",")[0] + ", node"]) if k.split(",")[0] + ", node" in res else None
         ratio = f"  {node_time / m:5.1f}x faster than its whole node" if node_time and "1 file" in k else ""
         print(f"  {k:<20} {m:7.3f} s{ratio}  peak RSS {max(r['rss_kib'] for r in rs) // 1024} MiB")
+
+    if a.s3:
+        server.kill()
 
 
 if __name__ == "__main__":

@@ -353,7 +353,11 @@ impl Manifest {
                 "names a manager snapshot but lists no {MANAGER_OBJECT}"
             )));
         }
+        let mut keys = std::collections::HashSet::new();
         for o in &m.objects {
+            if !keys.insert(o.key.as_str()) {
+                return Err(bad(format!("lists the object {:?} twice", o.key)));
+            }
             crate::store::check_key(&o.key)
                 .map_err(|_| bad(format!("bad object key {:?}", o.key)))?;
             if o.index.as_ref().is_some_and(|i| !i.is_sound(o.size)) {

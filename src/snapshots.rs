@@ -297,7 +297,10 @@ pub async fn verify(
                 // The block index is what partial restores read by: each block must
                 // start where it says, with the bytes the whole read found there.
                 if let Some(index) = &object.index {
-                    match check_index(store, &key, &node.object, index, &u.heads, cancel).await {
+                    let whole = (object.size, u.stream_bytes);
+                    match check_index(store, &key, &node.object, index, &u.heads, whole, cancel)
+                        .await
+                    {
                         Ok(()) => {}
                         Err(Error::Cancelled) => return Err(Error::Cancelled),
                         Err(e) => report.problems.push(e.to_string()),
@@ -463,11 +466,26 @@ async fn check_index(
     object: &str,
     index: &manifest::BlockIndex,
     heads: &[Vec<u8>],
+    (object_size, stream_bytes): (u64, u64),
     cancel: &CancellationToken,
 ) -> Result<()> {
     use std::io::Read;
     let bad = |m: String| Error::archive(key, format!("its block index is wrong: {m}"));
     let codec = crate::archive::Codec::of_object(object).unwrap_or_default();
+    // The compressed data ends where the index says: before gzip's final empty
+    // block and trailer, at the end of the last zstd frame.
+    let trailer = match codec {
+        crate::archive::Codec::Gzip => 13,
+        crate::archive::Codec::Zstd => 0,
+    };
+    if index.total != stream_bytes || index.end.checked_add(trailer) != Some(object_size) {
+        return Err(bad(format!(
+            "it says {} bytes ending at {}, the object holds {stream_bytes} ending at {}",
+            index.total,
+            index.end,
+            object_size.saturating_sub(trailer)
+        )));
+    }
     if index.block != crate::archive::pargz::BLOCK as u64 || heads.len() != index.offsets.len() {
         return Err(bad(format!(
             "{} blocks of {} bytes indexed, {} read",
@@ -553,6 +571,11 @@ pub async fn copy(
             "{} already holds a complete snapshot {name:?}: a complete snapshot is never overwritten (delete it there first)",
             to.describe()
         )]));
+    }
+    // What an earlier, unfinished copy or backup left there (no manifest: an
+    // incomplete snapshot) goes first, so the copy holds only what it names.
+    for o in to.list(&format!("{name}/")).await? {
+        to.delete(&o.key).await?;
     }
     let mut report = CopyReport {
         snapshot: name.to_string(),

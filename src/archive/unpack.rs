@@ -36,6 +36,8 @@ pub struct Unpacked {
     /// uncompressed stream (a whole read only): what `snapshots verify` compares
     /// with what the block index says starts there.
     pub heads: Vec<Vec<u8>>,
+    /// Bytes of the uncompressed stream (a whole read only).
+    pub stream_bytes: u64,
     pub object_size: u64,
     pub object_sha256: String,
     pub files: u64,
@@ -259,7 +261,8 @@ fn unpack_plain<P: Read>(
 ) -> Result<Unpacked> {
     let object = expected.object;
     let bad = |m: String| Error::archive(object, m);
-    let corrupt = |e: io::Error| Error::archive(object, format!("corrupt or truncated: {e}"));
+    let corrupt =
+        |e: io::Error| Error::archive(object, format!("corrupt or truncated: {}", tar_message(&e)));
     let declared: HashMap<&str, &FileInfo> = expected
         .node
         .files
@@ -272,7 +275,7 @@ fn unpack_plain<P: Read>(
         Mode::Verify => None,
     };
 
-    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heads = std::sync::Arc::new(std::sync::Mutex::new((Vec::new(), 0u64)));
     let tarred: Box<dyn Read + '_> = if expected.partial {
         Box::new(plain)
     } else {
@@ -522,7 +525,11 @@ fn unpack_plain<P: Read>(
     io::copy(&mut gz, &mut io::sink()).map_err(corrupt)?;
     drop(gz);
     let (size, sha) = tap.finish();
-    out.heads = std::mem::take(&mut *heads.lock().unwrap_or_else(|p| p.into_inner()));
+    {
+        let mut h = heads.lock().unwrap_or_else(|p| p.into_inner());
+        out.heads = std::mem::take(&mut h.0);
+        out.stream_bytes = h.1;
+    }
     out.object_size = size;
     out.object_sha256 = sha;
     if !expected.partial
@@ -580,18 +587,42 @@ fn unpack_plain<P: Read>(
     Ok(out)
 }
 
+/// An error of the tar reader without what it quotes of the archive: its header
+/// errors end with the entry's path or a field's bytes, which may be a file's data
+/// when a damaged archive (or a wrong place in it) is read as a header.
+fn tar_message(e: &io::Error) -> String {
+    let text = e.to_string();
+    match text.find(" when getting ") {
+        Some(at) => {
+            let what = text[at + " when getting ".len()..]
+                .split(" for ")
+                .next()
+                .unwrap_or("")
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == ' ')
+                .take(40)
+                .collect::<String>();
+            format!("an entry header is not valid (its {what})")
+        }
+        None => text,
+    }
+}
+
 /// Bytes of each block's start that [`Unpacked::heads`] keeps.
 pub const HEAD: usize = 64;
 
 /// Records the first [`HEAD`] bytes of each block of the stream read through it.
+type SharedHeads = std::sync::Arc<std::sync::Mutex<(Vec<Vec<u8>>, u64)>>;
+
 struct Heads<R> {
     inner: R,
     at: u64,
-    heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    /// The heads, and the bytes read so far.
+    heads: SharedHeads,
 }
 
 impl<R> Heads<R> {
-    fn new(inner: R, heads: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) -> Heads<R> {
+    fn new(inner: R, heads: SharedHeads) -> Heads<R> {
         Heads {
             inner,
             at: 0,
@@ -604,7 +635,9 @@ impl<R: Read> Read for Heads<R> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(out)?;
         let block = super::pargz::BLOCK as u64;
-        let mut heads = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        let mut shared = self.heads.lock().unwrap_or_else(|p| p.into_inner());
+        shared.1 += n as u64;
+        let heads = &mut shared.0;
         let mut i = 0;
         while i < n {
             let pos = self.at + i as u64;

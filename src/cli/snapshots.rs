@@ -42,6 +42,34 @@ fn age(d: chrono::TimeDelta) -> String {
     .to_string()
 }
 
+/// A store's URL with a directory store's path resolved (links followed, for the
+/// part that exists), so two spellings of one place compare equal.
+fn resolved_url(url: &str) -> String {
+    let Some(path) = url.strip_prefix("file://") else {
+        return url.trim_end_matches('/').to_string();
+    };
+    let mut existing = std::path::Path::new(path);
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(p), Some(n)) => {
+                rest.push(n.to_os_string());
+                existing = p;
+            }
+            _ => break,
+        }
+    }
+    let mut r = existing
+        .canonicalize()
+        .unwrap_or_else(|_| existing.to_path_buf());
+    for n in rest.iter().rev() {
+        r.push(n);
+    }
+    format!("file://{}", r.display())
+        .trim_end_matches('/')
+        .to_string()
+}
+
 /// Hold `mode` on `name` for the length of `work`.
 async fn locked<T>(
     store: &Arc<dyn Store>,
@@ -182,14 +210,18 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             to,
             break_lock,
         } => {
-            crate::spec::check_snapshot_name(&name)
-                .map_err(|e| usage(format!("snapshot name {name:?}: {e}")))?;
+            crate::spec::check_snapshot_name(&name).map_err(usage)?;
             let source = open(g, &from).await?;
             let dest = g.open_store(&to, None).await?;
-            if source.url() == dest.url() {
+            // One store inside the other would make the copy part of the source
+            // (a delete or prune there would take it): compared resolved.
+            let (a, b) = (resolved_url(&source.url()), resolved_url(&dest.url()));
+            let within = |x: &str, y: &str| x == y || x.starts_with(&format!("{y}/"));
+            if within(&a, &b) || within(&b, &a) {
                 return Err(usage(format!(
-                    "--from and --to are the same store ({})",
-                    source.describe()
+                    "--from ({}) and --to ({}) are the same store or one is inside the other",
+                    source.describe(),
+                    dest.describe()
                 )));
             }
             let cancel = tokio_util::sync::CancellationToken::new();
@@ -236,8 +268,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             keys,
         } => {
             for n in [&a, &b] {
-                crate::spec::check_snapshot_name(n)
-                    .map_err(|e| usage(format!("snapshot name {n:?}: {e}")))?;
+                crate::spec::check_snapshot_name(n).map_err(usage)?;
             }
             let keys = keys.keys()?;
             let store = open(g, &url).await?;
@@ -279,8 +310,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             store: url,
             keys,
         } => {
-            crate::spec::check_snapshot_name(&name)
-                .map_err(|e| usage(format!("snapshot name {name:?}: {e}")))?;
+            crate::spec::check_snapshot_name(&name).map_err(usage)?;
             // The same plain relative paths PATHS takes.
             let path = match &path {
                 Some(p) => Some(
