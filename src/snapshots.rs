@@ -511,17 +511,22 @@ async fn check_index(
             }
             v
         };
-        let want = &heads[i];
-        let mut got = vec![0u8; want.len()];
-        let decoded = match codec {
-            crate::archive::Codec::Gzip => {
-                flate2::read::DeflateDecoder::new(&data[..]).read_exact(&mut got)
-            }
-            crate::archive::Codec::Zstd => {
-                zstd::stream::read::Decoder::new(&data[..]).and_then(|mut d| d.read_exact(&mut got))
-            }
-        };
-        if decoded.is_err() || &got != want {
+        let want = heads[i].clone();
+        // Decompression runs on a blocking thread, not the runtime's.
+        let matches = tokio::task::spawn_blocking(move || {
+            let mut got = vec![0u8; want.len()];
+            let decoded = match codec {
+                crate::archive::Codec::Gzip => {
+                    flate2::read::DeflateDecoder::new(&data[..]).read_exact(&mut got)
+                }
+                crate::archive::Codec::Zstd => zstd::stream::read::Decoder::new(&data[..])
+                    .and_then(|mut d| d.read_exact(&mut got)),
+            };
+            decoded.is_ok() && got == want
+        })
+        .await
+        .map_err(|e| Error::State(format!("verify worker failed: {e}")))?;
+        if !matches {
             return Err(bad(format!(
                 "block {i} does not start at offset {start} of {object}"
             )));

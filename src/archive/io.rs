@@ -107,8 +107,6 @@ pub struct SegmentReader {
     rx: mpsc::Receiver<crate::Result<Option<Bytes>>>,
     current: Bytes,
     at_end: bool,
-    /// Bytes received so far (what was read from the store).
-    received: u64,
 }
 
 impl SegmentReader {
@@ -117,7 +115,6 @@ impl SegmentReader {
             rx,
             current: Bytes::new(),
             at_end: false,
-            received: 0,
         }
     }
 
@@ -132,16 +129,9 @@ impl SegmentReader {
         Ok(())
     }
 
-    pub fn received(&self) -> u64 {
-        self.received
-    }
-
     fn pull(&mut self) -> io::Result<()> {
         match self.rx.blocking_recv() {
-            Some(Ok(Some(chunk))) => {
-                self.received += chunk.len() as u64;
-                self.current = chunk;
-            }
+            Some(Ok(Some(chunk))) => self.current = chunk,
             Some(Ok(None)) => self.at_end = true,
             Some(Err(e)) => return Err(io::Error::other(e.to_string())),
             None => {

@@ -25,8 +25,6 @@ pub struct Plan {
     starts: Vec<u64>,
     /// Everything to emit, in archive order.
     pieces: Vec<Piece>,
-    /// Uncompressed bytes of the wanted files' entries.
-    pub entry_bytes: u64,
     codec: Codec,
 }
 
@@ -111,7 +109,6 @@ pub fn plan(
     let mut ranges: Vec<(u64, u64)> = Vec::new();
     let mut starts: Vec<u64> = Vec::new();
     let mut pieces: Vec<Piece> = node.tree.iter().cloned().map(Piece::Tree).collect();
-    let mut entry_bytes = 0u64;
     let mut last_end = 0u64;
     for span in spans {
         let end = span.end().unwrap_or(u64::MAX);
@@ -119,7 +116,6 @@ pub fn plan(
             return Err(bad("two files overlap in the archive".into()));
         }
         last_end = end;
-        entry_bytes += span.length;
         let (from, to, ustart) = index
             .range_of(span.offset, end)
             .ok_or_else(|| bad("a file lies outside the block index".into()))?;
@@ -142,7 +138,6 @@ pub fn plan(
         ranges,
         starts,
         pieces,
-        entry_bytes,
         codec,
     })
 }
@@ -187,14 +182,6 @@ impl<R: SegmentedRead> Assembled<R> {
             buffered: io::Cursor::new(Vec::new()),
             left: 0,
             ended: false,
-        }
-    }
-
-    /// The segment reader back (to learn what it read).
-    pub fn into_input(self) -> Option<R> {
-        match self.decoder {
-            Some((d, _, _)) => Some(d.into_inner()),
-            None => self.idle,
         }
     }
 
