@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Format 2 in one run on the same data: a Cassandra-like node whose SSTables are
+"""Formats 2 and 3 in one run on the same data: a Cassandra-like node whose SSTables are
 half incompressible (compressed Data.db files of 2-9 MiB) with small, compressible
 Index/Summary/Statistics files between them, so that compression blocks mix both.
 
@@ -8,8 +8,10 @@ Index/Summary/Statistics files between them, so that compression blocks mix both
   repository, compression auto) — time and stored size; and the size cairn's
   former store-or-deflate rule (a whole 1 MiB block judged by its first 64 KiB)
   gives on the same tar stream (simulated with Python's zlib);
-* nightly: ~5 % new SSTables, then the same backups again (cairn has no
-  differential backups yet: each is full; restic's is incremental);
+* nightly: ~5 % new SSTables, then a cairn differential backup (MODE=differential,
+  its parent the full backup in the same store) and restic's incremental one;
+  the stored bytes after both, and a whole restore of the differential (read
+  from two objects);
 * restore: the whole node, and one 1 MiB file (`PATHS=`: ranged reads of the blocks
   that hold it), against `tar xzf OBJECT FILE`, `restic restore` and
   `restic restore --include FILE`.
@@ -114,7 +116,7 @@ def main():
     with open(os.path.join(a.out, "src.toml"), "w") as f:
         f.write(f'name = "bench"\n[[nodes]]\nindex = 0\ndata_dir = "{node}"\n')
     env = dict(os.environ, CAIRN_HOME=os.path.join(a.out, "home"), RESTIC_PASSWORD="bench-password-1")
-    store = os.path.join(a.out, "store")
+    store = os.path.join(a.out, "stores")
     where = "a local directory"
     if a.s3:
         s3data = os.path.join(a.out, "s3data")
@@ -123,12 +125,13 @@ def main():
         env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1")
         where = "s3s-fs on loopback"
 
-    def place(kind, snap):
-        """The plan and parameters of a backup or restore of `snap` in the store."""
+    def place(kind, snap, name):
+        """The plan and parameters of a backup or restore of `snap` in the store
+        `name` (a directory, or a prefix of the bucket)."""
         if a.s3:
             return [f"{kind}-s3", "-p", f"SNAPSHOT_NAME={snap}", "-p", "S3_BUCKET_NAME=bench",
-                    "-p", f"S3_ENDPOINT_URL={url}", "-p", "AWS_REGION=us-east-1"]
-        return [f"{kind}-local", "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}"]
+                    "-p", f"S3_PREFIX={name}", "-p", f"S3_ENDPOINT_URL={url}", "-p", "AWS_REGION=us-east-1"]
+        return [f"{kind}-local", "-p", f"SNAPSHOT_NAME={snap}", "-p", f"BACKUP_DIR={store}/{name}"]
 
     def restic_repo(name):
         return (f"s3:{url}/bench/{name}", os.path.join(store, name)) if a.s3 else (os.path.join(a.out, name),) * 2
@@ -141,11 +144,12 @@ def main():
         if size is not None:
             sizes[name] = size
 
-    def cairn_backup(name, codec, snap):
+    def cairn_backup(name, codec, snap, where_, mode):
+        """A backup into the store `where_`; its size is what the snapshot's own
+        folder holds (a differential's unchanged files are in its parent's)."""
         r = run([cairn, "-q", "plan", "start", "--cluster", os.path.join(a.out, "src.toml")]
-                + place("backup", snap) + ["-p", f"COMPRESSION={codec}"], env=env)
-        ext = "tar.gz" if codec == "gzip" else "tar.zst"
-        rec(name, r, os.path.getsize(f"{store}/{snap}/node-0.{ext}"))
+                + place("backup", snap, where_) + ["-p", f"COMPRESSION={codec}", "-p", f"MODE={mode}"], env=env)
+        rec(name, r, dir_size(f"{store}/{where_}/{snap}"))
 
     def shell(name, cmd, out):
         r = run(["sh", "-c", cmd])
@@ -162,8 +166,8 @@ def main():
     old = old_rule_size(tarfile)
     os.remove(tarfile)
     for rep in range(a.reps):
-        cairn_backup("cairn gzip", "gzip", f"g{rep}")
-        cairn_backup("cairn zstd", "zstd", f"z{rep}")
+        cairn_backup("cairn gzip", "gzip", "full", f"g{rep}", "full")
+        cairn_backup("cairn zstd", "zstd", "full", f"z{rep}", "full")
         o = os.path.join(a.out, "o")
         shell("tar | gzip -6", f"tar cf - -C '{node}' shop | gzip -6 > '{o}'", o)
         if shutil.which("pigz"):
@@ -188,40 +192,58 @@ def main():
     # Nightly: ~5 % new SSTables, then each tool again.
     sstables(node, max(1, a.mib // 20), 11, start=tables)
     night = {}
+    after = {}
     for rep in range(a.reps):
         times.clear()
-        cairn_backup("cairn gzip", "gzip", f"ng{rep}")
-        cairn_backup("cairn zstd", "zstd", f"nz{rep}")
+        # Each rep's differential builds on that rep's full backup (its own store).
+        cairn_backup("cairn gzip", "gzip", "night", f"g{rep}", "differential")
+        cairn_backup("cairn zstd", "zstd", "night", f"z{rep}", "differential")
+        after["cairn gzip"] = dir_size(f"{store}/g{rep}")
+        after["cairn zstd"] = dir_size(f"{store}/z{rep}")
         if restic:
-            # Each rep from a copy of the repository after the full backup.
             repo = restic_repo(f"restic{rep}")
             before = dir_size(repo[1])
             restic_backup("restic", repo)
             sizes["restic"] = dir_size(repo[1]) - before
+            after["restic"] = dir_size(repo[1])
         for k, v in times.items():
             night.setdefault(k, []).extend(v)
+    for codec, ext in (("gzip", "tar.gz"), ("zstd", "tar.zst")):
+        m = json.load(open(f"{store}/{codec[0]}0/night/manifest.json"))
+        assert m.get("parent") == "full", f"{codec}: the nightly is a differential of the full backup"
     print(f"nightly backup after ~5 % new SSTables ({a.reps} reps, median; stored = what the nightly added):")
     for k, rs in night.items():
         m = med(rs)
-        print(f"  {k:<16} {m:7.2f} s  ({full[k] / m:.1f}x the full backup's speed)  stored {sizes[k] / (1 << 20):7.1f} MiB")
+        vs = f"  {med(night['restic']) / m:.2f}x restic's speed" if "restic" in night and k != "restic" else ""
+        print(f"  {k:<16} {m:7.2f} s  ({full[k] / m:.1f}x the full backup's speed){vs}  stored {sizes[k] / (1 << 20):7.1f} MiB")
+    print("stored after the full backup and the nightly:")
+    for k, v in after.items():
+        vs = f"  ({v / after['restic']:.3f}x restic's)" if "restic" in after else ""
+        print(f"  {k:<16} {v / (1 << 20):7.1f} MiB{vs}")
 
     # Restores from the first full backup.
     res = {}
     for rep in range(a.reps):
-        for name, snap, extra in (("cairn gzip, node", "g0", []), ("cairn gzip, 1 file", "g0", ["-p", f"PATHS={WANTED}"]),
-                                  ("cairn zstd, node", "z0", []), ("cairn zstd, 1 file", "z0", ["-p", f"PATHS={WANTED}"])):
+        for name, (snap, where_), extra in (
+                ("cairn gzip, node", ("full", "g0"), []),
+                ("cairn gzip, 1 file", ("full", "g0"), ["-p", f"PATHS={WANTED}"]),
+                ("cairn zstd, node", ("full", "z0"), []),
+                ("cairn zstd, 1 file", ("full", "z0"), ["-p", f"PATHS={WANTED}"]),
+                ("cairn gzip differential, node", ("night", "g0"), []),
+                ("cairn zstd differential, node", ("night", "z0"), [])):
             tgt = os.path.join(a.out, "tgt")
             with open(os.path.join(a.out, "tgt.toml"), "w") as f:
                 f.write(f'name = "t"\n[[nodes]]\nindex = 0\ndata_dir = "{tgt}/node-0"\n')
             r = run([cairn, "-q", "plan", "start", "--cluster", os.path.join(a.out, "tgt.toml")]
-                    + place("restore", snap) + extra, env=env)
+                    + place("restore", snap, where_) + extra, env=env)
             with open(f"{tgt}/node-0/{WANTED}", "rb") as got, open(f"{node}/{WANTED}", "rb") as want:
                 assert got.read() == want.read(), f"{name}: restored file differs"
             res.setdefault(name, []).append(r)
             shutil.rmtree(tgt)
         x = os.path.join(a.out, "x")
         os.makedirs(x)
-        res.setdefault("tar xzf, 1 file", []).append(run(["tar", "xzf", f"{store}/g0/node-0.tar.gz", "-C", x, WANTED]))
+        res.setdefault("tar xzf, 1 file", []).append(
+            run(["tar", "xzf", f"{store}/g0/full/node-0.tar.gz", "-C", x, WANTED]))
         shutil.rmtree(x)
         if restic:
             # The full backup's snapshot (the repository also holds the nightly).
@@ -241,7 +263,7 @@ def main():
         m = med(rs)
         node_time = med(res[k.split(",")[0] + ", node"]) if k.split(",")[0] + ", node" in res else None
         ratio = f"  {node_time / m:5.1f}x faster than its whole node" if node_time and "1 file" in k else ""
-        print(f"  {k:<20} {m:7.3f} s{ratio}  peak RSS {max(r['rss_kib'] for r in rs) // 1024} MiB")
+        print(f"  {k:<30} {m:7.3f} s{ratio}  peak RSS {max(r['rss_kib'] for r in rs) // 1024} MiB")
 
     if a.s3:
         server.kill()

@@ -149,6 +149,21 @@ pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) ->
             Err(e) => problems.push(format!("object {key}: {e}")),
         }
     }
+    // A differential's unchanged files, in earlier snapshots' objects.
+    for r in &m.references {
+        match store.head(&r.key).await {
+            Ok(Some(meta)) if meta.size == r.size => {}
+            Ok(Some(meta)) => problems.push(format!(
+                "referenced object {} is {} bytes, the manifest says {}",
+                r.key, meta.size, r.size
+            )),
+            Ok(None) => problems.push(format!(
+                "referenced object {} is missing (a snapshot it belongs to was deleted while this one was written?)",
+                r.key
+            )),
+            Err(e) => problems.push(format!("referenced object {}: {e}", r.key)),
+        }
+    }
     problems
 }
 

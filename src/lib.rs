@@ -62,6 +62,7 @@ pub mod plan;
 pub mod progress;
 pub mod recover;
 pub mod redact;
+pub mod repo;
 pub mod retention;
 pub mod service;
 pub mod snapshots;

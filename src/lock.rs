@@ -169,6 +169,25 @@ pub async fn locks_on(store: &dyn Store, snapshot: &str) -> Result<Vec<(String, 
     Ok(out)
 }
 
+/// The backups running now (their locks' heartbeats fresh), on any snapshot.
+pub async fn live_backups(store: &dyn Store, s: Settings) -> Result<Vec<LockInfo>> {
+    let now = now_unix();
+    let stale_secs = i64::try_from(s.stale_after.as_secs()).unwrap_or(i64::MAX);
+    let mut out = Vec::new();
+    for o in store.list(&format!("{PREFIX}/")).await? {
+        let Ok(b) = get_bytes(store, &o.key, 64 << 10).await else {
+            continue;
+        };
+        if let Ok(l) = serde_json::from_slice::<LockInfo>(&b)
+            && l.purpose == "backup"
+            && now - l.heartbeat <= stale_secs
+        {
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
 /// Whether any lock (live or stale) names `snapshot`.
 pub async fn is_locked(store: &dyn Store, snapshot: &str) -> Result<Option<LockInfo>> {
     Ok(locks_on(store, snapshot)

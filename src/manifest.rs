@@ -12,7 +12,10 @@
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
+/// The first format with differential snapshots (a parent, references to its
+/// objects, and what a file's change is told by).
+pub const DIFFERENTIAL_FORMAT: u32 = 3;
 /// The oldest format still read.
 pub const OLDEST_FORMAT: u32 = 1;
 pub const MANIFEST: &str = "manifest.json";
@@ -47,6 +50,23 @@ pub struct Manifest {
     /// Service artifacts (the schema): each is an object of `objects` too.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub artifacts: Vec<ArtifactInfo>,
+    /// The snapshot this one is a differential of (format 3): only files new or
+    /// changed since it are in this snapshot's node objects.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
+    /// Differential backups since the last full one (0 for a full backup).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub differentials: u32,
+    /// Objects of other snapshots that hold unchanged files of this one (format
+    /// 3), keyed from the store's root (`nightly-1/node-0.tar.gz`), each with its
+    /// block index: a restore reads only the files it needs from them. They are
+    /// kept as long as a snapshot references them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub references: Vec<ObjectInfo>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -207,9 +227,22 @@ pub struct FileInfo {
     pub user: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Where its tar entry is in the node object (format 2).
+    /// Where its tar entry is in the node object (format 2), or in `object`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entry: Option<Span>,
+    /// The object holding it when not the node's own: a key of the manifest's
+    /// `references` (format 3, a differential's unchanged file).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// What a differential backup tells a change by (format 3): the file's
+    /// modification time in nanoseconds, inode and permission bits when it was
+    /// read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime_ns: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inode: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -272,8 +305,55 @@ impl Manifest {
                 m.format_version
             )));
         }
+        if m.format_version < DIFFERENTIAL_FORMAT
+            && (m.parent.is_some()
+                || m.differentials != 0
+                || !m.references.is_empty()
+                || m.cluster.nodes.iter().any(|n| {
+                    n.files.iter().any(|f| {
+                        f.object.is_some()
+                            || f.mtime_ns.is_some()
+                            || f.inode.is_some()
+                            || f.mode.is_some()
+                    })
+                }))
+        {
+            return Err(bad(format!(
+                "format version {} has no differential fields, but this one has some",
+                m.format_version
+            )));
+        }
         if m.snapshot != snapshot {
             return Err(bad(format!("names snapshot {:?}", m.snapshot)));
+        }
+        if let Some(p) = &m.parent
+            && (crate::spec::check_snapshot_name(p).is_err() || p == snapshot)
+        {
+            return Err(bad(format!(
+                "names an impossible parent {:?}",
+                crate::plan::params::shorten(p)
+            )));
+        }
+        let mut referenced = std::collections::HashSet::new();
+        for r in &m.references {
+            let holder = r.key.split_once('/').filter(|(snap, name)| {
+                crate::spec::check_snapshot_name(snap).is_ok()
+                    && *snap != snapshot
+                    && crate::archive::Codec::of_object(name).is_some()
+                    && !name.contains('/')
+            });
+            if holder.is_none() || !referenced.insert(r.key.as_str()) {
+                return Err(bad(format!(
+                    "references {:?}, which is no node object of another snapshot, or twice",
+                    crate::plan::params::shorten(&r.key)
+                )));
+            }
+            if !r.index.as_ref().is_some_and(|i| i.is_sound(r.size)) {
+                return Err(bad(format!(
+                    "references {:?} without a sound block index",
+                    r.key
+                )));
+            }
         }
         for n in &m.cluster.nodes {
             if !is_node_object(n.index, &n.object) || !m.objects.iter().any(|o| o.key == n.object) {
@@ -295,6 +375,21 @@ impl Manifest {
             };
             let mut paths = std::collections::HashSet::new();
             for f in &n.files {
+                if let Some(o) = &f.object {
+                    // A node's unchanged file is in that node's object of an
+                    // earlier snapshot, at a known place.
+                    let of_node = o
+                        .split_once('/')
+                        .is_some_and(|(_, name)| is_node_object(n.index, name));
+                    if !referenced.contains(o.as_str()) || !of_node || f.entry.is_none() {
+                        return Err(bad(format!(
+                            "node {}: the file {:?} is held by {:?}, which the manifest does not reference as this node's",
+                            n.index,
+                            crate::plan::params::shorten(&f.path),
+                            crate::plan::params::shorten(o)
+                        )));
+                    }
+                }
                 if !in_node(&f.path) || !paths.insert(f.path.as_str()) {
                     return Err(bad(format!(
                         "node {}: the file {:?} is not a relative path inside the node's keyspaces, or is listed twice",
@@ -346,6 +441,31 @@ impl Manifest {
                         crate::plan::params::shorten(&t.path)
                     )));
                 }
+            }
+            // Nothing lies below a link: a restore that writes a node from several
+            // objects never writes through one.
+            let links: std::collections::HashSet<&str> = n
+                .tree
+                .iter()
+                .filter(|t| t.link.is_some())
+                .map(|t| t.path.as_str())
+                .collect();
+            let below_link = |path: &str| {
+                path.match_indices('/')
+                    .any(|(i, _)| links.contains(&path[..i]))
+            };
+            if let Some(p) = n
+                .files
+                .iter()
+                .map(|f| f.path.as_str())
+                .chain(n.tree.iter().map(|t| t.path.as_str()))
+                .find(|p| below_link(p))
+            {
+                return Err(bad(format!(
+                    "node {}: {:?} lies below a symbolic link",
+                    n.index,
+                    crate::plan::params::shorten(p)
+                )));
             }
         }
         if m.manager.is_some() && m.object(MANAGER_OBJECT).is_none() {
@@ -437,6 +557,26 @@ impl Manifest {
 
     pub fn object(&self, key: &str) -> Option<&ObjectInfo> {
         self.objects.iter().find(|o| o.key == key)
+    }
+
+    /// A referenced object of another snapshot (key from the store's root).
+    pub fn reference(&self, key: &str) -> Option<&ObjectInfo> {
+        self.references.iter().find(|o| o.key == key)
+    }
+
+    /// Every object the snapshot needs, keyed from the store's root: its own
+    /// (the manifest included) and those it references.
+    pub fn needs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .objects
+            .iter()
+            .map(|o| key(&self.snapshot, &o.key))
+            .chain(std::iter::once(key(&self.snapshot, MANIFEST)))
+            .chain(self.references.iter().map(|r| r.key.clone()))
+            .collect();
+        v.sort();
+        v.dedup();
+        v
     }
 
     /// Uncompressed bytes of all nodes (saturating: a crafted manifest may lie).

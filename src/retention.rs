@@ -208,6 +208,16 @@ pub fn decide(
             ));
             continue;
         }
+        if !s.held_for.is_empty() {
+            out.push(keep(
+                &s.name,
+                format!(
+                    "deleted; keeps the objects {} reference (swept when they go)",
+                    s.held_for.join(", ")
+                ),
+            ));
+            continue;
+        }
         if !s.complete && p.scope.narrowed() {
             // Whose it is cannot be told before its manifest is written.
             out.push(keep(
@@ -348,6 +358,13 @@ pub struct PruneReport {
     pub deleted: Vec<String>,
     /// Decided to go but left in place, with why (locked meanwhile, store error).
     pub skipped: Vec<(String, String)>,
+    /// Deleted snapshots whose objects other snapshots still reference: how many
+    /// were kept, and for which snapshots.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kept: Vec<(String, usize, Vec<String>)>,
+    /// Deletes an interrupted run left, finished first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub finished: Vec<String>,
 }
 
 /// Decide, then (unless `dry_run`) delete, each snapshot under an exclusive lock.
@@ -366,10 +383,13 @@ pub async fn prune(
         decisions: decisions.clone(),
         deleted: Vec::new(),
         skipped: Vec::new(),
+        kept: Vec::new(),
+        finished: Vec::new(),
     };
     if dry_run {
         return Ok(report);
     }
+    report.finished = crate::repo::finish_pending(&*store).await?;
     for d in decisions.iter().filter(|d| !d.keep) {
         let was_prune = list
             .iter()
@@ -392,10 +412,21 @@ pub async fn prune(
             }
             Err(e) => return Err(e),
         };
-        let result = snapshots::delete(&*store, &d.snapshot).await;
+        let result = crate::repo::delete(&*store, &d.snapshot).await;
         held.release().await;
         match result {
-            Ok(_) | Err(Error::NotFound(_)) => report.deleted.push(d.snapshot.clone()),
+            Ok(done) => {
+                if !done.kept.is_empty() {
+                    let mut by: Vec<String> =
+                        done.kept.iter().flat_map(|(_, b)| b.clone()).collect();
+                    by.sort();
+                    by.dedup();
+                    report.kept.push((d.snapshot.clone(), done.kept.len(), by));
+                }
+                report.finished.extend(done.finished);
+                report.deleted.push(d.snapshot.clone());
+            }
+            Err(Error::NotFound(_)) => report.deleted.push(d.snapshot.clone()),
             Err(e) => report.skipped.push((d.snapshot.clone(), e.to_string())),
         }
     }

@@ -3,7 +3,7 @@
 
 use crate::cluster::Selection;
 use crate::manifest::{self, MANIFEST, Manifest};
-use crate::node::restore::read_object;
+use crate::node::restore::read_node;
 use crate::progress::Progress;
 use crate::store::Store;
 use crate::{Error, Result, checks};
@@ -39,6 +39,14 @@ pub struct SnapshotSummary {
     pub verified: Option<VerifyRecord>,
     /// A lock on it (a run writing or reading it, or a stale one).
     pub lock: Option<crate::lock::LockInfo>,
+    /// A folder without a manifest that keeps objects other snapshots reference
+    /// (a deleted snapshot's unchanged files): those snapshots. Never restored,
+    /// pruned or reused; swept when the last of them goes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub held_for: Vec<String>,
+    /// A differential's parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// Where the last verification of each snapshot is recorded.
@@ -46,6 +54,11 @@ pub const VERIFY_PREFIX: &str = ".cairn-verify";
 
 fn verify_key(name: &str) -> String {
     format!("{VERIFY_PREFIX}/{name}.json")
+}
+
+/// Where a snapshot's last verification is recorded.
+pub fn verify_key_of(name: &str) -> String {
+    verify_key(name)
 }
 
 /// The last verification of a snapshot, kept in the store.
@@ -81,6 +94,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
     let mut folders: BTreeMap<String, (u64, usize, bool, Option<i64>)> = BTreeMap::new();
     let mut records = Vec::new();
     let mut locked = BTreeMap::new();
+    let mut keys_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for o in store.list("").await? {
         let Some((name, rest)) = o.key.split_once('/') else {
             continue;
@@ -98,6 +112,10 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
         if name.starts_with(crate::cluster::RESERVED_PREFIX) {
             continue;
         }
+        keys_of
+            .entry(name.to_string())
+            .or_default()
+            .push(o.key.clone());
         let e = folders.entry(name.to_string()).or_default();
         e.0 = e.0.saturating_add(o.size);
         e.1 += 1;
@@ -105,6 +123,8 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
         e.3 = e.3.max(o.modified);
     }
     let mut out = Vec::new();
+    let mut held: Vec<(String, Vec<String>)> = Vec::new();
+    let mut needs: Vec<(String, Vec<String>)> = Vec::new();
     for (name, (stored_bytes, objects, has_manifest, modified)) in folders {
         let verified = if records.contains(&verify_key(&name)) {
             crate::store::get_bytes(store, &verify_key(&name), 1 << 20)
@@ -135,7 +155,12 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             modified,
             verified,
             lock,
+            held_for: Vec::new(),
+            parent: None,
         };
+        if !has_manifest {
+            held.push((name.clone(), keys_of.remove(&name).unwrap_or_default()));
+        }
         if has_manifest {
             match checks::read_manifest(store, &name).await {
                 Ok(m) => {
@@ -153,11 +178,25 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
                     s.tags = m.tags.clone();
                     s.nodes = Some(m.cluster.nodes.len());
                     s.bytes = Some(m.total_bytes());
+                    s.parent = m.parent.clone();
+                    needs.push((name.clone(), m.needs()));
                 }
                 Err(e) => s.problem = Some(e.to_string()),
             }
         }
         out.push(s);
+    }
+    // Folders without a manifest whose objects complete snapshots reference.
+    for (folder, keys) in held {
+        let mut by: Vec<String> = needs
+            .iter()
+            .filter(|(_, n)| keys.iter().any(|k| n.binary_search(k).is_ok()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        by.sort();
+        if let Some(s) = out.iter_mut().find(|s| s.name == folder) {
+            s.held_for = by;
+        }
     }
     Ok(out)
 }
@@ -236,7 +275,7 @@ pub async fn verify(
             (VerifyMode::Sample(_), false) => "sample",
         }
         .into(),
-        objects: m.objects.len(),
+        objects: m.objects.len() + m.references.len(),
         objects_read: 0,
         files: 0,
         bytes: 0,
@@ -273,11 +312,12 @@ pub async fn verify(
             }
             continue;
         }
-        match read_object(
+        match read_node(
             store,
-            &key,
+            name,
             node.clone(),
             object.clone(),
+            &m.references,
             Selection::default(),
             None,
             keys.cloned(),
@@ -434,30 +474,6 @@ async fn verify_manager(
         .map_err(|e| Error::State(format!("verify worker failed: {e}")))?
 }
 
-/// Delete a snapshot: the manifest first, so it is marked incomplete at once and
-/// never restored half-deleted; then every other object.
-pub async fn delete(store: &dyn Store, name: &str) -> Result<usize> {
-    crate::spec::check_snapshot_name(name).map_err(Error::Usage)?;
-    let objects = store.list(&format!("{name}/")).await?;
-    if objects.is_empty() {
-        return Err(Error::NotFound(format!(
-            "snapshot {name:?} in {}",
-            store.describe()
-        )));
-    }
-    let manifest_key = manifest::key(name, MANIFEST);
-    store.delete(&manifest_key).await?;
-    if let Err(e) = store.delete(&verify_key(name)).await {
-        tracing::warn!("could not remove the verification record: {e}");
-    }
-    let mut n = 1;
-    for o in objects.iter().filter(|o| o.key != manifest_key) {
-        store.delete(&o.key).await?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 /// Every block of an indexed object decodes, alone, from the offset its index
 /// gives, to the bytes a whole read found at its start (`heads`).
 async fn check_index(
@@ -577,6 +593,39 @@ pub async fn copy(
             to.describe()
         )]));
     }
+    let there = crate::repo::Catalog::load(&**to).await?;
+    if let Some((_, by)) = there.held_for(name).first() {
+        return Err(Error::Refused(vec![format!(
+            "the folder {name:?} in {} holds objects that {} reference (a deleted snapshot's): copy under another store or delete those first",
+            to.describe(),
+            by.join(", ")
+        )]));
+    }
+    // A differential's referenced objects: the same bytes there, or none and no
+    // other snapshot of that name.
+    let mut wanted_refs = Vec::new();
+    for r in &m.references {
+        let folder = r.key.split('/').next().unwrap_or("");
+        match to.head(&r.key).await? {
+            Some(_) => {
+                let (size, sha) = digest_of(&**to, &r.key, cancel).await?;
+                if size != r.size || sha != r.sha256 {
+                    return Err(Error::Refused(vec![format!(
+                        "{} holds another {} than the one {name:?} references: the snapshots there are others of the same names",
+                        to.describe(),
+                        r.key
+                    )]));
+                }
+            }
+            None if there.manifests.contains_key(folder) => {
+                return Err(Error::Refused(vec![format!(
+                    "{} holds another snapshot {folder:?} than the one {name:?} references",
+                    to.describe()
+                )]));
+            }
+            None => wanted_refs.push(r),
+        }
+    }
     // What an earlier, unfinished copy or backup left there (no manifest: an
     // incomplete snapshot) goes first, so the copy holds only what it names.
     for o in to.list(&format!("{name}/")).await? {
@@ -589,8 +638,9 @@ pub async fn copy(
         objects: Vec::new(),
         bytes: 0,
     };
-    for o in &m.objects {
-        let object_key = manifest::key(name, &o.key);
+    let own = m.objects.iter().map(|o| (manifest::key(name, &o.key), o));
+    let referenced = wanted_refs.into_iter().map(|r| (r.key.clone(), r));
+    for (object_key, o) in referenced.chain(own) {
         copy_object(from, to, &object_key, o.size, &o.sha256, cancel).await?;
         // Verified where it now lives, by reading it back.
         let (size, sha) = digest_of(&**to, &object_key, cancel).await?;
@@ -605,9 +655,13 @@ pub async fn copy(
                 ),
             ));
         }
-        report.objects.push((o.key.clone(), o.size));
+        let shown = object_key
+            .strip_prefix(&format!("{name}/"))
+            .unwrap_or(&object_key)
+            .to_string();
+        progress(&shown, o.size);
+        report.objects.push((shown, o.size));
         report.bytes += o.size;
-        progress(&o.key, o.size);
     }
     to.put(&key, raw.clone()).await?;
     report

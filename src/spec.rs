@@ -101,6 +101,16 @@ pub struct RunSpec {
     /// How a backup compresses its node archives (`COMPRESSION`).
     #[serde(default)]
     pub compression: crate::archive::Codec,
+    /// A backup's `MODE=differential`: files unchanged since the newest fitting
+    /// snapshot of the store are referenced, not archived again.
+    #[serde(default)]
+    pub differential: bool,
+    /// `FULL_EVERY`: a full backup after this many differentials (0: never forced).
+    #[serde(default)]
+    pub full_every: u32,
+    /// `REHASH` (`plan start --rehash`): a differential tells changes by SHA-256.
+    #[serde(default)]
+    pub rehash: bool,
     /// A backup's tags, written into its manifest.
     #[serde(default)]
     pub tags: Vec<String>,
@@ -318,6 +328,39 @@ pub fn compile(
             crate::archive::Codec::Gzip
         }
     };
+    let differential = match params.expand(&t.mode).trim() {
+        "" if t.mode.trim().is_empty() => false,
+        "differential" => true,
+        "full" => false,
+        other => {
+            problems.push(format!(
+                "MODE: {:?} is not differential or full",
+                crate::plan::params::shorten(other)
+            ));
+            false
+        }
+    };
+    let full_every = match params.expand(&t.full_every).trim() {
+        "" if t.full_every.trim().is_empty() => 0,
+        text => text.parse::<u32>().unwrap_or_else(|_| {
+            problems.push(format!(
+                "FULL_EVERY: {:?} is not a number of backups",
+                crate::plan::params::shorten(text)
+            ));
+            0
+        }),
+    };
+    let rehash = match params.expand(&t.rehash).trim() {
+        "" | "false" => false,
+        "true" => true,
+        other => {
+            problems.push(format!(
+                "REHASH {:?} is neither true nor false",
+                crate::plan::params::shorten(other)
+            ));
+            false
+        }
+    };
     let restore_schema = match params.expand(&t.restore_schema).trim() {
         "" | "false" => false,
         "true" => true,
@@ -481,6 +524,9 @@ pub fn compile(
         table_by_name,
         tags,
         compression,
+        differential,
+        full_every,
+        rehash,
         bandwidth,
         steps: expand_steps(plan, &run_cluster),
         phases,
@@ -691,6 +737,14 @@ impl RunSpec {
             self.compression.name().to_string(),
             other.compression.name().to_string(),
         );
+        let mode = |d: bool| if d { "differential" } else { "full" }.to_string();
+        diff("MODE", mode(self.differential), mode(other.differential));
+        diff(
+            "FULL_EVERY",
+            self.full_every.to_string(),
+            other.full_every.to_string(),
+        );
+        diff("REHASH", self.rehash.to_string(), other.rehash.to_string());
         let mapping = |by_name: bool| if by_name { "by-name" } else { "exact" }.to_string();
         diff(
             "TABLE_MAPPING",

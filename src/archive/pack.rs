@@ -7,6 +7,7 @@ use super::io::HashingReader;
 use crate::cluster::Excludes;
 use crate::manifest::{FileInfo, Span, TreeEntry};
 use crate::{Error, Result};
+use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -20,6 +21,10 @@ pub struct ScanEntry {
     pub kind: Kind,
     pub mode: u32,
     pub mtime: i64,
+    /// Modification time in nanoseconds, and inode: what a differential backup
+    /// tells a change by.
+    pub mtime_ns: i64,
+    pub ino: u64,
     pub uid: u64,
     pub gid: u64,
 }
@@ -156,6 +161,11 @@ fn walk(abs: &Path, rel: &str, excludes: &Excludes, out: &mut Scan) -> Result<()
         kind: kind.clone(),
         mode: meta.mode() & 0o7777,
         mtime: meta.mtime(),
+        mtime_ns: meta
+            .mtime()
+            .saturating_mul(1_000_000_000)
+            .saturating_add(meta.mtime_nsec()),
+        ino: meta.ino(),
         uid: meta.uid() as u64,
         gid: meta.gid() as u64,
     });
@@ -308,7 +318,63 @@ pub fn pack<W: Write>(
     scan: &Scan,
     out: W,
     codec: super::Codec,
+    progress: impl FnMut(u64),
+) -> Result<(Packed, W)> {
+    pack_changed(scan, out, codec, progress, &HashMap::new())
+}
+
+/// Files of a differential backup's parent, by path: where each is held (`object`,
+/// from the store's root, and `entry`) and what it was.
+pub type Base = HashMap<String, FileInfo>;
+
+/// Which scanned files are unchanged since `base` (same size, modification time,
+/// inode, permission bits and owner; with `rehash`, same size and SHA-256, read
+/// again), with the parent's record of each: a differential backup references
+/// them instead of archiving them.
+pub fn unchanged(scan: &Scan, base: &Base, rehash: bool) -> Result<Base> {
+    let mut out = HashMap::new();
+    for e in &scan.entries {
+        let Kind::File { size } = e.kind else {
+            continue;
+        };
+        let Some(b) = base.get(&e.rel) else {
+            continue;
+        };
+        if b.size != size || b.object.is_none() || b.entry.is_none() {
+            continue;
+        }
+        let same = if rehash {
+            let file = std::fs::File::open(&e.abs).map_err(|err| Error::io("open", &e.abs, err))?;
+            let mut r = HashingReader::new(Exact {
+                inner: io::BufReader::with_capacity(256 << 10, file),
+                left: size,
+                path: e.abs.clone(),
+            });
+            io::copy(&mut r, &mut io::sink()).map_err(|err| Error::io("read", &e.abs, err))?;
+            let (_, sha, _) = r.finish();
+            sha == b.sha256
+        } else {
+            b.mtime_ns == Some(e.mtime_ns)
+                && b.inode == Some(e.ino)
+                && b.mode == Some(e.mode & 0o7777)
+                && b.uid.map(u64::from) == Some(e.uid)
+                && b.gid.map(u64::from) == Some(e.gid)
+        };
+        if same {
+            out.insert(e.rel.clone(), b.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// [`pack`], leaving out the files of `unchanged` (their records, which say
+/// where they are held, go into the listing as they are).
+pub fn pack_changed<W: Write>(
+    scan: &Scan,
+    out: W,
+    codec: super::Codec,
     mut progress: impl FnMut(u64),
+    unchanged: &Base,
 ) -> Result<(Packed, W)> {
     let mut tar = tar::Builder::new(compressor(out, codec));
     let mut files = Vec::with_capacity(scan.file_count as usize);
@@ -338,6 +404,11 @@ pub fn pack<W: Write>(
                     )
                 })?;
                 tree.push(tree_entry(e, offset, Some(text.to_string()), &scan.names));
+            }
+            Kind::File { .. } if unchanged.contains_key(&e.rel) => {
+                if let Some(b) = unchanged.get(&e.rel) {
+                    files.push(b.clone());
+                }
             }
             Kind::File { size } => {
                 let file =
@@ -373,6 +444,10 @@ pub fn pack<W: Write>(
                     user: uid.and_then(|u| scan.names.user(u)).map(str::to_string),
                     group: gid.and_then(|g| scan.names.group(g)).map(str::to_string),
                     entry: Some(entry),
+                    object: None,
+                    mtime_ns: Some(e.mtime_ns),
+                    inode: Some(e.ino),
+                    mode: Some(e.mode & 0o7777),
                 });
             }
         }

@@ -436,6 +436,7 @@ mod tests {
             vec![],
             |_| {},
             &cancel,
+            crate::node::restore::Part::Own,
         )
         .await
         .expect("ranged restore");
@@ -486,6 +487,7 @@ mod tests {
             vec![],
             |_| {},
             &cancel,
+            crate::node::restore::Part::Own,
         )
         .await
         .expect_err("refused");

@@ -62,6 +62,9 @@ pub struct Expected<'a> {
     /// ([`super::seek`]), not the object: the object's size and checksum are not
     /// checked (each file's still is) and only selected files must be present.
     pub partial: bool,
+    /// Leave the directories' modes and times alone (created writable): a later
+    /// read into the same tree sets them (a node read from several objects).
+    pub dirs_open: bool,
 }
 
 /// Who owns restored entries: a fixed `user:group` from the target's cluster
@@ -80,6 +83,17 @@ struct OwnerCache {
     users: HashMap<String, Option<u32>>,
     groups: HashMap<String, Option<u32>>,
     warned: bool,
+}
+
+impl Clone for Owners {
+    /// The same owners, with a cache of its own.
+    fn clone(&self) -> Owners {
+        Owners {
+            fixed: self.fixed,
+            cache: std::sync::Mutex::new(OwnerCache::default()),
+            root: self.root,
+        }
+    }
 }
 
 impl Owners {
@@ -570,6 +584,9 @@ fn unpack_plain<P: Read>(
         )));
     }
     // Directory modes and times last (deepest first), once their contents exist.
+    if expected.dirs_open {
+        dirs.clear();
+    }
     dirs.sort_by(|a, b| b.0.cmp(&a.0));
     for (dir, perm, mtime, h) in dirs {
         if let Some(o) = expected.owners {

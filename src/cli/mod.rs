@@ -281,6 +281,11 @@ pub enum PlanCmd {
         /// nothing and record no run (also `-p DRY_RUN=true`).
         #[arg(long)]
         dry_run: bool,
+        /// A differential backup tells a changed file by its SHA-256 (each file
+        /// of the same size read again), not by its size, time and inode (also
+        /// `-p REHASH=true`).
+        #[arg(long)]
+        rehash: bool,
         /// A parameter: KEY=VALUE, or KEY=@FILE to read the value from a file.
         #[arg(short = 'p', long = "param", value_name = "KEY=VALUE")]
         params: Vec<CliParam>,

@@ -22,12 +22,20 @@ pub async fn run(g: &Globals, cmd: PlanCmd) -> Result<i32> {
         PlanCmd::Show { plan } => show(g, &plan),
         PlanCmd::Start {
             plan,
-            params,
+            mut params,
+            rehash,
             cluster,
             break_lock,
             dry_run,
             metrics_file,
         } => {
+            if rehash {
+                params.push(crate::plan::params::CliParam {
+                    key: "REHASH".into(),
+                    value: "true".into(),
+                    literal: true,
+                });
+            }
             // DRY_RUN is cairn's, for every plan: taken out before the plan's own
             // parameters are checked.
             let mut dry = dry_run;

@@ -232,12 +232,20 @@ pub async fn plan(g: &Globals, cmd: PlanCmd) -> Result<i32> {
         )),
         PlanCmd::Start {
             plan,
-            params,
+            mut params,
+            rehash,
             cluster,
             break_lock,
             dry_run,
             metrics_file,
         } => {
+            if rehash {
+                params.push(crate::plan::params::CliParam {
+                    key: "REHASH".into(),
+                    value: "true".into(),
+                    literal: true,
+                });
+            }
             if cluster.is_some() {
                 return Err(usage(
                     "--cluster: a server runs its plans on its own cluster description (cairn serve --cluster)",

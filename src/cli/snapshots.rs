@@ -122,7 +122,13 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 );
             }
             for s in list {
-                let state = if s.complete { "complete" } else { "INCOMPLETE" };
+                let state = if s.complete {
+                    "complete"
+                } else if !s.held_for.is_empty() {
+                    "held"
+                } else {
+                    "INCOMPLETE"
+                };
                 let verified = match &s.verified {
                     None => "never verified".to_string(),
                     Some(v) => {
@@ -344,7 +350,10 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                             "path": f.path,
                             "size": f.size,
                             "sha256": f.sha256,
-                            "object": n.object,
+                            // A differential's unchanged file: in an earlier
+                            // snapshot's object (from the store's root).
+                            "object": f.object.clone().unwrap_or_else(|| n.object.clone()),
+                            "held_by_parent": f.object.is_some(),
                             "offset": f.entry.map(|e| e.offset),
                         })
                     })
@@ -361,6 +370,7 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 print_json(&json!({
                     "snapshot": m.snapshot,
                     "format_version": m.format_version,
+                    "parent": m.parent,
                     "nodes": nodes,
                 }));
                 return Ok(exit::OK);
@@ -372,6 +382,12 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 human(m.total_bytes()),
                 m.finished_at
             );
+            if let Some(p) = &m.parent {
+                crate::out!(
+                    "differential of {p}: unchanged files are read from {} earlier object(s)",
+                    m.references.len()
+                );
+            }
             let mut shown = 0usize;
             for n in &m.cluster.nodes {
                 let object = m.object(&n.object);
@@ -393,10 +409,11 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 );
                 for f in files {
                     shown += 1;
-                    let at = f
-                        .entry
-                        .map(|e| format!("  at {}", e.offset))
-                        .unwrap_or_default();
+                    let at = match (&f.object, f.entry) {
+                        (Some(o), Some(e)) => format!("  in {o} at {}", e.offset),
+                        (None, Some(e)) => format!("  at {}", e.offset),
+                        _ => String::new(),
+                    };
                     crate::out!("  {:>10}  {}{at}", human(f.size), f.path);
                 }
             }
@@ -418,19 +435,50 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
             break_lock,
         } => {
             let store = open(g, &url).await?;
-            let n = locked(
+            let done = locked(
                 &store,
                 &name,
                 Mode::Exclusive,
                 "delete",
                 break_lock,
-                snapshots::delete(&*store, &name),
+                crate::repo::delete(&*store, &name),
             )
             .await?;
             if g.json {
-                print_json(&json!({"deleted": name, "objects": n}));
+                print_json(&json!({
+                    "deleted": name,
+                    "objects": done.deleted,
+                    "kept": done.kept.iter().map(|(k, by)| json!({"object": k, "for": by})).collect::<Vec<_>>(),
+                    "finished": done.finished,
+                    "deferred_for": done.deferred,
+                }));
             } else {
-                crate::out!("deleted snapshot {name} ({n} objects)");
+                for f in &done.finished {
+                    crate::out!("finished the delete of {f} that an interrupted run left");
+                }
+                crate::out!("deleted snapshot {name} ({} objects)", done.deleted);
+                if let Some(b) = &done.deferred {
+                    crate::out!(
+                        "the backup of {b} is running: the rest of {name}'s objects are swept by the next delete or prune"
+                    );
+                }
+                if !done.kept.is_empty() {
+                    let mut by: Vec<&str> = done
+                        .kept
+                        .iter()
+                        .flat_map(|(_, b)| b.iter().map(String::as_str))
+                        .collect();
+                    by.sort_unstable();
+                    by.dedup();
+                    crate::out!(
+                        "kept {} object(s) that later differential snapshots reference: {} (they go when those are deleted)",
+                        done.kept.len(),
+                        by.join(", ")
+                    );
+                    for (k, b) in &done.kept {
+                        crate::out!("  {k}  for {}", b.join(", "));
+                    }
+                }
             }
             Ok(exit::OK)
         }
@@ -469,6 +517,15 @@ pub async fn run(g: &Globals, cmd: SnapshotsCmd) -> Result<i32> {
                 }
                 for (name, why) in &report.skipped {
                     crate::out!("not deleted: {name}: {why}");
+                }
+                for f in &report.finished {
+                    crate::out!("finished the delete of {f} that an interrupted run left");
+                }
+                for (name, n, by) in &report.kept {
+                    crate::out!(
+                        "kept {n} object(s) of {name} that {} reference (they go when those are deleted)",
+                        by.join(", ")
+                    );
                 }
                 let gone = report.decisions.iter().filter(|d| !d.keep).count();
                 crate::out!(

@@ -32,6 +32,173 @@ struct NodeOutput {
     v: u32,
     node: NodeInfo,
     object: ObjectInfo,
+    /// Objects of earlier snapshots holding this node's unchanged files (keys
+    /// from the store's root).
+    #[serde(default)]
+    refs: Vec<ObjectInfo>,
+}
+
+/// What a backup's pre-flight decided: the parent of a differential, or why the
+/// backup is full.
+#[derive(Debug, Serialize, Deserialize, Default)]
+struct BackupChoice {
+    parent: Option<String>,
+    /// The parent's manifest as the pre-flight read it.
+    parent_sha256: Option<String>,
+    /// This backup's place in its chain of differentials.
+    differentials: u32,
+    full_because: Option<String>,
+}
+
+impl BackupChoice {
+    /// The pre-flight's decision, as recorded (none: full).
+    fn of(steps: &[crate::state::StepRecord]) -> BackupChoice {
+        steps
+            .iter()
+            .find(|s| s.action == Action::CheckBackup.name() && s.status == Status::Complete)
+            .and_then(|s| s.output.as_deref())
+            .and_then(|o| serde_json::from_str(o).ok())
+            .unwrap_or_default()
+    }
+}
+
+/// The pre-flight's choice of a parent (`MODE=differential`), after refusing a
+/// name whose folder holds objects other snapshots need.
+async fn choose_parent(ctx: &RunCtx) -> Result<BackupChoice> {
+    let catalog = crate::repo::Catalog::load(&*ctx.store).await?;
+    let held = catalog.held_for(&ctx.spec.snapshot);
+    if let Some((_, by)) = held.first() {
+        return Err(Error::Checks(vec![format!(
+            "the folder {:?} in {} still holds {} object(s) that {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
+            ctx.spec.snapshot,
+            ctx.store.describe(),
+            held.len(),
+            by.join(", ")
+        )]));
+    }
+    let why = if !ctx.spec.differential {
+        "MODE=full".to_string()
+    } else if ctx.spec.encrypt_to.is_some() {
+        "an encrypted backup is always full".to_string()
+    } else {
+        match crate::repo::choose_parent(
+            &catalog,
+            &ctx.cluster.name,
+            &ctx.spec.snapshot,
+            ctx.spec.full_every,
+        ) {
+            Ok(m) => {
+                tracing::info!(parent = %m.snapshot, "differential backup: unchanged files are referenced in the parent's objects");
+                return Ok(BackupChoice {
+                    parent: Some(m.snapshot.clone()),
+                    parent_sha256: Some(manifest_digest(&m)?),
+                    differentials: m.differentials.saturating_add(1),
+                    full_because: None,
+                });
+            }
+            Err(why) => why,
+        }
+    };
+    tracing::info!(because = %why, "full backup");
+    Ok(BackupChoice {
+        full_because: Some(why),
+        ..Default::default()
+    })
+}
+
+/// What a node's differential backup compares with: the parent's files of the
+/// node, each with the object holding it, and the parent's manifest. `None`
+/// (a full backup of the node) when the parent changed or went since the
+/// pre-flight, or cannot be read in pieces.
+async fn base_of(
+    ctx: &RunCtx,
+    choice: &BackupChoice,
+    node: u32,
+) -> Option<(crate::node::BackupBase, Manifest)> {
+    let (Some(parent), Some(sha)) = (&choice.parent, &choice.parent_sha256) else {
+        return None;
+    };
+    let m = match checks::read_manifest(&*ctx.store, parent).await {
+        Ok(m) if manifest_digest(&m).ok().as_ref() == Some(sha) => m,
+        Ok(_) | Err(_) => {
+            tracing::warn!(node, parent = %parent, "the parent changed or went since the pre-flight: this node is backed up in full");
+            return None;
+        }
+    };
+    let info = m.node(node)?;
+    let own = m.object(&info.object)?;
+    if own.index.is_none() || !crate::archive::seek::seekable(info) {
+        return None;
+    }
+    let holder = manifest::key(parent, &info.object);
+    let files = info
+        .files
+        .iter()
+        .map(|f| {
+            let mut f = f.clone();
+            f.object = Some(f.object.clone().unwrap_or_else(|| holder.clone()));
+            f
+        })
+        .collect();
+    Some((
+        crate::node::BackupBase {
+            parent: parent.clone(),
+            files,
+            rehash: ctx.spec.rehash,
+        },
+        m,
+    ))
+}
+
+/// The objects a node's referenced files are held in, each as the parent
+/// records it; every referenced file must be the parent's record, unchanged (a
+/// node agent's answer is not trusted blindly).
+fn refs_of(
+    backed: &crate::node::Backed,
+    base: Option<&(crate::node::BackupBase, Manifest)>,
+) -> Result<Vec<ObjectInfo>> {
+    let referencing: Vec<&manifest::FileInfo> = backed
+        .node
+        .files
+        .iter()
+        .filter(|f| f.object.is_some())
+        .collect();
+    if referencing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some((b, parent)) = base else {
+        return Err(Error::State(format!(
+            "node {} answered files held by other snapshots, but it was asked for a full backup",
+            backed.node.index
+        )));
+    };
+    let by_path: HashMap<&str, &manifest::FileInfo> =
+        b.files.iter().map(|f| (f.path.as_str(), f)).collect();
+    let mut keys = std::collections::BTreeSet::new();
+    for f in referencing {
+        if by_path.get(f.path.as_str()) != Some(&f) {
+            return Err(Error::State(format!(
+                "node {}: the file {:?} is said to be unchanged, but is not the parent's record",
+                backed.node.index,
+                crate::plan::params::shorten(&f.path)
+            )));
+        }
+        keys.insert(f.object.clone().unwrap_or_default());
+    }
+    keys.into_iter()
+        .map(|k| {
+            let info = parent.node(backed.node.index);
+            let own = info
+                .filter(|i| manifest::key(&parent.snapshot, &i.object) == k)
+                .and_then(|i| parent.object(&i.object))
+                .map(|o| ObjectInfo {
+                    key: k.clone(),
+                    ..o.clone()
+                });
+            own.or_else(|| parent.reference(&k).cloned())
+                .ok_or_else(|| Error::State(format!("the parent names no object {k:?}")))
+        })
+        .collect()
 }
 
 /// What a check-restore step records: per node, the directories the restore will
@@ -203,6 +370,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                 Some(&probe),
             )
             .await?;
+            let choice = choose_parent(ctx).await?;
             // The manager snapshot is taken at the end: find out now if it cannot be.
             if ctx.plan.has_action(Action::BackupManager) {
                 let m = manager_of(ctx).map_err(|e| Error::Checks(vec![e.to_string()]))?;
@@ -213,7 +381,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
                     )]));
                 }
             }
-            Ok(None)
+            encode(&choice).map(Some)
         }
         Action::BackupNode => backup_node(ctx, step, node()?).await.map(Some),
         Action::WriteManifest => write_manifest(ctx).await.map(|()| None),
@@ -913,9 +1081,23 @@ pub async fn effects_hold(
 ) -> std::result::Result<(), String> {
     let object = match step.action {
         Action::BackupNode => {
-            decode::<NodeOutput>(&step.id, output)
-                .map_err(|e| e.to_string())?
-                .object
+            let out = decode::<NodeOutput>(&step.id, output).map_err(|e| e.to_string())?;
+            // The earlier snapshots' objects holding its unchanged files: a delete
+            // while this run waited may have taken them (the node is then backed up
+            // again, in full).
+            for r in &out.refs {
+                match ctx.store.head(&r.key).await {
+                    Ok(Some(meta)) if meta.size == r.size => {}
+                    Ok(_) => {
+                        return Err(format!(
+                            "{} holding unchanged files of node {} is gone or changed",
+                            r.key, out.node.index
+                        ));
+                    }
+                    Err(e) => return Err(format!("object {}: {e}", r.key)),
+                }
+            }
+            out.object
         }
         Action::BackupManager => {
             decode::<ManagerOutput>(&step.id, output)
@@ -1194,7 +1376,12 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
             .ok()
             .and_then(|v| v["upload_id"].as_str().map(str::to_string))
     });
+    let run = ctx.run_id;
+    let steps = ctx.state.call(move |s| s.steps(run)).await?;
+    let choice = BackupChoice::of(&steps);
+    let base = base_of(ctx, &choice, node.index).await;
     let job = BackupJob {
+        base: base.as_ref().map(|(b, _)| b.clone()),
         snapshot: ctx.spec.snapshot.clone(),
         selection: ctx.spec.selection.clone(),
         node: node.clone(),
@@ -1211,11 +1398,13 @@ async fn backup_node(ctx: &Arc<RunCtx>, step: &StepRef, node: &Node) -> Result<S
         step: step.id.clone(),
     });
     let backed = ctx.exec(node).backup(&job, events, &ctx.cancel).await?;
+    let refs = refs_of(&backed, base.as_ref())?;
     ctx.state.set_scratch(ctx.run_id, &step.id, None)?;
     encode(&NodeOutput {
         v: OUTPUT_VERSION,
         node: backed.node,
         object: backed.object,
+        refs,
     })
 }
 
@@ -1319,10 +1508,19 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
     let steps = ctx.state.call(move |s| s.steps(run)).await?;
     let mut nodes = Vec::new();
     let mut objects = Vec::new();
+    let mut references: Vec<ObjectInfo> = Vec::new();
     for out in outputs::<NodeOutput>(&steps, Action::BackupNode)? {
         nodes.push(out.node);
         objects.push(out.object);
+        references.extend(out.refs);
     }
+    references.sort_by(|a, b| a.key.cmp(&b.key));
+    references.dedup_by(|a, b| a.key == b.key);
+    let choice = BackupChoice::of(&steps);
+    let (parent, differentials) = match (&choice.parent, references.is_empty()) {
+        (Some(p), false) => (Some(p.clone()), choice.differentials),
+        _ => (None, 0),
+    };
     let mut manager = None;
     for out in outputs::<ManagerOutput>(&steps, Action::BackupManager)? {
         objects.push(out.object);
@@ -1356,6 +1554,9 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
         tags: ctx.spec.tags.clone(),
         encryption: None,
         artifacts,
+        parent,
+        differentials,
+        references,
     };
     // Every object must be there with its size before the snapshot is declared complete.
     let missing = checks::objects_present(&*ctx.store, &ctx.spec.snapshot, &m).await;

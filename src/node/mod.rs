@@ -98,6 +98,23 @@ pub struct BackupJob {
     /// How the archive is compressed (`COMPRESSION`).
     #[serde(default)]
     pub compression: crate::archive::Codec,
+    /// A differential backup's parent: files unchanged since it are referenced
+    /// where it holds them, not archived again.
+    #[serde(default)]
+    pub base: Option<BackupBase>,
+}
+
+/// What a differential backup of one node compares with.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct BackupBase {
+    /// The parent snapshot.
+    pub parent: String,
+    /// The parent's files of this node, each with the object holding it (from the
+    /// store's root) and its place there.
+    pub files: Vec<crate::manifest::FileInfo>,
+    /// Tell a change by SHA-256 (each file of the same size read again), not by
+    /// size, time, inode, mode and owner.
+    pub rehash: bool,
 }
 
 impl BackupJob {
@@ -419,6 +436,7 @@ async fn stream_node(
     let node = &job.node;
     let selection = job.selection.clone();
     let (capture, take, stop) = (job.capture.clone(), job.take(), cancel.clone());
+    let base = job.base.clone().filter(|_| job.encrypt.is_none());
     let scan = tokio::task::spawn_blocking(move || {
         // Read from the run's snapshot; a plan without a snapshot phase (or a
         // redone step whose snapshot went) takes it here.
@@ -439,11 +457,23 @@ async fn stream_node(
         if !scan.refused.is_empty() {
             return Err(Error::Checks(scan.refused));
         }
-        Ok::<_, Error>((keyspaces, scan))
+        let unchanged = match &base {
+            Some(b) => {
+                let files: pack::Base = b
+                    .files
+                    .iter()
+                    .map(|f| (f.path.clone(), f.clone()))
+                    .collect();
+                pack::unchanged(&scan, &files, b.rehash)?
+            }
+            None => pack::Base::new(),
+        };
+        Ok::<_, Error>((keyspaces, scan, unchanged))
     })
     .await
     .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
-    let (keyspaces, scan) = scan?;
+    let (keyspaces, scan, unchanged) = scan?;
+    let reused: u64 = unchanged.values().map(|f| f.size).sum();
     let object = manifest::node_object(node.index, job.compression);
     let key = manifest::key(&job.snapshot, &object);
     if let Some(id) = &job.leftover_upload {
@@ -457,9 +487,18 @@ async fn stream_node(
         }
     }
     events.event(NodeEvent::Started {
-        total: scan.total_bytes,
+        total: scan.total_bytes.saturating_sub(reused),
     });
     tracing::info!(node = node.index, files = scan.file_count, bytes = scan.total_bytes, key = %key, "backing up node");
+    if let Some(b) = &job.base {
+        tracing::info!(
+            node = node.index,
+            parent = %b.parent,
+            unchanged = unchanged.len(),
+            unchanged_bytes = reused,
+            "differential: files unchanged since the parent are referenced, not archived"
+        );
+    }
     let (file_count, total_bytes) = (scan.file_count, scan.total_bytes);
     let on_bytes = events.clone();
     let (encrypt, key_name, codec) = (job.encrypt.clone(), key.clone(), job.compression);
@@ -474,7 +513,7 @@ async fn stream_node(
         move |sink| {
             let progress = |done| on_bytes.event(NodeEvent::Bytes { done });
             match &encrypt {
-                None => Ok(pack::pack(&scan, sink, codec, progress)?.0),
+                None => Ok(pack::pack_changed(&scan, sink, codec, progress, &unchanged)?.0),
                 Some(to) => {
                     // tar → gzip → age: the object is an age file of a .tar.gz. Its
                     // block index is of the gzip inside, of no use to a ranged read

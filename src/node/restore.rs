@@ -841,7 +841,12 @@ async fn checked_manifest(
     digest: &str,
     node: u32,
     keys: Option<&crate::crypt::Keys>,
-) -> Result<(NodeInfo, ObjectInfo, Option<crate::crypt::Keys>)> {
+) -> Result<(
+    NodeInfo,
+    ObjectInfo,
+    Vec<ObjectInfo>,
+    Option<crate::crypt::Keys>,
+)> {
     let m = crate::checks::read_manifest(store, snapshot)
         .await?
         .open(keys)?;
@@ -861,7 +866,7 @@ async fn checked_manifest(
         .object(&info.object)
         .ok_or_else(|| Error::archive(&info.object, "not listed in the manifest"))?
         .clone();
-    Ok((info, object, keys.cloned()))
+    Ok((info, object, m.references.clone(), keys.cloned()))
 }
 
 /// SHA-256 of a manifest as cairn reads it.
@@ -880,7 +885,7 @@ pub async fn stage(
     events: Arc<dyn Events>,
     cancel: &CancellationToken,
 ) -> Result<StageOutput> {
-    let (info, object, keys) = checked_manifest(
+    let (info, object, references, keys) = checked_manifest(
         store,
         &job.snapshot,
         &job.manifest_sha256,
@@ -909,7 +914,7 @@ pub async fn stage(
     .await
     .map_err(|e| Error::State(format!("stage worker failed: {e}")))??;
     let info = renamed_info(info, &job.renames);
-    let result = stage_into(store, job, info, object, keys, events, cancel).await;
+    let result = stage_into(store, job, info, object, &references, keys, events, cancel).await;
     if result.is_err() {
         let dir = staging.clone();
         let _ = tokio::task::spawn_blocking(move || remove_staging(&dir)).await;
@@ -917,11 +922,13 @@ pub async fn stage(
     result
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn stage_into(
     store: &dyn Store,
     job: &StageJob,
     info: NodeInfo,
     object: ObjectInfo,
+    references: &[ObjectInfo],
     keys: Option<crate::crypt::Keys>,
     events: Arc<dyn Events>,
     cancel: &CancellationToken,
@@ -934,11 +941,12 @@ async fn stage_into(
         .ok_or_else(|| Error::archive(&object.key, "the file sizes in the manifest overflow"))?;
     events.event(NodeEvent::Started { total: restoring });
     let on_bytes = events.clone();
-    let done = read_object(
+    let done = read_node(
         store,
-        &manifest::key(&job.snapshot, &object.key),
+        &job.snapshot,
         info.clone(),
         object,
+        references,
         job.selection.clone(),
         Some(job.staging.clone()),
         keys,
@@ -1014,6 +1022,132 @@ async fn stage_into(
     .map_err(|e| Error::State(format!("stage worker failed: {e}")))?
 }
 
+/// Which object of a node [`read_object`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    /// The node's own object, read last: it sets the directories' modes and times.
+    Own,
+    /// An earlier snapshot's object holding unchanged files: only their blocks
+    /// are read; the directories are left for the own object's read.
+    Referenced,
+}
+
+/// The objects a node is read from: its own, and those of earlier snapshots
+/// holding its unchanged files, each with the part of `info` it holds. The own
+/// one is last.
+pub fn parts_of(
+    snapshot: &str,
+    info: &NodeInfo,
+    object: &ObjectInfo,
+    references: &[ObjectInfo],
+) -> Result<Vec<(String, NodeInfo, ObjectInfo, Part)>> {
+    let mut by_object: std::collections::BTreeMap<&str, Vec<manifest::FileInfo>> =
+        std::collections::BTreeMap::new();
+    let mut own = Vec::new();
+    for f in &info.files {
+        match &f.object {
+            Some(o) => by_object.entry(o.as_str()).or_default().push(f.clone()),
+            None => own.push(f.clone()),
+        }
+    }
+    let mut out = Vec::new();
+    for (key, files) in by_object {
+        let r = references
+            .iter()
+            .find(|r| r.key == key)
+            .ok_or_else(|| Error::archive(key, "not referenced by the manifest"))?;
+        let name = key.rsplit('/').next().unwrap_or(key).to_string();
+        let part = NodeInfo {
+            object: name.clone(),
+            files,
+            // Directories only: the links are the own object's to make.
+            tree: info
+                .tree
+                .iter()
+                .filter(|t| t.link.is_none())
+                .cloned()
+                .collect(),
+            ..info.clone()
+        };
+        out.push((
+            key.to_string(),
+            part,
+            ObjectInfo {
+                key: name,
+                ..r.clone()
+            },
+            Part::Referenced,
+        ));
+    }
+    out.push((
+        manifest::key(snapshot, &object.key),
+        NodeInfo {
+            files: own,
+            ..info.clone()
+        },
+        object.clone(),
+        Part::Own,
+    ));
+    Ok(out)
+}
+
+/// Read a node from every object that holds its files (see [`parts_of`]) into
+/// `root`, or verify them: the sum of what each read found.
+#[allow(clippy::too_many_arguments)]
+pub async fn read_node(
+    store: &dyn Store,
+    snapshot: &str,
+    info: NodeInfo,
+    object: ObjectInfo,
+    references: &[ObjectInfo],
+    selection: Selection,
+    root: Option<PathBuf>,
+    keys: Option<crate::crypt::Keys>,
+    owners: Option<unpack::Owners>,
+    renames: Vec<(String, String)>,
+    on_bytes: impl Fn(u64) + Send + Sync + 'static,
+    cancel: &CancellationToken,
+) -> Result<unpack::Unpacked> {
+    let on_bytes = Arc::new(on_bytes);
+    let mut total = unpack::Unpacked::default();
+    for (key, part_info, part_object, part) in parts_of(snapshot, &info, &object, references)? {
+        if part == Part::Referenced
+            && !part_info
+                .files
+                .iter()
+                .any(|f| selection.restores_file(&f.path))
+        {
+            continue;
+        }
+        let (base, report) = (total.bytes, on_bytes.clone());
+        let out = read_object(
+            store,
+            &key,
+            part_info,
+            part_object,
+            selection.clone(),
+            root.clone(),
+            keys.clone(),
+            owners.clone(),
+            renames.clone(),
+            move |done| report(base + done),
+            cancel,
+            part,
+        )
+        .await?;
+        total.read += out.read;
+        total.files += out.files;
+        total.bytes += out.bytes;
+        if part == Part::Own {
+            total.heads = out.heads;
+            total.stream_bytes = out.stream_bytes;
+            total.object_size = out.object_size;
+            total.object_sha256 = out.object_sha256;
+        }
+    }
+    Ok(total)
+}
+
 /// Download `key` and unpack (into `root`) or verify it against the manifest.
 ///
 /// Unpacking only some files (a partial restore) of an object whose manifest says
@@ -1032,17 +1166,21 @@ pub async fn read_object(
     renames: Vec<(String, String)>,
     on_bytes: impl Fn(u64) + Send + 'static,
     cancel: &CancellationToken,
+    part: Part,
 ) -> Result<unpack::Unpacked> {
     let name = key.to_string();
-    // Only a restore that leaves some files out can read less than the object.
-    let partial = info.files.iter().any(|f| !selection.restores_file(&f.path));
-    if let (Some(dir), Some(index), None, true) = (&root, &object.index, &keys, partial)
+    // Only a restore that leaves some files out can read less than the object;
+    // another snapshot's object holds more than the files read from it.
+    let partial =
+        part == Part::Referenced || info.files.iter().any(|f| !selection.restores_file(&f.path));
+    let ranged = root.is_some() || part == Part::Referenced;
+    if let (true, Some(index), None, true) = (ranged, &object.index, &keys, partial)
         && crate::archive::seek::seekable(&info)
     {
         let plan = crate::archive::seek::plan(key, &info, index, &renames, |f| {
             selection.restores_file(&f.path)
         })?;
-        if plan.read_bytes() < object.size / 2 {
+        if plan.read_bytes() < object.size / 2 || part == Part::Referenced {
             tracing::info!(
                 key,
                 ranges = plan.ranges.len(),
@@ -1050,7 +1188,7 @@ pub async fn read_object(
                 size = object.size,
                 "reading only the blocks that hold the selected files"
             );
-            let dir = dir.clone();
+            let root = root.clone();
             let ranges = plan.ranges.clone();
             let read = plan.read_bytes();
             return crate::store::read_ranges(store, key, ranges, cancel, move |reader| {
@@ -1064,14 +1202,14 @@ pub async fn read_object(
                     owners: owners.as_ref(),
                     renames: &renames,
                     partial: true,
+                    dirs_open: part == Part::Referenced,
                 };
-                let mut out = unpack::unpack(
-                    &mut assembled,
-                    &expected,
-                    &selection,
-                    unpack::Mode::Extract(&dir),
-                    on_bytes,
-                )?;
+                let mode = match &root {
+                    Some(r) => unpack::Mode::Extract(r),
+                    None => unpack::Mode::Verify,
+                };
+                let mut out =
+                    unpack::unpack(&mut assembled, &expected, &selection, mode, on_bytes)?;
                 // What the ranged reads fetched (the counting of chunks taken off
                 // the channel would leave out what the pump read ahead).
                 drop(assembled);
@@ -1095,6 +1233,7 @@ pub async fn read_object(
             owners: owners.as_ref(),
             renames: &renames,
             partial: false,
+            dirs_open: false,
         };
         let mode = match &root {
             Some(r) => unpack::Mode::Extract(r),
@@ -1109,7 +1248,7 @@ pub async fn read_object(
 
 /// Whether a staging dir still holds what its step staged; `Some(why)` when not.
 pub async fn check_staged(store: &dyn Store, job: &CheckStagedJob) -> Result<Option<String>> {
-    let (info, _, _) = match checked_manifest(
+    let (info, _, _, _) = match checked_manifest(
         store,
         &job.snapshot,
         &job.manifest_sha256,

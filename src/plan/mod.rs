@@ -175,6 +175,9 @@ pub struct TargetTemplate {
     pub table_mapping: String,
     pub tags: String,
     pub compression: String,
+    pub mode: String,
+    pub full_every: String,
+    pub rehash: String,
     pub encrypt_to: String,
     pub encrypt_passphrase: String,
     pub age_identity: String,
@@ -380,6 +383,9 @@ impl Plan {
         );
         declared(&raw.target.tags, "target.tags", &mut problems);
         declared(&raw.target.compression, "target.compression", &mut problems);
+        declared(&raw.target.mode, "target.mode", &mut problems);
+        declared(&raw.target.full_every, "target.full_every", &mut problems);
+        declared(&raw.target.rehash, "target.rehash", &mut problems);
         declared(&raw.target.encrypt_to, "target.encrypt_to", &mut problems);
         declared(
             &raw.target.encrypt_passphrase,
@@ -489,6 +495,9 @@ impl Plan {
             &raw.target.table_mapping,
             &raw.target.tags,
             &raw.target.compression,
+            &raw.target.mode,
+            &raw.target.full_every,
+            &raw.target.rehash,
             &raw.target.encrypt_to,
             &raw.target.encrypt_passphrase,
             &raw.target.age_identity,
@@ -557,6 +566,9 @@ impl Plan {
                 table_mapping: raw.target.table_mapping,
                 tags: raw.target.tags,
                 compression: raw.target.compression,
+                mode: raw.target.mode,
+                full_every: raw.target.full_every,
+                rehash: raw.target.rehash,
                 encrypt_to: raw.target.encrypt_to,
                 encrypt_passphrase: raw.target.encrypt_passphrase,
                 age_identity: raw.target.age_identity,

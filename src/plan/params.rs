@@ -467,6 +467,8 @@ pub fn describe_pattern(re: &str) -> String {
         r"^(true|false|force)$" => "true, false or force",
         r"^(exact|by-name)$" => "exact or by-name",
         r"^(gzip|zstd)$" => "gzip or zstd",
+        r"^(differential|full)$" => "differential or full",
+        r"^[0-9]{1,4}$" => "a whole number, 0 to 9999",
         r"^[0-9, ]*$" => "node indexes separated by commas, e.g. 0,2",
         r"^[1-9][0-9]*$" => "a whole number, 1 or more",
         r"^[A-Za-z0-9-]*$" => "letters, digits and -",

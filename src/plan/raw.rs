@@ -75,6 +75,15 @@ pub struct RawTarget {
     /// A backup's compression (`${COMPRESSION}`): gzip, zstd.
     #[serde(default)]
     pub compression: String,
+    /// A backup's mode (`${MODE}`): differential, full.
+    #[serde(default)]
+    pub mode: String,
+    /// Differentials after which a full backup is made (`${FULL_EVERY}`).
+    #[serde(default)]
+    pub full_every: String,
+    /// Tell a differential's changes by SHA-256 (`${REHASH}`): true, false.
+    #[serde(default)]
+    pub rehash: String,
     /// A backup's age recipients (`${ENCRYPT_TO}`: age1… lines).
     #[serde(default)]
     pub encrypt_to: String,

@@ -44,6 +44,7 @@ fn hostile_archives_are_refused_with_nothing_written_outside() {
             owners: None,
             renames: &[],
             partial: false,
+            dirs_open: false,
         };
         let file = std::fs::File::open(dir.join(&c.object)).unwrap();
         let result = unpack(
@@ -103,6 +104,7 @@ fn truncated_and_garbage_objects_are_refused() {
             owners: None,
             renames: &[],
             partial: false,
+            dirs_open: false,
         };
         let err = unpack(
             &bad[..],

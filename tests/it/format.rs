@@ -94,7 +94,7 @@ fn a_kept_format_1_snapshot_restores_byte_for_byte_with_the_current_code() {
 }
 
 #[test]
-fn a_new_snapshot_is_format_2_and_its_objects_are_plain_tar_gz() {
+fn a_new_snapshot_is_indexed_and_its_objects_are_plain_tar_gz() {
     let sb = Sandbox::new();
     let src = source_cluster(sb.dir.path(), 2, 3 << 20);
     sb.ok(&start_args("backup-local", &src, "s", &[])
@@ -103,7 +103,7 @@ fn a_new_snapshot_is_format_2_and_its_objects_are_plain_tar_gz() {
         .collect::<Vec<_>>());
     let m: serde_json::Value =
         serde_json::from_slice(&std::fs::read(sb.path("store/s/manifest.json")).unwrap()).unwrap();
-    assert_eq!(m["format_version"], 2);
+    assert_eq!(m["format_version"], 3);
     let obj = m["objects"]
         .as_array()
         .unwrap()
@@ -168,7 +168,7 @@ fn a_new_snapshot_is_format_2_and_its_objects_are_plain_tar_gz() {
     // `snapshots show` lists the files and where they are.
     let out = sb.ok(&["snapshots", "show", "s", "app/users-1", "--store", "store"]);
     let (o, _) = text(&out);
-    assert!(o.contains("format 2"), "{o}");
+    assert!(o.contains("format 3"), "{o}");
     assert!(o.contains("app/users-1/nb-1-Data.db  at "), "{o}");
     assert!(!o.contains("big.db") && !o.contains("metrics/"), "{o}");
     let out = sb.ok(&["--json", "snapshots", "show", "s", "--store", "store"]);
@@ -332,6 +332,7 @@ fn one_file_of_a_256_mib_node_restores_reading_at_most_3_mib() {
             vec![],
             |_| {},
             &tokio_util::sync::CancellationToken::new(),
+            cairn::node::restore::Part::Own,
         )
         .await
         .unwrap();

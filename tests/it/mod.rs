@@ -5,6 +5,7 @@ pub mod helpers;
 mod archive;
 mod azure;
 mod cli;
+mod differential;
 mod encryption;
 mod faults;
 mod format;

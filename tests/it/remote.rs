@@ -145,10 +145,33 @@ pub fn nightly_operations(
         ],
         &[],
     );
+    // "new" is a differential of "old": old's manifest is gone, the objects
+    // new references stay in its folder, held for it.
     let list = ok(&["snapshots", "list", "--store", url, "--json"], &[]);
     let v: serde_json::Value = serde_json::from_slice(&list.stdout).unwrap();
-    assert_eq!(v.as_array().unwrap().len(), 1, "{v}");
-    assert_eq!(v[0]["name"], "new");
+    let complete: Vec<&serde_json::Value> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["complete"] == true)
+        .collect();
+    assert_eq!(complete.len(), 1, "{v}");
+    assert_eq!(complete[0]["name"], "new");
+    assert_eq!(complete[0]["parent"], "old");
+    let old = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "old")
+        .unwrap();
+    assert_eq!(old["held_for"], serde_json::json!(["new"]), "{v}");
+    assert!(old.get("started_at").is_none_or(|s| s.is_null()));
+    // Every byte new needs is still there, read back from the store.
+    let out = ok(
+        &["snapshots", "verify", "new", "--store", url, "--read-data"],
+        &[],
+    );
+    assert!(text(&out).0.contains("OK"), "{:?}", text(&out));
     let out = ok(
         &["snapshots", "last", "--store", url, "--max-age", "1h"],
         &[],

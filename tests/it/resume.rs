@@ -91,6 +91,8 @@ fn sigkilled_between_nodes_resumes_without_redoing_finished_steps() {
         "SNAPSHOT_NAME=again",
         "-p",
         "BACKUP_DIR=store",
+        "-p",
+        "MODE=full",
     ]);
     for i in 0..3 {
         let a = std::fs::read(sb.path(&format!("store/snap/node-{i}.tar.gz"))).unwrap();

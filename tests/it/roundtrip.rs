@@ -77,7 +77,14 @@ fn serial_and_parallel_backups_give_the_same_bytes() {
         &sb,
         c,
         "parallel",
-        &["-p", "STRATEGY=parallel", "-p", "MAX_CONCURRENCY=3"],
+        &[
+            "-p",
+            "STRATEGY=parallel",
+            "-p",
+            "MAX_CONCURRENCY=3",
+            "-p",
+            "MODE=full",
+        ],
     );
     for i in 0..3 {
         let a = std::fs::read(sb.path(&format!("store/serial/node-{i}.tar.gz"))).unwrap();

@@ -1335,7 +1335,7 @@ fn status_page_in_headless_chromium_shows_steps_advancing_to_complete() {
         &http,
         base,
         "backup-local",
-        json!({"SNAPSHOT_NAME": "watched", "BACKUP_DIR": "store", "MAX_BANDWIDTH": "600KiB/s"}),
+        json!({"SNAPSHOT_NAME": "watched", "BACKUP_DIR": "store", "MAX_BANDWIDTH": "600KiB/s", "MODE": "full"}),
     );
     let shot = sb.path("status-page.png");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/browser/status-page.cjs");

@@ -1,0 +1,348 @@
+//! The repository: which objects each snapshot needs, the parent a differential
+//! backup builds on, and delete by reachability.
+//!
+//! A differential snapshot references objects of earlier snapshots (its
+//! manifest's `references`). Deleting a snapshot therefore deletes only what no
+//! kept snapshot needs: mark (every complete manifest's own objects and
+//! references) and sweep (the deleted snapshot's objects, and the objects it
+//! referenced in folders that no longer have a manifest). What is still needed
+//! stays in the deleted snapshot's folder, without a manifest: such a folder is
+//! listed as holding objects for others, never restored, never reused for a new
+//! snapshot, and swept when its last referrer goes.
+//!
+//! Crash safety: before anything is deleted a record `.cairn-gc/<name>.json`
+//! says what is being deleted and which referenced objects to look at; it is
+//! removed last. A delete or prune that finds a record finishes that work first,
+//! so a killed collection is finished by the next run. The mark is taken after
+//! the manifest is gone, from every manifest in the store, and a manifest that
+//! cannot be read stops the sweep: nothing a kept snapshot references is deleted.
+
+use crate::manifest::{self, MANIFEST, Manifest};
+use crate::store::Store;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Where unfinished collections are recorded.
+pub const GC_PREFIX: &str = ".cairn-gc";
+
+fn gc_key(name: &str) -> String {
+    format!("{GC_PREFIX}/{name}.json")
+}
+
+/// What a collection is about to delete, recorded before it starts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Pending {
+    snapshot: String,
+    /// Objects of other folders the snapshot referenced (from the store's root).
+    referenced: Vec<String>,
+    at: String,
+}
+
+/// The snapshots of a store, read once: folders, their objects and the complete
+/// manifests.
+pub struct Catalog {
+    /// Folder → its objects' keys (from the store's root).
+    pub folders: BTreeMap<String, Vec<String>>,
+    /// Complete snapshots, by name.
+    pub manifests: BTreeMap<String, Manifest>,
+    /// Folders with a manifest that could not be read, and why.
+    pub unreadable: BTreeMap<String, String>,
+}
+
+/// Whether a top-level folder is cairn's own (locks, records), not a snapshot.
+pub fn reserved(folder: &str) -> bool {
+    folder.starts_with(crate::cluster::RESERVED_PREFIX)
+}
+
+impl Catalog {
+    pub async fn load(store: &dyn Store) -> Result<Catalog> {
+        let mut folders: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for o in store.list("").await? {
+            let Some((name, _)) = o.key.split_once('/') else {
+                continue;
+            };
+            if reserved(name) {
+                continue;
+            }
+            folders.entry(name.to_string()).or_default().push(o.key);
+        }
+        let mut manifests = BTreeMap::new();
+        let mut unreadable = BTreeMap::new();
+        for (name, keys) in &folders {
+            if !keys.contains(&manifest::key(name, MANIFEST)) {
+                continue;
+            }
+            match crate::checks::read_manifest(store, name).await {
+                Ok(m) => {
+                    manifests.insert(name.clone(), m);
+                }
+                Err(Error::NotFound(_)) => {}
+                Err(e) => {
+                    unreadable.insert(name.clone(), e.to_string());
+                }
+            }
+        }
+        Ok(Catalog {
+            folders,
+            manifests,
+            unreadable,
+        })
+    }
+
+    /// Object key → the complete snapshots that need it.
+    pub fn needed(&self) -> BTreeMap<String, BTreeSet<String>> {
+        let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (name, m) in &self.manifests {
+            for k in m.needs() {
+                out.entry(k).or_default().insert(name.clone());
+            }
+        }
+        out
+    }
+
+    /// The objects of `folder` (which has no manifest) that complete snapshots
+    /// reference, each with those snapshots.
+    pub fn held_for(&self, folder: &str) -> Vec<(String, Vec<String>)> {
+        if self.manifests.contains_key(folder) || self.unreadable.contains_key(folder) {
+            return Vec::new();
+        }
+        let needed = self.needed();
+        self.folders
+            .get(folder)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| {
+                needed
+                    .get(k)
+                    .map(|by| (k.clone(), by.iter().cloned().collect()))
+            })
+            .collect()
+    }
+}
+
+/// Whether a new snapshot may be written under `name`: not while its folder
+/// holds objects other snapshots need (a snapshot of that name was deleted, its
+/// objects are kept for them).
+pub async fn check_name_free(store: &dyn Store, name: &str) -> Result<()> {
+    let catalog = Catalog::load(store).await?;
+    let held = catalog.held_for(name);
+    if let Some((_, by)) = held.first() {
+        return Err(Error::Checks(vec![format!(
+            "the folder {name:?} in {} still holds {} object(s) that snapshot(s) {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
+            store.describe(),
+            held.len(),
+            by.join(", ")
+        )]));
+    }
+    Ok(())
+}
+
+/// Why a differential backup cannot build on a snapshot (it is then full).
+pub fn unfit_parent(m: &Manifest, full_every: u32) -> Option<String> {
+    if m.encryption.is_some() {
+        return Some(format!(
+            "the newest snapshot, {:?}, is encrypted",
+            m.snapshot
+        ));
+    }
+    if m.format_version < 2 {
+        return Some(format!(
+            "the newest snapshot, {:?}, is of format {} (no block index)",
+            m.snapshot, m.format_version
+        ));
+    }
+    if full_every > 0 && m.differentials >= full_every {
+        return Some(format!(
+            "FULL_EVERY={full_every}: {:?} was the {}th differential in a row",
+            m.snapshot, m.differentials
+        ));
+    }
+    None
+}
+
+/// The parent of a differential backup of `cluster` into `snapshot`: the newest
+/// complete snapshot of that cluster (by its finish time), or why there is none
+/// to build on.
+pub fn choose_parent(
+    catalog: &Catalog,
+    cluster: &str,
+    snapshot: &str,
+    full_every: u32,
+) -> std::result::Result<Manifest, String> {
+    let newest = catalog
+        .manifests
+        .values()
+        .filter(|m| m.cluster.name == cluster && m.snapshot != snapshot)
+        .max_by(|a, b| {
+            let t = |m: &Manifest| {
+                chrono::DateTime::parse_from_rfc3339(&m.finished_at)
+                    .map(|t| t.timestamp_millis())
+                    .unwrap_or(i64::MIN)
+            };
+            t(a).cmp(&t(b)).then_with(|| a.snapshot.cmp(&b.snapshot))
+        })
+        .ok_or_else(|| format!("no complete snapshot of cluster {cluster:?} in the store"))?;
+    match unfit_parent(newest, full_every) {
+        Some(why) => Err(why),
+        None => Ok(newest.clone()),
+    }
+}
+
+/// What a delete did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Deleted {
+    pub snapshot: String,
+    /// Objects deleted.
+    pub deleted: usize,
+    /// Objects kept because other snapshots need them, with those snapshots.
+    pub kept: Vec<(String, Vec<String>)>,
+    /// Deletes an earlier, interrupted run left unfinished, finished first.
+    pub finished: Vec<String>,
+    /// The sweep was left for later: this backup was running (it may build on
+    /// what the sweep would take).
+    pub deferred: Option<String>,
+}
+
+/// Delete a snapshot by reachability (see the module): its manifest first, so it
+/// is never restored half-deleted, then every object of it, or that it alone
+/// referenced, that no complete snapshot needs.
+pub async fn delete(store: &dyn Store, name: &str) -> Result<Deleted> {
+    crate::spec::check_snapshot_name(name).map_err(Error::Usage)?;
+    let finished = finish_pending(store).await?;
+    let objects = store.list(&format!("{name}/")).await?;
+    if objects.is_empty() {
+        return Err(Error::NotFound(format!(
+            "snapshot {name:?} in {}",
+            store.describe()
+        )));
+    }
+    let manifest_key = manifest::key(name, MANIFEST);
+    // What it referenced: looked at again once it is gone (a clear part holds
+    // the references of an encrypted manifest too).
+    let referenced = match objects.iter().any(|o| o.key == manifest_key) {
+        true => match crate::checks::read_manifest(store, name).await {
+            Ok(m) => m.references.iter().map(|r| r.key.clone()).collect(),
+            Err(_) => Vec::new(),
+        },
+        false => Vec::new(),
+    };
+    let pending = Pending {
+        snapshot: name.to_string(),
+        referenced,
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let mut done = collect(store, &pending).await?;
+    done.finished = finished;
+    Ok(done)
+}
+
+/// Finish the deletes that killed runs left (their records), oldest first.
+pub async fn finish_pending(store: &dyn Store) -> Result<Vec<String>> {
+    let mut finished = Vec::new();
+    if !crate::lock::live_backups(store, crate::lock::Settings::from_env())
+        .await?
+        .is_empty()
+    {
+        return Ok(finished);
+    }
+    for o in store.list(&format!("{GC_PREFIX}/")).await? {
+        let bytes = crate::store::get_bytes(store, &o.key, 16 << 20).await?;
+        let pending: Pending = match serde_json::from_slice(&bytes) {
+            Ok(p) if gc_key_matches(&o.key, &p) => p,
+            _ => {
+                // Not a record this code wrote: left alone, said.
+                tracing::warn!(key = %o.key, "an unreadable delete record is left alone");
+                continue;
+            }
+        };
+        tracing::info!(
+            snapshot = %pending.snapshot,
+            since = %pending.at,
+            "finishing the delete an interrupted run left"
+        );
+        collect(store, &pending).await?;
+        finished.push(pending.snapshot);
+    }
+    Ok(finished)
+}
+
+fn gc_key_matches(key: &str, p: &Pending) -> bool {
+    crate::spec::check_snapshot_name(&p.snapshot).is_ok() && key == gc_key(&p.snapshot)
+}
+
+/// Record, delete the manifest, mark, sweep, remove the record.
+async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
+    let name = pending.snapshot.as_str();
+    let record =
+        serde_json::to_vec_pretty(pending).map_err(|e| Error::State(format!("gc record: {e}")))?;
+    store.put(&gc_key(name), record.into()).await?;
+    crate::failpoint::hit("gc:recorded")?;
+    let had_manifest = store.head(&manifest::key(name, MANIFEST)).await?.is_some();
+    store.delete(&manifest::key(name, MANIFEST)).await?;
+    if let Err(e) = store.delete(&crate::snapshots::verify_key_of(name)).await {
+        tracing::warn!("could not remove the verification record: {e}");
+    }
+    crate::failpoint::hit("gc:manifest-deleted")?;
+    // Mark: everything every remaining complete snapshot needs.
+    let catalog = Catalog::load(store).await?;
+    if !catalog.unreadable.is_empty() {
+        let names: Vec<&str> = catalog.unreadable.keys().map(String::as_str).collect();
+        return Err(Error::Refused(vec![format!(
+            "the manifest of {} cannot be read, so what it references is unknown: nothing was swept (the delete of {name:?} is recorded and finished by the next delete or prune once the store reads again)",
+            names.join(", ")
+        )]));
+    }
+    // A backup running now may be building on an object this sweep would take
+    // (its manifest, naming it, is not written yet): the sweep waits for a
+    // delete or prune that runs when no backup does. The snapshot is gone
+    // already; only its space comes back later.
+    let running = crate::lock::live_backups(store, crate::lock::Settings::from_env()).await?;
+    if let Some(b) = running.first() {
+        tracing::warn!(
+            backup = %b.snapshot,
+            "a backup is running: the objects of {name:?} are swept by the next delete or prune"
+        );
+        return Ok(Deleted {
+            snapshot: name.to_string(),
+            deleted: usize::from(had_manifest),
+            deferred: Some(b.snapshot.clone()),
+            ..Default::default()
+        });
+    }
+    let needed = catalog.needed();
+    // Sweep: the snapshot's folder, and the folders without a manifest whose
+    // objects it referenced.
+    let mut candidates: BTreeSet<String> = catalog
+        .folders
+        .get(name)
+        .into_iter()
+        .flatten()
+        .cloned()
+        .collect();
+    for k in &pending.referenced {
+        let folder = k.split('/').next().unwrap_or("");
+        if !catalog.manifests.contains_key(folder)
+            && catalog.folders.get(folder).is_some_and(|f| f.contains(k))
+        {
+            candidates.insert(k.clone());
+        }
+    }
+    let mut out = Deleted {
+        snapshot: name.to_string(),
+        deleted: usize::from(had_manifest),
+        ..Default::default()
+    };
+    for k in candidates {
+        match needed.get(&k) {
+            Some(by) => out.kept.push((k, by.iter().cloned().collect())),
+            None => {
+                crate::failpoint::hit("gc:sweep")?;
+                store.delete(&k).await?;
+                out.deleted += 1;
+            }
+        }
+    }
+    store.delete(&gc_key(name)).await?;
+    Ok(out)
+}
