@@ -91,7 +91,7 @@ pub async fn backup(
         problems.push(e.to_string());
         return done(problems);
     }
-    match store.head(&manifest::key(snapshot, MANIFEST)).await {
+    match store.head(&crate::repo::key(snapshot, MANIFEST)).await {
         Ok(Some(_)) => problems.push(format!(
             "snapshot {snapshot:?} already exists and is complete in {}; a complete snapshot is never overwritten: choose another SNAPSHOT_NAME or delete it first",
             store.describe()
@@ -120,7 +120,7 @@ pub async fn backup(
 
 /// Read and validate a snapshot's manifest.
 pub async fn read_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest> {
-    let key = manifest::key(snapshot, MANIFEST);
+    let key = crate::repo::key(snapshot, MANIFEST);
     let data = match get_bytes(store, &key, manifest::MAX_MANIFEST_BYTES).await {
         Ok(d) => d,
         Err(Error::NotFound(_)) => {
@@ -138,7 +138,7 @@ pub async fn read_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest
 pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) -> Vec<String> {
     let mut problems = Vec::new();
     for o in &m.objects {
-        let key = manifest::key(snapshot, &o.key);
+        let key = crate::repo::key(snapshot, &o.key);
         match store.head(&key).await {
             Ok(Some(meta)) if meta.size == o.size => {}
             Ok(Some(meta)) => problems.push(format!(
@@ -216,6 +216,14 @@ pub async fn restore(
             .map(|n| n.object.as_str())
             .collect();
         needed.objects.retain(|o| nodes.contains(o.key.as_str()));
+        // And the earlier snapshots' objects those nodes' unchanged files are in.
+        let held: BTreeSet<&str> = cluster
+            .nodes
+            .iter()
+            .filter_map(|n| m.node(n.index))
+            .flat_map(|n| n.files.iter().filter_map(|f| f.object.as_deref()))
+            .collect();
+        needed.references.retain(|r| held.contains(r.key.as_str()));
     }
     let mut problems = objects_present(store, snapshot, &needed).await;
     let want: BTreeSet<u32> = m.cluster.nodes.iter().map(|n| n.index).collect();

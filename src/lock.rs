@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-pub const PREFIX: &str = ".cairn-locks";
+pub use crate::repo::LOCKS as PREFIX;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -139,7 +139,7 @@ pub fn hostname() -> String {
 }
 
 fn dir(snapshot: &str) -> String {
-    format!("{PREFIX}/{snapshot}/")
+    crate::repo::lock_dir(snapshot)
 }
 
 /// Every lock on `snapshot` (unreadable lock objects count as exclusive locks of an

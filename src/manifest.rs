@@ -18,8 +18,7 @@ pub const FORMAT_VERSION: u32 = 3;
 pub const DIFFERENTIAL_FORMAT: u32 = 3;
 /// The oldest format still read.
 pub const OLDEST_FORMAT: u32 = 1;
-pub const MANIFEST: &str = "manifest.json";
-pub const MANAGER_OBJECT: &str = "manager.zip";
+pub use crate::repo::{MANAGER_OBJECT, MANIFEST};
 /// A manifest larger than this is refused (a hostile store cannot exhaust memory).
 pub const MAX_MANIFEST_BYTES: u64 = 512 << 20;
 
@@ -258,20 +257,7 @@ pub struct ObjectInfo {
     pub index: Option<BlockIndex>,
 }
 
-/// The key of an object of a snapshot.
-pub fn key(snapshot: &str, name: &str) -> String {
-    format!("{snapshot}/{name}")
-}
-
-/// A node's object: `node-<i>.tar.gz`, or `node-<i>.tar.zst` with zstd.
-pub fn node_object(index: u32, codec: crate::archive::Codec) -> String {
-    format!("node-{index}.{}", codec.extension())
-}
-
-/// Whether `name` is a name node `index`'s object may have.
-pub fn is_node_object(index: u32, name: &str) -> bool {
-    crate::archive::Codec::of_object(name).is_some_and(|c| name == node_object(index, c))
-}
+use crate::repo::{is_node_object, key};
 
 impl Manifest {
     pub fn to_bytes(&self) -> Result<Vec<u8>> {

@@ -430,6 +430,14 @@ pub async fn prune(
             Err(e) => report.skipped.push((d.snapshot.clone(), e.to_string())),
         }
     }
+    // What a later delete of the same run swept is not "kept".
+    let mut still = Vec::new();
+    for k in std::mem::take(&mut report.kept) {
+        if !store.list(&crate::repo::folder(&k.0)).await?.is_empty() {
+            still.push(k);
+        }
+    }
+    report.kept = still;
     Ok(report)
 }
 

@@ -50,16 +50,9 @@ pub struct SnapshotSummary {
 }
 
 /// Where the last verification of each snapshot is recorded.
-pub const VERIFY_PREFIX: &str = ".cairn-verify";
+pub use crate::repo::VERIFY as VERIFY_PREFIX;
 
-fn verify_key(name: &str) -> String {
-    format!("{VERIFY_PREFIX}/{name}.json")
-}
-
-/// Where a snapshot's last verification is recorded.
-pub fn verify_key_of(name: &str) -> String {
-    verify_key(name)
-}
+use crate::repo::verify_key;
 
 /// The last verification of a snapshot, kept in the store.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq)]
@@ -294,6 +287,7 @@ pub async fn verify(
         VerifyMode::ReadData => m.cluster.nodes.iter().collect(),
         VerifyMode::Sample(p) => sample(&m.cluster.nodes, p),
     };
+    let chosen_nodes: Vec<u32> = chosen.iter().map(|n| n.index).collect();
     for node in chosen {
         let Some(object) = m.object(&node.object) else {
             report
@@ -301,7 +295,7 @@ pub async fn verify(
                 .push(format!("node {}: object not listed", node.index));
             continue;
         };
-        let key = manifest::key(name, &object.key);
+        let key = crate::repo::key(name, &object.key);
         report.objects_read += 1;
         if sealed {
             if let Err(e) = object_intact(store, &key, object, cancel).await {
@@ -351,12 +345,37 @@ pub async fn verify(
             Err(e) => report.problems.push(e.to_string()),
         }
     }
+    // The earlier snapshots' objects this one reads its unchanged files from:
+    // each whole, against the checksum this manifest records for it (the files
+    // were checked one by one above, the manifest's claim about the objects is
+    // checked here).
+    if mode != VerifyMode::Metadata {
+        let read: std::collections::BTreeSet<&str> = m
+            .cluster
+            .nodes
+            .iter()
+            .filter(|n| mode == VerifyMode::ReadData || chosen_nodes.contains(&n.index))
+            .flat_map(|n| n.files.iter().filter_map(|f| f.object.as_deref()))
+            .collect();
+        for r in m
+            .references
+            .iter()
+            .filter(|r| read.contains(r.key.as_str()))
+        {
+            report.objects_read += 1;
+            match object_intact(store, &r.key, r, cancel).await {
+                Ok(()) => {}
+                Err(Error::Cancelled) => return Err(Error::Cancelled),
+                Err(e) => report.problems.push(format!("referenced {e}")),
+            }
+        }
+    }
     if mode != VerifyMode::Metadata
         && let Some(object) = m.object(manifest::MANAGER_OBJECT)
     {
         report.objects_read += 1;
         let checked = if sealed {
-            object_intact(store, &manifest::key(name, &object.key), object, cancel).await
+            object_intact(store, &crate::repo::key(name, &object.key), object, cancel).await
         } else {
             verify_manager(store, name, object, keys, cancel).await
         };
@@ -380,7 +399,7 @@ pub async fn verify(
                 continue;
             };
             report.objects_read += 1;
-            match object_intact(store, &manifest::key(name, &object.key), object, cancel).await {
+            match object_intact(store, &crate::repo::key(name, &object.key), object, cancel).await {
                 Ok(()) => {}
                 Err(Error::Cancelled) => return Err(Error::Cancelled),
                 Err(e) => report.problems.push(format!("artifact {}: {e}", a.name)),
@@ -461,7 +480,7 @@ async fn verify_manager(
         .map_err(|e| Error::io("create a temporary file in", std::env::temp_dir(), e))?;
     crate::manager::catalog::download_into(
         store,
-        &manifest::key(name, &object.key),
+        &crate::repo::key(name, &object.key),
         Some(object.size),
         Some(&object.sha256),
         tmp.path(),
@@ -576,7 +595,7 @@ pub async fn copy(
     progress: &dyn Fn(&str, u64),
     cancel: &CancellationToken,
 ) -> Result<CopyReport> {
-    let key = manifest::key(name, MANIFEST);
+    let key = crate::repo::key(name, MANIFEST);
     let raw = crate::store::get_bytes(&**from, &key, manifest::MAX_MANIFEST_BYTES)
         .await
         .map_err(|e| match e {
@@ -628,7 +647,7 @@ pub async fn copy(
     }
     // What an earlier, unfinished copy or backup left there (no manifest: an
     // incomplete snapshot) goes first, so the copy holds only what it names.
-    for o in to.list(&format!("{name}/")).await? {
+    for o in to.list(&crate::repo::folder(name)).await? {
         to.delete(&o.key).await?;
     }
     let mut report = CopyReport {
@@ -638,7 +657,10 @@ pub async fn copy(
         objects: Vec::new(),
         bytes: 0,
     };
-    let own = m.objects.iter().map(|o| (manifest::key(name, &o.key), o));
+    let own = m
+        .objects
+        .iter()
+        .map(|o| (crate::repo::key(name, &o.key), o));
     let referenced = wanted_refs.into_iter().map(|r| (r.key.clone(), r));
     for (object_key, o) in referenced.chain(own) {
         copy_object(from, to, &object_key, o.size, &o.sha256, cancel).await?;
@@ -656,7 +678,7 @@ pub async fn copy(
             ));
         }
         let shown = object_key
-            .strip_prefix(&format!("{name}/"))
+            .strip_prefix(&crate::repo::folder(name))
             .unwrap_or(&object_key)
             .to_string();
         progress(&shown, o.size);

@@ -618,8 +618,20 @@ fn summary_line(s: &crate::engine::Summary) -> String {
     } else {
         "-".into()
     };
+    let differential = s
+        .differential
+        .as_ref()
+        .map(|d| {
+            format!(
+                "; differential of {}: {} unchanged file(s), {}, referenced there",
+                d.parent,
+                d.unchanged_files,
+                crate::checks::human(d.unchanged_bytes)
+            )
+        })
+        .unwrap_or_default();
     format!(
-        "{} node(s), {} file(s), {} of data, {} stored{ratio}, {:.1} s, {rate}",
+        "{} node(s), {} file(s), {} of data, {} stored{ratio}, {:.1} s, {rate}{differential}",
         s.nodes,
         s.files,
         crate::checks::human(s.bytes),

@@ -23,7 +23,7 @@ pub const SYSTEM_KEYSPACES: &[&str] = &[
 ];
 
 /// Names that cairn itself creates inside a data dir (staging); never keyspaces.
-pub const RESERVED_PREFIX: &str = ".cairn";
+pub use crate::repo::RESERVED_PREFIX;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

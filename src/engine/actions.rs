@@ -130,7 +130,7 @@ async fn base_of(
     if own.index.is_none() || !crate::archive::seek::seekable(info) {
         return None;
     }
-    let holder = manifest::key(parent, &info.object);
+    let holder = crate::repo::key(parent, &info.object);
     let files = info
         .files
         .iter()
@@ -189,7 +189,7 @@ fn refs_of(
         .map(|k| {
             let info = parent.node(backed.node.index);
             let own = info
-                .filter(|i| manifest::key(&parent.snapshot, &i.object) == k)
+                .filter(|i| crate::repo::key(&parent.snapshot, &i.object) == k)
                 .and_then(|i| parent.object(&i.object))
                 .map(|o| ObjectInfo {
                     key: k.clone(),
@@ -316,11 +316,7 @@ pub async fn run(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<Option<String>> {
     };
     match step.action {
         Action::CheckBackup => {
-            let probe = format!(
-                "{RESERVED_PREFIX}-probe-{}-{}",
-                ctx.run_id,
-                std::process::id()
-            );
+            let probe = crate::repo::probe_key(ctx.run_id, std::process::id());
             // Every node looks at itself, on its own host, all at once; every
             // problem of every node is reported together.
             let looks = futures::future::join_all(ctx.cluster.nodes.iter().map(|n| async move {
@@ -544,7 +540,7 @@ async fn backup_schema(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
             sha256,
             index: None,
         };
-        let key = manifest::key(&ctx.spec.snapshot, &a.file);
+        let key = crate::repo::key(&ctx.spec.snapshot, &a.file);
         ctx.store.put(&key, body.into()).await?;
         tracing::info!(step = %step.id, artifact = %a.name, key, bytes = object.size, "artifact stored");
         stored.push(StoredArtifact {
@@ -573,7 +569,7 @@ async fn restore_schema(ctx: &Arc<RunCtx>) -> Result<String> {
         let object = m
             .object(&art.object)
             .ok_or_else(|| Error::archive(&art.object, "not listed in the manifest's objects"))?;
-        let key = manifest::key(&ctx.spec.snapshot, &art.object);
+        let key = crate::repo::key(&ctx.spec.snapshot, &art.object);
         let body = crate::store::get_bytes(
             &*ctx.store,
             &key,
@@ -1212,7 +1208,7 @@ async fn object_holds(
     object: &ObjectInfo,
     depth: Depth,
 ) -> std::result::Result<(), String> {
-    let key = manifest::key(&ctx.spec.snapshot, &object.key);
+    let key = crate::repo::key(&ctx.spec.snapshot, &object.key);
     match ctx.store.head(&key).await {
         Ok(Some(meta)) if meta.size == object.size => {}
         Ok(Some(meta)) => {
@@ -1298,7 +1294,7 @@ struct ManagerOutput {
 async fn backup_manager(ctx: &Arc<RunCtx>, step: &StepRef) -> Result<String> {
     let m = manager_of(ctx)?;
     let include_credentials = ctx.spec.manager_credentials;
-    let key = manifest::key(&ctx.spec.snapshot, MANAGER_OBJECT);
+    let key = crate::repo::key(&ctx.spec.snapshot, MANAGER_OBJECT);
     tracing::info!(state_dir = %m.state_dir.display(), key = %key, "snapshotting the manager");
     abort_leftover_upload(ctx, step, &key).await?;
     let target = crate::manager::catalog::Target {
@@ -1351,7 +1347,7 @@ async fn restore_manager(ctx: &Arc<RunCtx>) -> Result<Option<String>> {
     let status = crate::manager::catalog::from_manifest(&ctx.spec.snapshot, info, obj);
     let report = crate::manager::catalog::restore_key(
         &*ctx.store,
-        &manifest::key(&ctx.spec.snapshot, MANAGER_OBJECT),
+        &crate::repo::key(&ctx.spec.snapshot, MANAGER_OBJECT),
         &status,
         &target,
         force,
@@ -1567,7 +1563,7 @@ async fn write_manifest(ctx: &Arc<RunCtx>) -> Result<()> {
             missing.join("; "),
         ));
     }
-    let key = manifest::key(&ctx.spec.snapshot, MANIFEST);
+    let key = crate::repo::key(&ctx.spec.snapshot, MANIFEST);
     if ctx.store.head(&key).await?.is_some() {
         // Written by this run before a kill (same start, same objects): done.
         if let Ok(existing) = checks::read_manifest(&*ctx.store, &ctx.spec.snapshot).await
@@ -1914,6 +1910,19 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
     let steps = ctx.state.call(move |s| s.steps(run)).await.ok()?;
     if ctx.plan.has_action(Action::BackupNode) {
         let outs = outputs::<NodeOutput>(&steps, Action::BackupNode).ok()?;
+        let referenced = outs
+            .iter()
+            .flat_map(|o| o.node.files.iter().filter(|f| f.object.is_some()));
+        let (files, bytes) =
+            referenced.fold((0u64, 0u64), |(n, b), f| (n + 1, b.saturating_add(f.size)));
+        let differential = BackupChoice::of(&steps)
+            .parent
+            .filter(|_| files > 0)
+            .map(|parent| super::DifferentialSummary {
+                parent,
+                unchanged_files: files,
+                unchanged_bytes: bytes,
+            });
         return Some(
             super::Summary {
                 nodes: outs.len(),
@@ -1923,6 +1932,7 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
                 duration_secs: secs,
                 ratio: 0.0,
                 bytes_per_sec: 0.0,
+                differential,
             }
             .with_rates(),
         );
@@ -1942,6 +1952,7 @@ pub async fn summary(ctx: &Arc<RunCtx>, secs: f64) -> Option<super::Summary> {
             duration_secs: secs,
             ratio: 0.0,
             bytes_per_sec: 0.0,
+            differential: None,
         };
         for n in &ctx.cluster.nodes {
             let Some(info) = m.node(n.index) else {

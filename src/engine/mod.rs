@@ -103,6 +103,17 @@ pub struct Summary {
     /// Data bytes per second of `duration_secs`.
     #[serde(default)]
     pub bytes_per_sec: f64,
+    /// A differential backup: its parent, and the files (and their bytes) it
+    /// references there instead of storing them again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub differential: Option<DifferentialSummary>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct DifferentialSummary {
+    pub parent: String,
+    pub unchanged_files: u64,
+    pub unchanged_bytes: u64,
 }
 
 impl Summary {

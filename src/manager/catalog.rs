@@ -20,16 +20,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
-pub const PREFIX: &str = ".cairn-manager";
-pub const OBJECT: &str = manifest::MANAGER_OBJECT;
-const STATUS: &str = "status.json";
+pub use crate::repo::MANAGER_SNAPSHOTS as PREFIX;
+pub const OBJECT: &str = crate::repo::MANAGER_OBJECT;
 const MAX_STATUS_BYTES: u64 = 1 << 20;
 
 pub fn object_key(id: &str) -> String {
-    format!("{PREFIX}/{id}/{OBJECT}")
+    crate::repo::manager_object_key(id)
 }
 fn status_key(id: &str) -> String {
-    format!("{PREFIX}/{id}/{STATUS}")
+    crate::repo::manager_status_key(id)
 }
 
 /// `creating`, `created`, `failed` or `uploaded`.
@@ -230,7 +229,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<Status>> {
     let mut out = Vec::new();
     for o in &objects {
         if let Some(rest) = o.key.strip_prefix(&format!("{PREFIX}/"))
-            && let Some(id) = rest.strip_suffix(&format!("/{STATUS}"))
+            && let Some(id) = rest.strip_suffix(&format!("/{}", crate::repo::MANAGER_STATUS))
         {
             let mut s = match get_bytes(store, &o.key, MAX_STATUS_BYTES)
                 .await
@@ -252,7 +251,7 @@ pub async fn list(store: &dyn Store) -> Result<Vec<Status>> {
             out.push(s);
         } else if let Some(name) = o.key.strip_suffix(&format!("/{MANIFEST}"))
             && !name.contains('/')
-            && size_of(&manifest::key(name, OBJECT)).is_some()
+            && size_of(&crate::repo::key(name, OBJECT)).is_some()
         {
             let Ok(m) = crate::checks::read_manifest(store, name).await else {
                 continue;
@@ -310,11 +309,11 @@ pub async fn locate(store: &dyn Store, id: &str) -> Result<Located> {
             status: s,
         });
     }
-    if store.head(&manifest::key(id, MANIFEST)).await?.is_some() {
+    if store.head(&crate::repo::key(id, MANIFEST)).await?.is_some() {
         let m = crate::checks::read_manifest(store, id).await?;
         if let (Some(info), Some(obj)) = (&m.manager, m.object(OBJECT)) {
             return Ok(Located {
-                key: manifest::key(id, OBJECT),
+                key: crate::repo::key(id, OBJECT),
                 status: from_manifest(id, info, obj),
             });
         }
@@ -476,7 +475,7 @@ pub async fn delete(store: &dyn Store, id: &str) -> Result<()> {
     check_id(id)?;
     if store.head(&status_key(id)).await?.is_none() && store.head(&object_key(id)).await?.is_none()
     {
-        if store.head(&manifest::key(id, OBJECT)).await?.is_some() {
+        if store.head(&crate::repo::key(id, OBJECT)).await?.is_some() {
             return Err(Error::Usage(format!(
                 "{id:?} is the manager snapshot of snapshot {id:?}; delete the whole snapshot with `cairn snapshots delete {id}`"
             )));

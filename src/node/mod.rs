@@ -18,7 +18,7 @@ pub mod staged;
 use crate::archive::pack;
 use crate::checks::Disk;
 use crate::cluster::{Capture, Node, RESERVED_PREFIX, Selection, data_dir_top, hooks};
-use crate::manifest::{self, NodeInfo, ObjectInfo};
+use crate::manifest::{NodeInfo, ObjectInfo};
 use crate::store::Store;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -474,8 +474,8 @@ async fn stream_node(
     .map_err(|e| Error::State(format!("scan worker failed: {e}")))?;
     let (keyspaces, scan, unchanged) = scan?;
     let reused: u64 = unchanged.values().map(|f| f.size).sum();
-    let object = manifest::node_object(node.index, job.compression);
-    let key = manifest::key(&job.snapshot, &object);
+    let object = crate::repo::node_object(node.index, job.compression);
+    let key = crate::repo::key(&job.snapshot, &object);
     if let Some(id) = &job.leftover_upload {
         // Best effort: the upload may have completed just before the kill.
         tracing::info!(key, "aborting the upload a killed attempt left open");

@@ -13,7 +13,6 @@ use super::proto::{self, Greeting, Hello, Op, Reply, Request};
 use super::restore::{CheckStagedJob, FsOp, StageJob, StageOutput};
 use super::{Backed, BackupFacts, BackupJob, Events, NodeEvent, NodeExec, StoreTarget};
 use crate::cluster::{Capture, Node, Selection};
-use crate::manifest;
 use crate::store::Store;
 use crate::{Error, Result};
 use std::process::Stdio;
@@ -265,7 +264,7 @@ impl Remote {
     /// holds before it is recorded: the run never claims an object that is not
     /// there as the agent described it.
     async fn check_backed(&self, job: &BackupJob, b: &Backed) -> Result<()> {
-        let object = manifest::node_object(job.node.index, job.compression);
+        let object = crate::repo::node_object(job.node.index, job.compression);
         let mut wrong = Vec::new();
         if b.node.index != job.node.index {
             wrong.push(format!("it answered for node {}", b.node.index));
@@ -343,7 +342,7 @@ impl Remote {
             }
         }
         if wrong.is_empty() {
-            let key = manifest::key(&job.snapshot, &object);
+            let key = crate::repo::key(&job.snapshot, &object);
             match self.store.head(&key).await {
                 Ok(Some(m)) if m.size == b.object.size => {}
                 Ok(Some(m)) => wrong.push(format!(
@@ -476,9 +475,9 @@ impl NodeExec for Remote {
                 if let Some(id) = open
                     && matches!(e, Error::Remote { .. } | Error::Cancelled)
                 {
-                    let key = manifest::key(
+                    let key = crate::repo::key(
                         &job.snapshot,
-                        &manifest::node_object(job.node.index, job.compression),
+                        &crate::repo::node_object(job.node.index, job.compression),
                     );
                     if let Err(a) = self.store.abort_multipart(&key, &id).await {
                         tracing::debug!(key, "abort after the agent ended: {a}");

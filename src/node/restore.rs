@@ -1080,7 +1080,7 @@ pub fn parts_of(
         ));
     }
     out.push((
-        manifest::key(snapshot, &object.key),
+        crate::repo::key(snapshot, &object.key),
         NodeInfo {
             files: own,
             ..info.clone()

@@ -14,7 +14,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-const TMP_DIR: &str = ".cairn-tmp";
+const TMP_DIR: &str = crate::repo::TMP;
 
 #[derive(Debug, Clone)]
 pub struct LocalStore {

@@ -94,7 +94,16 @@ fn a_chain_full_differential_differential_restores_byte_for_byte_at_each_point()
     backup(&sb, &src, "s1", &[]);
     points.push(("s1", source_trees(&sb, 2)));
     night(&sb, 2, 1, false);
-    backup(&sb, &src, "s2", &[]);
+    // The run's summary says what the differential left where it was.
+    let mut a = start_args("backup-local", &src, "s2", &[]);
+    a.insert(0, "--json".into());
+    let out = sb.run_v(&a);
+    assert!(out.status.success(), "{:?}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let d = &v["summary"]["differential"];
+    assert_eq!(d["parent"], "s1", "{v}");
+    assert!(d["unchanged_files"].as_u64().unwrap() >= 10, "{v}");
+    assert!(d["unchanged_bytes"].as_u64().unwrap() > 400_000, "{v}");
     points.push(("s2", source_trees(&sb, 2)));
     night(&sb, 2, 2, false);
     backup(&sb, &src, "s3", &[]);
@@ -521,4 +530,71 @@ fn a_differential_resumed_after_its_parent_went_backs_the_node_up_again() {
     assert!(out.contains("OK"), "{out}");
     let want = source_trees(&sb, 2);
     assert_eq!(restored(&sb, "d", "tgt", 2, &[]), want);
+}
+
+/// A manifest that does not read (here: it references a stray object) stops a
+/// delete of another snapshot before anything changes; the unreadable snapshot
+/// itself can still be deleted, and then the other one.
+#[test]
+fn an_unreadable_manifest_stops_a_delete_before_it_changes_anything() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10_000);
+    backup(&sb, &src, "a", &[]);
+    night(&sb, 1, 1, false);
+    backup(&sb, &src, "b", &[]);
+    let path = sb.path("store/b/manifest.json");
+    let mut m = manifest(&sb, "b");
+    let mut stray = m["references"][0].clone();
+    stray["key"] = "junk/node-0.tar.gz".into();
+    // Smaller than its block index says: the manifest no longer reads.
+    stray["size"] = 2.into();
+    m["references"].as_array_mut().unwrap().push(stray);
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let out = sb.run(&["snapshots", "delete", "a", "--store", "store"]);
+    assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
+    assert!(
+        text(&out).1.contains("nothing of \"a\" was deleted"),
+        "{:?}",
+        text(&out)
+    );
+    assert!(sb.path("store/a/manifest.json").exists(), "a is untouched");
+    assert!(
+        !sb.path("store/.cairn-gc").exists()
+            || std::fs::read_dir(sb.path("store/.cairn-gc"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    ok(&sb, &["snapshots", "delete", "b", "--store", "store"]);
+    ok(&sb, &["snapshots", "delete", "a", "--store", "store"]);
+    assert!(!sb.path("store/a").exists() && !sb.path("store/b").exists());
+}
+
+/// verify --read-data checks the objects a differential references against the
+/// checksums its manifest records for them, not only the files it reads there.
+#[test]
+fn verify_reads_referenced_objects_against_their_recorded_checksums() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10_000);
+    backup(&sb, &src, "a", &[]);
+    night(&sb, 1, 1, false);
+    backup(&sb, &src, "b", &[]);
+    let path = sb.path("store/b/manifest.json");
+    let mut m = manifest(&sb, "b");
+    m["references"][0]["sha256"] = "0".repeat(64).into();
+    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let out = sb.run(&[
+        "snapshots",
+        "verify",
+        "b",
+        "--store",
+        "store",
+        "--read-data",
+    ]);
+    assert!(!out.status.success(), "{:?}", text(&out));
+    let (o, e) = text(&out);
+    assert!(
+        o.contains("a/node-0.tar.gz") || e.contains("a/node-0.tar.gz"),
+        "{o}{e}"
+    );
 }

@@ -17,18 +17,15 @@
 //! the manifest is gone, from every manifest in the store, and a manifest that
 //! cannot be read stops the sweep: nothing a kept snapshot references is deleted.
 
-use crate::manifest::{self, MANIFEST, Manifest};
+pub mod layout;
+
+pub use layout::*;
+
+use crate::manifest::Manifest;
 use crate::store::Store;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-
-/// Where unfinished collections are recorded.
-pub const GC_PREFIX: &str = ".cairn-gc";
-
-fn gc_key(name: &str) -> String {
-    format!("{GC_PREFIX}/{name}.json")
-}
 
 /// What a collection is about to delete, recorded before it starts.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -50,11 +47,6 @@ pub struct Catalog {
     pub unreadable: BTreeMap<String, String>,
 }
 
-/// Whether a top-level folder is cairn's own (locks, records), not a snapshot.
-pub fn reserved(folder: &str) -> bool {
-    folder.starts_with(crate::cluster::RESERVED_PREFIX)
-}
-
 impl Catalog {
     pub async fn load(store: &dyn Store) -> Result<Catalog> {
         let mut folders: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -70,7 +62,7 @@ impl Catalog {
         let mut manifests = BTreeMap::new();
         let mut unreadable = BTreeMap::new();
         for (name, keys) in &folders {
-            if !keys.contains(&manifest::key(name, MANIFEST)) {
+            if !keys.contains(&key(name, MANIFEST)) {
                 continue;
             }
             match crate::checks::read_manifest(store, name).await {
@@ -209,15 +201,29 @@ pub struct Deleted {
 /// referenced, that no complete snapshot needs.
 pub async fn delete(store: &dyn Store, name: &str) -> Result<Deleted> {
     crate::spec::check_snapshot_name(name).map_err(Error::Usage)?;
-    let finished = finish_pending(store).await?;
-    let objects = store.list(&format!("{name}/")).await?;
+    // Unfinished deletes first; one that cannot finish (another manifest does
+    // not read) does not stop this one, which may be of that very snapshot.
+    let mut finished = match finish_pending(store).await {
+        Ok(f) => f,
+        Err(Error::Refused(why)) => {
+            tracing::warn!(
+                "an earlier delete cannot be finished yet: {}",
+                why.join("; ")
+            );
+            Vec::new()
+        }
+        Err(e) => return Err(e),
+    };
+    let objects = store.list(&folder(name)).await?;
     if objects.is_empty() {
         return Err(Error::NotFound(format!(
             "snapshot {name:?} in {}",
             store.describe()
         )));
     }
-    let manifest_key = manifest::key(name, MANIFEST);
+    // Nothing changes unless the sweep can tell what every other snapshot needs.
+    unreadable_others(&Catalog::load(store).await?, name)?;
+    let manifest_key = key(name, MANIFEST);
     // What it referenced: looked at again once it is gone (a clear part holds
     // the references of an encrypted manifest too).
     let referenced = match objects.iter().any(|o| o.key == manifest_key) {
@@ -233,8 +239,30 @@ pub async fn delete(store: &dyn Store, name: &str) -> Result<Deleted> {
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
     let mut done = collect(store, &pending).await?;
+    // The delete of an unreadable snapshot may have unblocked an earlier one.
+    if let Ok(more) = finish_pending(store).await {
+        finished.extend(more);
+    }
     done.finished = finished;
     Ok(done)
+}
+
+/// Refused when a complete snapshot other than `name` has a manifest that does
+/// not read: what it references is unknown, so nothing may be swept.
+fn unreadable_others(catalog: &Catalog, name: &str) -> Result<()> {
+    let names: Vec<&str> = catalog
+        .unreadable
+        .keys()
+        .map(String::as_str)
+        .filter(|n| *n != name)
+        .collect();
+    if names.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Refused(vec![format!(
+        "the manifest of {} cannot be read, so what it references is unknown: nothing of {name:?} was deleted (delete or repair that snapshot first)",
+        names.join(", ")
+    )]))
 }
 
 /// Finish the deletes that killed runs left (their records), oldest first.
@@ -246,7 +274,7 @@ pub async fn finish_pending(store: &dyn Store) -> Result<Vec<String>> {
     {
         return Ok(finished);
     }
-    for o in store.list(&format!("{GC_PREFIX}/")).await? {
+    for o in store.list(&format!("{GC}/")).await? {
         let bytes = crate::store::get_bytes(store, &o.key, 16 << 20).await?;
         let pending: Pending = match serde_json::from_slice(&bytes) {
             Ok(p) if gc_key_matches(&o.key, &p) => p,
@@ -261,8 +289,12 @@ pub async fn finish_pending(store: &dyn Store) -> Result<Vec<String>> {
             since = %pending.at,
             "finishing the delete an interrupted run left"
         );
-        collect(store, &pending).await?;
-        finished.push(pending.snapshot);
+        match collect(store, &pending).await {
+            Ok(_) => finished.push(pending.snapshot),
+            // A manifest that does not read: the record stays for a later run.
+            Err(Error::State(why)) => tracing::warn!("{why}"),
+            Err(e) => return Err(e),
+        }
     }
     Ok(finished)
 }
@@ -278,20 +310,22 @@ async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
         serde_json::to_vec_pretty(pending).map_err(|e| Error::State(format!("gc record: {e}")))?;
     store.put(&gc_key(name), record.into()).await?;
     crate::failpoint::hit("gc:recorded")?;
-    let had_manifest = store.head(&manifest::key(name, MANIFEST)).await?.is_some();
-    store.delete(&manifest::key(name, MANIFEST)).await?;
-    if let Err(e) = store.delete(&crate::snapshots::verify_key_of(name)).await {
+    let had_manifest = store.head(&key(name, MANIFEST)).await?.is_some();
+    store.delete(&key(name, MANIFEST)).await?;
+    if let Err(e) = store.delete(&verify_key(name)).await {
         tracing::warn!("could not remove the verification record: {e}");
     }
     crate::failpoint::hit("gc:manifest-deleted")?;
     // Mark: everything every remaining complete snapshot needs.
     let catalog = Catalog::load(store).await?;
-    if !catalog.unreadable.is_empty() {
-        let names: Vec<&str> = catalog.unreadable.keys().map(String::as_str).collect();
-        return Err(Error::Refused(vec![format!(
-            "the manifest of {} cannot be read, so what it references is unknown: nothing was swept (the delete of {name:?} is recorded and finished by the next delete or prune once the store reads again)",
-            names.join(", ")
-        )]));
+    if let Err(Error::Refused(why)) = unreadable_others(&catalog, name) {
+        // Only when a manifest became unreadable since the delete began (or a
+        // recorded delete is being finished): the snapshot is gone, its sweep
+        // waits for the next delete or prune.
+        return Err(Error::State(format!(
+            "snapshot {name:?} is deleted, but its objects are not swept yet: {} (the next delete or prune finishes it)",
+            why.join("; ")
+        )));
     }
     // A backup running now may be building on an object this sweep would take
     // (its manifest, naming it, is not written yet): the sweep waits for a
