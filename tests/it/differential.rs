@@ -35,6 +35,15 @@ fn restored(
         .collect()
 }
 
+/// `snapshots verify NAME --read-data` says OK.
+fn verified(sb: &Sandbox, snap: &str, store: &str) {
+    let out = ok(
+        sb,
+        &["snapshots", "verify", snap, "--store", store, "--read-data"],
+    );
+    assert!(out.contains("OK"), "{snap}: {out}");
+}
+
 fn source_trees(sb: &Sandbox, nodes: u32) -> Vec<BTreeMap<String, String>> {
     (0..nodes)
         .map(|i| without(tree(&sb.path(&format!("src/node-{i}"))), &["system"]))
@@ -157,18 +166,7 @@ fn a_chain_full_differential_differential_restores_byte_for_byte_at_each_point()
                 "{snap}: node {i} differs from the source at its time"
             );
         }
-        let out = ok(
-            &sb,
-            &[
-                "snapshots",
-                "verify",
-                snap,
-                "--store",
-                "store",
-                "--read-data",
-            ],
-        );
-        assert!(out.contains("OK"), "{out}");
+        verified(&sb, snap, "store");
     }
     // One referenced file of the last point alone, read from s1's object.
     let got = restored(&sb, "s3", "tgt-part", 2, &["PATHS=app/orders-2/big.db"]);
@@ -295,18 +293,7 @@ fn deleting_and_pruning_keep_what_kept_differentials_need() {
         .collect();
     assert_eq!(complete, ["n5", "n6"], "{list}");
     for snap in &complete {
-        let out = ok(
-            &sb,
-            &[
-                "snapshots",
-                "verify",
-                snap,
-                "--store",
-                "store",
-                "--read-data",
-            ],
-        );
-        assert!(out.contains("OK"), "{out}");
+        verified(&sb, snap, "store");
         let got = restored(&sb, snap, &format!("tgt-{snap}"), 2, &[]);
         for i in 0..2 {
             assert_eq!(points[*snap][i], got[i], "{snap}: node {i}");
@@ -364,18 +351,7 @@ fn a_delete_killed_in_its_sweep_is_finished_by_the_next_one_and_loses_nothing() 
     assert!(said.contains("finished the delete of b"), "{said}");
     assert!(!sb.path("store/.cairn-gc/b.json").exists());
     // c needs objects of a and b: all there, every byte checked.
-    let out = ok(
-        &sb,
-        &[
-            "snapshots",
-            "verify",
-            "c",
-            "--store",
-            "store",
-            "--read-data",
-        ],
-    );
-    assert!(out.contains("OK"), "{out}");
+    verified(&sb, "c", "store");
     let got = restored(&sb, "c", "tgt", 3, &[]);
     assert_eq!(want, got);
     // What only b had is gone; a's objects stay for c.
@@ -419,17 +395,7 @@ fn a_copied_differential_brings_its_references_and_restores() {
             .any(|l| l.starts_with("s1 ") && l.contains("held")),
         "{list}"
     );
-    ok(
-        &sb,
-        &[
-            "snapshots",
-            "verify",
-            "s2",
-            "--store",
-            "./second",
-            "--read-data",
-        ],
-    );
+    verified(&sb, "s2", "./second");
     let tgt = target_cluster(sb.dir.path(), "tgt", 2);
     let mut a = start_args("restore-local", &tgt, "s2", &[]);
     for x in a.iter_mut() {
@@ -516,20 +482,27 @@ fn a_differential_resumed_after_its_parent_went_backs_the_node_up_again() {
         m.get("references").is_none(),
         "nothing references the deleted p: {m}"
     );
-    let out = ok(
-        &sb,
-        &[
-            "snapshots",
-            "verify",
-            "d",
-            "--store",
-            "store",
-            "--read-data",
-        ],
-    );
-    assert!(out.contains("OK"), "{out}");
+    verified(&sb, "d", "store");
     let want = source_trees(&sb, 2);
     assert_eq!(restored(&sb, "d", "tgt", 2, &[]), want);
+}
+
+/// A one-node store with a full backup `a` and its differential `b`, whose
+/// manifest `edit` changes.
+fn full_then_differential(edit: impl FnOnce(&mut serde_json::Value)) -> Sandbox {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10_000);
+    backup(&sb, &src, "a", &[]);
+    night(&sb, 1, 1, false);
+    backup(&sb, &src, "b", &[]);
+    let mut m = manifest(&sb, "b");
+    edit(&mut m);
+    std::fs::write(
+        sb.path("store/b/manifest.json"),
+        serde_json::to_vec_pretty(&m).unwrap(),
+    )
+    .unwrap();
+    sb
 }
 
 /// A manifest that does not read (here: it references a stray object) stops a
@@ -537,19 +510,13 @@ fn a_differential_resumed_after_its_parent_went_backs_the_node_up_again() {
 /// itself can still be deleted, and then the other one.
 #[test]
 fn an_unreadable_manifest_stops_a_delete_before_it_changes_anything() {
-    let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 10_000);
-    backup(&sb, &src, "a", &[]);
-    night(&sb, 1, 1, false);
-    backup(&sb, &src, "b", &[]);
-    let path = sb.path("store/b/manifest.json");
-    let mut m = manifest(&sb, "b");
-    let mut stray = m["references"][0].clone();
-    stray["key"] = "junk/node-0.tar.gz".into();
-    // Smaller than its block index says: the manifest no longer reads.
-    stray["size"] = 2.into();
-    m["references"].as_array_mut().unwrap().push(stray);
-    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let sb = full_then_differential(|m| {
+        let mut stray = m["references"][0].clone();
+        stray["key"] = "junk/node-0.tar.gz".into();
+        // Smaller than its block index says: the manifest no longer reads.
+        stray["size"] = 2.into();
+        m["references"].as_array_mut().unwrap().push(stray);
+    });
     let out = sb.run(&["snapshots", "delete", "a", "--store", "store"]);
     assert_eq!(out.status.code(), Some(3), "{:?}", text(&out));
     assert!(
@@ -574,15 +541,9 @@ fn an_unreadable_manifest_stops_a_delete_before_it_changes_anything() {
 /// checksums its manifest records for them, not only the files it reads there.
 #[test]
 fn verify_reads_referenced_objects_against_their_recorded_checksums() {
-    let sb = Sandbox::new();
-    let src = source_cluster(sb.dir.path(), 1, 10_000);
-    backup(&sb, &src, "a", &[]);
-    night(&sb, 1, 1, false);
-    backup(&sb, &src, "b", &[]);
-    let path = sb.path("store/b/manifest.json");
-    let mut m = manifest(&sb, "b");
-    m["references"][0]["sha256"] = "0".repeat(64).into();
-    std::fs::write(&path, serde_json::to_vec_pretty(&m).unwrap()).unwrap();
+    let sb = full_then_differential(|m| {
+        m["references"][0]["sha256"] = "0".repeat(64).into();
+    });
     let out = sb.run(&[
         "snapshots",
         "verify",
