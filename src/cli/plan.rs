@@ -279,6 +279,9 @@ async fn dry_run_start(
         p.snapshot,
         p.store
     );
+    if let Some(mode) = &p.mode {
+        crate::out!("  a {mode}");
+    }
     for n in &p.nodes {
         let ks = if n.keyspaces.is_empty() {
             "no keyspace".to_string()

@@ -66,38 +66,25 @@ impl BackupChoice {
 /// name whose folder holds objects other snapshots need.
 async fn choose_parent(ctx: &RunCtx) -> Result<BackupChoice> {
     let catalog = crate::repo::Catalog::load(&*ctx.store).await?;
-    let held = catalog.held_for(&ctx.spec.snapshot);
-    if let Some((_, by)) = held.first() {
-        return Err(Error::Checks(vec![format!(
-            "the folder {:?} in {} still holds {} object(s) that {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
-            ctx.spec.snapshot,
-            ctx.store.describe(),
-            held.len(),
-            by.join(", ")
-        )]));
-    }
-    let why = if !ctx.spec.differential {
-        "MODE=full".to_string()
-    } else if ctx.spec.encrypt_to.is_some() {
-        "an encrypted backup is always full".to_string()
-    } else {
-        match crate::repo::choose_parent(
-            &catalog,
-            &ctx.cluster.name,
-            &ctx.spec.snapshot,
-            ctx.spec.full_every,
-        ) {
-            Ok(m) => {
-                tracing::info!(parent = %m.snapshot, "differential backup: unchanged files are referenced in the parent's objects");
-                return Ok(BackupChoice {
-                    parent: Some(m.snapshot.clone()),
-                    parent_sha256: Some(manifest_digest(&m)?),
-                    differentials: m.differentials.saturating_add(1),
-                    full_because: None,
-                });
-            }
-            Err(why) => why,
+    let why = match crate::repo::backup_base(
+        &catalog,
+        &*ctx.store,
+        &ctx.cluster.name,
+        &ctx.spec.snapshot,
+        ctx.spec.differential,
+        ctx.spec.encrypt_to.is_some(),
+        ctx.spec.full_every,
+    )? {
+        Ok(m) => {
+            tracing::info!(parent = %m.snapshot, "differential backup: unchanged files are referenced in the parent's objects");
+            return Ok(BackupChoice {
+                parent: Some(m.snapshot.clone()),
+                parent_sha256: Some(manifest_digest(&m)?),
+                differentials: m.differentials.saturating_add(1),
+                full_because: None,
+            });
         }
+        Err(why) => why,
     };
     tracing::info!(because = %why, "full backup");
     Ok(BackupChoice {

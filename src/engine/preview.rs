@@ -27,6 +27,9 @@ pub struct Preview {
     pub bytes: Option<u64>,
     /// The manager snapshot is restored too.
     pub manager: bool,
+    /// A backup: `differential of <parent>`, or `full (<why>)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -74,6 +77,7 @@ pub async fn preview(
         files: None,
         bytes: None,
         manager: false,
+        mode: None,
     };
     match spec.kind {
         RunKind::Restore => {
@@ -192,6 +196,24 @@ pub async fn preview(
                 None,
             )
             .await?;
+            let catalog = crate::repo::Catalog::load(&*store).await?;
+            preview.mode = Some(
+                match crate::repo::backup_base(
+                    &catalog,
+                    &*store,
+                    &run_cluster.name,
+                    &spec.snapshot,
+                    spec.differential,
+                    spec.encryption.is_some(),
+                    spec.full_every,
+                )? {
+                    Ok(m) => format!(
+                        "differential of {}: files unchanged since it are referenced there",
+                        m.snapshot
+                    ),
+                    Err(why) => format!("full ({why})"),
+                },
+            );
         }
         RunKind::Other => {
             return Err(Error::Usage(format!(

@@ -113,23 +113,6 @@ impl Catalog {
     }
 }
 
-/// Whether a new snapshot may be written under `name`: not while its folder
-/// holds objects other snapshots need (a snapshot of that name was deleted, its
-/// objects are kept for them).
-pub async fn check_name_free(store: &dyn Store, name: &str) -> Result<()> {
-    let catalog = Catalog::load(store).await?;
-    let held = catalog.held_for(name);
-    if let Some((_, by)) = held.first() {
-        return Err(Error::Checks(vec![format!(
-            "the folder {name:?} in {} still holds {} object(s) that snapshot(s) {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
-            store.describe(),
-            held.len(),
-            by.join(", ")
-        )]));
-    }
-    Ok(())
-}
-
 /// Why a differential backup cannot build on a snapshot (it is then full).
 pub fn unfit_parent(m: &Manifest, full_every: u32) -> Option<String> {
     if m.encryption.is_some() {
@@ -179,6 +162,36 @@ pub fn choose_parent(
         Some(why) => Err(why),
         None => Ok(newest.clone()),
     }
+}
+
+/// What a backup into `snapshot` of `cluster` builds on: `Ok(parent)` for a
+/// differential, `Err(why)` for a full backup. Refused (exit 3) when the name's
+/// folder holds objects other snapshots need.
+pub fn backup_base(
+    catalog: &Catalog,
+    store: &dyn Store,
+    cluster: &str,
+    snapshot: &str,
+    differential: bool,
+    encrypted: bool,
+    full_every: u32,
+) -> Result<std::result::Result<Manifest, String>> {
+    let held = catalog.held_for(snapshot);
+    if let Some((_, by)) = held.first() {
+        return Err(Error::Checks(vec![format!(
+            "the folder {snapshot:?} in {} still holds {} object(s) that {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
+            store.describe(),
+            held.len(),
+            by.join(", ")
+        )]));
+    }
+    Ok(if !differential {
+        Err("MODE=full".to_string())
+    } else if encrypted {
+        Err("an encrypted backup is always full".to_string())
+    } else {
+        choose_parent(catalog, cluster, snapshot, full_every)
+    })
 }
 
 /// What a delete did.

@@ -103,6 +103,19 @@ fn a_chain_full_differential_differential_restores_byte_for_byte_at_each_point()
     backup(&sb, &src, "s1", &[]);
     points.push(("s1", source_trees(&sb, 2)));
     night(&sb, 2, 1, false);
+    // A dry run says what the backup would build on.
+    let mut a = start_args("backup-local", &src, "s2", &[]);
+    a.insert(3, "--dry-run".into());
+    let out = sb.run_v(&a);
+    assert!(out.status.success(), "{:?}", text(&out));
+    assert!(
+        text(&out).0.contains("differential of s1"),
+        "{:?}",
+        text(&out)
+    );
+    let mut a = start_args("backup-local", &src, "s2", &["MODE=full"]);
+    a.insert(3, "--dry-run".into());
+    assert!(text(&sb.run_v(&a)).0.contains("full (MODE=full)"));
     // The run's summary says what the differential left where it was.
     let mut a = start_args("backup-local", &src, "s2", &[]);
     a.insert(0, "--json".into());
