@@ -175,14 +175,29 @@ pub async fn live_backups(store: &dyn Store, s: Settings) -> Result<Vec<LockInfo
     let stale_secs = i64::try_from(s.stale_after.as_secs()).unwrap_or(i64::MAX);
     let mut out = Vec::new();
     for o in store.list(&format!("{PREFIX}/")).await? {
-        let Ok(b) = get_bytes(store, &o.key, 64 << 10).await else {
-            continue;
+        let info = match get_bytes(store, &o.key, 64 << 10).await {
+            Ok(b) => serde_json::from_slice::<LockInfo>(&b).ok(),
+            Err(Error::NotFound(_)) => continue,
+            Err(_) => None,
         };
-        if let Ok(l) = serde_json::from_slice::<LockInfo>(&b)
-            && l.purpose == "backup"
-            && now - l.heartbeat <= stale_secs
-        {
-            out.push(l);
+        match info {
+            Some(l) if l.purpose == "backup" && now - l.heartbeat <= stale_secs => out.push(l),
+            Some(_) => {}
+            // A lock that does not read may be a backup's: counted as one while
+            // it is young (its listing's time), as `locks_on` counts it.
+            None if o.modified.is_none_or(|m| now - m <= stale_secs) => out.push(LockInfo {
+                token: o.key.clone(),
+                snapshot: o.key.clone(),
+                mode: Mode::Exclusive,
+                purpose: "unknown".into(),
+                owner: "an unreadable lock".into(),
+                host: "?".into(),
+                pid: 0,
+                created_at: String::new(),
+                heartbeat: o.modified.unwrap_or(now),
+                run: None,
+            }),
+            None => {}
         }
     }
     Ok(out)

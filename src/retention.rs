@@ -209,13 +209,8 @@ pub fn decide(
             continue;
         }
         if !s.held_for.is_empty() {
-            out.push(keep(
-                &s.name,
-                format!(
-                    "deleted; keeps the objects {} reference (swept when they go)",
-                    s.held_for.join(", ")
-                ),
-            ));
+            // Not a snapshot: a deleted one's objects, kept for those that
+            // reference them, and swept with the last of them.
             continue;
         }
         if !s.complete && p.scope.narrowed() {
@@ -430,14 +425,23 @@ pub async fn prune(
             Err(e) => report.skipped.push((d.snapshot.clone(), e.to_string())),
         }
     }
-    // What a later delete of the same run swept is not "kept".
-    let mut still = Vec::new();
-    for k in std::mem::take(&mut report.kept) {
-        if !store.list(&crate::repo::folder(&k.0)).await?.is_empty() {
-            still.push(k);
+    // What is kept, and for whom, once the whole run is done (a later delete of
+    // the same run may have swept or released it).
+    if !report.kept.is_empty() {
+        let catalog = crate::repo::Catalog::load(&*store).await?;
+        let mut still = Vec::new();
+        for (name, _, _) in std::mem::take(&mut report.kept) {
+            let held = catalog.held_for(&name);
+            if held.is_empty() {
+                continue;
+            }
+            let mut by: Vec<String> = held.iter().flat_map(|(_, b)| b.clone()).collect();
+            by.sort();
+            by.dedup();
+            still.push((name, held.len(), by));
         }
+        report.kept = still;
     }
-    report.kept = still;
     Ok(report)
 }
 

@@ -31,9 +31,31 @@ use std::collections::{BTreeMap, BTreeSet};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Pending {
     snapshot: String,
+    /// SHA-256 of the manifest being deleted (its bytes), if it had one: a
+    /// manifest found there later with other bytes is a new snapshot of the same
+    /// name, never deleted by this record.
+    #[serde(default)]
+    manifest_sha256: Option<String>,
     /// Objects of other folders the snapshot referenced (from the store's root).
     referenced: Vec<String>,
     at: String,
+}
+
+/// SHA-256 of a snapshot's manifest as stored, if it has one.
+async fn manifest_bytes_digest(store: &dyn Store, name: &str) -> Result<Option<String>> {
+    match crate::store::get_bytes(
+        store,
+        &key(name, MANIFEST),
+        crate::manifest::MAX_MANIFEST_BYTES,
+    )
+    .await
+    {
+        Ok(b) => Ok(Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            &b,
+        )))),
+        Err(Error::NotFound(_)) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The snapshots of a store, read once: folders, their objects and the complete
@@ -248,6 +270,7 @@ pub async fn delete(store: &dyn Store, name: &str) -> Result<Deleted> {
     };
     let pending = Pending {
         snapshot: name.to_string(),
+        manifest_sha256: manifest_bytes_digest(store, name).await?,
         referenced,
         at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
@@ -323,10 +346,20 @@ async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
         serde_json::to_vec_pretty(pending).map_err(|e| Error::State(format!("gc record: {e}")))?;
     store.put(&gc_key(name), record.into()).await?;
     crate::failpoint::hit("gc:recorded")?;
-    let had_manifest = store.head(&key(name, MANIFEST)).await?.is_some();
-    store.delete(&key(name, MANIFEST)).await?;
-    if let Err(e) = store.delete(&verify_key(name)).await {
-        tracing::warn!("could not remove the verification record: {e}");
+    // Only the manifest this delete was asked for: one written since under the
+    // same name (a new snapshot) stays, and so does everything it needs.
+    let found = manifest_bytes_digest(store, name).await?;
+    let had_manifest = found.is_some() && found == pending.manifest_sha256;
+    if had_manifest {
+        store.delete(&key(name, MANIFEST)).await?;
+        if let Err(e) = store.delete(&verify_key(name)).await {
+            tracing::warn!("could not remove the verification record: {e}");
+        }
+    } else if found.is_some() {
+        tracing::info!(
+            snapshot = name,
+            "a complete snapshot of this name was written since its delete began: it is kept"
+        );
     }
     crate::failpoint::hit("gc:manifest-deleted")?;
     // Mark: everything every remaining complete snapshot needs.

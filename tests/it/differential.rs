@@ -572,3 +572,46 @@ fn verify_reads_referenced_objects_against_their_recorded_checksums() {
         "{o}{e}"
     );
 }
+
+/// A record of a delete never removes a snapshot written under that name since
+/// (a deferred delete, then a new backup of the same name), nor a complete
+/// snapshot a hand-made record names.
+#[test]
+fn a_delete_record_never_removes_a_snapshot_written_under_its_name_since() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10_000);
+    backup(&sb, &src, "a", &[]);
+    backup(&sb, &src, "b", &["MODE=full"]);
+    lock_file(
+        &sb.path("store"),
+        "tonight",
+        "backup",
+        chrono::Utc::now().timestamp(),
+    );
+    ok(&sb, &["snapshots", "delete", "b", "--store", "store"]);
+    assert!(sb.path("store/.cairn-gc/b.json").exists(), "deferred");
+    std::fs::remove_dir_all(sb.path("store/.cairn-locks/tonight")).unwrap();
+    night(&sb, 1, 1, false);
+    backup(&sb, &src, "b", &[]);
+    let want = source_trees(&sb, 1);
+    // A hand-made record for the complete a.
+    std::fs::write(
+        sb.path("store/.cairn-gc/a.json"),
+        r#"{"snapshot":"a","referenced":[],"at":"2026-01-01T00:00:00Z"}"#,
+    )
+    .unwrap();
+    backup(&sb, &src, "c", &["MODE=full"]);
+    ok(&sb, &["snapshots", "delete", "c", "--store", "store"]);
+    assert!(
+        !sb.path("store/.cairn-gc/b.json").exists(),
+        "the record is done"
+    );
+    for snap in ["a", "b"] {
+        assert!(
+            sb.path(&format!("store/{snap}/manifest.json")).exists(),
+            "{snap} kept"
+        );
+        verified(&sb, snap, "store");
+    }
+    assert_eq!(restored(&sb, "b", "tgt", 1, &[]), want);
+}
