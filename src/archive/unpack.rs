@@ -519,6 +519,10 @@ fn unpack_plain<P: Read>(
                     if let Some(o) = expected.owners {
                         o.apply(&dest, &owner_header)?;
                     }
+                    // The link's own time, as archived (not its target's).
+                    let t = filetime::FileTime::from_unix_time(mtime, 0);
+                    filetime::set_symlink_file_times(&dest, t, t)
+                        .map_err(|e| Error::io("set times of", &dest, e))?;
                 }
             }
             tar::EntryType::Link => {

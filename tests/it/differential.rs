@@ -181,6 +181,15 @@ fn a_chain_full_differential_differential_restores_byte_for_byte_at_each_point()
         }
         verified(&sb, snap, "store");
     }
+    // A link keeps its own time (the source's link is as old as its making).
+    let link_time = |p: &std::path::Path| {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(p).unwrap().mtime()
+    };
+    assert_eq!(
+        link_time(&sb.path("tgt-s3/node-0/app/users-1/latest")),
+        link_time(&sb.path("src/node-0/app/users-1/latest"))
+    );
     // One referenced file of the last point alone, read from s1's object.
     let got = restored(&sb, "s3", "tgt-part", 2, &["PATHS=app/orders-2/big.db"]);
     let want = &points[2].1[1];
