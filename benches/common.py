@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark scripts."""
-import json, os, random, subprocess, sys
+import json, os, random, subprocess, sys, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,3 +40,20 @@ def generate(node, mib):
             f.write(b"".join(lines)[:chunk])
 
 
+AK, SK = "bench-access", "bench-secret-key"
+
+
+def start_s3s(data, bucket=None):
+    """s3s-fs on a free loopback port serving `data` (with `bucket` made in it):
+    the process and its URL."""
+    exe = os.environ.get("CAIRN_TEST_S3S_FS") or os.path.join(ROOT, ".tools/bin/s3s-fs")
+    os.makedirs(os.path.join(data, bucket) if bucket else data, exist_ok=True)
+    p = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", "0", "--access-key", AK, "--secret-key", SK, data],
+                         env=dict(os.environ, RUST_LOG="info"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if "server is running at" in line:
+            return p, line[line.index("http://"):].split()[0].rstrip("/")
+    p.kill()
+    sys.exit("s3s-fs did not start")

@@ -23,24 +23,9 @@ Prints medians (seconds), ratios and each process's peak RSS."""
 import argparse, json, os, random, shutil, statistics, subprocess, sys, time, zlib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, run  # noqa: E402
+from common import AK, SK, ROOT, run, start_s3s  # noqa: E402
 
 WANTED = "shop/orders-1/nb-7-big-Data.db"
-AK, SK = "bench-access", "bench-secret-key"
-
-
-def start_s3s(data):
-    exe = os.environ.get("CAIRN_TEST_S3S_FS") or os.path.join(ROOT, ".tools/bin/s3s-fs")
-    os.makedirs(os.path.join(data, "bench"), exist_ok=True)
-    p = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", "0", "--access-key", AK, "--secret-key", SK, data],
-                         env=dict(os.environ, RUST_LOG="info"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = p.stdout.readline()
-        if "server is running at" in line:
-            return p, line[line.index("http://"):].split()[0].rstrip("/")
-    p.kill()
-    sys.exit("s3s-fs did not start")
 
 
 def sstables(node, mib, seed, start=0):
@@ -120,7 +105,7 @@ def main():
     where = "a local directory"
     if a.s3:
         s3data = os.path.join(a.out, "s3data")
-        server, url = start_s3s(s3data)
+        server, url = start_s3s(s3data, "bench")
         store = os.path.join(s3data, "bench")  # s3s-fs keeps each object as a file
         env.update(AWS_ACCESS_KEY_ID=AK, AWS_SECRET_ACCESS_KEY=SK, AWS_REGION="us-east-1")
         where = "s3s-fs on loopback"

@@ -18,24 +18,8 @@ uncompressed node data per second; peak RSS is the largest process of each comma
 import argparse, json, os, shutil, statistics, subprocess, sys, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import ROOT, generate, run  # noqa: E402
+from common import AK, SK, ROOT, generate, run, start_s3s  # noqa: E402
 
-AK, SK = "bench-access", "bench-secret-key"
-
-
-def start_s3s(data):
-    exe = os.environ.get("CAIRN_TEST_S3S_FS") or os.path.join(ROOT, ".tools/bin/s3s-fs")
-    os.makedirs(data, exist_ok=True)
-    p = subprocess.Popen([exe, "--host", "127.0.0.1", "--port", "0", "--access-key", AK, "--secret-key", SK, data],
-                         env=dict(os.environ, RUST_LOG="info"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        line = p.stdout.readline()
-        if "server is running at" in line:
-            url = line[line.index("http://"):].split()[0].rstrip("/")
-            return p, url
-    p.kill()
-    sys.exit("s3s-fs did not start")
 
 
 def start_azurite(data):

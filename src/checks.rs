@@ -136,32 +136,25 @@ pub async fn read_manifest(store: &dyn Store, snapshot: &str) -> Result<Manifest
 
 /// Every object the manifest names is present with its size.
 pub async fn objects_present(store: &dyn Store, snapshot: &str, m: &Manifest) -> Vec<String> {
+    // Its own objects, and a differential's in earlier snapshots.
+    let own = m
+        .objects
+        .iter()
+        .map(|o| (crate::repo::key(snapshot, &o.key), o.size, "object"));
+    let referenced = m
+        .references
+        .iter()
+        .map(|r| (r.key.clone(), r.size, "referenced object"));
     let mut problems = Vec::new();
-    for o in &m.objects {
-        let key = crate::repo::key(snapshot, &o.key);
+    for (key, size, what) in own.chain(referenced) {
         match store.head(&key).await {
-            Ok(Some(meta)) if meta.size == o.size => {}
+            Ok(Some(meta)) if meta.size == size => {}
             Ok(Some(meta)) => problems.push(format!(
-                "object {key} is {} bytes, the manifest says {}",
-                meta.size, o.size
+                "{what} {key} is {} bytes, the manifest says {size}",
+                meta.size
             )),
-            Ok(None) => problems.push(format!("object {key} is missing")),
-            Err(e) => problems.push(format!("object {key}: {e}")),
-        }
-    }
-    // A differential's unchanged files, in earlier snapshots' objects.
-    for r in &m.references {
-        match store.head(&r.key).await {
-            Ok(Some(meta)) if meta.size == r.size => {}
-            Ok(Some(meta)) => problems.push(format!(
-                "referenced object {} is {} bytes, the manifest says {}",
-                r.key, meta.size, r.size
-            )),
-            Ok(None) => problems.push(format!(
-                "referenced object {} is missing (a snapshot it belongs to was deleted while this one was written?)",
-                r.key
-            )),
-            Err(e) => problems.push(format!("referenced object {}: {e}", r.key)),
+            Ok(None) => problems.push(format!("{what} {key} is missing")),
+            Err(e) => problems.push(format!("{what} {key}: {e}")),
         }
     }
     problems

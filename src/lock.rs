@@ -142,6 +142,22 @@ fn dir(snapshot: &str) -> String {
     crate::repo::lock_dir(snapshot)
 }
 
+/// A lock object that does not read: an exclusive lock of an unknown owner.
+fn unreadable(key: &str, snapshot: &str, heartbeat: i64) -> LockInfo {
+    LockInfo {
+        token: key.to_string(),
+        snapshot: snapshot.to_string(),
+        mode: Mode::Exclusive,
+        purpose: "unknown".into(),
+        owner: "an unreadable lock".into(),
+        host: "?".into(),
+        pid: 0,
+        created_at: String::new(),
+        heartbeat,
+        run: None,
+    }
+}
+
 /// Every lock on `snapshot` (unreadable lock objects count as exclusive locks of an
 /// unknown owner, heartbeat from the listing).
 pub async fn locks_on(store: &dyn Store, snapshot: &str) -> Result<Vec<(String, LockInfo)>> {
@@ -152,18 +168,7 @@ pub async fn locks_on(store: &dyn Store, snapshot: &str) -> Result<Vec<(String, 
             Err(Error::NotFound(_)) => continue,
             Err(_) => None,
         };
-        let info = info.unwrap_or_else(|| LockInfo {
-            token: o.key.clone(),
-            snapshot: snapshot.to_string(),
-            mode: Mode::Exclusive,
-            purpose: "unknown".into(),
-            owner: "an unreadable lock".into(),
-            host: "?".into(),
-            pid: 0,
-            created_at: String::new(),
-            heartbeat: o.modified.unwrap_or(0),
-            run: None,
-        });
+        let info = info.unwrap_or_else(|| unreadable(&o.key, snapshot, o.modified.unwrap_or(0)));
         out.push((o.key, info));
     }
     Ok(out)
@@ -185,18 +190,9 @@ pub async fn live_backups(store: &dyn Store, s: Settings) -> Result<Vec<LockInfo
             Some(_) => {}
             // A lock that does not read may be a backup's: counted as one while
             // it is young (its listing's time), as `locks_on` counts it.
-            None if o.modified.is_none_or(|m| now - m <= stale_secs) => out.push(LockInfo {
-                token: o.key.clone(),
-                snapshot: o.key.clone(),
-                mode: Mode::Exclusive,
-                purpose: "unknown".into(),
-                owner: "an unreadable lock".into(),
-                host: "?".into(),
-                pid: 0,
-                created_at: String::new(),
-                heartbeat: o.modified.unwrap_or(now),
-                run: None,
-            }),
+            None if o.modified.is_none_or(|m| now - m <= stale_secs) => {
+                out.push(unreadable(&o.key, &o.key, o.modified.unwrap_or(now)))
+            }
             None => {}
         }
     }

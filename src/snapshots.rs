@@ -82,58 +82,48 @@ pub fn when(s: &SnapshotSummary) -> Option<i64> {
         .or(s.modified)
 }
 
-/// All snapshots (top-level folders) of a store, sorted by name.
+/// All snapshots (top-level folders) of a store, sorted by name: complete, held
+/// (a deleted snapshot's objects others need) or incomplete.
 pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
-    let mut folders: BTreeMap<String, (u64, usize, bool, Option<i64>)> = BTreeMap::new();
-    let mut records = Vec::new();
-    let mut locked = BTreeMap::new();
-    let mut keys_of: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for o in store.list("").await? {
+    let catalog = crate::repo::Catalog::load(store).await?;
+    let needed = catalog.needed();
+    let mut folders: BTreeMap<&str, (u64, usize, Option<i64>)> = BTreeMap::new();
+    let mut records = std::collections::BTreeSet::new();
+    let mut locked = std::collections::BTreeSet::new();
+    for o in &catalog.listing {
         let Some((name, rest)) = o.key.split_once('/') else {
             continue;
         };
         if name == VERIFY_PREFIX {
-            records.push(o.key.clone());
-            continue;
-        }
-        if name == crate::lock::PREFIX {
+            records.insert(o.key.as_str());
+        } else if name == crate::lock::PREFIX {
             if let Some((snap, _)) = rest.split_once('/') {
-                locked.entry(snap.to_string()).or_insert(o.key.clone());
+                locked.insert(snap);
             }
-            continue;
+        } else if !crate::repo::reserved(name) {
+            let e = folders.entry(name).or_default();
+            e.0 = e.0.saturating_add(o.size);
+            e.1 += 1;
+            e.2 = e.2.max(o.modified);
         }
-        if name.starts_with(crate::cluster::RESERVED_PREFIX) {
-            continue;
-        }
-        keys_of
-            .entry(name.to_string())
-            .or_default()
-            .push(o.key.clone());
-        let e = folders.entry(name.to_string()).or_default();
-        e.0 = e.0.saturating_add(o.size);
-        e.1 += 1;
-        e.2 |= rest == MANIFEST;
-        e.3 = e.3.max(o.modified);
     }
     let mut out = Vec::new();
-    let mut held: Vec<(String, Vec<String>)> = Vec::new();
-    let mut needs: Vec<(String, Vec<String>)> = Vec::new();
-    for (name, (stored_bytes, objects, has_manifest, modified)) in folders {
-        let verified = if records.contains(&verify_key(&name)) {
-            crate::store::get_bytes(store, &verify_key(&name), 1 << 20)
+    for (name, (stored_bytes, objects, modified)) in folders {
+        let verified = if records.contains(verify_key(name).as_str()) {
+            crate::store::get_bytes(store, &verify_key(name), 1 << 20)
                 .await
                 .ok()
                 .and_then(|b| serde_json::from_slice(&b).ok())
         } else {
             None
         };
-        let lock = if locked.contains_key(&name) {
-            crate::lock::is_locked(store, &name).await?
+        let lock = if locked.contains(name) {
+            crate::lock::is_locked(store, name).await?
         } else {
             None
         };
         let mut s = SnapshotSummary {
-            name: name.clone(),
+            name: name.to_string(),
             complete: false,
             started_at: None,
             finished_at: None,
@@ -144,52 +134,43 @@ pub async fn list(store: &dyn Store) -> Result<Vec<SnapshotSummary>> {
             bytes: None,
             stored_bytes,
             objects,
-            problem: None,
+            problem: catalog.unreadable.get(name).cloned(),
             modified,
             verified,
             lock,
             held_for: Vec::new(),
             parent: None,
         };
-        if !has_manifest {
-            held.push((name.clone(), keys_of.remove(&name).unwrap_or_default()));
-        }
-        if has_manifest {
-            match checks::read_manifest(store, &name).await {
-                Ok(m) => {
-                    s.complete = true;
-                    s.started_at = Some(m.started_at.clone());
-                    s.finished_at = Some(m.finished_at.clone());
-                    s.duration_secs = match (
-                        chrono::DateTime::parse_from_rfc3339(&m.started_at),
-                        chrono::DateTime::parse_from_rfc3339(&m.finished_at),
-                    ) {
-                        (Ok(a), Ok(b)) => Some((b - a).num_seconds().max(0)),
-                        _ => None,
-                    };
-                    s.cluster = Some(m.cluster.name.clone());
-                    s.tags = m.tags.clone();
-                    s.nodes = Some(m.cluster.nodes.len());
-                    s.bytes = Some(m.total_bytes());
-                    s.parent = m.parent.clone();
-                    needs.push((name.clone(), m.needs()));
-                }
-                Err(e) => s.problem = Some(e.to_string()),
+        match catalog.manifests.get(name) {
+            Some(m) => {
+                s.complete = true;
+                s.started_at = Some(m.started_at.clone());
+                s.finished_at = Some(m.finished_at.clone());
+                s.duration_secs = match (
+                    chrono::DateTime::parse_from_rfc3339(&m.started_at),
+                    chrono::DateTime::parse_from_rfc3339(&m.finished_at),
+                ) {
+                    (Ok(a), Ok(b)) => Some((b - a).num_seconds().max(0)),
+                    _ => None,
+                };
+                s.cluster = Some(m.cluster.name.clone());
+                s.tags = m.tags.clone();
+                s.nodes = Some(m.cluster.nodes.len());
+                s.bytes = Some(m.total_bytes());
+                s.parent = m.parent.clone();
+            }
+            None => {
+                let mut by: Vec<String> = catalog
+                    .held_with(&needed, name)
+                    .into_iter()
+                    .flat_map(|(_, b)| b)
+                    .collect();
+                by.sort();
+                by.dedup();
+                s.held_for = by;
             }
         }
         out.push(s);
-    }
-    // Folders without a manifest whose objects complete snapshots reference.
-    for (folder, keys) in held {
-        let mut by: Vec<String> = needs
-            .iter()
-            .filter(|(_, n)| keys.iter().any(|k| n.binary_search(k).is_ok()))
-            .map(|(name, _)| name.clone())
-            .collect();
-        by.sort();
-        if let Some(s) = out.iter_mut().find(|s| s.name == folder) {
-            s.held_for = by;
-        }
     }
     Ok(out)
 }
@@ -624,7 +605,7 @@ pub async fn copy(
     // other snapshot of that name.
     let mut wanted_refs = Vec::new();
     for r in &m.references {
-        let folder = r.key.split('/').next().unwrap_or("");
+        let folder = crate::repo::folder_of(&r.key);
         match to.head(&r.key).await? {
             Some(_) => {
                 let (size, sha) = digest_of(&**to, &r.key, cancel).await?;

@@ -65,16 +65,16 @@ impl BackupChoice {
 /// The pre-flight's choice of a parent (`MODE=differential`), after refusing a
 /// name whose folder holds objects other snapshots need.
 async fn choose_parent(ctx: &RunCtx) -> Result<BackupChoice> {
-    let catalog = crate::repo::Catalog::load(&*ctx.store).await?;
     let why = match crate::repo::backup_base(
-        &catalog,
         &*ctx.store,
         &ctx.cluster.name,
         &ctx.spec.snapshot,
         ctx.spec.differential,
         ctx.spec.encrypt_to.is_some(),
         ctx.spec.full_every,
-    )? {
+    )
+    .await?
+    {
         Ok(m) => {
             tracing::info!(parent = %m.snapshot, "differential backup: unchanged files are referenced in the parent's objects");
             return Ok(BackupChoice {

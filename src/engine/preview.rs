@@ -196,17 +196,17 @@ pub async fn preview(
                 None,
             )
             .await?;
-            let catalog = crate::repo::Catalog::load(&*store).await?;
             preview.mode = Some(
                 match crate::repo::backup_base(
-                    &catalog,
                     &*store,
                     &run_cluster.name,
                     &spec.snapshot,
                     spec.differential,
                     spec.encryption.is_some(),
                     spec.full_every,
-                )? {
+                )
+                .await?
+                {
                     Ok(m) => format!(
                         "differential of {}: files unchanged since it are referenced there",
                         m.snapshot

@@ -61,6 +61,8 @@ async fn manifest_bytes_digest(store: &dyn Store, name: &str) -> Result<Option<S
 /// The snapshots of a store, read once: folders, their objects and the complete
 /// manifests.
 pub struct Catalog {
+    /// Every object of the store, cairn's own records included, as listed.
+    pub listing: Vec<crate::store::ObjectMeta>,
     /// Folder → its objects' keys (from the store's root).
     pub folders: BTreeMap<String, Vec<String>>,
     /// Complete snapshots, by name.
@@ -71,15 +73,19 @@ pub struct Catalog {
 
 impl Catalog {
     pub async fn load(store: &dyn Store) -> Result<Catalog> {
+        let listing = store.list("").await?;
         let mut folders: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for o in store.list("").await? {
+        for o in &listing {
             let Some((name, _)) = o.key.split_once('/') else {
                 continue;
             };
             if reserved(name) {
                 continue;
             }
-            folders.entry(name.to_string()).or_default().push(o.key);
+            folders
+                .entry(name.to_string())
+                .or_default()
+                .push(o.key.clone());
         }
         let mut manifests = BTreeMap::new();
         let mut unreadable = BTreeMap::new();
@@ -98,6 +104,7 @@ impl Catalog {
             }
         }
         Ok(Catalog {
+            listing,
             folders,
             manifests,
             unreadable,
@@ -118,10 +125,18 @@ impl Catalog {
     /// The objects of `folder` (which has no manifest) that complete snapshots
     /// reference, each with those snapshots.
     pub fn held_for(&self, folder: &str) -> Vec<(String, Vec<String>)> {
+        self.held_with(&self.needed(), folder)
+    }
+
+    /// [`Catalog::held_for`] with the mark ([`Catalog::needed`]) worked out once.
+    pub fn held_with(
+        &self,
+        needed: &BTreeMap<String, BTreeSet<String>>,
+        folder: &str,
+    ) -> Vec<(String, Vec<String>)> {
         if self.manifests.contains_key(folder) || self.unreadable.contains_key(folder) {
             return Vec::new();
         }
-        let needed = self.needed();
         self.folders
             .get(folder)
             .into_iter()
@@ -160,37 +175,70 @@ pub fn unfit_parent(m: &Manifest, full_every: u32) -> Option<String> {
 
 /// The parent of a differential backup of `cluster` into `snapshot`: the newest
 /// complete snapshot of that cluster (by its finish time), or why there is none
-/// to build on.
-pub fn choose_parent(
-    catalog: &Catalog,
+/// to build on. Manifests are read newest first (by their objects' times, to
+/// the second) and only until the newest of the cluster is known: a pre-flight
+/// does not read every manifest of a store.
+async fn choose_parent(
+    store: &dyn Store,
+    listing: &[crate::store::ObjectMeta],
     cluster: &str,
     snapshot: &str,
     full_every: u32,
-) -> std::result::Result<Manifest, String> {
-    let newest = catalog
-        .manifests
-        .values()
-        .filter(|m| m.cluster.name == cluster && m.snapshot != snapshot)
-        .max_by(|a, b| {
-            let t = |m: &Manifest| {
-                chrono::DateTime::parse_from_rfc3339(&m.finished_at)
-                    .map(|t| t.timestamp_millis())
-                    .unwrap_or(i64::MIN)
-            };
-            t(a).cmp(&t(b)).then_with(|| a.snapshot.cmp(&b.snapshot))
+) -> Result<std::result::Result<Manifest, String>> {
+    let mut candidates: Vec<(&str, i64)> = listing
+        .iter()
+        .filter_map(|o| {
+            let (folder, rest) = o.key.split_once('/')?;
+            (rest == MANIFEST && !reserved(folder) && folder != snapshot)
+                .then_some((folder, o.modified.unwrap_or(i64::MAX)))
         })
-        .ok_or_else(|| format!("no complete snapshot of cluster {cluster:?} in the store"))?;
-    match unfit_parent(newest, full_every) {
-        Some(why) => Err(why),
-        None => Ok(newest.clone()),
+        .collect();
+    candidates.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| b.0.cmp(a.0)));
+    let finished = |m: &Manifest| {
+        chrono::DateTime::parse_from_rfc3339(&m.finished_at)
+            .map(|t| t.timestamp_millis())
+            .unwrap_or(i64::MIN)
+    };
+    let mut newest: Option<(Manifest, i64)> = None;
+    for (folder, modified) in candidates {
+        // Written more than two seconds before the best one found: older.
+        if newest
+            .as_ref()
+            .is_some_and(|(_, at)| modified < at.saturating_sub(2))
+        {
+            break;
+        }
+        let Ok(m) = crate::checks::read_manifest(store, folder).await else {
+            continue;
+        };
+        if m.cluster.name != cluster {
+            continue;
+        }
+        let better = newest.as_ref().is_none_or(|(n, _)| {
+            (finished(&m), m.snapshot.as_str()) > (finished(n), n.snapshot.as_str())
+        });
+        if better {
+            let at = newest
+                .as_ref()
+                .map_or(modified, |(_, at)| (*at).max(modified));
+            newest = Some((m, at));
+        }
     }
+    Ok(match newest {
+        None => Err(format!(
+            "no complete snapshot of cluster {cluster:?} in the store"
+        )),
+        Some((m, _)) => match unfit_parent(&m, full_every) {
+            Some(why) => Err(why),
+            None => Ok(m),
+        },
+    })
 }
 
 /// What a backup into `snapshot` of `cluster` builds on: `Ok(parent)` for a
 /// differential, `Err(why)` for a full backup. Refused (exit 3) when the name's
-/// folder holds objects other snapshots need.
-pub fn backup_base(
-    catalog: &Catalog,
+/// folder holds objects other snapshots need (every manifest is read only then).
+pub async fn backup_base(
     store: &dyn Store,
     cluster: &str,
     snapshot: &str,
@@ -198,22 +246,26 @@ pub fn backup_base(
     encrypted: bool,
     full_every: u32,
 ) -> Result<std::result::Result<Manifest, String>> {
-    let held = catalog.held_for(snapshot);
-    if let Some((_, by)) = held.first() {
-        return Err(Error::Checks(vec![format!(
-            "the folder {snapshot:?} in {} still holds {} object(s) that {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
-            store.describe(),
-            held.len(),
-            by.join(", ")
-        )]));
+    let listing = store.list("").await?;
+    if listing.iter().any(|o| folder_of(&o.key) == snapshot) {
+        let catalog = Catalog::load(store).await?;
+        let held = catalog.held_for(snapshot);
+        if let Some((_, by)) = held.first() {
+            return Err(Error::Checks(vec![format!(
+                "the folder {snapshot:?} in {} still holds {} object(s) that {} reference (a deleted snapshot's unchanged files): choose another SNAPSHOT_NAME",
+                store.describe(),
+                held.len(),
+                by.join(", ")
+            )]));
+        }
     }
-    Ok(if !differential {
-        Err("MODE=full".to_string())
-    } else if encrypted {
-        Err("an encrypted backup is always full".to_string())
-    } else {
-        choose_parent(catalog, cluster, snapshot, full_every)
-    })
+    if !differential {
+        return Ok(Err("MODE=full".to_string()));
+    }
+    if encrypted {
+        return Ok(Err("an encrypted backup is always full".to_string()));
+    }
+    choose_parent(store, &listing, cluster, snapshot, full_every).await
 }
 
 /// What a delete did.
@@ -362,17 +414,10 @@ async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
         );
     }
     crate::failpoint::hit("gc:manifest-deleted")?;
-    // Mark: everything every remaining complete snapshot needs.
-    let catalog = Catalog::load(store).await?;
-    if let Err(Error::Refused(why)) = unreadable_others(&catalog, name) {
-        // Only when a manifest became unreadable since the delete began (or a
-        // recorded delete is being finished): the snapshot is gone, its sweep
-        // waits for the next delete or prune.
-        return Err(Error::State(format!(
-            "snapshot {name:?} is deleted, but its objects are not swept yet: {} (the next delete or prune finishes it)",
-            why.join("; ")
-        )));
-    }
+    // Before the mark: a backup that ends between this look and the mark is in
+    // the mark; one still running defers the sweep; one that starts after it
+    // cannot take the deleted manifest as its parent.
+    //
     // A backup running now may be building on an object this sweep would take
     // (its manifest, naming it, is not written yet): the sweep waits for a
     // delete or prune that runs when no backup does. The snapshot is gone
@@ -390,6 +435,17 @@ async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
             ..Default::default()
         });
     }
+    // Mark: everything every remaining complete snapshot needs.
+    let catalog = Catalog::load(store).await?;
+    if let Err(Error::Refused(why)) = unreadable_others(&catalog, name) {
+        // Only when a manifest became unreadable since the delete began (or a
+        // recorded delete is being finished): the snapshot is gone, its sweep
+        // waits for the next delete or prune.
+        return Err(Error::State(format!(
+            "snapshot {name:?} is deleted, but its objects are not swept yet: {} (the next delete or prune finishes it)",
+            why.join("; ")
+        )));
+    }
     let needed = catalog.needed();
     // Sweep: the snapshot's folder, and the folders without a manifest whose
     // objects it referenced.
@@ -401,7 +457,7 @@ async fn collect(store: &dyn Store, pending: &Pending) -> Result<Deleted> {
         .cloned()
         .collect();
     for k in &pending.referenced {
-        let folder = k.split('/').next().unwrap_or("");
+        let folder = folder_of(k);
         if !catalog.manifests.contains_key(folder)
             && catalog.folders.get(folder).is_some_and(|f| f.contains(k))
         {

@@ -435,6 +435,16 @@ fn a_copied_differential_brings_its_references_and_restores() {
     assert!(!sb.path("second/s1").exists());
 }
 
+/// A lock of a backup of `snap` that runs now (its heartbeat fresh).
+fn backup_running(sb: &Sandbox, snap: &str) {
+    lock_file(
+        &sb.path("store"),
+        snap,
+        "backup",
+        chrono::Utc::now().timestamp(),
+    );
+}
+
 /// A delete while a backup runs (its lock's heartbeat fresh) takes the snapshot
 /// away but leaves the sweep for later: the running backup may build on what it
 /// would take. The next delete, with no backup running, sweeps.
@@ -444,12 +454,7 @@ fn a_delete_while_a_backup_runs_leaves_the_sweep_to_the_next_one() {
     let src = source_cluster(sb.dir.path(), 1, 10_000);
     backup(&sb, &src, "a", &[]);
     backup(&sb, &src, "b", &["MODE=full"]);
-    lock_file(
-        &sb.path("store"),
-        "tonight",
-        "backup",
-        chrono::Utc::now().timestamp(),
-    );
+    backup_running(&sb, "tonight");
     let out = ok(&sb, &["snapshots", "delete", "a", "--store", "store"]);
     assert!(out.contains("is running"), "{out}");
     assert!(
@@ -591,12 +596,7 @@ fn a_delete_record_never_removes_a_snapshot_written_under_its_name_since() {
     let src = source_cluster(sb.dir.path(), 1, 10_000);
     backup(&sb, &src, "a", &[]);
     backup(&sb, &src, "b", &["MODE=full"]);
-    lock_file(
-        &sb.path("store"),
-        "tonight",
-        "backup",
-        chrono::Utc::now().timestamp(),
-    );
+    backup_running(&sb, "tonight");
     ok(&sb, &["snapshots", "delete", "b", "--store", "store"]);
     assert!(sb.path("store/.cairn-gc/b.json").exists(), "deferred");
     std::fs::remove_dir_all(sb.path("store/.cairn-locks/tonight")).unwrap();
