@@ -175,9 +175,12 @@ pub fn unfit_parent(m: &Manifest, full_every: u32) -> Option<String> {
 
 /// The parent of a differential backup of `cluster` into `snapshot`: the newest
 /// complete snapshot of that cluster (by its finish time), or why there is none
-/// to build on. Manifests are read newest first (by their objects' times, to
-/// the second) and only until the newest of the cluster is known: a pre-flight
-/// does not read every manifest of a store.
+/// to build on. Manifests are read newest first by their objects' times, and
+/// only until the newest of the cluster is known: a manifest is written after
+/// its finish time, so one whose object is older than the best finish time found
+/// (less a margin for clocks) cannot be newer. A pre-flight does not read every
+/// manifest of a store, and a copied or touched old manifest is not taken for
+/// the newest.
 async fn choose_parent(
     store: &dyn Store,
     listing: &[crate::store::ObjectMeta],
@@ -199,36 +202,37 @@ async fn choose_parent(
             .map(|t| t.timestamp_millis())
             .unwrap_or(i64::MIN)
     };
-    let mut newest: Option<(Manifest, i64)> = None;
+    /// How far the store's clock may be behind the writer's, in seconds.
+    const CLOCKS: i64 = 300;
+    let mut newest: Option<Manifest> = None;
     for (folder, modified) in candidates {
-        // Written more than two seconds before the best one found: older.
         if newest
             .as_ref()
-            .is_some_and(|(_, at)| modified < at.saturating_sub(2))
+            .is_some_and(|n| modified < (finished(n) / 1000).saturating_sub(CLOCKS))
         {
             break;
         }
-        let Ok(m) = crate::checks::read_manifest(store, folder).await else {
-            continue;
+        let m = match crate::checks::read_manifest(store, folder).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(snapshot = folder, "not a parent: {e}");
+                continue;
+            }
         };
         if m.cluster.name != cluster {
             continue;
         }
-        let better = newest.as_ref().is_none_or(|(n, _)| {
+        if newest.as_ref().is_none_or(|n| {
             (finished(&m), m.snapshot.as_str()) > (finished(n), n.snapshot.as_str())
-        });
-        if better {
-            let at = newest
-                .as_ref()
-                .map_or(modified, |(_, at)| (*at).max(modified));
-            newest = Some((m, at));
+        }) {
+            newest = Some(m);
         }
     }
     Ok(match newest {
         None => Err(format!(
             "no complete snapshot of cluster {cluster:?} in the store"
         )),
-        Some((m, _)) => match unfit_parent(&m, full_every) {
+        Some(m) => match unfit_parent(&m, full_every) {
             Some(why) => Err(why),
             None => Ok(m),
         },

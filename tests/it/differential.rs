@@ -624,3 +624,24 @@ fn a_delete_record_never_removes_a_snapshot_written_under_its_name_since() {
     }
     assert_eq!(restored(&sb, "b", "tgt", 1, &[]), want);
 }
+
+/// The parent is the newest snapshot by its finish time, not by its manifest's
+/// file time: an old snapshot copied or touched later is not taken for it.
+#[test]
+fn an_old_manifest_written_later_is_not_taken_for_the_newest() {
+    let sb = Sandbox::new();
+    let src = source_cluster(sb.dir.path(), 1, 10_000);
+    backup(&sb, &src, "s1", &[]);
+    night(&sb, 1, 1, false);
+    backup(&sb, &src, "s2", &[]);
+    let later = filetime::FileTime::from_unix_time(chrono::Utc::now().timestamp() + 3600, 0);
+    filetime::set_file_times(sb.path("store/s1/manifest.json"), later, later).unwrap();
+    let mut a = start_args("backup-local", &src, "s3", &[]);
+    a.insert(3, "--dry-run".into());
+    let out = sb.run_v(&a);
+    assert!(
+        text(&out).0.contains("differential of s2"),
+        "{:?}",
+        text(&out)
+    );
+}
